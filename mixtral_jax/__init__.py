@@ -1,0 +1,1 @@
+"""mixtral_jax: Mixtral mixture-of-experts models in JAX/Flax NNX."""
