@@ -1,1 +1,25 @@
-"""mixtral_jax: Mixtral mixture-of-experts models in JAX/Flax NNX."""
+"""mixtral_jax: Mixtral mixture-of-experts models in JAX/Flax NNX, sharded with expert parallelism.
+
+The public API (see README.md):
+
+    import mixtral_jax as mj
+    cfg = mj.load_config("8x7b")
+    mj.param_count(cfg)
+    model = mj.init_random(cfg, seed=0, dtype="float32", mesh=None)
+    logits = mj.forward(model, tokens)
+"""
+
+from mixtral_jax.config import MixtralConfig, load_config, presets
+from mixtral_jax.model import Mixtral, forward, init_random, param_count
+from mixtral_jax.sharding import make_mesh
+
+__all__ = [
+    "MixtralConfig",
+    "Mixtral",
+    "forward",
+    "init_random",
+    "load_config",
+    "make_mesh",
+    "param_count",
+    "presets",
+]

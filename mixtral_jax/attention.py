@@ -1,0 +1,83 @@
+"""Grouped-query attention with RoPE, optional sliding window, and the KV-cache update."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax import layers
+
+# A finite mask value: a row with every key masked (a padding query) yields a
+# uniform average instead of NaN, and its output is never used.
+_MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Boolean mask [B, T, S]: key visible to query.
+
+    Args:
+      q_pos: [B, T] query positions.
+      k_pos: [B, S] key positions; negative marks an empty or padded slot.
+      sliding_window: if set, a query sees keys with q_pos - k_pos < window (HF semantics).
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k <= q) & (k >= 0)
+    if sliding_window is not None:
+        mask &= (q - k) < sliding_window
+    return mask
+
+
+def gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention with grouped kv heads; softmax in float32.
+
+    Args:
+      q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K.
+      mask: [B, T, S] boolean.
+
+    Returns:
+      [B, T, H, Dh] in q's dtype.
+    """
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (dh ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, Dh]
+    return out.reshape(b, t, h, dh)
+
+
+def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None):
+    """One attention block (no residual) on normalised input.
+
+    Args:
+      x: [B, T, D] normalised hidden states.
+      p: this layer's weights: wq [D, H, Dh], wk / wv [D, K, Dh], wo [H, Dh, D].
+      positions: [B, T] absolute positions of x's tokens.
+      k_pos: [B, S] positions of the keys attended to (the cache's slots after
+        this update, or `positions` without a cache); negative marks empty slots.
+      cos, sin: RoPE tables [B, T, Dh].
+      sliding_window: None or the window size.
+      cache: optional (k, v), each [B, S, K, Dh]; x's keys and values are
+        written at slots [cache_index, cache_index + T).
+      cache_index: scalar int slot where x's first token goes.
+
+    Returns:
+      (out [B, T, D], updated (k, v) or None).
+    """
+    q = jnp.einsum("BTD,DNH->BTNH", x, p["wq"])  # [B, T, H, Dh]
+    k = jnp.einsum("BTD,DKH->BTKH", x, p["wk"])  # [B, T, K, Dh]
+    v = jnp.einsum("BTD,DKH->BTKH", x, p["wv"])  # [B, T, K, Dh]
+    q = layers.apply_rope(q, cos, sin)
+    k = layers.apply_rope(k, cos, sin)
+    if cache is None:
+        new_cache = None
+    else:
+        ck, cv = cache
+        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+        new_cache = (k, v)
+    mask = attention_mask(positions, k_pos, sliding_window)
+    out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    return jnp.einsum("BTNH,NHD->BTD", out, p["wo"]), new_cache

@@ -1,0 +1,36 @@
+"""mixtral_jax: Mixtral mixture-of-experts inference in JAX/Flax with expert parallelism."""
+
+from setuptools import setup
+
+setup(
+    name="mixtral_jax",
+    version="0.1.0",
+    description="Mixtral 8x7B / 8x22B in JAX/Flax NNX, sharded with expert parallelism.",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["mixtral_jax", "mixtral_jax.configs"],
+    package_data={"mixtral_jax.configs": ["*.json"]},
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=1.26,<3",
+        "absl-py>=2.1,<3",
+        "safetensors>=0.4,<0.9",
+        "mistral-common>=1.5,<2",
+        "matplotlib>=3.8,<4",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "torch==2.13.0",
+            "transformers>=5.0,<6",
+            "nbclient>=0.10,<0.12",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
+        ],
+    },
+)
