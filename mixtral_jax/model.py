@@ -135,7 +135,7 @@ class Mixtral(nnx.Module):
 
     def params(self) -> Params:
         """The parameters as a plain nested dict of arrays (the checkpoint layout)."""
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return forward(self, tokens)

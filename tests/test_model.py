@@ -1,0 +1,233 @@
+"""Model numerics: configs, parameter counts, layers vs transformers, MoE vs a loop, logits vs transformers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.mixtral import modeling_mixtral as hf_mixtral
+
+import mixtral_jax as mj
+from mixtral_jax import attention, convert, layers, moe, testing
+from mixtral_jax.model import Mixtral
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("8x7b", 46_702_792_704, 12_879_925_248),
+    ("8x22b", 140_630_071_296, 39_161_468_928),
+])
+def test_param_count_presets(name, total, active):
+    assert mj.param_count(mj.load_config(name)) == {"total": total, "active": active}
+
+
+def test_preset_shapes():
+    c7, c22 = mj.load_config("8x7b"), mj.load_config("8x22b")
+    assert (c7.vocab_size, c7.hidden_size, c7.intermediate_size, c7.num_hidden_layers) == (32000, 4096, 14336, 32)
+    assert (c7.num_attention_heads, c7.num_key_value_heads, c7.rope_theta, c7.max_position_embeddings) == (
+        32, 8, 1e6, 32768)
+    assert (c22.vocab_size, c22.hidden_size, c22.intermediate_size, c22.num_hidden_layers) == (32768, 6144, 16384, 56)
+    assert (c22.num_attention_heads, c22.num_key_value_heads, c22.rope_theta, c22.max_position_embeddings) == (
+        48, 8, 1e6, 65536)
+    tiny = mj.load_config("tiny")
+    assert tiny.vocab_size == 32000 and tiny.num_local_experts == 8 and tiny.num_experts_per_tok == 2
+    assert 1e6 < mj.param_count(tiny)["total"] < 1e7
+
+
+def test_param_count_matches_transformers():
+    hf = testing.hf_model(num_local_experts=6, num_experts_per_tok=3, num_key_value_heads=1)
+    cfg = testing.config_of(hf)
+    assert mj.param_count(cfg)["total"] == sum(p.numel() for p in hf.parameters())
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match=r"8x22b, 8x7b, tiny"):
+        mj.load_config("8x9b")
+
+
+HUB_OLD = {  # an older hub config.json: top-level rope_theta, torch_dtype
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "hidden_act": "silu",
+    "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    "router_aux_loss_coef": 0.02, "output_router_logits": False, "use_cache": True,
+}
+
+
+def test_load_config_hub_spellings(tmp_path):
+    new = {k: v for k, v in HUB_OLD.items() if k not in ("rope_theta", "torch_dtype")}
+    new.update(rope_parameters={"rope_theta": 1e6, "rope_type": "default"}, dtype="bfloat16",
+               head_dim=128, sliding_window=4096)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(HUB_OLD))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    old_cfg = mj.load_config(tmp_path / "old")  # a checkpoint directory
+    new_cfg = mj.load_config(str(tmp_path / "new.json"))  # a JSON path
+    assert old_cfg.rope_theta == new_cfg.rope_theta == 1e6
+    assert old_cfg.dtype == new_cfg.dtype == "bfloat16"
+    assert old_cfg.head_dim == new_cfg.head_dim == 128
+    assert old_cfg.sliding_window is None and new_cfg.sliding_window == 4096
+    assert mj.param_count(old_cfg) == mj.param_count(mj.load_config("8x7b"))
+
+
+def test_load_config_missing_rope_theta(tmp_path):
+    bad = {k: v for k, v in HUB_OLD.items() if k != "rope_theta"}
+    (tmp_path / "c.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="rope_theta"):
+        mj.load_config(str(tmp_path / "c.json"))
+
+
+def test_presets_found_after_non_editable_install(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), REPO], check=True, capture_output=True)
+    code = "import mixtral_jax as mj; print(mj.presets(), mj.load_config('8x22b').hidden_size)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)}, check=True).stdout
+    assert "['8x22b', '8x7b', 'tiny'] 6144" in out
+
+
+# ---------------------------------------------------------------- layers vs transformers
+
+
+def test_rms_norm_matches_transformers():
+    x = np.random.RandomState(0).randn(2, 5, 64).astype(np.float32)
+    w = np.random.RandomState(1).randn(64).astype(np.float32)
+    ref = hf_mixtral.MixtralRMSNorm(64, eps=1e-5)
+    ref.weight.data = torch.tensor(w)
+    np.testing.assert_allclose(layers.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-5),
+                               ref(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+def test_rope_matches_transformers(theta):
+    hf = testing.hf_model(rope_theta=theta)
+    rs = np.random.RandomState(0)
+    b, t, h, dh = 2, 9, 4, 16
+    q = rs.randn(b, t, h, dh).astype(np.float32)
+    pos = np.stack([np.arange(t), np.arange(t) + 100])
+    cos_t, sin_t = hf.model.rotary_emb(torch.tensor(q), torch.tensor(pos))
+    ref, _ = hf_mixtral.apply_rotary_pos_emb(torch.tensor(q).transpose(1, 2), torch.tensor(q).transpose(1, 2),
+                                             cos_t, sin_t)
+    cos, sin = layers.rope_cos_sin(jnp.asarray(pos), dh, theta, jnp.float32)
+    ours = layers.apply_rope(jnp.asarray(q), cos, sin)
+    np.testing.assert_allclose(ours, ref.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads,window", [(1, None), (2, None), (4, 3)])
+def test_attention_matches_transformers(kv_heads, window):
+    hf = testing.hf_model(num_key_value_heads=kv_heads, sliding_window=window)
+    cfg = testing.config_of(hf)
+    state = testing.state_dict_numpy(hf)
+    params = convert.params_from_state_dict(state, cfg)
+    lp = {k: jnp.asarray(v[0]) for k, v in params["layers"].items()}
+    b, t = 2, 8
+    x = np.random.RandomState(0).randn(b, t, cfg.hidden_size).astype(np.float32)
+    pos = np.broadcast_to(np.arange(t), (b, t))
+    xt = torch.tensor(x)
+    cos_t, sin_t = hf.model.rotary_emb(xt, torch.tensor(pos))
+    mask = torch.full((t, t), float("-inf")).triu(1)
+    if window is not None:
+        mask = mask.masked_fill(torch.tensor(np.subtract.outer(np.arange(t), np.arange(t)) >= window), float("-inf"))
+    with torch.no_grad():
+        ref, _ = hf.model.layers[0].self_attn(xt, (cos_t, sin_t), mask[None, None])
+    cos, sin = layers.rope_cos_sin(jnp.asarray(pos), cfg.head_dim, cfg.rope_theta, jnp.float32)
+    ours, _ = attention.self_attention(jnp.asarray(x), lp, jnp.asarray(pos), jnp.asarray(pos), cos, sin,
+                                       sliding_window=window)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- MoE vs loop reference
+
+
+def _moe_params(e, d=32, f=48, seed=0):
+    rs = np.random.RandomState(seed)
+    return {"router": rs.randn(d, e).astype(np.float32) * 0.5,
+            "w1": rs.randn(e, d, f).astype(np.float32) * 0.2,
+            "w3": rs.randn(e, d, f).astype(np.float32) * 0.2,
+            "w2": rs.randn(e, f, d).astype(np.float32) * 0.2}
+
+
+@pytest.mark.parametrize("strategy", moe.STRATEGIES)
+@pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 3), (8, 2, 64), (4, 1, 17), (6, 3, 40), (8, 8, 5)])
+def test_moe_matches_loop_reference(strategy, e, k, n):
+    p = _moe_params(e)
+    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
+    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, p)
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 2, 8, 32])
+def test_sparse_blocks_any_size(block):
+    p = _moe_params(8)
+    x = np.random.RandomState(0).randn(50, 32).astype(np.float32)
+    ours = jax.jit(lambda x, p: moe.moe_sparse(x, p, 2, block=block))(x, p)
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_skewed_routing():
+    # Every token prefers expert 3: one group holds all assignments.
+    p = _moe_params(8)
+    x = np.random.RandomState(0).randn(40, 32).astype(np.float32)
+    x += 5 * p["router"][:, 3] / np.linalg.norm(p["router"][:, 3])
+    ours = jax.jit(lambda x, p: moe.moe_sparse(x, p, 2))(x, p)
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_block_matches_transformers():
+    hf = testing.hf_model(num_local_experts=4, num_experts_per_tok=2)
+    cfg = testing.config_of(hf)
+    params = convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg)
+    lp = {k: jnp.asarray(v[1]) for k, v in params["layers"].items()}
+    x = np.random.RandomState(0).randn(2, 7, cfg.hidden_size).astype(np.float32)
+    with torch.no_grad():
+        ref = hf.model.layers[1].mlp(torch.tensor(x)).numpy()
+    for strategy in moe.STRATEGIES:
+        np.testing.assert_allclose(moe.moe(jnp.asarray(x), lp, 2, strategy), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown MoE strategy"):
+        moe.moe(jnp.zeros((1, 32)), _moe_params(8), 2, "ragged")
+
+
+# ---------------------------------------------------------------- whole model vs transformers
+
+MODEL_CASES = {
+    "default": {},
+    "mqa_4experts_top1": dict(num_local_experts=4, num_experts_per_tok=1, num_key_value_heads=1),
+    "theta1e4_window5": dict(rope_theta=1e4, sliding_window=5),
+    "vocab32768_6experts_top3": dict(vocab_size=32768, num_local_experts=6, num_experts_per_tok=3),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_logits_match_transformers(case):
+    hf = testing.hf_model(seed=1, **MODEL_CASES[case])
+    cfg = testing.config_of(hf)
+    model = Mixtral(cfg, jax.tree.map(jnp.asarray, convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg)))
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12))
+    ref = testing.hf_logits(hf, tokens)
+    for strategy in moe.STRATEGIES:
+        logits = mj.forward(model, tokens, strategy=strategy)
+        assert logits.dtype == jnp.float32 and logits.shape == (2, 12, cfg.vocab_size)
+        assert testing.rel_err(logits, ref) <= 1e-4, strategy
+
+
+def test_init_random_dtype_and_eval_shape():
+    cfg = mj.load_config("tiny")
+    model = mj.init_random(cfg, seed=0, dtype="bfloat16")
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model.params()))
+    assert model.params()["layers"]["w1"].shape == (4, 8, 64, 224)
+    logits = mj.forward(model, np.array([[1, 2, 3]]))
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
