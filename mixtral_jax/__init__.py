@@ -10,16 +10,22 @@ The public API (see README.md):
 """
 
 from mixtral_jax.config import MixtralConfig, load_config, presets
+from mixtral_jax.generate import generate, generate_stream
 from mixtral_jax.model import Mixtral, forward, init_random, param_count
 from mixtral_jax.sharding import make_mesh
+from mixtral_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "MixtralConfig",
     "Mixtral",
     "forward",
+    "generate",
+    "generate_stream",
     "init_random",
     "load_config",
+    "load_tokenizer",
     "make_mesh",
     "param_count",
     "presets",
+    "Tokenizer",
 ]

@@ -1,0 +1,241 @@
+"""Inference engine: KV cache, jitted prefill and decode step, sampling, generate().
+
+Prompts of different lengths are LEFT-padded to a shared bucket length, so the
+last prompt token of every row sits in the same slot and every decode step
+writes one shared cache slot. Each row keeps its own positions (padding gets
+position -1, which masks it out as a key), so padding is invisible: a row's
+continuation equals what it gets alone.
+
+Shapes are bucketed (batch and prompt length to powers of two, cache length
+to a power of two ≥ prompt bucket + new tokens), so new prompt lengths and
+batch sizes inside a bucket reuse the compiled prefill and decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax import model as model_lib
+from mixtral_jax.config import MixtralConfig
+
+MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static sampling settings: temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}.")
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
+    """An empty KV cache: k, v [L, B, S, K, Dh] in `dtype`; pos [B, S] int32, -1 = empty slot."""
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.full((batch, max_len), -1, jnp.int32)}
+
+
+def sample_logits(logits: jax.Array, keys: jax.Array, sampling: SamplingParams) -> jax.Array:
+    """Samples one token per row. logits [B, V] float32; keys [B] PRNG keys → int32 [B]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def _row_keys(seed_key: jax.Array, step: int | jax.Array, batch: int) -> jax.Array:
+    """One key per row and step: row r's randomness depends on (seed, r, step) only."""
+    step_key = jax.random.fold_in(seed_key, step)
+    return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(jnp.arange(batch))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "sampling"), donate_argnames=("cache",))
+def prefill(params, tokens, positions, cache, seed_key, *, cfg: MixtralConfig, strategy: str,
+            sampling: SamplingParams):
+    """Runs the prompt through the model, filling cache slots [0, T).
+
+    Args:
+      params: parameter tree.
+      tokens: int32 [B, T] left-padded prompts.
+      positions: int32 [B, T] per-row positions, -1 on padding.
+      cache: from `init_cache` (donated).
+      seed_key: PRNG key for sampling.
+
+    Returns:
+      (first new token int32 [B], last-position logits float32 [B, V], cache).
+    """
+    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, 0, axis=1)
+    logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy,
+                                     cache=(cache["k"], cache["v"]), cache_index=0, k_pos=k_pos)
+    last = logits[:, -1]
+    nxt = sample_logits(last, _row_keys(seed_key, 0, tokens.shape[0]), sampling)
+    return nxt, last, {"k": k, "v": v, "pos": k_pos}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "sampling"), donate_argnames=("cache",))
+def decode_step(params, tokens, positions, index, cache, seed_key, step, *, cfg: MixtralConfig,
+                strategy: str, sampling: SamplingParams):
+    """One token per row: writes cache slot `index`, returns the next token.
+
+    Args:
+      params: parameter tree.
+      tokens: int32 [B] the previous token of each row.
+      positions: int32 [B] its position.
+      index: int32 scalar cache slot to write (shared by all rows).
+      cache: the KV cache (donated).
+      seed_key, step: sampling randomness.
+
+    Returns:
+      (next token int32 [B], logits float32 [B, V], cache).
+    """
+    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions[:, None], index, axis=1)
+    logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg,
+                                     strategy=strategy, cache=(cache["k"], cache["v"]),
+                                     cache_index=index, k_pos=k_pos)
+    last = logits[:, 0]
+    nxt = sample_logits(last, _row_keys(seed_key, step, tokens.shape[0]), sampling)
+    return nxt, last, {"k": k, "v": v, "pos": k_pos}
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists (encode text with load_tokenizer).")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in np.asarray(p).reshape(-1)]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS).")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary [0, {vocab_size}).")
+        out.append(ids)
+    return out
+
+
+def _prepare(prompts, cfg: MixtralConfig, max_new_tokens: int):
+    """Validates and left-pads prompts into bucketed arrays."""
+    prompts = _check_prompts(prompts, cfg.vocab_size)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{cfg.max_position_embeddings} positions; shorten the prompt or ask for fewer tokens.")
+    b, t = bucket(len(prompts)), bucket(longest, MIN_PROMPT_BUCKET)
+    tokens = np.zeros((b, t), np.int32)
+    positions = np.full((b, t), -1, np.int32)
+    positions[:, -1] = 0  # filler rows: one token at position 0, never read
+    lengths = np.ones((b,), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, t - len(p):] = p
+        positions[i, t - len(p):] = np.arange(len(p))
+        lengths[i] = len(p)
+    return prompts, tokens, positions, lengths
+
+
+def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling: SamplingParams,
+                seed: int = 0, strategy: str = "sparse") -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Prefill, then decode steps: yields (new tokens [B], their logits [B, V]) on device, per step.
+
+    B is the batch bucket (rows past len(prompts) are filler). The caller stops
+    iterating when it is done; nothing here syncs with the host.
+    """
+    cfg = model.cfg
+    prompts, tokens, positions, lengths = _prepare(prompts, cfg, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    b, t = tokens.shape
+    params = model.params()
+    seed_key = jax.random.key(seed)
+    cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype)
+    nxt, logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache, seed_key,
+                                 cfg=cfg, strategy=strategy, sampling=sampling)
+    yield nxt, logits
+    for step in range(1, max_new_tokens):
+        nxt, logits, cache = decode_step(params, nxt, jnp.asarray(lengths + step - 1), jnp.int32(t + step - 1),
+                                         cache, seed_key, step, cfg=cfg, strategy=strategy, sampling=sampling)
+        yield nxt, logits
+
+
+def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens=None,
+                    strategy: str = "sparse") -> Iterator[np.ndarray]:
+    """Like `generate`, but yields each step's new tokens as they are produced.
+
+    Yields:
+      int [num_prompts] arrays, one per step: the new token of each row, or -1
+      for a row that has already stopped. Ends when every row has stopped.
+    """
+    sampling = SamplingParams(float(temperature), int(top_k), float(top_p))
+    stops = np.array(sorted({model.cfg.eos_token_id} if stop_tokens is None else set(stop_tokens)), np.int64)
+    n = len(prompts) if isinstance(prompts, Sequence) else 0
+    done = np.zeros((n,), bool)
+    for nxt, _ in decode_loop(model, prompts, max_new_tokens, sampling, seed, strategy):
+        new = np.asarray(nxt)[:n].astype(np.int64)
+        out = np.where(done, -1, new)
+        done |= np.isin(new, stops)
+        yield out
+        if done.all():
+            return
+
+
+def generate(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens=None,
+             strategy: str = "sparse") -> list[list[int]]:
+    """Generates continuations for a batch of prompts of any lengths.
+
+    Args:
+      model: a `Mixtral`.
+      prompts: list of token-id lists (any lengths, each non-empty).
+      max_new_tokens: tokens to generate per prompt at most.
+      temperature: 0 is greedy; otherwise softmax temperature.
+      top_p: nucleus sampling threshold (1 disables).
+      top_k: keep only the k most likely tokens (0 disables).
+      seed: sampling seed; row r's randomness depends on (seed, r, step) only.
+      stop_tokens: ids that end a row (included in its output); default [EOS].
+        Pass [] to never stop early.
+      strategy: MoE dispatch strategy.
+
+    Returns:
+      One list of new token ids per prompt.
+    """
+    outs = [[] for _ in prompts]
+    for step_tokens in generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed,
+                                       stop_tokens, strategy):
+        for row, tok in enumerate(step_tokens):
+            if tok >= 0:
+                outs[row].append(int(tok))
+    return outs

@@ -1,0 +1,143 @@
+"""Inference engine: greedy == transformers, cache == no cache, buckets, sampling, stops, errors."""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import mixtral_jax as mj
+from mixtral_jax import convert, testing
+from mixtral_jax.model import Mixtral
+
+gen = importlib.import_module("mixtral_jax.generate")  # the module; mj.generate is the function
+
+
+@functools.lru_cache(maxsize=None)
+def _pair(**overrides):
+    """(transformers model, our model with the same weights)."""
+    hf = testing.hf_model(seed=3, **overrides)
+    cfg = testing.config_of(hf)
+    params = convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg)
+    return hf, Mixtral(cfg, jax.tree.map(jnp.asarray, params))
+
+
+def _prompts(lengths, vocab, seed=0):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, vocab, n).tolist() for n in lengths]
+
+
+def _hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                      pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+GREEDY_CASES = {
+    "gqa": {},
+    "mqa_4experts_top1": dict(num_local_experts=4, num_experts_per_tok=1, num_key_value_heads=1),
+    "window4": dict(sliding_window=4, rope_theta=1e4),
+}
+
+
+@pytest.mark.parametrize("case", GREEDY_CASES)
+def test_greedy_matches_transformers_batched(case):
+    hf, model = _pair(**GREEDY_CASES[case])
+    prompts = _prompts([3, 11, 6], model.cfg.vocab_size)
+    n = 10  # with window 4, prompt + generation is far past the window
+    ours = mj.generate(model, prompts, max_new_tokens=n, stop_tokens=[])
+    assert ours == [_hf_greedy(hf, p, n) for p in prompts]
+
+
+def test_padding_invisible_each_row_equals_alone():
+    _, model = _pair()
+    prompts = _prompts([2, 17, 5, 9, 1], model.cfg.vocab_size, seed=1)
+    batched = mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[])
+    alone = [mj.generate(model, [p], max_new_tokens=6, stop_tokens=[])[0] for p in prompts]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_logits_equal_full_forward(window):
+    _, model = _pair(sliding_window=window)
+    prompts = _prompts([4, 9], model.cfg.vocab_size, seed=2)
+    steps = list(gen.decode_loop(model, prompts, 8, gen.SamplingParams()))
+    new = np.stack([np.asarray(t)[:2] for t, _ in steps], axis=1)  # [2, 8]
+    for row, p in enumerate(prompts):
+        full = mj.forward(model, np.array([p + new[row].tolist()]))[0]  # [T, V]
+        for i, (_, logits) in enumerate(steps):
+            # The logits that produced new token i come from position len(p) - 1 + i.
+            np.testing.assert_allclose(np.asarray(logits)[row], full[len(p) - 1 + i], rtol=1e-4, atol=1e-4)
+
+
+def test_no_recompile_inside_bucket():
+    _, model = _pair()
+    v = model.cfg.vocab_size
+    mj.generate(model, _prompts([3, 4, 5], v), max_new_tokens=4)  # bucket: batch 4, prompt 16, cache 32
+    prefills, decodes = gen.prefill._cache_size(), gen.decode_step._cache_size()
+    mj.generate(model, _prompts([7, 12], v, seed=5)[:2] + _prompts([1], v), max_new_tokens=3)
+    mj.generate(model, _prompts([16, 2, 9, 10], v, seed=6), max_new_tokens=5)
+    assert (gen.prefill._cache_size(), gen.decode_step._cache_size()) == (prefills, decodes)
+    mj.generate(model, _prompts([40, 33], v), max_new_tokens=4)  # a new prompt bucket (64): one more prefill
+    assert gen.prefill._cache_size() == prefills + 1
+
+
+def test_sampling_seeded_and_top_k1_is_greedy():
+    _, model = _pair()
+    prompts = _prompts([5, 8], model.cfg.vocab_size)
+    greedy = mj.generate(model, prompts, max_new_tokens=8, stop_tokens=[])
+    kw = dict(max_new_tokens=8, temperature=1.0, stop_tokens=[])
+    assert mj.generate(model, prompts, top_k=1, **kw) == greedy
+    assert mj.generate(model, prompts, top_p=1e-6, **kw) == greedy
+    a = mj.generate(model, prompts, seed=7, **kw)
+    assert a == mj.generate(model, prompts, seed=7, **kw)
+    assert a != mj.generate(model, prompts, seed=8, **kw)
+    assert a != greedy
+
+
+def test_sample_logits_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = lambda **kw: np.asarray(gen.sample_logits(logits, keys, gen.SamplingParams(temperature=1.0, **kw)))
+    assert set(draw(top_k=2)) == {0, 1}
+    assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(draw(top_p=0.85)) == {0, 1, 2}
+    freq = np.bincount(draw(), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_per_row_stop_tokens():
+    _, model = _pair()
+    prompts = _prompts([5, 8, 3], model.cfg.vocab_size, seed=4)
+    free = mj.generate(model, prompts, max_new_tokens=10, stop_tokens=[])
+    stop = free[0][3]
+    outs = mj.generate(model, prompts, max_new_tokens=10, stop_tokens=[stop])
+    for row, out in enumerate(outs):
+        cut = free[row].index(stop) + 1 if stop in free[row] else 10
+        assert out == free[row][:cut]
+    assert len(outs[0]) == free[0].index(stop) + 1 <= 4
+
+
+def test_all_rows_stopped_ends_loop():
+    _, model = _pair()
+    prompts = _prompts([4], model.cfg.vocab_size)
+    first = mj.generate(model, prompts, max_new_tokens=1, stop_tokens=[])[0][0]
+    steps = list(gen.generate_stream(model, prompts, max_new_tokens=50, stop_tokens=[first]))
+    assert len(steps) == 1
+
+
+@pytest.mark.parametrize("prompts,kwargs,match", [
+    ([[1, 2]], dict(max_new_tokens=300), "exceeds the model's 256 positions"),
+    ([[]], dict(), "prompt 0 is empty"),
+    ([[1, 2]], dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    ([[1, 99999]], dict(), "outside the vocabulary"),
+    ([[1, 2]], dict(temperature=-1.0), "temperature must be >= 0"),
+    ([[1, 2]], dict(top_p=0.0), "top_p must be in"),
+])
+def test_bad_generate_inputs(prompts, kwargs, match):
+    _, model = _pair()
+    with pytest.raises(ValueError, match=match):
+        mj.generate(model, prompts, **kwargs)
