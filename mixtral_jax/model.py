@@ -142,19 +142,27 @@ class Mixtral(nnx.Module):
 
 
 def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, strategy, cache=None,
-                  cache_index=None):
-    """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D]."""
+                  cache_index=None, collect_routing=False):
+    """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D].
+
+    Returns (h, updated cache or None, routing): routing is (weights, expert ids),
+    each [B, T, k], when `collect_routing`, else None.
+    """
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
         sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index)
     h = h + a
-    h = h + moe.moe(layers.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps), lp,
-                    cfg.num_experts_per_tok, strategy)
-    return h, new_cache
+    x = layers.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+    routing = None
+    if collect_routing:
+        w, e = moe.route(x.reshape(-1, x.shape[-1]), lp["router"], cfg.num_experts_per_tok)
+        routing = (w.reshape(*x.shape[:-1], -1), e.reshape(*x.shape[:-1], -1))
+    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy)
+    return h, new_cache, routing
 
 
 def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: MixtralConfig,
-          strategy: str = "sparse", cache=None, cache_index=None, k_pos=None):
+          strategy: str = "sparse", cache=None, cache_index=None, k_pos=None, collect_routing=False):
     """The decoder on token ids; the pure function behind forward, prefill and decode.
 
     Args:
@@ -166,24 +174,27 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       cache: optional (k, v) each [L, B, S, K, Dh]; updated at [cache_index, cache_index + T).
       cache_index: scalar slot of the first token when `cache` is given.
       k_pos: [B, S] key positions (negative: empty) when `cache` is given.
+      collect_routing: also return every layer's router choices.
 
     Returns:
-      (logits [B, T, V] float32, updated cache or None).
+      (logits [B, T, V] float32, updated cache or None), plus, when
+      `collect_routing`, (weights float32 [L, B, T, k], expert ids int32 [L, B, T, k]).
     """
     x = layers.embed(tokens, params["embed"])
     cos, sin = layers.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     body = functools.partial(decoder_layer, cfg=cfg, positions=positions,
                              k_pos=positions if cache is None else k_pos, cos=cos, sin=sin,
-                             strategy=strategy, cache_index=cache_index)
-    if cache is None:
-        h, _ = jax.lax.scan(lambda h, lp: (body(h, lp)[0], None), x, params["layers"])
-        new_cache = None
-    else:
-        h, new_cache = jax.lax.scan(lambda h, xs: body(h, xs[0], cache=xs[1]), x,
-                                    (params["layers"], cache))
+                             strategy=strategy, cache_index=cache_index, collect_routing=collect_routing)
+
+    def step(h, xs):
+        lp, layer_cache = xs
+        h, layer_cache, routing = body(h, lp, cache=layer_cache)
+        return h, (layer_cache, routing)
+
+    h, (new_cache, routing) = jax.lax.scan(step, x, (params["layers"], cache))
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
-    return logits, new_cache
+    return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy"))

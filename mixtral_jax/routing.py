@@ -1,0 +1,105 @@
+"""Which experts fire on my data, and is the load balanced? Router choices and their plots."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax import model as model_lib
+
+
+class Routing(NamedTuple):
+    """Router choices of every layer: experts and weights, each [L, B, T, k] (slot 0 = top-1)."""
+
+    experts: np.ndarray
+    weights: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _routing(params, tokens, *, cfg):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    _, _, (weights, experts) = model_lib.apply(params, tokens, positions, cfg=cfg, collect_routing=True)
+    return experts, weights
+
+
+def expert_routing(model: model_lib.Mixtral, tokens) -> Routing:
+    """Runs the model on tokens and returns each layer's router choices.
+
+    Args:
+      model: a `Mixtral`.
+      tokens: int [B, T] token ids (or one list of ids).
+
+    Returns:
+      `Routing(experts int32 [L, B, T, k], weights float32 [L, B, T, k])`, the
+      top-k expert ids in descending router probability and their
+      renormalised weights (each row sums to 1).
+    """
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    experts, weights = _routing(model.params(), jnp.asarray(tokens), cfg=model.cfg)
+    return Routing(np.asarray(experts), np.asarray(weights))
+
+
+def expert_load(routing: Routing, num_experts: int) -> np.ndarray:
+    """Fraction of token-slots sent to each expert, per layer: float [L, E], rows sum to 1.
+
+    A perfectly balanced router gives 1/E everywhere.
+    """
+    e = routing.experts.reshape(routing.experts.shape[0], -1)
+    counts = np.stack([np.bincount(row, minlength=num_experts) for row in e])
+    return counts / counts.sum(axis=1, keepdims=True)
+
+
+def plot_routing(routing: Routing, num_experts: int, token_labels=None, row: int = 0, path: str | None = None):
+    """Heat map of the top-1 expert (token × layer) and per-expert load bars.
+
+    Args:
+      routing: from `expert_routing`.
+      num_experts: E (model.cfg.num_local_experts).
+      token_labels: optional list of T strings for the x axis (e.g. token pieces).
+      row: which batch row the heat map shows (the load bars use every row).
+      path: if given, the figure is saved there (PNG).
+
+    Returns:
+      The matplotlib Figure.
+    """
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    top1 = routing.experts[:, row, :, 0]  # [L, T]
+    load = expert_load(routing, num_experts)  # [L, E]
+    n_layers, n_tokens = top1.shape
+    fig, (ax_map, ax_load) = plt.subplots(
+        1, 2, figsize=(min(4 + 0.35 * n_tokens, 18), 1.5 + 0.35 * n_layers + 1.5),
+        gridspec_kw={"width_ratios": [max(n_tokens, 4), 8]})
+    cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20", num_experts)
+    im = ax_map.imshow(top1, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
+    ax_map.set_xlabel("token")
+    ax_map.set_ylabel("layer")
+    ax_map.set_title("top-1 expert per token and layer")
+    if token_labels is not None:
+        ax_map.set_xticks(range(n_tokens), [str(t) for t in token_labels], rotation=90, fontsize=8)
+    fig.colorbar(im, ax=ax_map, ticks=range(num_experts), label="expert")
+
+    mean_load = load.mean(axis=0)
+    spread = load.std(axis=0)
+    ax_load.bar(range(num_experts), mean_load, yerr=spread, color=[cmap(e) for e in range(num_experts)],
+                capsize=3)
+    ax_load.axhline(1.0 / num_experts, color="k", linestyle="--", linewidth=1, label="balanced")
+    ax_load.set_xticks(range(num_experts))
+    ax_load.set_xlabel("expert")
+    ax_load.set_ylabel("share of token-slots (mean ± sd over layers)")
+    ax_load.set_title("expert load")
+    ax_load.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
