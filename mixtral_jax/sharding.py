@@ -1,9 +1,17 @@
-"""Mesh axes, the one logical-axis rule table, and mesh helpers.
+"""Mesh axes, the one logical-axis rule table, mesh helpers and multi-host start-up.
 
 Every weight, activation and cache dimension is named by a logical axis (the
 dimension legend of DESIGN.md); `RULES` maps each logical axis to a mesh axis
 (or to None: replicated). Nothing else in the library names mesh axes for
-parameters.
+arrays; only the expert-parallel dispatch in moe.py runs collectives over them.
+
+Sizes the mesh does not divide:
+  experts, heads, ffn   a ValueError naming the axis and a mesh that works;
+  kv_heads              replicated over `tensor` (each tensor shard keeps all
+                        K kv heads; its query heads read the ones they need),
+                        e.g. 8x7B's 8 kv heads on tensor=16;
+  batch, vocab          replicated (a decode batch of 1 on data=2; a vocab
+                        of 32001 on tensor=2).
 """
 
 from __future__ import annotations
@@ -13,23 +21,38 @@ import re
 from collections.abc import Sequence
 
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mixtral_jax.config import MixtralConfig
 
 MESH_AXES = ("data", "expert", "tensor")
 
 # Logical axis -> mesh axis. The single source of truth for placement.
 RULES: dict[str, str | None] = {
-    "layers": None,     # L: scanned, never sharded
-    "batch": "data",    # B
-    "seq": None,        # T / S
-    "embed": None,      # D
-    "heads": "tensor",  # H
-    "kv_heads": "tensor",  # K (replicated instead when kv_heads < tensor; see spec_for)
-    "head_dim": None,   # Dh
-    "experts": "expert",  # E
-    "ffn": "tensor",    # F
-    "vocab": "tensor",  # V
+    "layers": None,         # L: scanned, never sharded
+    "batch": "data",        # B
+    "seq": None,            # T / S
+    "embed": None,          # D
+    "heads": "tensor",      # H
+    "kv_heads": "tensor",   # K
+    "head_dim": None,       # Dh
+    "experts": "expert",    # E
+    "ffn": "tensor",        # F
+    "vocab": "tensor",      # V
+}
+
+# Logical axes that fall back to replication when their mesh axis does not divide them.
+REPLICATED_IF_INDIVISIBLE = frozenset({"kv_heads", "batch", "vocab"})
+
+# Config fields behind the logical axes a mesh must divide (named in errors).
+CONFIG_FIELDS = {"experts": "num_local_experts", "heads": "num_attention_heads", "ffn": "intermediate_size"}
+
+# KV cache layout (generate.init_cache): k, v [L, B, S, K, Dh]; pos [B, S] (-1 = empty slot).
+CACHE_AXES: dict[str, tuple[str, ...]] = {
+    "k": ("layers", "batch", "seq", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "seq", "kv_heads", "head_dim"),
+    "pos": ("batch", "seq"),
 }
 
 
@@ -37,32 +60,62 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh | None = None,
                     shape: Sequence[int] | None = None) -> P:
     """Maps logical axis names to a PartitionSpec using `RULES`.
 
-    A mesh axis is used at most once per array (a collision raises). When `mesh`
-    and `shape` are given, an axis whose size the mesh axis does not divide
-    raises a clear error.
+    Args:
+      axes: one logical name (or None) per array dimension.
+      mesh: if given, mesh axes of size 1 are dropped from the spec.
+      shape: if given with `mesh`, sizes are checked: an axis in
+        `REPLICATED_IF_INDIVISIBLE` that its mesh axis does not divide is
+        replicated; any other indivisible axis raises ValueError.
+
+    Returns:
+      The PartitionSpec (one entry per dimension).
     """
     used, out = set(), []
     for i, name in enumerate(axes):
-        mesh_axis = RULES.get(name) if name is not None else None
         if name is not None and name not in RULES:
-            raise KeyError(f"logical axis {name!r} has no rule in sharding.RULES")
-        if mesh_axis is not None and mesh is not None and mesh.shape[mesh_axis] == 1:
-            mesh_axis = None
+            raise KeyError(f"logical axis {name!r} has no rule in sharding.RULES; add one there.")
+        mesh_axis = RULES[name] if name is not None else None
+        if mesh_axis is not None and mesh is not None:
+            size = mesh.shape[mesh_axis]
+            if size == 1:
+                mesh_axis = None
+            elif shape is not None and shape[i] % size:
+                if name not in REPLICATED_IF_INDIVISIBLE:
+                    what = f"{CONFIG_FIELDS[name]}={shape[i]}" if name in CONFIG_FIELDS else f"{name} of size {shape[i]}"
+                    raise ValueError(
+                        f"the mesh's {mesh_axis}={size} does not divide {what}; choose a mesh whose {mesh_axis} "
+                        f"size divides {shape[i]} (e.g. {mesh_axis}={math.gcd(size, shape[i])}).")
+                mesh_axis = None
         if mesh_axis is not None:
             if mesh_axis in used:
-                raise ValueError(f"mesh axis {mesh_axis!r} used twice in logical axes {tuple(axes)}")
+                raise ValueError(f"mesh axis {mesh_axis!r} used twice in logical axes {tuple(axes)}.")
             used.add(mesh_axis)
-            if shape is not None and mesh is not None and shape[i] % mesh.shape[mesh_axis]:
-                raise ValueError(
-                    f"the mesh's {mesh_axis}={mesh.shape[mesh_axis]} does not divide {name} of size "
-                    f"{shape[i]}; choose a mesh whose {mesh_axis} axis divides {shape[i]}.")
         out.append(mesh_axis)
     return P(*out)
 
 
 def named_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
-    """NamedSharding for an array with the given logical axes on `mesh`."""
+    """NamedSharding for an array with the given logical axes (and shape, if known) on `mesh`."""
     return NamedSharding(mesh, logical_to_spec(axes, mesh, shape))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding by its logical axes (identity without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape))
+
+
+def cache_shapes(cfg: MixtralConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the KV cache entries: k, v [L, B, S, K, Dh]; pos [B, S]."""
+    kv = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": kv, "v": kv, "pos": (batch, max_len)}
+
+
+def cache_shardings(cfg: MixtralConfig, batch: int, max_len: int, mesh: Mesh) -> dict[str, NamedSharding]:
+    """NamedSharding of each KV-cache entry on `mesh` (batch over data, kv heads over tensor)."""
+    shapes = cache_shapes(cfg, batch, max_len)
+    return {name: named_sharding(mesh, CACHE_AXES[name], shapes[name]) for name in CACHE_AXES}
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
@@ -71,12 +124,14 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     spec = (spec or "").strip()
     if not spec:
         return sizes
+    seen = set()
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", part)
-        if not m or m.group(1) not in sizes:
+        if not m or m.group(1) not in sizes or m.group(1) in seen:
             raise ValueError(
-                f"bad mesh spec {spec!r}: write axis=size pairs separated by commas, axes from "
+                f"bad mesh spec {spec!r}: write axis=size pairs separated by commas, each axis once, from "
                 f"{', '.join(MESH_AXES)} (e.g. 'expert=4,tensor=2').")
+        seen.add(m.group(1))
         sizes[m.group(1)] = int(m.group(2))
         if sizes[m.group(1)] < 1:
             raise ValueError(f"bad mesh spec {spec!r}: axis sizes must be positive.")
@@ -86,7 +141,14 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 def make_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a Mesh with axes (data, expert, tensor) from a spec like "expert=4,tensor=2".
 
-    Omitted axes are 1. The product of the sizes must equal the number of devices.
+    Args:
+      spec: comma-separated axis=size pairs; omitted axes are 1.
+      devices: the devices to use (default: every device of every process).
+
+    Returns:
+      A `jax.sharding.Mesh` whose axis sizes multiply to the device count.
+      `tensor` is the fastest-varying axis, so tensor-parallel peers are
+      neighbours (same host); `data` the slowest (across hosts).
     """
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
@@ -96,9 +158,40 @@ def make_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Me
             f"mesh {spec!r} has {n} devices but {len(devices)} are available; make the product of "
             f"the axis sizes equal {len(devices)}.")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        from jax.experimental import mesh_utils
-        dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - CPU/virtual devices: plain order is fine
-        dev_array = np.asarray(devices).reshape(shape)
-    return Mesh(dev_array, MESH_AXES)
+    return Mesh(mesh_utils.create_device_mesh(shape, devices=devices), MESH_AXES)
+
+
+def check_mesh(cfg: MixtralConfig, mesh: Mesh) -> None:
+    """Raises one clear ValueError if `mesh` cannot shard `cfg`'s experts, heads or expert hidden size."""
+    for name, size in (("experts", cfg.num_local_experts), ("heads", cfg.num_attention_heads),
+                       ("ffn", cfg.intermediate_size)):
+        logical_to_spec((name,), mesh, (size,))
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, initialization_timeout: int = 300) -> None:
+    """Joins this process to a multi-process JAX run; call before any other JAX call.
+
+    With no arguments, `jax.distributed.initialize()` detects the cluster
+    (TPU pod slices, SLURM, Open MPI). With `coordinator_address` ("host:port"
+    of process 0), `num_processes` and `process_id` must be given too. On CPU
+    the cross-process collectives go over gloo.
+
+    Args:
+      coordinator_address: host:port of process 0, or None to auto-detect.
+      num_processes: total number of processes.
+      process_id: this process's index in [0, num_processes).
+      initialization_timeout: seconds to wait for every process to join.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if coordinator_address is not None and None in explicit:
+        raise ValueError("--coordinator_address needs --num_processes and --process_id too; give all three "
+                         "(or none, to auto-detect a TPU pod or SLURM job).")
+    if coordinator_address is None and (num_processes is not None or process_id is not None):
+        raise ValueError("--num_processes/--process_id need --coordinator_address (host:port of process 0).")
+    if process_id is not None and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id {process_id} must be in [0, {num_processes}).")
+    # CPU computations spanning processes need a collectives backend; TPU/GPU ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=initialization_timeout)
