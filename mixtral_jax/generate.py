@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax import model as model_lib
+from mixtral_jax import sharding
 from mixtral_jax.config import MixtralConfig
 
 MIN_PROMPT_BUCKET = 16
@@ -50,11 +51,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype) -> dict[str, jax.Array]:
-    """An empty KV cache: k, v [L, B, S, K, Dh] in `dtype`; pos [B, S] int32, -1 = empty slot."""
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "pos": jnp.full((batch, max_len), -1, jnp.int32)}
+def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None) -> dict[str, jax.Array]:
+    """An empty KV cache: k, v [L, B, S, K, Dh] in `dtype`; pos [B, S] int32, -1 = empty slot.
+
+    With `mesh`, created directly in `sharding.cache_shardings` (never whole on one device).
+    """
+    shapes = sharding.cache_shapes(cfg, batch, max_len)
+    make = lambda: {"k": jnp.zeros(shapes["k"], dtype), "v": jnp.zeros(shapes["v"], dtype),
+                    "pos": jnp.full(shapes["pos"], -1, jnp.int32)}
+    if mesh is None:
+        return make()
+    return jax.jit(make, out_shardings=sharding.cache_shardings(cfg, batch, max_len, mesh))()
 
 
 def sample_logits(logits: jax.Array, keys: jax.Array, sampling: SamplingParams) -> jax.Array:
@@ -81,9 +88,10 @@ def _row_keys(seed_key: jax.Array, step: int | jax.Array, batch: int) -> jax.Arr
     return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(jnp.arange(batch))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "sampling"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "sampling", "mesh", "capacity_factor"),
+                   donate_argnames=("cache",))
 def prefill(params, tokens, positions, cache, seed_key, *, cfg: MixtralConfig, strategy: str,
-            sampling: SamplingParams):
+            sampling: SamplingParams, mesh=None, capacity_factor=None):
     """Runs the prompt through the model, filling cache slots [0, T).
 
     Args:
@@ -92,21 +100,25 @@ def prefill(params, tokens, positions, cache, seed_key, *, cfg: MixtralConfig, s
       positions: int32 [B, T] per-row positions, -1 on padding.
       cache: from `init_cache` (donated).
       seed_key: PRNG key for sampling.
+      mesh, capacity_factor: as in `model.apply`.
 
     Returns:
-      (first new token int32 [B], last-position logits float32 [B, V], cache).
+      (first new token int32 [B], last-position logits float32 [B, V], cache);
+      the token and logits replicated on every device (readable by every process).
     """
     k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, 0, axis=1)
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy,
-                                     cache=(cache["k"], cache["v"]), cache_index=0, k_pos=k_pos)
-    last = logits[:, -1]
+                                     cache=(cache["k"], cache["v"]), cache_index=0, k_pos=k_pos, mesh=mesh,
+                                     capacity_factor=capacity_factor)
+    last = sharding.constrain(logits[:, -1], mesh, (None, None))
     nxt = sample_logits(last, _row_keys(seed_key, 0, tokens.shape[0]), sampling)
     return nxt, last, {"k": k, "v": v, "pos": k_pos}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "sampling"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "sampling", "mesh", "capacity_factor"),
+                   donate_argnames=("cache",))
 def decode_step(params, tokens, positions, index, cache, seed_key, step, *, cfg: MixtralConfig,
-                strategy: str, sampling: SamplingParams):
+                strategy: str, sampling: SamplingParams, mesh=None, capacity_factor=None):
     """One token per row: writes cache slot `index`, returns the next token.
 
     Args:
@@ -116,15 +128,16 @@ def decode_step(params, tokens, positions, index, cache, seed_key, step, *, cfg:
       index: int32 scalar cache slot to write (shared by all rows).
       cache: the KV cache (donated).
       seed_key, step: sampling randomness.
+      mesh, capacity_factor: as in `model.apply`.
 
     Returns:
-      (next token int32 [B], logits float32 [B, V], cache).
+      (next token int32 [B], logits float32 [B, V], cache); token and logits replicated.
     """
     k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions[:, None], index, axis=1)
     logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg,
                                      strategy=strategy, cache=(cache["k"], cache["v"]),
-                                     cache_index=index, k_pos=k_pos)
-    last = logits[:, 0]
+                                     cache_index=index, k_pos=k_pos, mesh=mesh, capacity_factor=capacity_factor)
+    last = sharding.constrain(logits[:, 0], mesh, (None, None))
     nxt = sample_logits(last, _row_keys(seed_key, step, tokens.shape[0]), sampling)
     return nxt, last, {"k": k, "v": v, "pos": k_pos}
 
@@ -167,11 +180,13 @@ def _prepare(prompts, cfg: MixtralConfig, max_new_tokens: int):
 
 
 def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling: SamplingParams,
-                seed: int = 0, strategy: str = "sparse") -> Iterator[tuple[jax.Array, jax.Array]]:
+                seed: int = 0, strategy: str = "sparse",
+                capacity_factor: float | None = None) -> Iterator[tuple[jax.Array, jax.Array]]:
     """Prefill, then decode steps: yields (new tokens [B], their logits [B, V]) on device, per step.
 
     B is the batch bucket (rows past len(prompts) are filler). The caller stops
-    iterating when it is done; nothing here syncs with the host.
+    iterating when it is done; nothing here syncs with the host. The cache and
+    the computation live on `model.mesh` when the model has one.
     """
     cfg = model.cfg
     prompts, tokens, positions, lengths = _prepare(prompts, cfg, max_new_tokens)
@@ -180,19 +195,19 @@ def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling
     b, t = tokens.shape
     params = model.params()
     seed_key = jax.random.key(seed)
-    cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype)
-    nxt, logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache, seed_key,
-                                 cfg=cfg, strategy=strategy, sampling=sampling)
+    run = dict(cfg=cfg, strategy=strategy, sampling=sampling, mesh=model.mesh, capacity_factor=capacity_factor)
+    cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype, model.mesh)
+    nxt, logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache, seed_key, **run)
     yield nxt, logits
     for step in range(1, max_new_tokens):
         nxt, logits, cache = decode_step(params, nxt, jnp.asarray(lengths + step - 1), jnp.int32(t + step - 1),
-                                         cache, seed_key, step, cfg=cfg, strategy=strategy, sampling=sampling)
+                                         cache, seed_key, step, **run)
         yield nxt, logits
 
 
 def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens=None,
-                    strategy: str = "sparse") -> Iterator[np.ndarray]:
+                    strategy: str = "sparse", capacity_factor: float | None = None) -> Iterator[np.ndarray]:
     """Like `generate`, but yields each step's new tokens as they are produced.
 
     Yields:
@@ -203,7 +218,7 @@ def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64,
     stops = np.array(sorted({model.cfg.eos_token_id} if stop_tokens is None else set(stop_tokens)), np.int64)
     n = len(prompts) if isinstance(prompts, Sequence) else 0
     done = np.zeros((n,), bool)
-    for nxt, _ in decode_loop(model, prompts, max_new_tokens, sampling, seed, strategy):
+    for nxt, _ in decode_loop(model, prompts, max_new_tokens, sampling, seed, strategy, capacity_factor):
         new = np.asarray(nxt)[:n].astype(np.int64)
         out = np.where(done, -1, new)
         done |= np.isin(new, stops)
@@ -214,7 +229,7 @@ def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64,
 
 def generate(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens=None,
-             strategy: str = "sparse") -> list[list[int]]:
+             strategy: str = "sparse", capacity_factor: float | None = None) -> list[list[int]]:
     """Generates continuations for a batch of prompts of any lengths.
 
     Args:
@@ -227,14 +242,16 @@ def generate(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temper
       seed: sampling seed; row r's randomness depends on (seed, r, step) only.
       stop_tokens: ids that end a row (included in its output); default [EOS].
         Pass [] to never stop early.
-      strategy: MoE dispatch strategy.
+      strategy: single-device MoE dispatch strategy.
+      capacity_factor: expert-parallel capacity on a multi-device `model.mesh`
+        (None: dropless).
 
     Returns:
       One list of new token ids per prompt.
     """
     outs = [[] for _ in prompts]
     for step_tokens in generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed,
-                                       stop_tokens, strategy):
+                                       stop_tokens, strategy, capacity_factor):
         for row, tok in enumerate(step_tokens):
             if tok >= 0:
                 outs[row].append(int(tok))

@@ -33,6 +33,7 @@ from mixtral_jax.config import MixtralConfig
 
 Params = dict[str, Any]
 EXPERT_PARAMS = ("w1", "w3", "w2")
+ACT_BTD = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +121,13 @@ class Mixtral(nnx.Module):
     """Mixtral causal LM. Holds parameters; the computation lives in pure functions.
 
     Build with `init_random` or `load`. `model(tokens)` equals `forward(model, tokens)`.
+    `mesh` is the mesh the parameters are sharded over (None: one device); on a
+    mesh of more than one device the MoE blocks run expert-parallel.
     """
 
-    def __init__(self, cfg: MixtralConfig, params: Params):
+    def __init__(self, cfg: MixtralConfig, params: Params, mesh=None):
         self.cfg = cfg
+        self.mesh = mesh
         self.embed = nnx.Param(params["embed"])
         self.layers = DecoderLayers(params["layers"])
         self.final_norm = nnx.Param(params["final_norm"])
@@ -142,7 +146,7 @@ class Mixtral(nnx.Module):
 
 
 def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, strategy, cache=None,
-                  cache_index=None, collect_routing=False):
+                  cache_index=None, collect_routing=False, mesh=None, capacity_factor=None):
     """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D].
 
     Returns (h, updated cache or None, routing): routing is (weights, expert ids),
@@ -151,18 +155,19 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, stra
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
         sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index)
-    h = h + a
+    h = sharding.constrain(h + a, mesh, ACT_BTD)
     x = layers.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     routing = None
     if collect_routing:
         w, e = moe.route(x.reshape(-1, x.shape[-1]), lp["router"], cfg.num_experts_per_tok)
         routing = (w.reshape(*x.shape[:-1], -1), e.reshape(*x.shape[:-1], -1))
-    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy)
-    return h, new_cache, routing
+    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor)
+    return sharding.constrain(h, mesh, ACT_BTD), new_cache, routing
 
 
 def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: MixtralConfig,
-          strategy: str = "sparse", cache=None, cache_index=None, k_pos=None, collect_routing=False):
+          strategy: str = "sparse", cache=None, cache_index=None, k_pos=None, collect_routing=False,
+          mesh=None, capacity_factor=None):
     """The decoder on token ids; the pure function behind forward, prefill and decode.
 
     Args:
@@ -175,16 +180,20 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       cache_index: scalar slot of the first token when `cache` is given.
       k_pos: [B, S] key positions (negative: empty) when `cache` is given.
       collect_routing: also return every layer's router choices.
+      mesh: the mesh `params` are sharded over (static), or None; activations
+        are pinned to it and the MoE runs expert-parallel on it.
+      capacity_factor: expert-parallel capacity (static); None is dropless.
 
     Returns:
       (logits [B, T, V] float32, updated cache or None), plus, when
       `collect_routing`, (weights float32 [L, B, T, k], expert ids int32 [L, B, T, k]).
     """
-    x = layers.embed(tokens, params["embed"])
+    x = sharding.constrain(layers.embed(tokens, params["embed"]), mesh, ACT_BTD)
     cos, sin = layers.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     body = functools.partial(decoder_layer, cfg=cfg, positions=positions,
                              k_pos=positions if cache is None else k_pos, cos=cos, sin=sin,
-                             strategy=strategy, cache_index=cache_index, collect_routing=collect_routing)
+                             strategy=strategy, cache_index=cache_index, collect_routing=collect_routing,
+                             mesh=mesh, capacity_factor=capacity_factor)
 
     def step(h, xs):
         lp, layer_cache = xs
@@ -197,19 +206,21 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "strategy"))
-def _forward(params, tokens, *, cfg, strategy):
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh", "capacity_factor"))
+def _forward(params, tokens, *, cfg, strategy, mesh, capacity_factor):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return apply(params, tokens, positions, cfg=cfg, strategy=strategy)[0]
+    return apply(params, tokens, positions, cfg=cfg, strategy=strategy, mesh=mesh,
+                 capacity_factor=capacity_factor)[0]
 
 
-def forward(model: Mixtral, tokens, strategy: str = "sparse") -> jax.Array:
+def forward(model: Mixtral, tokens, strategy: str = "sparse", capacity_factor: float | None = None) -> jax.Array:
     """Full forward pass without a cache.
 
     Args:
       model: a `Mixtral`.
       tokens: int [B, T] token ids (positions 0..T-1).
-      strategy: MoE dispatch ("sparse" or "dense").
+      strategy: single-device MoE dispatch ("sparse" or "dense").
+      capacity_factor: expert-parallel capacity on a multi-device mesh; None is dropless.
 
     Returns:
       float32 logits [B, T, V].
@@ -217,7 +228,8 @@ def forward(model: Mixtral, tokens, strategy: str = "sparse") -> jax.Array:
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be a [batch, time] int array, got shape {tokens.shape}.")
-    return _forward(model.params(), tokens, cfg=model.cfg, strategy=strategy)
+    return _forward(model.params(), tokens, cfg=model.cfg, strategy=strategy, mesh=model.mesh,
+                    capacity_factor=capacity_factor)
 
 
 def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None) -> Mixtral:
@@ -236,4 +248,4 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None) -
     dtype = jnp.dtype(dtype)
     shardings = None if mesh is None else param_shardings(cfg, mesh)
     init = jax.jit(functools.partial(init_params, cfg, dtype=dtype), out_shardings=shardings)
-    return Mixtral(cfg, init(jax.random.key(seed)))
+    return Mixtral(cfg, init(jax.random.key(seed)), mesh)

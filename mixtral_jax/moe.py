@@ -6,12 +6,23 @@ Dispatch strategies (all numerically equal to a per-expert loop):
   sparse  assignments are sorted by expert and packed into fixed-size blocks,
           each block padded so it holds one expert's tokens; only those blocks
           run. Dropless; cost grows with tokens × top-k, not with experts.
+
+On a mesh of more than one device the block is expert-parallel instead
+(`moe_expert_parallel`): tokens split over every device, all_to_all to the
+experts' shards at a fixed capacity, computed tensor-parallel over F,
+all_to_all back, combined.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mixtral_jax import sharding
 
 STRATEGIES = ("dense", "sparse")
 
@@ -124,10 +135,136 @@ def moe_sparse(x, p, k, block: int | None = None):
         return combine(y, weights, x.dtype)
 
 
-def moe(x, p, k, strategy: str = "sparse"):
-    """MoE block on [..., D] activations with the chosen dispatch strategy."""
+def expert_capacity(tokens_per_device: int, num_experts: int, k: int, capacity_factor: float | None) -> int:
+    """Slots per (source device, expert) in the expert-parallel all_to_all buffers.
+
+    Dropless (capacity_factor None): all of a device's tokens may choose the
+    same expert, so the capacity is `tokens_per_device`. Otherwise the usual
+    ceil(capacity_factor × tokens_per_device × k / E), clipped to [1, tokens_per_device].
+    """
+    if capacity_factor is None:
+        return tokens_per_device
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be positive (or None for dropless), got {capacity_factor}.")
+    return max(1, min(tokens_per_device, math.ceil(capacity_factor * tokens_per_device * k / num_experts)))
+
+
+def dispatch_slots(experts: jax.Array, valid: jax.Array, num_experts: int, capacity: int):
+    """Where each assignment goes in a device's send buffer of E × C rows.
+
+    The c-th valid assignment (in token order) to expert e takes row e·C + c;
+    assignments past the capacity are dropped (their expert output is zero).
+
+    Args:
+      experts: [A] expert id per assignment (A = tokens × k, token-major).
+      valid: [A] False for padding tokens, which take no slot and are not counted as dropped.
+      num_experts: E.
+      capacity: C.
+
+    Returns:
+      (slot [A] int32, E·C for assignments without a row; keep [A] bool).
+    """
+    chosen = (experts[:, None] == jnp.arange(num_experts)) & valid[:, None]  # [A, E]
+    rank = jnp.take_along_axis(jnp.cumsum(chosen, axis=0), experts[:, None], axis=1)[:, 0] - 1  # [A]
+    keep = valid & (rank < capacity)
+    slot = jnp.where(keep, experts * capacity + rank, num_experts * capacity)
+    return slot.astype(jnp.int32), keep
+
+
+def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: int):
+    """Per-device body of `moe_expert_parallel` (inside shard_map).
+
+    Args:
+      x: [n, D] this device's tokens; valid: [n] False on padding.
+      router: [D, E] (replicated).
+      w1, w3: [E_loc, D, F_loc]; w2: [E_loc, F_loc, D]: this device's experts, its slice of F.
+      k: experts per token; capacity: C slots per (source device, expert).
+
+    Returns:
+      (out [n, D], number of dropped assignments over the whole mesh).
+    """
+    n, d = x.shape
+    num_experts = router.shape[1]
+    e_loc = w1.shape[0]
+    ep = num_experts // e_loc
+    with jax.named_scope("route"):
+        weights, experts = route(x, router, k)  # [n, k]
+        valid_a = jnp.repeat(valid, k)  # [A]
+        slot, keep = dispatch_slots(experts.reshape(-1), valid_a, num_experts, capacity)
+    with jax.named_scope("dispatch"):
+        # Rows by global expert: [E·C, D] = [EP (destination shard), E_loc, C, D].
+        send = jnp.zeros((num_experts * capacity, d), x.dtype).at[slot].set(jnp.repeat(x, k, axis=0), mode="drop")
+        recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [EP (source shard) · E_loc · C, D]
+        xe = recv.reshape(ep, e_loc, capacity, d).transpose(1, 0, 2, 3).reshape(e_loc, ep * capacity, d)
+        # Tensor peers hold different tokens but slices of the same experts: each needs all their tokens.
+        xe = jax.lax.all_gather(xe, "tensor", axis=1, tiled=True)  # [E_loc, C', D], C' = TP·EP·C
+    with jax.named_scope("experts"):
+        h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", xe, w1)) * jnp.einsum("ECD,EDF->ECF", xe, w3)  # [E_loc, C', F_loc]
+        y = jnp.einsum("ECF,EFD->ECD", h, w2, preferred_element_type=jnp.float32)  # partial sum over F_loc
+        # Sum the F slices and hand each tensor peer back its own tokens.
+        y = jax.lax.psum_scatter(y, "tensor", scatter_dimension=1, tiled=True).astype(x.dtype)  # [E_loc, EP·C, D]
+    with jax.named_scope("combine"):
+        y = y.reshape(e_loc, ep, capacity, d).transpose(1, 0, 2, 3).reshape(ep * e_loc * capacity, d)
+        back = jax.lax.all_to_all(y, "expert", 0, 0, tiled=True)  # [E·C, D] by global expert, as sent
+        y_rows = jnp.take(back, slot, axis=0, mode="fill", fill_value=0).reshape(n, k, d)
+        out = combine(y_rows, jnp.where(keep.reshape(n, k), weights, 0.0), x.dtype)
+    dropped = jax.lax.psum(jnp.sum(valid_a & ~keep, dtype=jnp.int32), sharding.MESH_AXES)
+    return out, dropped
+
+
+def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: float | None = None):
+    """Expert-parallel MoE over `mesh` with fixed-capacity all_to_all dispatch.
+
+    Tokens are split over every device of the mesh (data × expert × tensor;
+    padded to a multiple of the device count, so a decode batch smaller than
+    the mesh works). Each device routes its tokens, all_to_alls them over
+    `expert` to the shard holding their expert, all_gathers over `tensor`
+    (experts' F is split there), computes its experts, reduce-scatters the F
+    partial sums, all_to_alls the results back and combines them with the
+    router weights.
+
+    Args:
+      x: [N, D] tokens.
+      p: router [D, E], w1 / w3 [E, D, F], w2 [E, F, D] (sharded per `sharding.RULES`).
+      k: experts per token.
+      mesh: a mesh with axes (data, expert, tensor); expert must divide E and tensor F.
+      capacity_factor: None for dropless (capacity = tokens per device), or the
+        fraction of the even share tokens × k / E each expert takes per device.
+
+    Returns:
+      (out [N, D] in x's dtype, dropped: int32 scalar, the number of (token,
+      expert) assignments that did not fit; always 0 when dropless).
+    """
+    n, d = x.shape
+    num_experts = p["w1"].shape[0]
+    w_in = sharding.logical_to_spec(("experts", "embed", "ffn"), mesh, p["w1"].shape)
+    w_out = sharding.logical_to_spec(("experts", "ffn", "embed"), mesh, p["w2"].shape)
+    per_device = -(-n // mesh.size)
+    capacity = expert_capacity(per_device, num_experts, k, capacity_factor)
+    x_pad = jnp.pad(x, ((0, per_device * mesh.size - n), (0, 0)))
+    valid = jnp.arange(per_device * mesh.size) < n
+    tokens = P(sharding.MESH_AXES)  # rows split over every device
+    body = jax.shard_map(functools.partial(_expert_parallel_local, k=k, capacity=capacity), mesh=mesh,
+                         in_specs=(tokens, tokens, P(), w_in, w_in, w_out), out_specs=(tokens, P()))
+    out, dropped = body(x_pad, valid, p["router"], p["w1"], p["w3"], p["w2"])
+    return out[:n], dropped
+
+
+def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None):
+    """MoE block on [..., D] activations.
+
+    On a mesh of more than one device: `moe_expert_parallel` (with
+    `capacity_factor`). Otherwise the single-device `strategy`, which never drops.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}.")
     shape = x.shape
-    fn = moe_dense if strategy == "dense" else moe_sparse
-    return fn(x.reshape(-1, shape[-1]), p, k).reshape(shape)
+    x = x.reshape(-1, shape[-1])
+    if mesh is not None and mesh.size > 1:
+        out, _ = moe_expert_parallel(x, p, k, mesh, capacity_factor)
+    elif capacity_factor is not None:
+        raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
+                         "leave it unset here (single-device dispatch never drops tokens).")
+    else:
+        out = (moe_dense if strategy == "dense" else moe_sparse)(x, p, k)
+    return out.reshape(shape)

@@ -1,0 +1,288 @@
+"""Sharding on 8 virtual CPU devices: meshes, parameter and cache placement, the
+expert-parallel MoE vs a loop reference (with and without drops), and sharded
+logits and greedy tokens vs one device and vs transformers."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import mixtral_jax as mj
+from mixtral_jax import convert, model as model_lib, moe, sharding, testing
+from mixtral_jax.config import from_hf_dict
+from mixtral_jax.generate import init_cache
+from mixtral_jax.model import Mixtral
+
+MESHES = ["expert=8", "expert=4,tensor=2", "data=2,expert=2,tensor=2", "expert=2,tensor=4"]
+TINY = from_hf_dict(testing.TINY_HF)  # H 4, K 2, E 8, F 96, V 512
+
+
+# ---------------------------------------------------------------- meshes
+
+
+def test_make_mesh_axes_and_defaults():
+    mesh = mj.make_mesh("data=2,expert=2,tensor=2")
+    assert mesh.axis_names == ("data", "expert", "tensor") and dict(mesh.shape) == {"data": 2, "expert": 2,
+                                                                                    "tensor": 2}
+    assert dict(mj.make_mesh("expert=8").shape) == {"data": 1, "expert": 8, "tensor": 1}
+    assert dict(mj.make_mesh(" tensor = 4 , expert=2").shape) == {"data": 1, "expert": 2, "tensor": 4}
+    assert dict(mj.make_mesh("expert=1", jax.devices()[:1]).shape) == {"data": 1, "expert": 1, "tensor": 1}
+    assert mesh.devices.size == 8 and len(set(mesh.devices.flat)) == 8
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("expert=4", "has 4 devices but 8 are available"),
+    ("expert=4,tensor=4", "has 16 devices but 8 are available"),
+    ("experts=8", "bad mesh spec"),
+    ("expert=8,expert=1", "each axis once"),
+    ("expert:8", "bad mesh spec"),
+    ("expert=0,tensor=8", "positive"),
+])
+def test_make_mesh_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        mj.make_mesh(spec)
+
+
+# ---------------------------------------------------------------- placement
+
+# Hand-written expected specs (mesh axes per dimension, before size-1 axes are dropped).
+# TINY: H 4, K 2, E 8, F 96, V 512: K is replicated when tensor (4) does not divide it.
+EXPECTED = {
+    "embed": ("tensor", None),
+    "final_norm": (None,),
+    "lm_head": (None, "tensor"),
+    "layers": {
+        "attn_norm": (None, None), "mlp_norm": (None, None), "router": (None, None, None),
+        "wq": (None, None, "tensor", None), "wk": (None, None, "kv", None), "wv": (None, None, "kv", None),
+        "wo": (None, "tensor", None, None),
+        "w1": (None, "expert", None, "tensor"), "w3": (None, "expert", None, "tensor"),
+        "w2": (None, "expert", "tensor", None),
+    },
+}
+
+
+def _expected_spec(axes, sizes, kv_heads):
+    kv_axis = "tensor" if kv_heads % sizes["tensor"] == 0 else None
+    out = []
+    for a in axes:
+        a = kv_axis if a == "kv" else a
+        out.append(a if a is not None and sizes[a] > 1 else None)
+    return jax.sharding.PartitionSpec(*out)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_init_random_sharded_params_and_cache(spec):
+    cfg = TINY
+    mesh = mj.make_mesh(spec)
+    sizes = dict(mesh.shape)
+    model = mj.init_random(cfg, seed=0, mesh=mesh)
+    assert model.mesh is mesh
+    params = model.params()
+    abstract = model_lib.abstract_params(cfg, "float32", mesh)
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    for path, arr in flat:
+        axes = functools.reduce(lambda d, k: d[k.key], path, EXPECTED)
+        want = _expected_spec(axes, sizes, cfg.num_key_value_heads)
+        assert arr.sharding.spec == want, (path, arr.sharding.spec, want)
+        # Each device holds only its shard: the global shape divided by the mesh axes it is split over.
+        shard = tuple(n // (sizes[a] if a else 1) for n, a in zip(arr.shape, list(want) + [None] * arr.ndim))
+        assert {s.data.shape for s in arr.addressable_shards} == {shard}, path
+        assert len(arr.addressable_shards) == 8
+        target = functools.reduce(lambda d, k: d[k.key], path, abstract)
+        assert target.sharding == arr.sharding and target.shape == arr.shape, path
+    # The expert weights are never whole on one device: split over expert × tensor.
+    w1 = params["layers"]["w1"]
+    assert w1.addressable_shards[0].data.size * sizes["expert"] * sizes["tensor"] == w1.size
+
+    cache = init_cache(cfg, 4, 32, jnp.float32, mesh)
+    kv_axis = "tensor" if cfg.num_key_value_heads % sizes["tensor"] == 0 and sizes["tensor"] > 1 else None
+    data = "data" if sizes["data"] > 1 else None
+    P = jax.sharding.PartitionSpec
+    assert cache["k"].sharding.spec == cache["v"].sharding.spec == P(None, data, None, kv_axis, None)
+    assert cache["pos"].sharding.spec == P(data, None)
+    assert cache["k"].shape == (cfg.num_hidden_layers, 4, 32, cfg.num_key_value_heads, cfg.head_dim)
+    assert (np.asarray(cache["pos"]) == -1).all()
+
+
+def test_kv_heads_shard_when_tensor_divides_them():
+    cfg = from_hf_dict({**testing.TINY_HF, "num_key_value_heads": 4})
+    shardings = model_lib.param_shardings(cfg, mj.make_mesh("expert=2,tensor=4"))
+    P = jax.sharding.PartitionSpec
+    assert shardings["layers"]["wk"].spec == P(None, None, "tensor", None)
+    assert sharding.cache_shardings(cfg, 2, 8, mj.make_mesh("expert=2,tensor=4"))["k"].spec == P(
+        None, None, None, "tensor", None)
+
+
+def test_batch_and_vocab_replicated_when_indivisible():
+    mesh = mj.make_mesh("data=2,expert=4")
+    cfg = TINY
+    P = jax.sharding.PartitionSpec
+    assert sharding.cache_shardings(cfg, 1, 8, mesh)["pos"].spec == P(None, None)  # decode batch of 1
+    assert sharding.logical_to_spec(("vocab", "embed"), mj.make_mesh("tensor=8"), (32001, 64)) == P(None, None)
+
+
+@pytest.mark.parametrize("overrides,spec,match", [
+    (dict(num_key_value_heads=1), "tensor=8", "tensor=8 does not divide num_attention_heads=4"),
+    (dict(num_local_experts=6), "expert=4,tensor=2", "expert=4 does not divide num_local_experts=6"),
+    (dict(num_attention_heads=8, intermediate_size=100), "tensor=8", "tensor=8 does not divide intermediate_size=100"),
+])
+def test_indivisible_mesh_is_a_clear_error(overrides, spec, match):
+    cfg = from_hf_dict({**testing.TINY_HF, **overrides})
+    mesh = mj.make_mesh(spec)
+    with pytest.raises(ValueError, match=match):
+        sharding.check_mesh(cfg, mesh)
+    with pytest.raises(ValueError, match=match):
+        model_lib.abstract_params(cfg, "bfloat16", mesh)
+    with pytest.raises(ValueError, match=match):
+        mj.init_random(cfg, mesh=mesh)
+
+
+# ---------------------------------------------------------------- expert-parallel MoE
+
+
+def _moe_params(e, d=32, f=48, seed=0):
+    rs = np.random.RandomState(seed)
+    return {"router": rs.randn(d, e).astype(np.float32) * 0.5,
+            "w1": rs.randn(e, d, f).astype(np.float32) * 0.2,
+            "w3": rs.randn(e, d, f).astype(np.float32) * 0.2,
+            "w2": rs.randn(e, f, d).astype(np.float32) * 0.2}
+
+
+def _ep(x, p, k, mesh, capacity_factor=None):
+    """moe_expert_parallel on weights placed per the rule table."""
+    axes = {"router": ("embed", None), "w1": ("experts", "embed", "ffn"), "w3": ("experts", "embed", "ffn"),
+            "w2": ("experts", "ffn", "embed")}
+    p = {name: jax.device_put(v, sharding.named_sharding(mesh, axes[name], v.shape)) for name, v in p.items()}
+    fn = jax.jit(functools.partial(moe.moe_expert_parallel, k=k, mesh=mesh, capacity_factor=capacity_factor))
+    out, dropped = fn(x, p)
+    return np.asarray(out), int(dropped)
+
+
+def _capacity_reference(x, p, k, num_devices, capacity):
+    """float64 loop reference of fixed-capacity dispatch: tokens split into `num_devices`
+    contiguous groups; in each group the first `capacity` assignments (token order) to an
+    expert are kept, later ones dropped. Returns (out [N, D], dropped count)."""
+    x64 = np.asarray(x, np.float64)
+    n = x.shape[0]
+    per = -(-n // num_devices)
+    out = np.zeros_like(x64)
+    dropped = 0
+    for g in range(num_devices):
+        used = {}
+        for i in range(g * per, min(n, (g + 1) * per)):
+            logits = x64[i] @ p["router"]
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            chosen = np.argsort(-probs, kind="stable")[:k]
+            for e, w in zip(chosen, probs[chosen] / probs[chosen].sum()):
+                used[e] = used.get(e, 0) + 1
+                if used[e] > capacity:
+                    dropped += 1
+                    continue
+                a, b = x64[i] @ p["w1"][e], x64[i] @ p["w3"][e]
+                out[i] += w * (((a / (1 + np.exp(-a))) * b) @ p["w2"][e])
+    return out, dropped
+
+
+@pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.parametrize("n,k", [(1, 2), (13, 2), (64, 3)])
+def test_expert_parallel_matches_loop_reference(spec, n, k):
+    p = _moe_params(8, seed=n)
+    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
+    out, dropped = _ep(x, p, k, mj.make_mesh(spec))
+    assert dropped == 0
+    np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_parallel_exact_drops_constructed():
+    # 8 devices × 4 tokens, top-1, capacity factor 1 → one slot per (device, expert).
+    # Token i is steered to expert route[i]; device 0 sends 3 tokens to expert 0 (2 drop),
+    # device 1 sends all 4 to expert 5 (3 drop), the others one token per expert (none drop).
+    e, d = 8, 32
+    p = _moe_params(e, d=d)
+    p["router"] = np.eye(d, e, dtype=np.float32)
+    route = [0, 0, 1, 0, 5, 5, 5, 5] + [0, 1, 2, 3] * 6
+    x = np.random.RandomState(0).randn(32, d).astype(np.float32) * 0.1
+    x[np.arange(32), route] += 5.0
+    mesh = mj.make_mesh("expert=8")
+    assert moe.expert_capacity(4, e, 1, 1.0) == 1
+    out, dropped = _ep(x, p, 1, mesh, capacity_factor=1.0)
+    assert dropped == 5
+    ref, ref_dropped = _capacity_reference(x, p, 1, 8, capacity=1)
+    assert ref_dropped == 5
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    dropped_rows = [1, 3, 5, 6, 7]
+    assert np.all(out[dropped_rows] == 0) and np.all(np.abs(out[[0, 2, 4]]).max(axis=1) > 0)
+
+
+@pytest.mark.parametrize("spec,capacity_factor", [("expert=4,tensor=2", 1.0), ("data=2,expert=2,tensor=2", 0.5),
+                                                  ("expert=8", 1.25)])
+def test_expert_parallel_capacity_matches_reference(spec, capacity_factor):
+    # Skewed routing so that some (device, expert) pairs overflow.
+    p = _moe_params(8, seed=1)
+    x = np.random.RandomState(2).randn(70, 32).astype(np.float32)
+    x += 2 * p["router"][:, 3] / np.linalg.norm(p["router"][:, 3])
+    mesh = mj.make_mesh(spec)
+    out, dropped = _ep(x, p, 2, mesh, capacity_factor)
+    capacity = moe.expert_capacity(-(-70 // 8), 8, 2, capacity_factor)
+    ref, ref_dropped = _capacity_reference(x, p, 2, 8, capacity)
+    assert dropped == ref_dropped > 0
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_factor_needs_a_mesh():
+    with pytest.raises(ValueError, match="capacity_factor applies to expert-parallel"):
+        moe.moe(jnp.zeros((2, 32)), _moe_params(8), 2, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity_factor must be positive"):
+        moe.expert_capacity(4, 8, 2, 0.0)
+
+
+# ---------------------------------------------------------------- whole model on meshes
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_and_params():
+    hf = testing.hf_model(seed=1)
+    cfg = testing.config_of(hf)
+    return hf, cfg, convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg)
+
+
+def _on_mesh(spec):
+    _, cfg, params = _hf_and_params()
+    mesh = None if spec is None else mj.make_mesh(spec)
+    if mesh is None:
+        return Mixtral(cfg, jax.tree.map(jnp.asarray, params))
+    return Mixtral(cfg, jax.device_put(params, model_lib.param_shardings(cfg, mesh)), mesh)
+
+
+@functools.lru_cache(maxsize=None)
+def _single_device_results():
+    hf, cfg, _ = _hf_and_params()
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12))
+    prompts = [list(map(int, r)) for r in np.random.RandomState(1).randint(3, cfg.vocab_size, (3, 7))]
+    prompts[1] = prompts[1][:3]
+    model = _on_mesh(None)
+    greedy = mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[])
+    hf_greedy = []
+    for prompt in prompts:
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=0)
+        hf_greedy.append(out[0, len(prompt):].tolist())
+    return tokens, np.asarray(mj.forward(model, tokens)), testing.hf_logits(hf, tokens), prompts, greedy, hf_greedy
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_logits_and_greedy_equal_one_device_and_transformers(spec):
+    tokens, single, hf_logits, prompts, greedy, hf_greedy = _single_device_results()
+    model = _on_mesh(spec)
+    logits = mj.forward(model, tokens)
+    assert logits.dtype == jnp.float32
+    assert testing.rel_err(logits, single) <= 1e-5
+    assert testing.rel_err(logits, hf_logits) <= 1e-4
+    assert greedy == hf_greedy
+    assert mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[]) == greedy
+    # One prompt: the decode step has a single token for eight devices (padded dispatch).
+    assert mj.generate(model, prompts[:1], max_new_tokens=3, stop_tokens=[]) == [greedy[0][:3]]
