@@ -41,7 +41,7 @@ CHUNK_BYTES = 16 * 2**20
 # this bounds the writer's memory; 32 MiB already keeps reading and compressing overlapped.
 MAX_INFLIGHT_BYTES = 32 * 2**20
 
-# The files Orbax's StandardCheckpointer writes besides the array data (orbax 0.11-0.12).
+# The files Orbax's StandardCheckpointer writes besides the array data (checked against orbax 0.12.8).
 _METADATA_FILE = "_METADATA"
 _CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
 _ARRAY_METADATA_FILE = os.path.join("array_metadatas", "process_0")
