@@ -16,6 +16,8 @@ setup(
         "flax>=0.11,<0.13",
         "optax>=0.2,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
+        "tensorstore>=0.1.84,<0.2",
+        "ml_dtypes>=0.5,<0.7",
         "sentencepiece>=0.2,<0.3",
         "numpy>=1.26,<3",
         "absl-py>=2.1,<3",

@@ -7,8 +7,11 @@ The public API (see README.md):
     mj.param_count(cfg)
     model = mj.init_random(cfg, seed=0, dtype="float32", mesh=None)
     logits = mj.forward(model, tokens)
+    mj.convert_hf_checkpoint(hf_dir, out_dir, dtype="bfloat16")
+    model = mj.load(ckpt_dir, dtype="bfloat16", mesh=None)
 """
 
+from mixtral_jax.checkpoint import load, save
 from mixtral_jax.config import MixtralConfig, load_config, presets
 from mixtral_jax.generate import generate, generate_stream
 from mixtral_jax.model import Mixtral, forward, init_random, param_count
@@ -19,12 +22,14 @@ from mixtral_jax.tokenizer import Tokenizer, load_tokenizer
 __all__ = [
     "MixtralConfig",
     "Mixtral",
+    "convert_hf_checkpoint",
     "expert_load",
     "expert_routing",
     "forward",
     "generate",
     "generate_stream",
     "init_random",
+    "load",
     "load_config",
     "load_tokenizer",
     "make_mesh",
@@ -32,5 +37,16 @@ __all__ = [
     "plot_routing",
     "presets",
     "Routing",
+    "save",
     "Tokenizer",
 ]
+
+
+def __getattr__(name):
+    # convert is imported on first use: `python -m mixtral_jax.convert` runs that module
+    # as __main__, and runpy warns when the package has already imported it.
+    if name == "convert_hf_checkpoint":
+        from mixtral_jax.convert import convert_hf_checkpoint
+
+        return convert_hf_checkpoint
+    raise AttributeError(f"module 'mixtral_jax' has no attribute {name!r}")

@@ -1,0 +1,289 @@
+"""Orbax checkpoints of the parameter tree: save, sharded restore, and a streaming writer.
+
+A checkpoint directory holds an Orbax PyTree checkpoint of the parameters
+(layout in model.py's docstring) plus our `config.json`, so `load(dir)` needs
+nothing else. On disk it is what Orbax's StandardCheckpointer writes by default:
+one OCDBT key-value store (`manifest.ocdbt`, `d/`) holding a zarr v2 array per
+parameter under the key `layers.w1` etc., and the tree in `_METADATA`.
+
+`ArrayWriter` writes that format slice by slice with TensorStore, so the HF
+converter can fill the stacked [L, ...] arrays one layer at a time without ever
+holding the whole model; `load` then restores it with a plain Orbax restore.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging as absl_logging
+from jax.sharding import SingleDeviceSharding
+
+from mixtral_jax.config import CONFIG_FILE, MixtralConfig, load_config
+from mixtral_jax.model import Mixtral, abstract_params
+
+# Chunks at most this big: a sharded restore reads whole chunks, so it should not read
+# a 200 MB expert matrix for a tensor-parallel slice of it; and the converter writes
+# vocab-sized tensors one chunk of rows at a time, so this also bounds its blocks.
+CHUNK_BYTES = 16 * 2**20
+# `write` waits while more than this many bytes (or more than the newest write) are
+# not yet committed. TensorStore holds each pending value plus its encoded copy, so
+# this bounds the writer's memory; 32 MiB already keeps reading and compressing overlapped.
+MAX_INFLIGHT_BYTES = 32 * 2**20
+
+# The files Orbax's StandardCheckpointer writes besides the array data (checked against orbax 0.12.8).
+_METADATA_FILE = "_METADATA"
+_CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
+_ARRAY_METADATA_FILE = os.path.join("array_metadatas", "process_0")
+_ITEM_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+_DICT_KEY = 2  # orbax KeyType.DICT
+
+# Orbax's own OCDBT settings (tensorstore_utils._build_ocdbt_kvstore_tspec): inline
+# small values (.zarray), one large root node, single-file manifest.
+_OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000,
+                 "manifest_kind": "single"}
+
+
+def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """Nested dict -> {("layers", "w1"): leaf, ...}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked_dims: int) -> tuple[int, ...]:
+    """The zarr chunk shape for an array: one index of each stacked (L, E) dim, at most CHUNK_BYTES.
+
+    Args:
+        shape: the array's shape.
+        itemsize: bytes per element.
+        stacked_dims: how many leading dims are written one index at a time (L, or L and E).
+
+    Returns:
+        A chunk shape; every non-stacked dim is the full size or a power-of-two fraction of it.
+    """
+    chunk = [1] * stacked_dims + list(shape[stacked_dims:])
+    while math.prod(chunk) * itemsize > CHUNK_BYTES:
+        even = [i for i in range(stacked_dims, len(chunk)) if chunk[i] % 2 == 0]
+        if not even:
+            break
+        i = max(even, key=lambda i: chunk[i])
+        chunk[i] //= 2
+    return tuple(chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """One array of a checkpoint being written: shape, dtype and zarr chunk shape."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+
+
+class ArrayWriter:
+    """Writes a parameter tree into an Orbax checkpoint directory, one slice at a time.
+
+    At most MAX_INFLIGHT_BYTES of written data (or the newest write alone) wait
+    for TensorStore at once, so memory stays bounded whatever the model size. Call `close()` to wait for all
+    writes and write the metadata; only then is the directory a checkpoint.
+    """
+
+    def __init__(self, directory: str | os.PathLike, arrays: Mapping[tuple[str, ...], ArraySpec]):
+        """Creates every array (metadata only) in the empty directory `directory`.
+
+        Args:
+            directory: an existing empty directory.
+            arrays: tree path (e.g. ("layers", "w1")) -> ArraySpec.
+        """
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.arrays = dict(arrays)
+        self._inflight: collections.deque = collections.deque()
+        self._inflight_bytes = 0
+        self._init_ns = time.time_ns()
+        # One context: every array shares one OCDBT writer, as in an Orbax save.
+        self._context = ts.Context({"file_io_concurrency": {"limit": 128},
+                                    "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+        base = {"driver": "file", "path": self.directory + "/"}
+        kvstore = {"driver": "ocdbt", "base": {**base, "file_io_locking": {"mode": "non_atomic"}},
+                   "manifest": base, "cache_pool": "cache_pool#ocdbt", "config": _OCDBT_CONFIG,
+                   "assume_config": True}
+        self._stores = {}
+        for path, spec in self.arrays.items():
+            self._stores[path] = ts.open({
+                "driver": "zarr",
+                "kvstore": {**kvstore, "path": ".".join(path)},
+                "metadata": {"shape": list(spec.shape), "chunks": list(spec.chunks),
+                             "dtype": _zarr_dtype(spec.dtype),
+                             "compressor": {"id": "zstd", "level": 1}},
+                "create": True,
+            }, context=self._context).result()
+
+    def write(self, path: tuple[str, ...], index, value: np.ndarray) -> None:
+        """Writes `value` into array `path` at `index` (ints / slices), asynchronously.
+
+        Regions should cover whole chunks: TensorStore then never reads back.
+        """
+        spec = self.arrays[path]
+        if value.dtype != spec.dtype:
+            raise TypeError(f"writing {value.dtype} into {'/'.join(path)} of dtype {spec.dtype}")
+        future = self._stores[path][index].write(value)
+        self._inflight.append((future, value.nbytes))
+        self._inflight_bytes += value.nbytes
+        while self._inflight_bytes > MAX_INFLIGHT_BYTES and len(self._inflight) > 1:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self._inflight.popleft()
+        future.result()
+        self._inflight_bytes -= nbytes
+
+    def abort(self) -> None:
+        """Waits for pending writes, ignoring their errors, so none lands after the caller deletes the directory."""
+        for future, _ in self._inflight:
+            try:
+                future.result()
+            except Exception:  # the caller is already handling the error that made it abort
+                pass
+        self._inflight.clear()
+        self._inflight_bytes = 0
+
+    def close(self) -> None:
+        """Waits for every write, then writes Orbax's metadata files."""
+        while self._inflight:
+            self._wait_oldest()
+        tree = {str(path): {"key_metadata": [{"key": k, "key_type": _DICT_KEY} for k in path],
+                            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
+                                               "write_shape": list(spec.shape)}}
+                for path, spec in self.arrays.items()}
+        _write_json(os.path.join(self.directory, _METADATA_FILE), {
+            "tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
+            # Orbax then raises on a chunk that was never written instead of reading zeros.
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
+        # Written by one process, so every array's metadata is process 0's, as Orbax expects.
+        os.makedirs(os.path.join(self.directory, os.path.dirname(_ARRAY_METADATA_FILE)))
+        _write_json(os.path.join(self.directory, _ARRAY_METADATA_FILE), {"array_metadatas": [
+            {"array_metadata": {"param_name": ".".join(path), "write_shape": list(spec.shape),
+                                "chunk_shape": list(spec.chunks), "ext_metadata": None}}
+            for path, spec in self.arrays.items()]})
+        _write_json(os.path.join(self.directory, _CHECKPOINT_METADATA_FILE), {
+            "item_handlers": _ITEM_HANDLER, "metrics": {}, "performance_metrics": {},
+            "init_timestamp_nsecs": self._init_ns, "commit_timestamp_nsecs": time.time_ns(),
+            "custom_metadata": {}})
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    # zarr v2 spells bfloat16 by name (TensorStore's extension); others by numpy typestr.
+    return "bfloat16" if dtype.name == "bfloat16" else dtype.str
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def write_config(cfg: MixtralConfig, ckpt_dir: str | os.PathLike) -> None:
+    """Writes our config.json (HF field names) into a checkpoint directory."""
+    _write_json(os.path.join(os.fspath(ckpt_dir), CONFIG_FILE), cfg.to_hf_dict())
+
+
+def save(model: Mixtral, ckpt_dir: str | os.PathLike, overwrite: bool = False) -> str:
+    """Saves an in-memory model as an Orbax checkpoint directory that `load` reads.
+
+    Args:
+        model: a `Mixtral` (sharded or not; each process writes its own shards).
+        ckpt_dir: directory to create.
+        overwrite: replace an existing checkpoint at `ckpt_dir`.
+
+    Returns:
+        The absolute checkpoint path.
+    """
+    path = os.path.abspath(os.fspath(ckpt_dir))
+    if os.path.exists(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True to replace it.")
+    with _quiet_orbax():
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(path, model.params(), force=True)
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        write_config(dataclasses.replace(model.cfg, dtype=str(model.dtype)), path)
+    return path
+
+
+def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None) -> Mixtral:
+    """Restores a checkpoint written by `convert_hf_checkpoint` or `save`.
+
+    Every array is read straight into its target sharding and cast to `dtype`
+    while reading, so no device (or host) ever holds a full copy of a sharded weight.
+
+    Args:
+        ckpt_dir: checkpoint directory (Orbax arrays + config.json).
+        dtype: parameter dtype after loading, whatever dtype was stored.
+        mesh: optional `jax.sharding.Mesh`; parameters are placed by the sharding
+            rules. Without one, everything goes to the first device.
+
+    Returns:
+        A `Mixtral`.
+    """
+    path = os.path.abspath(os.fspath(ckpt_dir))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; is it a directory written by convert or save?")
+    if not os.path.isfile(os.path.join(path, _METADATA_FILE)):
+        raise FileNotFoundError(
+            f"{path} has no Orbax {_METADATA_FILE}; is it a directory written by convert or save "
+            "(an unfinished conversion leaves none)?")
+    cfg = load_config(path)
+    target = abstract_params(cfg, dtype, mesh)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+    with _quiet_orbax():
+        checkpointer = ocp.StandardCheckpointer()
+        _check_stored_shapes(checkpointer.metadata(path).item_metadata.tree, target, path)
+        return Mixtral(cfg, checkpointer.restore(path, target))
+
+
+def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
+    """Raises if the stored arrays are not exactly the ones `config.json` implies."""
+    stored, target = flatten(stored), flatten(target)
+    missing = sorted(target.keys() - stored.keys())
+    if missing:
+        raise ValueError(f"checkpoint {path} has no parameter {'/'.join(missing[0])}; it does not match its "
+                         "config.json.")
+    extra = sorted(stored.keys() - target.keys())
+    if extra:
+        raise ValueError(f"checkpoint {path} has a parameter {'/'.join(extra[0])} that its config.json does not "
+                         "describe; it does not match its config.json.")
+    for name in target:
+        have, want = tuple(stored[name].shape), tuple(target[name].shape)
+        if have != want:
+            raise ValueError(f"checkpoint parameter {'/'.join(name)} has shape {have} but {path}/config.json "
+                             f"implies {want}; the checkpoint does not match its config.json.")
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Hides Orbax's INFO lines (a dozen per restore) while keeping its warnings and errors."""
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(min(verbosity, absl_logging.WARNING))  # absl: lower is quieter
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
