@@ -257,7 +257,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None) -> Mixtral:
     with _quiet_orbax():
         checkpointer = ocp.StandardCheckpointer()
         _check_stored_shapes(checkpointer.metadata(path).item_metadata.tree, target, path)
-        return Mixtral(cfg, checkpointer.restore(path, target))
+        return Mixtral(cfg, checkpointer.restore(path, target), mesh)
 
 
 def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:

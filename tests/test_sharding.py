@@ -286,3 +286,15 @@ def test_sharded_logits_and_greedy_equal_one_device_and_transformers(spec):
     assert mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[]) == greedy
     # One prompt: the decode step has a single token for eight devices (padded dispatch).
     assert mj.generate(model, prompts[:1], max_new_tokens=3, stop_tokens=[]) == [greedy[0][:3]]
+
+
+def test_load_with_mesh_restores_shards_and_runs_expert_parallel(tmp_path):
+    model = mj.init_random(TINY, seed=2, dtype="float32")
+    mj.save(model, tmp_path / "ckpt")
+    mesh = mj.make_mesh("data=2,expert=2,tensor=2")
+    loaded = mj.load(tmp_path / "ckpt", dtype="float32", mesh=mesh)
+    assert loaded.mesh is mesh
+    want = model_lib.param_shardings(TINY, mesh)
+    assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding == s, loaded.params(), want))
+    tokens = np.arange(24).reshape(2, 12) % TINY.vocab_size
+    assert testing.rel_err(mj.forward(loaded, tokens), mj.forward(model, tokens)) <= 1e-5
