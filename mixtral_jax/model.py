@@ -135,7 +135,7 @@ class Mixtral(nnx.Module):
 
     @property
     def dtype(self):
-        return self.embed.value.dtype
+        return self.embed[...].dtype
 
     def params(self) -> Params:
         """The parameters as a plain nested dict of arrays (the checkpoint layout)."""

@@ -52,3 +52,23 @@ def test_bad_input_one_sentence_exit_2(args, message):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "Traceback" not in r.stderr
+
+
+def test_checkpoint_greedy_equals_transformers(tmp_path):
+    import torch
+
+    import mixtral_jax as mj
+    from mixtral_jax import testing
+
+    hf = testing.hf_model(seed=5, vocab_size=32000)
+    testing.write_hf_checkpoint(hf, tmp_path / "hf")
+    mj.convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32")
+    prompt = [1, 415, 2936, 9060]
+    r = _run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", ",".join(map(str, prompt)),
+             "--max_new_tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 4:].tolist()
+    eos = hf.config.eos_token_id
+    ref = ref[:ref.index(eos) + 1] if eos in ref else ref
+    assert out["tokens"] == [ref] and out["random_weights"] is False
