@@ -1,9 +1,9 @@
 """One process of the multi-host test: random tiny model on a mesh, greedy tokens and logits as JSON.
 
-    python tests/multihost_worker.py --local_devices 4 --mesh data=2,expert=2,tensor=2 \
-        --coordinator_address 127.0.0.1:PORT --num_processes 2 --process_id I
+    launch/local_multiprocess.sh 2 4 python tests/multihost_worker.py --mesh data=2,expert=2,tensor=2
 
-Without --coordinator_address it runs alone (the single-process reference).
+adds --coordinator_address/--num_processes/--process_id and the device count
+(XLA_FLAGS). Without them it runs alone: the single-process reference.
 Process 0 prints one JSON line.
 """
 
@@ -13,23 +13,19 @@ import json
 import jax
 import numpy as np
 
+import mixtral_jax as mj
+from mixtral_jax import sharding, testing
+from mixtral_jax.config import from_hf_dict
+
 parser = argparse.ArgumentParser()
-parser.add_argument("--local_devices", type=int, required=True)
 parser.add_argument("--mesh", required=True)
 parser.add_argument("--coordinator_address")
 parser.add_argument("--num_processes", type=int)
 parser.add_argument("--process_id", type=int)
 args = parser.parse_args()
 
-jax.config.update("jax_num_cpu_devices", args.local_devices)
-
-import mixtral_jax as mj  # noqa: E402  (after the device count is set)
-from mixtral_jax import sharding, testing  # noqa: E402
-from mixtral_jax.config import from_hf_dict  # noqa: E402
-
-if args.coordinator_address:
-    sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                    initialization_timeout=60)
+sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                initialization_timeout=60)
 mesh = mj.make_mesh(args.mesh)
 model = mj.init_random(from_hf_dict(testing.TINY_HF), seed=0, dtype="float32", mesh=mesh)
 prompts = [[1, 17, 300, 42, 9], [1, 5], [1, 400, 401, 402, 403, 404, 405, 406]]

@@ -2,7 +2,7 @@
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 
@@ -10,20 +10,27 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
+WORKER = [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py")]
+LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
-    return env
+def _run(argv, devices: int, log_dir=None) -> str:
+    """Runs argv in its own process group; on timeout or failure the whole group is killed."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    if log_dir is not None:
+        env["LOG_DIR"] = str(log_dir)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, f"exit {proc.returncode}: {err[-3000:]}"
+    return out
 
 
 def _result(stdout: str) -> dict:
@@ -32,34 +39,26 @@ def _result(stdout: str) -> dict:
     return json.loads(lines[0])
 
 
-def _run_processes(argvs):
-    """Starts every process, waits at most TIMEOUT_S in all, kills them all on timeout or failure."""
-    procs = [subprocess.Popen([sys.executable, WORKER, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_env()) for argv in argvs]
-    try:
-        outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outs]
-
-
 @pytest.mark.parametrize("mesh", ["data=2,expert=2,tensor=2", "expert=4,tensor=2"])
-def test_two_processes_equal_one(mesh):
-    port = _free_port()
-    multi = _run_processes([
-        ["--local_devices", "4", "--mesh", mesh, "--coordinator_address", f"127.0.0.1:{port}",
-         "--num_processes", "2", "--process_id", str(i)] for i in range(2)])
-    single = _run_processes([["--local_devices", "8", "--mesh", mesh]])[0]
-    two, one = _result(multi[0]), _result(single)
-    assert not [line for line in multi[1].splitlines() if line.startswith("{")]  # only process 0 prints
+def test_two_processes_equal_one(mesh, tmp_path):
+    two = _result(_run([LAUNCHER, "2", "4", *WORKER, "--mesh", mesh], devices=4, log_dir=tmp_path))
+    one = _result(_run([*WORKER, "--mesh", mesh], devices=8))
+    assert "{" not in (tmp_path / "process_1.log").read_text()  # only process 0 prints results
     assert (two["processes"], two["devices"], one["processes"], one["devices"]) == (2, 8, 1, 8)
     assert two["tokens"] == one["tokens"]
     np.testing.assert_allclose(two["logits"], one["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_launcher_stops_everyone_when_a_process_fails(tmp_path):
+    # Process 1 gets a mesh of the wrong size and exits at once; process 0 would wait for it forever.
+    script = tmp_path / "fail_one.sh"
+    script.write_text("#!/usr/bin/env bash\n"
+                      "for a in \"$@\"; do [[ $prev == --process_id ]] && id=$a; prev=$a; done\n"
+                      "if [[ $id == 1 ]]; then exit 3; fi\n"
+                      "sleep 600\n")
+    script.chmod(0o755)
+    with pytest.raises(AssertionError, match=r"a process failed \(exit 3\)"):
+        _run([LAUNCHER, "2", "1", str(script)], devices=1)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -72,3 +71,14 @@ def test_initialize_distributed_bad_arguments(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         sharding.initialize_distributed(**kwargs)
+
+
+def test_single_process_without_cluster_is_a_no_op(monkeypatch):
+    from mixtral_jax import sharding
+
+    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+    assert sharding.initialize_distributed() is False
+    assert sharding._multi_process_cluster({"SLURM_NTASKS": "16"})
+    assert sharding._multi_process_cluster({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"})
+    assert not sharding._multi_process_cluster({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
