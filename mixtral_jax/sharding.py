@@ -1,17 +1,23 @@
 """Mesh axes, the one logical-axis rule table, mesh helpers and multi-host start-up.
 
 Every weight, activation and cache dimension is named by a logical axis (the
-dimension legend of DESIGN.md); `RULES` maps each logical axis to a mesh axis
+dimension legend of DESIGN.md); `RULES` maps each logical axis to mesh axes
 (or to None: replicated). Nothing else in the library names mesh axes for
 arrays; only the expert-parallel dispatch in moe.py runs collectives over them.
+
+The batch is split over `data` and then `expert`: attention and the KV cache
+are data-parallel across the expert axis too, instead of being repeated on
+every expert shard (the attention weights are; they are small next to the
+experts). The MoE then splits the same tokens further over `tensor`.
 
 Sizes the mesh does not divide:
   experts, heads, ffn   a ValueError naming the axis and a mesh that works;
   kv_heads              replicated over `tensor` (each tensor shard keeps all
                         K kv heads; its query heads read the ones they need),
                         e.g. 8x7B's 8 kv heads on tensor=16;
-  batch, vocab          replicated (a decode batch of 1 on data=2; a vocab
-                        of 32001 on tensor=2).
+  batch                 split over as many of (data, expert) as divide it, in
+                        that order, else replicated (a decode batch of 1);
+  vocab                 replicated (a vocab of 32001 on tensor=2).
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ from mixtral_jax.config import MixtralConfig
 
 MESH_AXES = ("data", "expert", "tensor")
 
-# Logical axis -> mesh axis. The single source of truth for placement.
-RULES: dict[str, str | None] = {
+# Logical axis -> mesh axes. The single source of truth for placement.
+RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,         # L: scanned, never sharded
-    "batch": "data",        # B
+    "batch": ("data", "expert"),  # B
     "seq": None,            # T / S
     "embed": None,          # D
     "heads": "tensor",      # H
@@ -43,7 +49,7 @@ RULES: dict[str, str | None] = {
     "vocab": "tensor",      # V
 }
 
-# Logical axes that fall back to replication when their mesh axis does not divide them.
+# Logical axes that fall back to fewer mesh axes (in the end none) when their mesh axes do not divide them.
 REPLICATED_IF_INDIVISIBLE = frozenset({"kv_heads", "batch", "vocab"})
 
 # Config fields behind the logical axes a mesh must divide (named in errors).
@@ -57,41 +63,42 @@ CACHE_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def logical_to_spec(axes: Sequence[str | None], mesh: Mesh | None = None,
-                    shape: Sequence[int] | None = None) -> P:
+def logical_to_spec(axes: Sequence[str | None], mesh=None, shape: Sequence[int] | None = None) -> P:
     """Maps logical axis names to a PartitionSpec using `RULES`.
 
     Args:
       axes: one logical name (or None) per array dimension.
-      mesh: if given, mesh axes of size 1 are dropped from the spec.
+      mesh: a Mesh or AbstractMesh; if given, mesh axes of size 1 are dropped.
       shape: if given with `mesh`, sizes are checked: an axis in
-        `REPLICATED_IF_INDIVISIBLE` that its mesh axis does not divide is
-        replicated; any other indivisible axis raises ValueError.
+        `REPLICATED_IF_INDIVISIBLE` keeps the longest prefix of its mesh axes
+        whose sizes divide it; any other indivisible axis raises ValueError.
 
     Returns:
-      The PartitionSpec (one entry per dimension).
+      The PartitionSpec (one entry per dimension: a mesh axis, a tuple of them, or None).
     """
     used, out = set(), []
     for i, name in enumerate(axes):
         if name is not None and name not in RULES:
             raise KeyError(f"logical axis {name!r} has no rule in sharding.RULES; add one there.")
-        mesh_axis = RULES[name] if name is not None else None
-        if mesh_axis is not None and mesh is not None:
-            size = mesh.shape[mesh_axis]
-            if size == 1:
-                mesh_axis = None
-            elif shape is not None and shape[i] % size:
+        rule = RULES[name] if name is not None else None
+        mesh_axes = () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+        if mesh is not None:
+            mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1)
+            if shape is not None and mesh_axes and shape[i] % math.prod(mesh.shape[a] for a in mesh_axes):
                 if name not in REPLICATED_IF_INDIVISIBLE:
+                    axis = mesh_axes[0]  # every rule that must divide names one mesh axis
+                    size = mesh.shape[axis]
                     what = f"{CONFIG_FIELDS[name]}={shape[i]}" if name in CONFIG_FIELDS else f"{name} of size {shape[i]}"
                     raise ValueError(
-                        f"the mesh's {mesh_axis}={size} does not divide {what}; choose a mesh whose {mesh_axis} "
-                        f"size divides {shape[i]} (e.g. {mesh_axis}={math.gcd(size, shape[i])}).")
-                mesh_axis = None
-        if mesh_axis is not None:
-            if mesh_axis in used:
-                raise ValueError(f"mesh axis {mesh_axis!r} used twice in logical axes {tuple(axes)}.")
-            used.add(mesh_axis)
-        out.append(mesh_axis)
+                        f"the mesh's {axis}={size} does not divide {what}; choose a mesh whose {axis} "
+                        f"size divides {shape[i]} (e.g. {axis}={math.gcd(size, shape[i])}).")
+                while mesh_axes and shape[i] % math.prod(mesh.shape[a] for a in mesh_axes):
+                    mesh_axes = mesh_axes[:-1]
+        for a in mesh_axes:
+            if a in used:
+                raise ValueError(f"mesh axis {a!r} used twice in logical axes {tuple(axes)}.")
+            used.add(a)
+        out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return P(*out)
 
 

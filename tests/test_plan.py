@@ -21,23 +21,24 @@ def _hand_params_bytes(cfg, expert, tensor, itemsize):
     return int(elements * itemsize)
 
 
-def _hand_cache_bytes(cfg, batch, seq, data, tensor, itemsize):
+def _hand_cache_bytes(cfg, batch, seq, batch_split, tensor, itemsize):
+    """Per-device KV-cache bytes; `batch_split` is how many ways the rules split the batch."""
     kv_split = tensor if cfg.num_key_value_heads % tensor == 0 else 1
-    b = batch // data if batch % data == 0 else batch
+    b = batch // batch_split
     kv = 2 * cfg.num_hidden_layers * b * seq * cfg.num_key_value_heads * cfg.head_dim // kv_split
     return kv * itemsize + b * seq * 4  # + pos int32 [B, S]
 
 
 def test_dry_run_8x7b_on_8_devices_matches_arithmetic():
     cfg = mj.load_config("8x7b")
-    result = plan.dry_run(cfg, "expert=4,tensor=2", batch=2, max_seq_len=4096, prompt_len=256,
+    result = plan.dry_run(cfg, "expert=4,tensor=2", batch=8, max_seq_len=4096, prompt_len=256,
                           device_memory_gb=16)
     assert result["devices"] == 8 and result["mesh"] == {"data": 1, "expert": 4, "tensor": 2}
     assert result["params_bytes_per_device"] == _hand_params_bytes(cfg, 4, 2, 2)
     assert result["params_bytes_total"] == mj.param_count(cfg)["total"] * 2
-    assert result["kv_cache_bytes_per_device"] == _hand_cache_bytes(cfg, 2, 4096, 1, 2, 2)
-    # XLA's own count of the float32 compile's inputs: params + cache (+ 2 token arrays, 2 scalars, a key).
-    f32_inputs = _hand_params_bytes(cfg, 4, 2, 4) + _hand_cache_bytes(cfg, 2, 4096, 1, 2, 4)
+    assert result["kv_cache_bytes_per_device"] == _hand_cache_bytes(cfg, 8, 4096, 4, 2, 2)  # batch over expert
+    # XLA's own count of the float32 compile's inputs: params + cache (+ 2 small token arrays, 2 scalars, a key).
+    f32_inputs = _hand_params_bytes(cfg, 4, 2, 4) + _hand_cache_bytes(cfg, 8, 4096, 4, 2, 4)
     assert 0 <= result["xla_float32_argument_bytes_per_device"]["decode"] - f32_inputs < 64
     assert 0 < result["decode_temp_bytes_per_device"] and 0 < result["prefill_temp_bytes_per_device"]
     assert result["temp_bytes_per_device"] == max(result["decode_temp_bytes_per_device"],

@@ -99,10 +99,13 @@ def test_init_random_sharded_params_and_cache(spec):
 
     cache = init_cache(cfg, 4, 32, jnp.float32, mesh)
     kv_axis = "tensor" if cfg.num_key_value_heads % sizes["tensor"] == 0 and sizes["tensor"] > 1 else None
-    data = "data" if sizes["data"] > 1 else None
+    # Batch 4 over data then expert: all 4 ways where data × expert is 4, over expert=4 alone, and not at
+    # all over expert=8 (4 rows cannot split 8 ways).
+    batch = {"expert=8": None, "expert=4,tensor=2": "expert", "data=2,expert=2,tensor=2": ("data", "expert"),
+             "expert=2,tensor=4": "expert"}[spec]
     P = jax.sharding.PartitionSpec
-    assert cache["k"].sharding.spec == cache["v"].sharding.spec == P(None, data, None, kv_axis, None)
-    assert cache["pos"].sharding.spec == P(data, None)
+    assert cache["k"].sharding.spec == cache["v"].sharding.spec == P(None, batch, None, kv_axis, None)
+    assert cache["pos"].sharding.spec == P(batch, None)
     assert cache["k"].shape == (cfg.num_hidden_layers, 4, 32, cfg.num_key_value_heads, cfg.head_dim)
     assert (np.asarray(cache["pos"]) == -1).all()
 
@@ -113,15 +116,22 @@ def test_kv_heads_shard_when_tensor_divides_them():
     P = jax.sharding.PartitionSpec
     assert shardings["layers"]["wk"].spec == P(None, None, "tensor", None)
     assert sharding.cache_shardings(cfg, 2, 8, mj.make_mesh("expert=2,tensor=4"))["k"].spec == P(
-        None, None, None, "tensor", None)
+        None, "expert", None, "tensor", None)
 
 
-def test_batch_and_vocab_replicated_when_indivisible():
+def test_batch_splits_over_data_then_expert_as_far_as_it_divides():
     mesh = mj.make_mesh("data=2,expert=4")
-    cfg = TINY
     P = jax.sharding.PartitionSpec
-    assert sharding.cache_shardings(cfg, 1, 8, mesh)["pos"].spec == P(None, None)  # decode batch of 1
+    pos = lambda b: sharding.cache_shardings(TINY, b, 8, mesh)["pos"].spec
+    assert pos(8) == P(("data", "expert"), None)
+    assert pos(2) == pos(6) == P("data", None)
+    assert pos(1) == P(None, None)  # a decode batch of 1: replicated
     assert sharding.logical_to_spec(("vocab", "embed"), mj.make_mesh("tensor=8"), (32001, 64)) == P(None, None)
+
+
+def test_rule_collision_is_an_error():
+    with pytest.raises(ValueError, match="mesh axis 'tensor' used twice"):
+        sharding.logical_to_spec(("heads", "ffn"))
 
 
 @pytest.mark.parametrize("overrides,spec,match", [
