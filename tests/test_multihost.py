@@ -82,3 +82,39 @@ def test_single_process_without_cluster_is_a_no_op(monkeypatch):
     assert sharding._multi_process_cluster({"SLURM_NTASKS": "16"})
     assert sharding._multi_process_cluster({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"})
     assert not sharding._multi_process_cluster({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+
+
+def _fake_tool(directory, name):
+    """An executable `name` that prints its arguments one per line."""
+    tool = directory / name
+    tool.write_text('#!/usr/bin/env bash\nfor a in "$@"; do echo "ARG:$a"; done\n')
+    tool.chmod(0o755)
+
+
+def test_tpu_pod_script_runs_sample_on_every_worker(tmp_path):
+    _fake_tool(tmp_path, "gcloud")
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "PROJECT": "p1"}
+    out = subprocess.run([os.path.join(REPO, "launch", "tpu_pod.sh"), "my-v4-32", "us-central2-b", "--mesh",
+                          "expert=8,tensor=2", "--prompt", "it's a test"], capture_output=True, text=True,
+                         env=env, timeout=30, check=True).stdout
+    args = [line[4:] for line in out.splitlines()]
+    assert args[:7] == ["compute", "tpus", "tpu-vm", "ssh", "my-v4-32", "--zone", "us-central2-b"]
+    assert "--worker=all" in args and args[args.index("--project") + 1] == "p1"
+    command = args[args.index("--command") + 1]
+    assert command.startswith("cd mixtral_jax && python3 -m mixtral_jax.sample ")
+    # The remote shell gets the prompt back as one argument.
+    remote = subprocess.run(["bash", "-c", "printf '%s\\n' " + command.split("mixtral_jax.sample ", 1)[1]],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    assert remote == ["--mesh", "expert=8,tensor=2", "--prompt", "it's a test"]
+
+
+def test_gpu_slurm_script_runs_one_process_per_gpu(tmp_path):
+    _fake_tool(tmp_path, "srun")
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    script = os.path.join(REPO, "launch", "gpu_slurm.sbatch")
+    out = subprocess.run(["bash", script, "--mesh", "data=2,expert=4,tensor=2"], capture_output=True, text=True,
+                         env=env, timeout=30, check=True).stdout
+    assert [line[4:] for line in out.splitlines()] == [
+        "--kill-on-bad-exit=1", "python", "-m", "mixtral_jax.sample", "--mesh", "data=2,expert=4,tensor=2"]
+    directives = [line for line in open(script) if line.startswith("#SBATCH")]
+    assert "#SBATCH --ntasks-per-node=8\n" in directives and "#SBATCH --gpus-per-node=8\n" in directives
