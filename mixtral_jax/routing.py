@@ -68,11 +68,10 @@ def plot_routing(routing: Routing, num_experts: int, token_labels=None, row: int
     Returns:
       The matplotlib Figure.
     """
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
+    # pyplot with the active backend: forcing Agg here would stop a notebook's later figures from showing,
+    # and matplotlib picks Agg by itself where there is no display.
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     top1 = routing.experts[:, row, :, 0]  # [L, T]
     load = expert_load(routing, num_experts)  # [L, E]
@@ -82,21 +81,31 @@ def plot_routing(routing: Routing, num_experts: int, token_labels=None, row: int
         gridspec_kw={"width_ratios": [max(n_tokens, 4), 8]})
     cmap = plt.get_cmap("tab10" if num_experts <= 10 else "tab20", num_experts)
     im = ax_map.imshow(top1, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
+    # Thin white lines between cells, so neighbours routed to the same expert stay distinguishable.
+    ax_map.set_xticks(np.arange(n_tokens + 1) - 0.5, minor=True)
+    ax_map.set_yticks(np.arange(n_layers + 1) - 0.5, minor=True)
+    ax_map.grid(which="minor", color="white", linewidth=0.5)
+    ax_map.tick_params(which="minor", length=0)
+    ax_map.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_map.set_xlabel("token")
     ax_map.set_ylabel("layer")
     ax_map.set_title("top-1 expert per token and layer")
     if token_labels is not None:
         ax_map.set_xticks(range(n_tokens), [str(t) for t in token_labels], rotation=90, fontsize=8)
+    else:
+        ax_map.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(im, ax=ax_map, ticks=range(num_experts), label="expert")
 
-    mean_load = load.mean(axis=0)
-    spread = load.std(axis=0)
-    ax_load.bar(range(num_experts), mean_load, yerr=spread, color=[cmap(e) for e in range(num_experts)],
-                capsize=3)
+    experts = np.arange(num_experts)
+    ax_load.bar(experts, load.mean(axis=0), color=[cmap(e) for e in experts], label="mean over layers")
+    # One dot per layer shows the spread without implying negative shares, as ± sd bars can.
+    ax_load.scatter(np.broadcast_to(experts, load.shape), load, s=8, color="k", alpha=0.5, zorder=3,
+                    label="one layer")
     ax_load.axhline(1.0 / num_experts, color="k", linestyle="--", linewidth=1, label="balanced")
-    ax_load.set_xticks(range(num_experts))
+    ax_load.set_xticks(experts)
+    ax_load.set_ylim(0, 1.35 * max(load.max(), 1.0 / num_experts))  # headroom for the legend
     ax_load.set_xlabel("expert")
-    ax_load.set_ylabel("share of token-slots (mean ± sd over layers)")
+    ax_load.set_ylabel("share of token-slots")
     ax_load.set_title("expert load")
     ax_load.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
