@@ -250,6 +250,40 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
     return out[:n], dropped
 
 
+def count_dropped(experts, num_devices: int, num_experts: int, capacity_factor: float | None):
+    """Assignments that `moe_expert_parallel` drops for given router choices, per layer.
+
+    Exact: the same split of tokens over devices and the same slot rule as the
+    dispatch (`dispatch_slots`). With `routing.expert_routing(model, tokens,
+    capacity_factor=f)` it reports what a forward pass at capacity f drops.
+
+    Args:
+      experts: int [L, B, T, k] (or [L, N, k]) expert ids, tokens in row-major order.
+      num_devices: devices of the mesh (its size).
+      num_experts: E.
+      capacity_factor: as in `moe_expert_parallel` (None: dropless, all zeros).
+
+    Returns:
+      int [L] numpy array: dropped (token, expert) assignments per layer.
+    """
+    experts = jnp.asarray(experts)
+    num_layers, k = experts.shape[0], experts.shape[-1]
+    experts = experts.reshape(num_layers, -1, k)  # [L, N, k]
+    n = experts.shape[1]
+    per_device = -(-n // num_devices)
+    capacity = expert_capacity(per_device, num_experts, k, capacity_factor)
+    pad = per_device * num_devices - n
+    groups = jnp.pad(experts, ((0, 0), (0, pad), (0, 0))).reshape(num_layers, num_devices, per_device * k)
+    valid = jnp.repeat(jnp.arange(per_device * num_devices) < n, k).reshape(num_devices, per_device * k)
+
+    def dropped(group, valid_group):
+        _, keep = dispatch_slots(group, valid_group, num_experts, capacity)
+        return jnp.sum(valid_group & ~keep)
+
+    per_group = jax.vmap(jax.vmap(dropped), in_axes=(0, None))(groups, valid)  # [L, devices]
+    return jax.device_get(per_group.sum(axis=1))
+
+
 def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None):
     """MoE block on [..., D] activations.
 

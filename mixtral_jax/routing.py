@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax import model as model_lib
+from mixtral_jax import sharding
 
 
 class Routing(NamedTuple):
@@ -19,19 +20,23 @@ class Routing(NamedTuple):
     weights: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _routing(params, tokens, *, cfg):
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "capacity_factor"))
+def _routing(params, tokens, *, cfg, mesh, capacity_factor):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    _, _, (weights, experts) = model_lib.apply(params, tokens, positions, cfg=cfg, collect_routing=True)
-    return experts, weights
+    _, _, (weights, experts) = model_lib.apply(params, tokens, positions, cfg=cfg, collect_routing=True, mesh=mesh,
+                                               capacity_factor=capacity_factor)
+    # Replicated, so every process of a multi-host run can read them.
+    return sharding.constrain(experts, mesh, (None,) * 4), sharding.constrain(weights, mesh, (None,) * 4)
 
 
-def expert_routing(model: model_lib.Mixtral, tokens) -> Routing:
+def expert_routing(model: model_lib.Mixtral, tokens, capacity_factor: float | None = None) -> Routing:
     """Runs the model on tokens and returns each layer's router choices.
 
     Args:
-      model: a `Mixtral`.
+      model: a `Mixtral` (on `model.mesh`, if it has one).
       tokens: int [B, T] token ids (or one list of ids).
+      capacity_factor: expert-parallel capacity on a multi-device mesh (None:
+        dropless); `moe.count_dropped` turns the result into drops per layer.
 
     Returns:
       `Routing(experts int32 [L, B, T, k], weights float32 [L, B, T, k])`, the
@@ -41,7 +46,8 @@ def expert_routing(model: model_lib.Mixtral, tokens) -> Routing:
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim == 1:
         tokens = tokens[None]
-    experts, weights = _routing(model.params(), jnp.asarray(tokens), cfg=model.cfg)
+    experts, weights = _routing(model.params(), jnp.asarray(tokens), cfg=model.cfg, mesh=model.mesh,
+                                capacity_factor=capacity_factor)
     return Routing(np.asarray(experts), np.asarray(weights))
 
 

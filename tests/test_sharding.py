@@ -226,6 +226,8 @@ def test_expert_parallel_exact_drops_constructed():
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     dropped_rows = [1, 3, 5, 6, 7]
     assert np.all(out[dropped_rows] == 0) and np.all(np.abs(out[[0, 2, 4]]).max(axis=1) > 0)
+    assert moe.count_dropped(np.array(route)[None, :, None], 8, e, 1.0).tolist() == [5]
+    assert moe.count_dropped(np.array(route)[None, :, None], 8, e, None).tolist() == [0]
 
 
 @pytest.mark.parametrize("spec,capacity_factor", [("expert=4,tensor=2", 1.0), ("data=2,expert=2,tensor=2", 0.5),
@@ -241,6 +243,8 @@ def test_expert_parallel_capacity_matches_reference(spec, capacity_factor):
     ref, ref_dropped = _capacity_reference(x, p, 2, 8, capacity)
     assert dropped == ref_dropped > 0
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    experts = np.asarray(moe.route(jnp.asarray(x), jnp.asarray(p["router"]), 2)[1])
+    assert moe.count_dropped(experts[None], 8, 8, capacity_factor).tolist() == [dropped]
 
 
 def test_capacity_factor_needs_a_mesh():
@@ -308,3 +312,28 @@ def test_load_with_mesh_restores_shards_and_runs_expert_parallel(tmp_path):
     assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding == s, loaded.params(), want))
     tokens = np.arange(24).reshape(2, 12) % TINY.vocab_size
     assert testing.rel_err(mj.forward(loaded, tokens), mj.forward(model, tokens)) <= 1e-5
+
+
+def _numpy_drops(experts, num_devices, capacity):
+    """Independent count of the capacity rule on router choices [L, B, T, k]: per layer, tokens
+    split into `num_devices` contiguous groups, the (capacity+1)-th and later assignments of a
+    group to one expert dropped."""
+    out = []
+    for layer in experts.reshape(experts.shape[0], -1, experts.shape[-1]):
+        per = -(-len(layer) // num_devices)
+        out.append(sum(max(0, np.sum(layer[g * per:(g + 1) * per] == e) - capacity)
+                       for g in range(num_devices) for e in range(8)))
+    return out
+
+
+def test_model_capacity_factor_drops_are_counted_and_change_the_output():
+    model = _on_mesh("expert=4,tensor=2")
+    tokens = np.random.RandomState(5).randint(0, model.cfg.vocab_size, (2, 12))
+    dropless = np.asarray(mj.forward(model, tokens))
+    routing = mj.expert_routing(model, tokens, capacity_factor=0.5)
+    drops = moe.count_dropped(routing.experts, 8, 8, 0.5)
+    assert drops.tolist() == _numpy_drops(routing.experts, 8, moe.expert_capacity(3, 8, 2, 0.5)) and drops.sum() > 0
+    assert testing.rel_err(mj.forward(model, tokens, capacity_factor=0.5), dropless) > 1e-3
+    # Capacity factor E / k gives every expert the whole device: nothing drops, output as dropless.
+    assert moe.count_dropped(mj.expert_routing(model, tokens, 4.0).experts, 8, 8, 4.0).tolist() == [0, 0]
+    assert testing.rel_err(mj.forward(model, tokens, capacity_factor=4.0), dropless) <= 1e-6
