@@ -182,6 +182,8 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
 
     Returns:
       (out [n, D], number of dropped assignments over the whole mesh).
+
+    In the einsums E is the local experts and C their rows (capacity slots from every source).
     """
     n, d = x.shape
     num_experts = router.shape[1]
