@@ -33,6 +33,8 @@ flags.DEFINE_integer("batch", 1, "Dry run: batch size.")
 flags.DEFINE_integer("max_seq_len", None, "Dry run: KV-cache length (default: the model's positions).")
 flags.DEFINE_float("device_memory_gb", None, "Dry run: memory per device to check the plan against.")
 flags.DEFINE_boolean("json", False, "End the output with one JSON line of tokens, text and timings.")
+flags.DEFINE_float("capacity_factor", None, "Expert-parallel capacity per expert (tokens x k / E x factor); "
+                   "unset is dropless. Only on a --mesh of more than one device.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -107,6 +109,20 @@ def _prompts(tok, cfg) -> list[list[int]]:
     return prompts
 
 
+def dry_run() -> int:
+    """--dry_run: per-device memory of --config on --mesh, from an AOT compile on abstract arrays."""
+    from mixtral_jax import plan
+
+    if not FLAGS.mesh:
+        raise UsageError("--dry_run needs --mesh, e.g. --mesh expert=8,tensor=8.")
+    plan.ensure_virtual_devices(plan.mesh_size(FLAGS.mesh))
+    result = plan.dry_run(FLAGS.checkpoint or FLAGS.config, FLAGS.mesh, batch=FLAGS.batch,
+                          max_seq_len=FLAGS.max_seq_len, dtype=FLAGS.dtype or "bfloat16",
+                          device_memory_gb=FLAGS.device_memory_gb, capacity_factor=FLAGS.capacity_factor)
+    print(json.dumps(result) if FLAGS.json else plan.summary(result))
+    return 0
+
+
 def run() -> int:
     """The CLI body; returns the exit status."""
     if FLAGS.max_new_tokens < 0:
@@ -114,6 +130,16 @@ def run() -> int:
     if FLAGS.checkpoint is not None and not os.path.isdir(FLAGS.checkpoint):
         raise UsageError(f"--checkpoint {FLAGS.checkpoint} is not a directory; convert HF weights with "
                          "`python -m mixtral_jax.convert --hf_dir DIR --out DIR` first.")
+    if FLAGS.dry_run:
+        return dry_run()
+
+    from mixtral_jax import plan, sharding
+
+    multi_process = sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                                    FLAGS.process_id)
+    if FLAGS.mesh and not multi_process:
+        # On a CPU host, a mesh larger than one device runs on virtual devices (a no-op on TPU/GPU).
+        plan.ensure_virtual_devices(plan.mesh_size(FLAGS.mesh))
 
     import jax
     import numpy as np
@@ -151,7 +177,7 @@ def run() -> int:
     t0 = time.perf_counter()
     stamps, counts = [], []
     for step_tokens in mj.generate_stream(model, prompts, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p,
-                                          FLAGS.top_k, FLAGS.seed):
+                                          FLAGS.top_k, FLAGS.seed, capacity_factor=FLAGS.capacity_factor):
         stamps.append(time.perf_counter())
         counts.append(int((step_tokens >= 0).sum()))
         for row, t in enumerate(step_tokens):

@@ -118,3 +118,13 @@ def test_gpu_slurm_script_runs_one_process_per_gpu(tmp_path):
         "--kill-on-bad-exit=1", "python", "-m", "mixtral_jax.sample", "--mesh", "data=2,expert=4,tensor=2"]
     directives = [line for line in open(script) if line.startswith("#SBATCH")]
     assert "#SBATCH --ntasks-per-node=8\n" in directives and "#SBATCH --gpus-per-node=8\n" in directives
+
+
+def test_sample_cli_two_processes_equal_one(tmp_path):
+    args = ["-m", "mixtral_jax.sample", "--mesh", "expert=4,tensor=2", "--prompt_ids", "1,17,300,42",
+            "--prompt_ids", "1,5", "--max_new_tokens", "5", "--json"]
+    two = json.loads(_run([LAUNCHER, "2", "4", sys.executable, *args], devices=4, log_dir=tmp_path)
+                     .strip().splitlines()[-1])
+    one = json.loads(_run([sys.executable, *args], devices=8).strip().splitlines()[-1])
+    assert two["tokens"] == one["tokens"] and len(two["tokens"]) == 2
+    assert "tokens" not in (tmp_path / "process_1.log").read_text()  # process 0 alone prints results

@@ -1,9 +1,16 @@
 """Dry run: per-device bytes of params and KV cache vs hand arithmetic; compiled temporaries; fits; errors."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 import mixtral_jax as mj
 from mixtral_jax import plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hand_params_bytes(cfg, expert, tensor, itemsize):
@@ -87,3 +94,20 @@ def test_ensure_virtual_devices_after_start_reports_false():
     assert plan.mesh_size("data=2,expert=4,tensor=8") == 64
     assert mj.make_mesh("expert=8").size == 8  # backends are running in the test process
     assert plan.ensure_virtual_devices(64) is False
+
+
+def test_sample_cli_dry_run_json():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)  # the CLI must create the 64 virtual devices itself
+    r = subprocess.run([sys.executable, "-m", "mixtral_jax.sample", "--config", "8x22b", "--dry_run", "--mesh",
+                        "expert=8,tensor=8", "--batch", "2", "--max_seq_len", "1024", "--device_memory_gb", "16",
+                        "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"devices", "params_bytes_per_device", "kv_cache_bytes_per_device", "temp_bytes_per_device",
+            "fits"} <= set(out)
+    assert out["devices"] == 64 and out["fits"] is True
+    # bf16 KV cache: 56 layers x (k, v) x batch 2 x 1024 x 8 kv heads x 128 x 2 bytes, kv heads split over
+    # tensor=8; expert=8 does not divide batch 2, so batch is replicated; plus int32 positions [2, 1024].
+    kv = 56 * 2 * 2 * 1024 * 8 * 128 * 2 // 8 + 2 * 1024 * 4
+    assert out["kv_cache_bytes_per_device"] == kv
