@@ -1,0 +1,849 @@
+"""`python -m mixtral_jax.bench`: mixtral_jax against transformers on the same Mixtral weights.
+
+Writes a random-weight Hugging Face `MixtralForCausalLM` of the stated size,
+converts it with `convert_hf_checkpoint`, loads it both ways and measures, in
+one run with the two sides alternating: prefill tokens/s, decode tokens/s at
+several batch sizes, and (ours only) decode with every expert computed. It
+also measures this host's XLA float32 matvec bandwidth and matmul rate and
+derives the decode roofline fraction and prefill efficiency from them. The
+table is printed and, unless `--out_dir ''`, written to
+`OUT_DIR/benchmarks.md` with a plot in `OUT_DIR/benchmarks.png`.
+
+This module only calls the library (and transformers); it holds no model logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+# --quick: every flag here that is not given explicitly takes this value.
+QUICK = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
+             top_k=2, vocab_size=512, prompt_len=32, decode_prompt_len=8, new_tokens=8, batch_sizes=["1", "4"],
+             repeats=1)
+
+# Issue 5's targets for the default model, float32, on a 2-core CPU (informative for other sizes).
+TARGETS = {"decode_ratio": 1.5, "roofline_fraction": 0.75, "prefill_ratio": 1.2, "prefill_matmul_fraction": 0.70,
+           "sparse_gain": 3.0}
+
+# Host probe: x[1, D] @ W[D, N] with W larger than this machine's 260 MiB L3, so it streams from DRAM.
+BANDWIDTH_BYTES = 470_000_000
+QUICK_BANDWIDTH_BYTES = 64_000_000
+MATMUL_SHAPE = (512, 1024, 3584)  # [M, K] x [K, N], the shape of a 512-token expert matmul
+PROBE_CALLS = 5  # calls per host-probe sample; the sample is their median
+DENSE_MAX_NEW_TOKENS = 16  # computing all experts is slow; its rate needs few steps
+MIN_DECODE_TOKENS = 8  # bounded decode runs still time at least 7 steps
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input: printed as one sentence, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run measures, resolved from the flags (and --quick)."""
+
+    hf_fields: dict[str, Any]
+    prompt_len: int
+    decode_prompt_len: int
+    new_tokens: int
+    batch_sizes: tuple[int, ...]
+    repeats: int
+    dtype: str
+    seed: int
+    bandwidth_bytes: int
+    skip_transformers: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (unit-tested).
+
+
+def hf_config_fields(hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+                     num_experts: int, top_k: int, vocab_size: int, max_positions: int) -> dict[str, Any]:
+    """transformers.MixtralConfig fields of the benchmark model (HF's default initialisation, no window)."""
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                num_local_experts=num_experts, num_experts_per_tok=top_k,
+                max_position_embeddings=max(4096, max_positions), rope_theta=1e6, rms_norm_eps=1e-5,
+                sliding_window=None, tie_word_embeddings=False)
+
+
+def parse_batch_sizes(values) -> tuple[int, ...]:
+    """Sorted distinct positive ints, 1 among them, from a list of strings: ["4", "1"] -> (1, 4)."""
+    try:
+        sizes = tuple(int(v) for v in values)
+    except ValueError:
+        raise UsageError(f"--batch_sizes {','.join(values)} is not a comma-separated list of integers.") from None
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch_sizes needs positive integers, got {','.join(values) or 'nothing'}.")
+    if 1 not in sizes:
+        raise UsageError("--batch_sizes must include 1: the roofline, the sparse gain and the token check use batch 1.")
+    return tuple(sorted(set(sizes)))
+
+
+def decode_new_tokens(batch: int, new_tokens: int) -> int:
+    """New tokens per decode run at `batch`: the batch-1 count while batch × tokens ≤ 4 × new_tokens.
+
+    Bounds the work (transformers at batch 64 is slow) but keeps at least
+    MIN_DECODE_TOKENS (or new_tokens, if smaller) so the rate spans several steps.
+    """
+    return max(min(new_tokens, MIN_DECODE_TOKENS), min(new_tokens, 4 * new_tokens // batch))
+
+
+def active_bytes_per_token(cfg, itemsize: int) -> int:
+    """Weight bytes one decode token reads: the active parameters minus the embedding table.
+
+    The embedding is a gather of one row per token; every other active weight
+    (attention, router, the top-k experts, norms, the whole lm_head) is read in full.
+    """
+    import mixtral_jax as mj
+
+    return (mj.param_count(cfg)["active"] - cfg.vocab_size * cfg.hidden_size) * itemsize
+
+
+def prefill_useful_flops(cfg, tokens: int) -> int:
+    """FLOPs a prefill of `tokens` (batch 1) must do to produce the next token.
+
+    2 × active weights per token for every layer weight (embedding excluded),
+    the lm_head only for the last token (only its logits are needed), and
+    causal attention: scores and values, 2 × 2 × H × Dh per (query, visible key) pair.
+    """
+    import mixtral_jax as mj
+
+    lm_head = cfg.vocab_size * cfg.hidden_size
+    layer_weights = mj.param_count(cfg)["active"] - cfg.vocab_size * cfg.hidden_size - lm_head
+    pairs = tokens * (tokens + 1) // 2 if cfg.sliding_window is None else sum(
+        min(t + 1, cfg.sliding_window) for t in range(tokens))
+    attention = 4 * cfg.num_attention_heads * cfg.head_dim * pairs * cfg.num_hidden_layers
+    return 2 * layer_weights * tokens + 2 * lm_head + attention
+
+
+def experts_touched(experts, start: int, steps: int) -> float:
+    """Mean number of distinct experts a decode step's tokens choose, over layers and steps.
+
+    Args:
+      experts: int [L, B, T, k] router choices (from `mj.expert_routing`) of the decoded sequences.
+      start: position of the first decode step's input token (the prompt length).
+      steps: decode steps (new tokens - 1: the last new token is never fed back).
+
+    Returns:
+      The mean over the L × steps (layer, step) pairs of the number of distinct
+      ids among that step's B × k choices.
+    """
+    import numpy as np
+
+    chosen = np.asarray(experts)[:, :, start:start + steps, :]  # [L, B, S, k]
+    num_layers, batch, num_steps, k = chosen.shape
+    per_step = chosen.transpose(0, 2, 1, 3).reshape(num_layers * num_steps, batch * k)
+    return float(np.mean([len(np.unique(row)) for row in per_step]))
+
+
+def tokens_agree(ours, theirs, eos: int) -> tuple[bool, int]:
+    """Whether greedy tokens agree, compared up to each row's first EOS in ours.
+
+    transformers' `min_new_tokens` masks EOS until the end, which changes its
+    argmax only at a step where EOS wins; ours (stop_tokens=[]) keeps EOS. So the
+    rows are compared up to (excluding) our first EOS.
+
+    Args:
+      ours, theirs: int [B, N] new tokens.
+      eos: the EOS id.
+
+    Returns:
+      (all compared tokens equal, number of tokens compared).
+    """
+    import numpy as np
+
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    equal, compared = True, 0
+    for row_ours, row_theirs in zip(ours, theirs):
+        stop = int(np.argmax(row_ours == eos)) if (row_ours == eos).any() else len(row_ours)
+        equal &= bool((row_ours[:stop] == row_theirs[:stop]).all())
+        compared += stop
+    return equal, compared
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts and load.
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Whole-machine non-idle CPU seconds since boot (steal included), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """CPU cores kept busy by everything except this process over a window (noise indicator)."""
+
+    def __init__(self):
+        self.start = (time.perf_counter(), _busy_cpu_seconds(), self._own())
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def cores(self) -> float | None:
+        wall0, busy0, own0 = self.start
+        busy1 = _busy_cpu_seconds()
+        if busy0 is None or busy1 is None:
+            return None
+        return max(0.0, (busy1 - busy0) - (self._own() - own0)) / (time.perf_counter() - wall0)
+
+
+def machine_facts() -> dict[str, Any]:
+    """nproc, CPU model, memory and the versions that matter."""
+    import jax
+    import torch
+    import transformers
+
+    mem = _meminfo_bytes("MemTotal")
+    return {"nproc": os.cpu_count(), "cpu": _cpu_model(), "memory_gib": None if mem is None else round(mem / 2**30, 1),
+            "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# Host reference rates.
+
+
+class HostProbe:
+    """XLA float32 streaming-read bandwidth (matvec) and matmul rate of this host."""
+
+    def __init__(self, weight_bytes: int):
+        import jax
+        import jax.numpy as jnp
+
+        self.weight_bytes = weight_bytes // (4 * 1024) * 4 * 1024
+        n = self.weight_bytes // (4 * 1024)
+        k_w, k_x, k_a, k_b = jax.random.split(jax.random.key(0), 4)
+        self.w = jax.random.normal(k_w, (1024, n), jnp.float32)
+        self.x = jax.random.normal(k_x, (1, 1024), jnp.float32)
+        m, k, n_mm = MATMUL_SHAPE
+        self.a = jax.random.normal(k_a, (m, k), jnp.float32)
+        self.b = jax.random.normal(k_b, (k, n_mm), jnp.float32)
+        self.matmul_flops = 2 * m * k * n_mm
+        self.product = jax.jit(lambda x, w: x @ w)
+        self.sample()  # compiles both shapes
+
+    def _time(self, *args) -> float:
+        import jax
+
+        times = []
+        for _ in range(PROBE_CALLS):
+            t0 = time.perf_counter()
+            jax.block_until_ready(self.product(*args))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def sample(self) -> tuple[float, float]:
+        """One sample: (matvec GB/s, matmul GFLOP/s), each the median of PROBE_CALLS calls."""
+        return self.weight_bytes / self._time(self.x, self.w) / 1e9, self.matmul_flops / self._time(self.a, self.b) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# The two sides.
+
+
+def _ours_run(model, prompts, n: int, strategy: str | None = None) -> tuple[float, float, Any]:
+    """One mixtral_jax generation, all rows to the end.
+
+    Returns:
+      (seconds to the first token, seconds from the first to the last token, new tokens int [B, n]).
+    """
+    import numpy as np
+
+    import mixtral_jax as mj
+
+    kwargs = {} if strategy is None else {"strategy": strategy}
+    t0 = time.perf_counter()
+    stamps, steps = [], []
+    for step_tokens in mj.generate_stream(model, prompts, max_new_tokens=n, stop_tokens=[], **kwargs):
+        stamps.append(time.perf_counter())
+        steps.append(step_tokens)
+    return stamps[0] - t0, stamps[-1] - stamps[0], np.stack(steps, axis=1)
+
+
+def _theirs_run(hf, prompts, n: int) -> tuple[float, Any]:
+    """One transformers greedy generation of exactly n tokens: (seconds, new tokens int [B, n])."""
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                          min_new_tokens=n, pad_token_id=0)
+    return time.perf_counter() - t0, out[:, ids.shape[1]:].numpy()
+
+
+def _random_prompts(rng, batch: int, length: int, vocab: int) -> list[list[int]]:
+    # Ids from 3 up: 0-2 are the special tokens of Mistral's vocabulary.
+    return rng.integers(3, vocab, size=(batch, length)).tolist()
+
+
+def _compile_counts() -> dict[str, int]:
+    """Compiled shapes held by each jitted function of mixtral_jax.generate (private jax counter)."""
+    import importlib
+
+    gen = importlib.import_module("mixtral_jax.generate")
+    return {name: fn._cache_size() for name, fn in sorted(vars(gen).items()) if hasattr(fn, "_cache_size")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: checkpoints and models.
+
+
+def _say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _check_memory(cfg, itemsize: int) -> None:
+    import mixtral_jax as mj
+
+    # Peak: our weights + transformers' weights, plus one more copy while the HF model is created and saved.
+    need = 3 * mj.param_count(cfg)["total"] * itemsize
+    have = _meminfo_bytes("MemAvailable")
+    if have is not None and need > 0.9 * have:
+        raise UsageError(f"this model needs about {need / 1e9:.1f} GB of host memory but {have / 1e9:.1f} GB is "
+                         "available; choose a smaller model (e.g. fewer --num_layers or a smaller --hidden_size).")
+
+
+def _prepare_checkpoints(settings: Settings, workdir: str) -> tuple[str, str, dict[str, float]]:
+    """Writes (or reuses) the HF checkpoint and its conversion in `workdir`: (hf_dir, ckpt_dir, seconds)."""
+    import torch
+    import transformers
+
+    import mixtral_jax as mj
+
+    hf_dir, ckpt_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "converted")
+    marker = os.path.join(workdir, "bench_spec.json")
+    spec = {"hf_fields": settings.hf_fields, "dtype": settings.dtype, "seed": settings.seed}
+    times = {}
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == spec:
+                _say(f"reusing the checkpoints in {workdir}")
+                return hf_dir, ckpt_dir, times
+    for path in (hf_dir, ckpt_dir, marker):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    t0 = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**settings.hf_fields))
+    hf.to(getattr(torch, settings.dtype)).save_pretrained(hf_dir)
+    del hf
+    times["write_hf_s"] = time.perf_counter() - t0
+    _say(f"wrote the HF checkpoint in {times['write_hf_s']:.1f} s")
+    t0 = time.perf_counter()
+    mj.convert_hf_checkpoint(hf_dir, ckpt_dir, dtype=settings.dtype)
+    times["convert_s"] = time.perf_counter() - t0
+    _say(f"converted it in {times['convert_s']:.1f} s")
+    with open(marker, "w") as f:
+        json.dump(spec, f)
+    return hf_dir, ckpt_dir, times
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurement.
+
+
+class Samples:
+    """Named lists of timing samples."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def median(self, name: str) -> float | None:
+        return _median(self.values.get(name, []))
+
+
+def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
+    """Sets up both sides, warms up, runs the alternating timed rounds and derives the results."""
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+
+    import mixtral_jax as mj
+    from mixtral_jax.config import from_hf_dict
+
+    torch.set_num_threads(2)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    load_start = os.getloadavg()
+    cfg = from_hf_dict(settings.hf_fields, name="bench")
+    itemsize = np.dtype(settings.dtype).itemsize
+    _check_memory(cfg, itemsize)
+    setup = {}
+    hf_dir, ckpt_dir, setup_times = _prepare_checkpoints(settings, workdir)
+    setup.update(setup_times)
+    t0 = time.perf_counter()
+    model = mj.load(ckpt_dir, dtype=settings.dtype)
+    setup["load_ours_s"] = time.perf_counter() - t0
+    hf = None
+    if not settings.skip_transformers:
+        t0 = time.perf_counter()
+        hf = transformers.MixtralForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, settings.dtype)).eval()
+        setup["load_transformers_s"] = time.perf_counter() - t0
+    _say("loaded both sides" if hf is not None else "loaded mixtral_jax")
+
+    rng = np.random.default_rng(settings.seed)
+    prefill_prompt = _random_prompts(rng, 1, settings.prompt_len, cfg.vocab_size)
+    decode_prompts = {b: _random_prompts(rng, b, settings.decode_prompt_len, cfg.vocab_size)
+                      for b in settings.batch_sizes}
+    new = {b: decode_new_tokens(b, settings.new_tokens) for b in settings.batch_sizes}
+    dense_new = min(settings.new_tokens, DENSE_MAX_NEW_TOKENS)
+    samples = Samples()
+
+    # Each measurement: (name, ours, theirs); each callable records its samples and returns its tokens.
+    def ours_prefill():
+        ttft, _, _ = _ours_run(model, prefill_prompt, 1)
+        samples.add("prefill/ours", ttft)
+
+    def theirs_prefill():
+        samples.add("prefill/theirs", _theirs_run(hf, prefill_prompt, 1)[0])
+
+    def ours_decode(b, strategy=None, n=None):
+        def run():
+            ttft, span, tokens = _ours_run(model, decode_prompts[b], n or new[b], strategy)
+            key = f"decode{b}/ours" if strategy is None else f"decode{b}/{strategy}"
+            samples.add(key, span)
+            samples.add(key + "/total", ttft + span)
+            return tokens
+        return run
+
+    def theirs_decode(b):
+        def run():
+            t_n, tokens = _theirs_run(hf, decode_prompts[b], new[b])
+            samples.add(f"decode{b}/theirs_n", t_n)
+            samples.add(f"decode{b}/theirs_1", _theirs_run(hf, decode_prompts[b], 1)[0])
+            return tokens
+        return run
+
+    measurements: list[tuple[str, Callable, Callable | None]] = [("prefill", ours_prefill, theirs_prefill)]
+    measurements += [(f"decode{b}", ours_decode(b), theirs_decode(b)) for b in settings.batch_sizes]
+    measurements.append(("dense", ours_decode(1, "dense", dense_new), None))
+    if hf is None:
+        measurements = [(name, ours, None) for name, ours, _ in measurements]
+
+    probe = HostProbe(settings.bandwidth_bytes)
+    compile_counts = {"start": _compile_counts()}
+    _say("warm-up (compiles every shape once)")
+    warm_tokens, first_call = {}, {}
+    for name, ours, theirs in measurements:
+        t0 = time.perf_counter()
+        warm_tokens[name, "ours"] = ours()
+        first_call[name] = time.perf_counter() - t0
+        if theirs is not None:
+            warm_tokens[name, "theirs"] = theirs()
+    compile_counts["after_warmup"] = _compile_counts()
+    samples.values.clear()  # warm-up samples include compilation
+
+    other = OtherLoad()
+    for rep in range(settings.repeats):
+        _say(f"timed round {rep + 1}/{settings.repeats} (load average {os.getloadavg()[0]:.2f})")
+        bandwidth, gflops = probe.sample()
+        samples.add("host/bandwidth", bandwidth)
+        samples.add("host/matmul", gflops)
+        for _, ours, theirs in measurements:
+            # Alternate which side goes first, so drift in the machine's load favours neither.
+            for run in ((ours, theirs) if rep % 2 == 0 else (theirs, ours)):
+                if run is not None:
+                    run()
+    compile_counts["end"] = _compile_counts()
+    other_cores = other.cores()
+
+    # Experts touched: router choices over the warm-up's decoded sequences (greedy, so the same every run).
+    touched = {}
+    for b in settings.batch_sizes:
+        tokens = np.concatenate([np.asarray(decode_prompts[b]), warm_tokens[f"decode{b}", "ours"]], axis=1)
+        routing = mj.expert_routing(model, tokens)
+        touched[b] = experts_touched(routing.experts, settings.decode_prompt_len, new[b] - 1)
+
+    med = samples.median
+    bandwidth, matmul = med("host/bandwidth"), med("host/matmul")
+    active_bytes = active_bytes_per_token(cfg, itemsize)
+    roofline = bandwidth * 1e9 / active_bytes
+    prefill_ours = settings.prompt_len / med("prefill/ours")
+    prefill_theirs = settings.prompt_len / med("prefill/theirs") if hf is not None else None
+    useful = prefill_useful_flops(cfg, settings.prompt_len)
+
+    decode = []
+    for b in settings.batch_sizes:
+        ours_rate = (new[b] - 1) * b / med(f"decode{b}/ours")
+        theirs_rate, match = None, None
+        if hf is not None:
+            step_s = med(f"decode{b}/theirs_n") - med(f"decode{b}/theirs_1")
+            theirs_rate = (new[b] - 1) * b / step_s if step_s > 0 else None
+            match = tokens_agree(warm_tokens[f"decode{b}", "ours"], warm_tokens[f"decode{b}", "theirs"],
+                                 cfg.eos_token_id)
+        decode.append({"batch": b, "new_tokens": new[b], "ours_tok_s": ours_rate, "theirs_tok_s": theirs_rate,
+                       "ratio": _ratio(ours_rate, theirs_rate), "experts_touched": touched[b],
+                       "tokens_match": None if match is None else match[0],
+                       "tokens_compared": None if match is None else match[1],
+                       "compile_s": first_call[f"decode{b}"] - med(f"decode{b}/ours/total")})
+    batch1 = decode[0]  # batch sizes are sorted and include 1
+    dense_rate = (dense_new - 1) / med("decode1/dense")
+    sparse_rate = batch1["ours_tok_s"]
+
+    return {
+        "model": {"hf_config": settings.hf_fields, "dtype": settings.dtype, **mj.param_count(cfg),
+                  "active_bytes_per_token": active_bytes},
+        "host": {"matvec_gb_s": bandwidth, "matvec_weight_mb": probe.weight_bytes / 1e6, "matmul_gflop_s": matmul,
+                 "matmul_shape": list(MATMUL_SHAPE), "loadavg_start": list(load_start),
+                 "loadavg_end": list(os.getloadavg()), "other_processes_cores": other_cores},
+        "prefill": {"prompt_len": settings.prompt_len, "ours_tok_s": prefill_ours, "theirs_tok_s": prefill_theirs,
+                    "ratio": _ratio(prefill_ours, prefill_theirs), "useful_gflop": useful / 1e9,
+                    "ours_useful_gflop_s": useful / med("prefill/ours") / 1e9,
+                    "matmul_fraction": useful / med("prefill/ours") / 1e9 / matmul,
+                    "compile_s": first_call["prefill"] - med("prefill/ours")},
+        "decode": decode,
+        "decode_prompt_len": settings.decode_prompt_len,
+        "roofline": {"tok_s": roofline, "fraction": _ratio(sparse_rate, roofline)},
+        "sparse_gain": {"sparse_tok_s": sparse_rate, "dense_tok_s": dense_rate, "dense_new_tokens": dense_new,
+                        "gain": _ratio(sparse_rate, dense_rate)},
+        "tokens_match": batch1["tokens_match"],
+        "compile_counts": compile_counts,
+        "recompiles_during_timed_runs": sum(compile_counts["end"].values())
+                                        - sum(compile_counts["after_warmup"].values()),
+        "transformers": None if hf is None else {
+            "attn_implementation": hf.config._attn_implementation,
+            "experts_implementation": getattr(hf.config, "_experts_implementation", None),
+            "torch_threads": torch.get_num_threads()},
+        "repeats": settings.repeats,
+        "setup_s": setup,
+        "jax_backend": jax.default_backend(),
+        "targets": TARGETS,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(value, spec: str = ".1f", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _times(value) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def _verdict(value, target) -> str:
+    return "" if value is None else (" ✓" if value >= target else " ✗")
+
+
+def render_table(r: dict[str, Any]) -> str:
+    """The results as markdown: the speed table, then the derived numbers."""
+    t, p, host = r["targets"], r["prefill"], r["host"]
+    lines = ["| measurement | mixtral_jax | transformers | ratio | target |", "|---|---:|---:|---:|---|",
+             f"| prefill tok/s ({p['prompt_len']}-token prompt, batch 1) | {_fmt(p['ours_tok_s'])} | "
+             f"{_fmt(p['theirs_tok_s'])} | {_times(p['ratio'])}{_verdict(p['ratio'], t['prefill_ratio'])} | "
+             f"≥ {t['prefill_ratio']}× |"]
+    for d in r["decode"]:
+        target = f"≥ {t['decode_ratio']}×" if d["batch"] == 1 else ""
+        verdict = _verdict(d["ratio"], t["decode_ratio"]) if d["batch"] == 1 else ""
+        lines.append(f"| decode tok/s, batch {d['batch']} ({r['decode_prompt_len']}-token prompts, "
+                     f"{d['new_tokens']} new) | {_fmt(d['ours_tok_s'])} | {_fmt(d['theirs_tok_s'])} | "
+                     f"{_times(d['ratio'])}{verdict} | {target} |")
+    roof, sg = r["roofline"], r["sparse_gain"]
+    match = {True: "yes", False: "NO", None: "not checked"}
+    per_batch = ", ".join(f"batch {d['batch']}: {match[d['tokens_match']]}" for d in r["decode"])
+    counts = r["compile_counts"]
+    count_text = ", ".join(f"`{name}` {counts['start'][name]} → {counts['after_warmup'][name]} → {counts['end'][name]}"
+                           for name in counts["end"])
+    compile_s = ", ".join([f"prefill {_fmt(p['compile_s'])} s"]
+                          + [f"batch {d['batch']} {_fmt(d['compile_s'])} s" for d in r["decode"]])
+    load = host["loadavg_start"], host["loadavg_end"]
+    hf = r["transformers"]
+    lines += [
+        "", "| derived | value | target |", "|---|---|---|",
+        f"| decode roofline fraction, batch 1 | {_fmt(roof['fraction'], '.0%')}{_verdict(roof['fraction'], t['roofline_fraction'])}"
+        f" of {_fmt(roof['tok_s'])} tok/s = {_fmt(host['matvec_gb_s'])} GB/s ÷ "
+        f"{r['model']['active_bytes_per_token'] / 1e6:.0f} MB active weights per token | "
+        f"≥ {t['roofline_fraction']:.0%} |",
+        f"| sparse gain, batch 1 | {_times(sg['gain'])}{_verdict(sg['gain'], t['sparse_gain'])}: "
+        f"{_fmt(sg['sparse_tok_s'])} tok/s vs {_fmt(sg['dense_tok_s'])} tok/s computing all "
+        f"{r['model']['hf_config']['num_local_experts']} experts ({sg['dense_new_tokens']} new) | "
+        f"≥ {t['sparse_gain']}× |",
+        f"| prefill efficiency | {_fmt(p['matmul_fraction'], '.0%')}"
+        f"{_verdict(p['matmul_fraction'], t['prefill_matmul_fraction'])} of XLA's matmul rate: "
+        f"{p['useful_gflop']:.1f} useful GFLOP at {_fmt(p['ours_useful_gflop_s'])} GFLOP/s | "
+        f"≥ {t['prefill_matmul_fraction']:.0%} |",
+        "| experts touched per decode step (of "
+        f"{r['model']['hf_config']['num_local_experts']}) | "
+        + ", ".join(f"batch {d['batch']}: {d['experts_touched']:.2f}" for d in r["decode"]) + " | |",
+        f"| greedy tokens match transformers | {per_batch} | batch 1: yes |",
+        f"| compiled shapes (start → after warm-up → end) | {count_text}; "
+        f"{r['recompiles_during_timed_runs']} during timed runs | 0 during timed runs |",
+        f"| compile time (first call − timed median) | {compile_s} | |",
+        f"| host: XLA f32 matvec, {host['matvec_weight_mb']:.0f} MB weight | {_fmt(host['matvec_gb_s'])} GB/s | |",
+        f"| host: XLA f32 matmul {'×'.join(map(str, host['matmul_shape']))} | {_fmt(host['matmul_gflop_s'], '.0f')} "
+        "GFLOP/s | |",
+        f"| load average (1/5/15 min) at start; at end | {' / '.join(f'{v:.2f}' for v in load[0])}; "
+        f"{' / '.join(f'{v:.2f}' for v in load[1])} | |",
+        f"| other processes' CPU during timed runs | {_fmt(host['other_processes_cores'], '.2f')} cores | |",
+    ]
+    if hf is not None:
+        lines.append(f"| transformers set-up | attention `{hf['attn_implementation']}`, experts "
+                     f"`{hf['experts_implementation']}`, {hf['torch_threads']} torch threads | |")
+    return "\n".join(lines)
+
+
+def write_plot(r: dict[str, Any], path: str) -> None:
+    """Decode tok/s vs batch (log x) for both sides, and prefill tok/s bars, into a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax_decode, ax_prefill = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    batches = [d["batch"] for d in r["decode"]]
+    ax_decode.plot(batches, [d["ours_tok_s"] for d in r["decode"]], "o-", label="mixtral_jax")
+    if r["transformers"] is not None:
+        ax_decode.plot(batches, [d["theirs_tok_s"] for d in r["decode"]], "s--", label="transformers")
+    ax_decode.axhline(r["roofline"]["tok_s"], color="gray", linestyle=":", label="batch-1 roofline")
+    ax_decode.set_xscale("log", base=2)
+    ax_decode.set_xticks(batches, [str(b) for b in batches])
+    ax_decode.set_xlabel("batch")
+    ax_decode.set_ylabel("decode tokens/s")
+    ax_decode.set_title("decode")
+    ax_decode.grid(alpha=0.3)
+    ax_decode.legend()
+    names, values = ["mixtral_jax"], [r["prefill"]["ours_tok_s"]]
+    if r["prefill"]["theirs_tok_s"] is not None:
+        names.append("transformers")
+        values.append(r["prefill"]["theirs_tok_s"])
+    ax_prefill.bar(names, values, color=["C0", "C1"][:len(names)])
+    ax_prefill.set_ylabel("prefill tokens/s")
+    ax_prefill.set_title(f"prefill, {r['prefill']['prompt_len']}-token prompt")
+    cfg = r["model"]["hf_config"]
+    fig.suptitle(f"Mixtral D={cfg['hidden_size']} F={cfg['intermediate_size']} L={cfg['num_hidden_layers']} "
+                 f"E={cfg['num_local_experts']} top-{cfg['num_experts_per_tok']}, {r['model']['dtype']}, "
+                 f"{r['machine']['nproc']}-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+METHOD = """\
+How each number is measured (all in one process, the two sides alternating
+within every timed round, the side that goes first swapping each round;
+medians over the rounds):
+
+- Both sides load the same random-weight checkpoint: transformers
+  `from_pretrained` of the HF directory, mixtral_jax `load` of its
+  `convert_hf_checkpoint` conversion. torch runs on 2 threads.
+- Prefill: one prompt, one new token; wall time of `mj.generate` vs
+  transformers' `generate(max_new_tokens=1)`. tok/s = prompt tokens ÷ time.
+- Decode at batch B: B random prompts, greedy, every row to the end
+  (`stop_tokens=[]`; transformers `min_new_tokens`). Ours: time from the first
+  to the last token of `mj.generate_stream`. transformers: t(N new) − t(1 new).
+  tok/s = (N − 1) × B ÷ that time. Fewer new tokens at big batches bound the work.
+- Every shape runs once before timing (compilation, allocator warm-up); the
+  compile time shown is that first call minus the timed median.
+- Roofline: active weight bytes per token (active parameters minus the
+  embedding table, which is a one-row gather) ÷ this host's streaming-read
+  bandwidth, measured as an XLA f32 matvec whose weight exceeds the L3 cache,
+  sampled in every round.
+- Prefill efficiency: useful FLOPs (2 × active layer weights × tokens, the
+  lm_head for the last token only, causal attention) ÷ time, against an XLA f32
+  matmul of the same round.
+- Sparse gain: our batch-1 decode against `strategy="dense"` (all experts computed).
+- Experts touched: `mj.expert_routing` on the decoded sequences; per layer and
+  decode step, the distinct experts chosen by that step's B tokens; mean.
+- Load: the load average, and the CPU time other processes used during the
+  timed rounds (from /proc/stat), say how noisy the machine was.
+"""
+
+
+def write_markdown(r: dict[str, Any], path: str, png_name: str) -> None:
+    """docs/benchmarks.md: command, date, machine, model, the tables, the plot and the method."""
+    m, cfg = r["machine"], r["model"]["hf_config"]
+    model_line = (f"hidden {cfg['hidden_size']}, ffn {cfg['intermediate_size']}, {cfg['num_hidden_layers']} layers, "
+                  f"{cfg['num_attention_heads']} heads, {cfg['num_key_value_heads']} kv heads, "
+                  f"{cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}, vocab {cfg['vocab_size']}: "
+                  f"{r['model']['total'] / 1e6:.0f}M parameters, {r['model']['active'] / 1e6:.0f}M active per token, "
+                  f"{r['model']['dtype']}")
+    setup = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
+                      for name, seconds in r["setup_s"].items())
+    text = f"""# Benchmarks
+
+`{r['command']}` on {r['date']}.
+
+- Machine: {m['nproc']} CPU cores ({m['cpu']}), {m['memory_gib']} GiB memory, jax backend `{r['jax_backend']}`.
+- Versions: python {m['python']}, jax {m['jax']}, torch {m['torch']}, transformers {m['transformers']}.
+- Model (random weights): {model_line}.
+- {r['repeats']} timed rounds; set-up: {setup}.
+
+{render_table(r)}
+
+![decode and prefill tokens/s]({png_name})
+
+{METHOD}"""
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _define_flags() -> None:
+    # Only when run as a program: importing the helpers (tests) must register no flags.
+    flags.DEFINE_integer("hidden_size", 1024, "Model width D.")
+    flags.DEFINE_integer("intermediate_size", 3584, "Expert hidden width F.")
+    flags.DEFINE_integer("num_layers", 8, "Decoder layers.")
+    flags.DEFINE_integer("num_heads", 16, "Attention heads.")
+    flags.DEFINE_integer("num_kv_heads", 4, "Key/value heads.")
+    flags.DEFINE_integer("num_experts", 8, "Experts per layer.")
+    flags.DEFINE_integer("top_k", 2, "Experts per token.")
+    flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size.")
+    flags.DEFINE_integer("prompt_len", 512, "Prompt tokens of the prefill measurement (batch 1).")
+    flags.DEFINE_integer("decode_prompt_len", 16, "Prompt tokens of the decode measurements.")
+    flags.DEFINE_integer("new_tokens", 64, "New tokens per decode run at batch 1 (fewer at big batches, see the table).")
+    flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Decode batch sizes.")
+    flags.DEFINE_integer("repeats", 3, "Timed repeats of every measurement; medians are reported.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype of both sides.")
+    flags.DEFINE_string("out_dir", "docs", "Where benchmarks.md and benchmarks.png go; '' writes nothing.")
+    flags.DEFINE_string("workdir", None, "Directory for the HF and converted checkpoints, kept and reused by later "
+                        "runs of the same model; default: a temporary directory, deleted at the end.")
+    flags.DEFINE_boolean("keep", False, "Keep the temporary checkpoint directory (prints its path).")
+    flags.DEFINE_boolean("skip_transformers", False, "Measure mixtral_jax only.")
+    flags.DEFINE_boolean("json", False, "End the output with one JSON line of every number.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
+    flags.DEFINE_boolean("quick", False, "Tiny model, few tokens, one repeat: checks the code path in about a minute. "
+                         "Flags given explicitly still apply.")
+
+
+def resolve_settings() -> Settings:
+    """The flags (with --quick defaults for flags not given) as checked Settings."""
+    values = {name: FLAGS[name].value for name in QUICK}
+    if FLAGS.quick:
+        values.update({name: v for name, v in QUICK.items() if not FLAGS[name].present})
+    sizes = parse_batch_sizes(values["batch_sizes"])
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
+                 "top_k", "vocab_size", "prompt_len", "decode_prompt_len", "repeats"):
+        if values[name] < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {values[name]}.")
+    if values["new_tokens"] < 2:
+        raise UsageError(f"--new_tokens must be at least 2 (the decode rate needs one step after the first token), "
+                         f"got {values['new_tokens']}.")
+    if values["vocab_size"] <= 3:
+        raise UsageError(f"--vocab_size must exceed 3 (ids 0-2 are special tokens), got {values['vocab_size']}.")
+    fields = hf_config_fields(values["hidden_size"], values["intermediate_size"], values["num_layers"],
+                              values["num_heads"], values["num_kv_heads"], values["num_experts"], values["top_k"],
+                              values["vocab_size"],
+                              max(values["prompt_len"] + 1, values["decode_prompt_len"] + values["new_tokens"]))
+    from mixtral_jax.config import from_hf_dict
+
+    try:
+        from_hf_dict(fields)  # an impossible shape (heads vs kv heads, top-k vs experts) fails here, in one sentence
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return Settings(fields, values["prompt_len"], values["decode_prompt_len"], values["new_tokens"], sizes,
+                    values["repeats"], FLAGS.dtype, FLAGS.seed,
+                    QUICK_BANDWIDTH_BYTES if FLAGS.quick else BANDWIDTH_BYTES, FLAGS.skip_transformers)
+
+
+def run() -> int:
+    """The CLI body; returns the exit status."""
+    settings = resolve_settings()
+    if FLAGS.out_dir and os.path.exists(FLAGS.out_dir) and not os.path.isdir(FLAGS.out_dir):
+        raise UsageError(f"--out_dir {FLAGS.out_dir} exists and is not a directory.")
+    if FLAGS.workdir:
+        workdir = os.path.abspath(FLAGS.workdir)
+        os.makedirs(workdir, exist_ok=True)
+    else:
+        workdir = tempfile.mkdtemp(prefix="mixtral_bench-")
+    command = "python -m mixtral_jax.bench " + " ".join(sys.argv[1:])
+    try:
+        result = run_benchmark(settings, workdir)
+    finally:
+        if FLAGS.workdir or FLAGS.keep:
+            _say(f"checkpoints kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result.update(command=command.strip(), date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                  machine=machine_facts())
+    print(render_table(result))
+    if FLAGS.out_dir:
+        os.makedirs(FLAGS.out_dir, exist_ok=True)
+        write_plot(result, os.path.join(FLAGS.out_dir, "benchmarks.png"))
+        write_markdown(result, os.path.join(FLAGS.out_dir, "benchmarks.md"), "benchmarks.png")
+        _say(f"wrote {os.path.join(FLAGS.out_dir, 'benchmarks.md')} and benchmarks.png")
+    if FLAGS.json:
+        print(json.dumps(result))
+    return 0
+
+
+def main(argv):
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" noise on CPU
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; flags look like --batch_sizes 1,4.", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        sys.exit(run())
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
