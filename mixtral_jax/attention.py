@@ -48,7 +48,7 @@ def gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     return out.reshape(b, t, h, dh)
 
 
-def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None):
+def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None):
     """One attention block (no residual) on normalised input.
 
     Args:
@@ -59,9 +59,11 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         this update, or `positions` without a cache); negative marks empty slots.
       cos, sin: RoPE tables [B, T, Dh].
       sliding_window: None or the window size.
-      cache: optional (k, v), each [B, S, K, Dh]; x's keys and values are
-        written at slots [cache_index, cache_index + T).
+      cache: optional (k, v), each [B, S, K, Dh], or each [L, B, S, K, Dh]
+        when `layer` is given; x's keys and values are written at slots
+        [cache_index, cache_index + T) (of `layer`), in place.
       cache_index: scalar int slot where x's first token goes.
+      layer: scalar layer index into a stacked cache, or None.
 
     Returns:
       (out [B, T, D], updated (k, v) or None).
@@ -75,9 +77,17 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         new_cache = None
     else:
         ck, cv = cache
-        k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-        new_cache = (k, v)
+        if layer is None:
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            k, v = ck, cv
+        else:
+            zero = jnp.zeros((), jnp.int32)
+            at = (layer, zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            k, v = ck[layer], cv[layer]
+        new_cache = (ck, cv)
     mask = attention_mask(positions, k_pos, sliding_window)
     out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     return jnp.einsum("BTNH,NHD->BTD", out, p["wo"]), new_cache

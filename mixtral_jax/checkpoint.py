@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping
 
@@ -30,6 +31,7 @@ from absl import logging as absl_logging
 from jax.sharding import SingleDeviceSharding
 
 from mixtral_jax.config import CONFIG_FILE, MixtralConfig, load_config
+from mixtral_jax import model as model_lib
 from mixtral_jax.model import Mixtral, abstract_params
 
 # Chunks at most this big: a sharded restore reads whole chunks, so it should not read
@@ -84,6 +86,16 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked_dims: int) -> tup
         i = max(even, key=lambda i: chunk[i])
         chunk[i] //= 2
     return tuple(chunk)
+
+
+def target_arrays(cfg: MixtralConfig, dtype: np.dtype) -> dict[tuple[str, ...], "ArraySpec"]:
+    """The checkpoint's arrays: shapes from param_specs; chunks of one layer (and one expert)."""
+    arrays = {}
+    for path, spec in flatten(model_lib.param_specs(cfg)).items():
+        stacked = ("layers" in spec.axes) + ("experts" in spec.axes)
+        chunks = chunk_shape(spec.shape, dtype.itemsize, stacked)
+        arrays[path] = ArraySpec(spec.shape, dtype, chunks)
+    return arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +217,9 @@ def write_config(cfg: MixtralConfig, ckpt_dir: str | os.PathLike) -> None:
 def save(model: Mixtral, ckpt_dir: str | os.PathLike, overwrite: bool = False) -> str:
     """Saves an in-memory model as an Orbax checkpoint directory that `load` reads.
 
+    The checkpoint is always in the stacked layout. A per_expert model is
+    written slice by slice into the stacked arrays (no stacked copy in memory).
+
     Args:
         model: a `Mixtral` (sharded or not; each process writes its own shards).
         ckpt_dir: directory to create.
@@ -216,16 +231,42 @@ def save(model: Mixtral, ckpt_dir: str | os.PathLike, overwrite: bool = False) -
     path = os.path.abspath(os.fspath(ckpt_dir))
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True to replace it.")
-    with _quiet_orbax():
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(path, model.params(), force=True)
-        checkpointer.wait_until_finished()
+    params = model.params()
+    if model.layout == "per_expert":
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+        _write_per_expert(params, model.cfg, np.dtype(model.dtype), path)
+    else:
+        with _quiet_orbax():
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save(path, params, force=True)
+            checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         write_config(dataclasses.replace(model.cfg, dtype=str(model.dtype)), path)
     return path
 
 
-def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None) -> Mixtral:
+def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: str) -> None:
+    """Streams per_expert params into the stacked checkpoint arrays, one layer / expert at a time."""
+    writer = ArrayWriter(directory, target_arrays(cfg, dtype))
+    try:
+        for name in ("embed", "final_norm", "lm_head"):
+            writer.write((name,), (), np.asarray(params[name]))
+        for l in range(cfg.num_hidden_layers):
+            for name in model_lib.param_specs(cfg)["layers"]:
+                if name in model_lib.EXPERT_PARAMS:
+                    for e in range(cfg.num_local_experts):
+                        writer.write(("layers", name), (l, e), np.asarray(model_lib.layer_slice(params, name, l, e)))
+                else:
+                    writer.write(("layers", name), (l,), np.asarray(model_lib.layer_slice(params, name, l)))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str | None = None) -> Mixtral:
     """Restores a checkpoint written by `convert_hf_checkpoint` or `save`.
 
     Every array is read straight into its target sharding and cast to `dtype`
@@ -236,6 +277,9 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None) -> Mixtral:
         dtype: parameter dtype after loading, whatever dtype was stored.
         mesh: optional `jax.sharding.Mesh`; parameters are placed by the sharding
             rules. Without one, everything goes to the first device.
+        layout: "stacked", "per_expert", or None: per_expert on one CPU device,
+            stacked otherwise (see `model.py`). per_expert splits each restored
+            array in turn, so the peak is the model plus its largest parameter.
 
     Returns:
         A `Mixtral`.
@@ -249,6 +293,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None) -> Mixtral:
         raise FileNotFoundError(
             f"{path} has no Orbax {_METADATA_FILE}; is it a directory written by convert or save "
             "(an unfinished conversion leaves none)?")
+    layout = model_lib.check_layout(layout, mesh)
     cfg = load_config(path)
     target = abstract_params(cfg, dtype, mesh)
     if mesh is None:
@@ -257,7 +302,10 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None) -> Mixtral:
     with _quiet_orbax():
         checkpointer = ocp.StandardCheckpointer()
         _check_stored_shapes(checkpointer.metadata(path).item_metadata.tree, target, path)
-        return Mixtral(cfg, checkpointer.restore(path, target), mesh)
+        params = checkpointer.restore(path, target)
+    if layout == "per_expert":
+        params = model_lib.unstack_params(params)
+    return Mixtral(cfg, params, mesh)
 
 
 def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:

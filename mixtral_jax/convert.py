@@ -30,7 +30,6 @@ from absl import app, flags, logging
 
 from mixtral_jax import checkpoint
 from mixtral_jax.config import MixtralConfig, load_config
-from mixtral_jax.model import param_specs
 
 # Top-level (not per-layer) tensors: our name -> (HF key, transform).
 GLOBAL_KEYS: dict[str, tuple[str, Callable]] = {
@@ -231,16 +230,6 @@ def check_tensors(hf: HFCheckpoint, cfg: MixtralConfig) -> None:
             f"{hf.hf_dir} does not match the weights.")
 
 
-def _target_arrays(cfg: MixtralConfig, dtype: np.dtype) -> dict[tuple[str, ...], checkpoint.ArraySpec]:
-    """The checkpoint's arrays: shapes from param_specs; chunks of one layer (and one expert)."""
-    arrays = {}
-    for path, spec in checkpoint.flatten(param_specs(cfg)).items():
-        stacked = ("layers" in spec.axes) + ("experts" in spec.axes)
-        chunks = checkpoint.chunk_shape(spec.shape, dtype.itemsize, stacked)
-        arrays[path] = checkpoint.ArraySpec(spec.shape, dtype, chunks)
-    return arrays
-
-
 def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
                           overwrite: bool = False) -> str:
     """Converts a Hugging Face Mixtral checkpoint directory into a mixtral_jax checkpoint, streaming.
@@ -291,7 +280,7 @@ def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, directory: str) -> None:
     """Streams every tensor of `hf` into an Orbax checkpoint (plus config.json) in `directory`."""
-    arrays = _target_arrays(cfg, dtype)
+    arrays = checkpoint.target_arrays(cfg, dtype)
     writer = checkpoint.ArrayWriter(directory, arrays)
     start = time.time()
     logging.info("converting %s (%.2f GB of tensors) to %s", hf.hf_dir, hf.nbytes() / 1e9, dtype.name)

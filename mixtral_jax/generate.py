@@ -51,12 +51,20 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None) -> dict[str, jax.Array]:
+def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None,
+               layout: str = "stacked") -> dict[str, jax.Array]:
     """An empty KV cache: k, v [L, B, S, K, Dh] in `dtype`; pos [B, S] int32, -1 = empty slot.
 
     With `mesh`, created directly in `sharding.cache_shardings` (never whole on one device).
+    With layout "per_expert" (the params' layout), k and v are lists of L
+    [B, S, K, Dh] buffers instead, one per unrolled layer.
     """
     shapes = sharding.cache_shapes(cfg, batch, max_len)
+    if layout == "per_expert":
+        per_layer = shapes["k"][1:]
+        return {"k": [jnp.zeros(per_layer, dtype) for _ in range(cfg.num_hidden_layers)],
+                "v": [jnp.zeros(per_layer, dtype) for _ in range(cfg.num_hidden_layers)],
+                "pos": jnp.full(shapes["pos"], -1, jnp.int32)}
     make = lambda: {"k": jnp.zeros(shapes["k"], dtype), "v": jnp.zeros(shapes["v"], dtype),
                     "pos": jnp.full(shapes["pos"], -1, jnp.int32)}
     if mesh is None:
@@ -108,8 +116,8 @@ def prefill(params, tokens, positions, cache, seed_key, *, cfg: MixtralConfig, s
     """
     k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, 0, axis=1)
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy,
-                                     cache=(cache["k"], cache["v"]), cache_index=0, k_pos=k_pos, mesh=mesh,
-                                     capacity_factor=capacity_factor)
+                                     cache=(cache["k"], cache["v"]), cache_index=0, k_pos=k_pos, last_only=True,
+                                     mesh=mesh, capacity_factor=capacity_factor)
     last = sharding.constrain(logits[:, -1], mesh, (None, None))
     nxt = sample_logits(last, _row_keys(seed_key, 0, tokens.shape[0]), sampling)
     return nxt, last, {"k": k, "v": v, "pos": k_pos}
@@ -196,7 +204,7 @@ def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling
     params = model.params()
     seed_key = jax.random.key(seed)
     run = dict(cfg=cfg, strategy=strategy, sampling=sampling, mesh=model.mesh, capacity_factor=capacity_factor)
-    cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype, model.mesh)
+    cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype, model.mesh, model.layout)
     nxt, logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache, seed_key, **run)
     yield nxt, logits
     for step in range(1, max_new_tokens):

@@ -1,10 +1,19 @@
-"""The Mixtral decoder: parameter table, NNX module, and the scanned forward pass.
+"""The Mixtral decoder: parameter table, NNX module, and the forward pass.
 
 Parameters are described abstractly first (`param_specs`: shape + logical
-axes), then initialised or restored. Layers are stacked on a leading L axis and
-run with `jax.lax.scan`, so compile time does not grow with depth.
+axes), then initialised or restored. Two layouts of the same weights:
 
-Parameter tree (the Orbax checkpoint has exactly this layout):
+  stacked     (TPU/GPU, any mesh; the checkpoint layout) layers stacked on a
+              leading L axis and run with `jax.lax.scan`, so compile time does
+              not grow with depth.
+  per_expert  (one CPU device, the default there) one buffer per layer and per
+              (layer, expert), experts in HF's [out, in] layout, layers
+              unrolled. XLA:CPU copies any slice of a stacked weight before a
+              dot (docs/cpu_probe/FINDINGS.md): a decode step over stacked
+              weights moves each chosen expert three times. Whole buffers are
+              read in place, so decode streams the weights once.
+
+Stacked parameter tree (the Orbax checkpoint has exactly this layout):
 
     embed       [V, D]
     layers/
@@ -15,6 +24,10 @@ Parameter tree (the Orbax checkpoint has exactly this layout):
       w1, w3    [L, E, D, F]     w2 [L, E, F, D]
     final_norm  [D]
     lm_head     [D, V]
+
+The per_expert tree has the same top level; `layers` is a list of L dicts
+with the per-layer arrays above (without L) and `experts`: a list of E dicts
+{w1 [F, D], w3 [F, D], w2 [D, F]}, the tensors exactly as HF stores them.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from mixtral_jax.config import MixtralConfig
 
 Params = dict[str, Any]
 EXPERT_PARAMS = ("w1", "w3", "w2")
+LAYOUTS = ("stacked", "per_expert")
 ACT_BTD = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 
 
@@ -109,12 +123,73 @@ def param_count(cfg: MixtralConfig) -> dict[str, int]:
     return {"total": total, "active": total - inactive}
 
 
-class DecoderLayers(nnx.Module):
-    """All decoder layers' weights, stacked on a leading L axis."""
+def default_layout(mesh=None) -> str:
+    """per_expert on a single CPU device (decode reads weights in place), else stacked."""
+    single = mesh is None or mesh.size == 1
+    return "per_expert" if single and jax.default_backend() == "cpu" else "stacked"
 
-    def __init__(self, params: Params):
-        for name, value in params.items():
-            setattr(self, name, nnx.Param(value))
+
+def layout_of(params: Params) -> str:
+    return "per_expert" if isinstance(params["layers"], list) else "stacked"
+
+
+def _unstack_fn(name: str, num_layers: int):
+    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers."""
+    if name in EXPERT_PARAMS:
+        return jax.jit(lambda w: [[w[l, e].T for e in range(w.shape[1])] for l in range(num_layers)])
+    return jax.jit(lambda w: [w[l] for l in range(num_layers)])
+
+
+def unstack_params(params: Params) -> Params:
+    """Stacked -> per_expert layout, one parameter at a time.
+
+    Each stacked array is deleted once split, so the peak is the model plus
+    its largest parameter, not two models.
+    """
+    layers = dict(params["layers"])
+    num_layers = layers["wq"].shape[0]
+    out_layers = [{"experts": [{} for _ in range(layers["w1"].shape[1])]} for _ in range(num_layers)]
+    for name in list(layers):
+        stacked = layers.pop(name)
+        split = _unstack_fn(name, num_layers)(stacked)
+        stacked.delete()
+        for l in range(num_layers):
+            if name in EXPERT_PARAMS:
+                for e, w in enumerate(split[l]):
+                    out_layers[l]["experts"][e][name] = w
+            else:
+                out_layers[l][name] = split[l]
+    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": out_layers}
+
+
+def layer_slice(params: Params, name: str, l: int, e: int | None = None):
+    """One layer's (or one expert's) slice of a stacked parameter, in the stacked orientation.
+
+    Works for both layouts; per_expert expert weights are transposed back.
+    """
+    if layout_of(params) == "stacked":
+        w = params["layers"][name][l]
+        return w if e is None else w[e]
+    lp = params["layers"][l]
+    if name in EXPERT_PARAMS:
+        return lp["experts"][e][name].T
+    return lp[name]
+
+
+def _to_nnx(tree):
+    if isinstance(tree, dict):
+        return nnx.Dict({k: _to_nnx(v) for k, v in tree.items()})
+    if isinstance(tree, (list, tuple)):
+        return nnx.List([_to_nnx(v) for v in tree])
+    return nnx.Param(tree)
+
+
+def _from_nnx(node):
+    if isinstance(node, nnx.Dict):
+        return {k: _from_nnx(v) for k, v in node.items()}
+    if isinstance(node, nnx.List):
+        return [_from_nnx(v) for v in node]
+    return node[...]
 
 
 class Mixtral(nnx.Module):
@@ -122,14 +197,18 @@ class Mixtral(nnx.Module):
 
     Build with `init_random` or `load`. `model(tokens)` equals `forward(model, tokens)`.
     `mesh` is the mesh the parameters are sharded over (None: one device); on a
-    mesh of more than one device the MoE blocks run expert-parallel.
+    mesh of more than one device the MoE blocks run expert-parallel. `layout`
+    is "stacked" or "per_expert" (see the module docstring).
     """
 
     def __init__(self, cfg: MixtralConfig, params: Params, mesh=None):
         self.cfg = cfg
         self.mesh = mesh
+        self.layout = layout_of(params)
+        if self.layout == "per_expert" and mesh is not None and mesh.size > 1:
+            raise ValueError("the per_expert layout runs on one device; use layout='stacked' with a mesh.")
         self.embed = nnx.Param(params["embed"])
-        self.layers = DecoderLayers(params["layers"])
+        self.layers = _to_nnx(params["layers"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"])
 
@@ -138,23 +217,27 @@ class Mixtral(nnx.Module):
         return self.embed[...].dtype
 
     def params(self) -> Params:
-        """The parameters as a plain nested dict of arrays (the checkpoint layout)."""
-        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+        """The parameters as a plain pytree of arrays (in this model's layout)."""
+        return {"embed": self.embed[...], "layers": _from_nnx(self.layers),
+                "final_norm": self.final_norm[...], "lm_head": self.lm_head[...]}
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return forward(self, tokens)
 
 
 def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, strategy, cache=None,
-                  cache_index=None, collect_routing=False, mesh=None, capacity_factor=None):
+                  cache_index=None, layer=None, collect_routing=False, mesh=None, capacity_factor=None):
     """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D].
+
+    `lp` is one layer's weights in either layout; `cache` and `layer` as in
+    `attention.self_attention`.
 
     Returns (h, updated cache or None, routing): routing is (weights, expert ids),
     each [B, T, k], when `collect_routing`, else None.
     """
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
-        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index)
+        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, layer=layer)
     h = sharding.constrain(h + a, mesh, ACT_BTD)
     x = layers.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     routing = None
@@ -167,19 +250,22 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, stra
 
 def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: MixtralConfig,
           strategy: str = "sparse", cache=None, cache_index=None, k_pos=None, collect_routing=False,
-          mesh=None, capacity_factor=None):
+          last_only=False, mesh=None, capacity_factor=None):
     """The decoder on token ids; the pure function behind forward, prefill and decode.
 
     Args:
-      params: the parameter tree.
+      params: the parameter tree, stacked (layers scanned) or per_expert (layers unrolled).
       tokens: [B, T] int ids.
       positions: [B, T] absolute positions.
       cfg: model config (static).
       strategy: MoE dispatch strategy.
-      cache: optional (k, v) each [L, B, S, K, Dh]; updated at [cache_index, cache_index + T).
+      cache: optional (k, v): each [L, B, S, K, Dh] for stacked params, a list
+        of L [B, S, K, Dh] for per_expert; updated in place at slots
+        [cache_index, cache_index + T).
       cache_index: scalar slot of the first token when `cache` is given.
       k_pos: [B, S] key positions (negative: empty) when `cache` is given.
       collect_routing: also return every layer's router choices.
+      last_only: logits for the last position only ([B, 1, V]; prefill needs no more).
       mesh: the mesh `params` are sharded over (static), or None; activations
         are pinned to it and the MoE runs expert-parallel on it.
       capacity_factor: expert-parallel capacity (static); None is dropless.
@@ -194,13 +280,30 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
                              k_pos=positions if cache is None else k_pos, cos=cos, sin=sin,
                              strategy=strategy, cache_index=cache_index, collect_routing=collect_routing,
                              mesh=mesh, capacity_factor=capacity_factor)
+    h = x
+    if layout_of(params) == "per_expert":
+        # Unrolled: every weight and cache entry is its own buffer, read and updated in place.
+        new_k, new_v, routings = [], [], []
+        for l, lp in enumerate(params["layers"]):
+            h, layer_cache, routing = body(h, lp, cache=None if cache is None else (cache[0][l], cache[1][l]))
+            routings.append(routing)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        new_cache = None if cache is None else (new_k, new_v)
+        routing = jax.tree.map(lambda *r: jnp.stack(r), *routings) if collect_routing else None
+    else:
+        # Scanned: the whole cache rides in the carry and each layer updates its slots in place.
+        def step(carry, xs):
+            h, kv = carry
+            lp, l = xs
+            h, kv, routing = body(h, lp, cache=kv, layer=l)
+            return (h, kv), routing
 
-    def step(h, xs):
-        lp, layer_cache = xs
-        h, layer_cache, routing = body(h, lp, cache=layer_cache)
-        return h, (layer_cache, routing)
-
-    h, (new_cache, routing) = jax.lax.scan(step, x, (params["layers"], cache))
+        num_layers = params["layers"]["wq"].shape[0]
+        (h, new_cache), routing = jax.lax.scan(step, (h, cache), (params["layers"], jnp.arange(num_layers)))
+    if last_only:
+        h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
     return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
@@ -232,7 +335,17 @@ def forward(model: Mixtral, tokens, strategy: str = "sparse", capacity_factor: f
                     capacity_factor=capacity_factor)
 
 
-def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None) -> Mixtral:
+def check_layout(layout: str | None, mesh=None) -> str:
+    """Resolves `layout` (None: `default_layout`) and rejects per_expert on a multi-device mesh."""
+    layout = default_layout(mesh) if layout is None else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} (or None for the default).")
+    if layout == "per_expert" and mesh is not None and mesh.size > 1:
+        raise ValueError("layout='per_expert' runs on one device; use layout='stacked' (the default) with a mesh.")
+    return layout
+
+
+def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, layout: str | None = None) -> Mixtral:
     """A model with random weights, created already sharded when `mesh` is given.
 
     Args:
@@ -241,11 +354,15 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None) -
       dtype: parameter dtype ("float32" on CPU; "bfloat16" on TPU/GPU).
       mesh: optional `jax.sharding.Mesh` (see `make_mesh`); parameters are
         created directly in their shardings, never whole on one device.
+      layout: "stacked", "per_expert", or None: per_expert on one CPU device,
+        stacked otherwise (see the module docstring).
 
     Returns:
       A `Mixtral`.
     """
+    layout = check_layout(layout, mesh)
     dtype = jnp.dtype(dtype)
     shardings = None if mesh is None else param_shardings(cfg, mesh)
     init = jax.jit(functools.partial(init_params, cfg, dtype=dtype), out_shardings=shardings)
-    return Mixtral(cfg, init(jax.random.key(seed)), mesh)
+    params = init(jax.random.key(seed))
+    return Mixtral(cfg, unstack_params(params) if layout == "per_expert" else params, mesh)

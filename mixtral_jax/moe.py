@@ -26,6 +26,12 @@ from mixtral_jax import sharding
 
 STRATEGIES = ("dense", "sparse")
 
+# Per-expert layout (one CPU device): up to this many tokens, each used expert
+# runs once on all of them, masked (a decode step); beyond, tokens are grouped
+# by expert and run in row blocks (a prefill).
+MASKED_MAX_TOKENS = 16
+BIG_BLOCK, SMALL_BLOCK = 128, 16
+
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Mixtral router: softmax over all experts in float32, top-k, renormalise.
@@ -286,11 +292,75 @@ def count_dropped(experts, num_devices: int, num_experts: int, capacity_factor: 
     return jax.device_get(per_group.sum(axis=1))
 
 
+def expert_ffn_t(x: jax.Array, w: dict) -> jax.Array:
+    """SwiGLU expert on HF-layout weights: w1, w3 [F, D], w2 [D, F]. x [N, D] → [N, D]."""
+    h = jax.nn.silu(jnp.einsum("ND,FD->NF", x, w["w1"])) * jnp.einsum("ND,FD->NF", x, w["w3"])
+    return jnp.einsum("NF,DF->ND", h, w["w2"])
+
+
+def moe_per_expert_masked(x, p, k, skip_unused: bool = True):
+    """Each expert (its own buffers) runs on all tokens, weighted by its gate (zero if unchosen).
+
+    With `skip_unused`, an expert no token chose is skipped by a `lax.cond`, so
+    a decode step reads only the chosen experts' weights. Without it, every
+    expert runs: the dense reference. x [N, D] → [N, D].
+    """
+    weights, experts = route(x, p["router"], k)
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e, w in enumerate(p["experts"]):
+        chosen = experts == e  # [N, k]
+        gate = jnp.sum(jnp.where(chosen, weights, 0.0), axis=1)  # [N]
+        run = lambda x, gate, w=w: gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
+        if skip_unused:
+            out = out + jax.lax.cond(jnp.any(chosen), run, lambda x, gate: jnp.zeros(x.shape, jnp.float32), x, gate)
+        else:
+            out = out + run(x, gate)
+    return out.astype(x.dtype)
+
+
+def moe_per_expert_grouped(x, p, k):
+    """Tokens grouped by expert, each group run in row blocks through its expert's buffers.
+
+    Assignments are sorted by expert; expert e's rows are the contiguous range
+    [start_e, start_e + count_e) and run in blocks of BIG_BLOCK rows, then the
+    remainder in blocks of SMALL_BLOCK (padding per expert < SMALL_BLOCK rows).
+    A block may run past its group into the next one's rows; experts go in
+    order, so the next expert overwrites them. Dropless. x [N, D] → [N, D].
+    """
+    n, d = x.shape
+    weights, experts = route(x, p["router"], k)
+    flat_e = experts.reshape(-1)  # [A]
+    a = flat_e.shape[0]
+    order = jnp.argsort(flat_e, stable=True)
+    sizes = jnp.bincount(flat_e, length=len(p["experts"]))
+    starts = jnp.cumsum(sizes) - sizes
+    xs = jnp.zeros((a + BIG_BLOCK, d), x.dtype).at[:a].set(x[order // k])
+    ys = jnp.zeros((a + BIG_BLOCK, d), x.dtype)
+
+    def run_blocks(ys, w, first_row, num_blocks, size):
+        def block(i, ys):
+            r = first_row + i * size
+            rows = jax.lax.dynamic_slice_in_dim(xs, r, size)
+            return jax.lax.dynamic_update_slice_in_dim(ys, expert_ffn_t(rows, w).astype(ys.dtype), r, axis=0)
+        return jax.lax.fori_loop(0, num_blocks, block, ys)
+
+    for e, w in enumerate(p["experts"]):
+        big = sizes[e] // BIG_BLOCK
+        ys = run_blocks(ys, w, starts[e], big, BIG_BLOCK)
+        rest = sizes[e] - big * BIG_BLOCK
+        ys = run_blocks(ys, w, starts[e] + big * BIG_BLOCK, (rest + SMALL_BLOCK - 1) // SMALL_BLOCK, SMALL_BLOCK)
+    y = jnp.zeros((a, d), x.dtype).at[order].set(ys[:a])
+    return combine(y.reshape(n, k, d), weights, x.dtype)
+
+
 def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None):
     """MoE block on [..., D] activations.
 
     On a mesh of more than one device: `moe_expert_parallel` (with
-    `capacity_factor`). Otherwise the single-device `strategy`, which never drops.
+    `capacity_factor`). Otherwise the single-device `strategy`, which never
+    drops: for per_expert weights (`p["experts"]`), "sparse" picks masked
+    experts for few tokens (decode) and grouped blocks for many (prefill),
+    "dense" runs every expert; for stacked weights, `moe_sparse` / `moe_dense`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -301,6 +371,13 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
     elif capacity_factor is not None:
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
+    elif "experts" in p:
+        if strategy == "dense":
+            out = moe_per_expert_masked(x, p, k, skip_unused=False)
+        elif x.shape[0] <= MASKED_MAX_TOKENS:
+            out = moe_per_expert_masked(x, p, k)
+        else:
+            out = moe_per_expert_grouped(x, p, k)
     else:
         out = (moe_dense if strategy == "dense" else moe_sparse)(x, p, k)
     return out.reshape(shape)

@@ -65,6 +65,20 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return out
 
 
+def our_model(hf, layout: str = "stacked"):
+    """A mixtral_jax `Mixtral` with the transformers model's weights (converted in memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mixtral_jax import convert, model as model_lib
+
+    cfg = config_of(hf)
+    params = jax.tree.map(jnp.asarray, convert.params_from_state_dict(state_dict_numpy(hf), cfg))
+    if layout == "per_expert":
+        params = model_lib.unstack_params(params)
+    return model_lib.Mixtral(cfg, params)
+
+
 def hf_logits(model, tokens) -> np.ndarray:
     """transformers' float32 logits for int tokens [B, T]."""
     import torch

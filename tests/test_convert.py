@@ -14,6 +14,7 @@ import sys
 import tracemalloc
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import mixtral_jax as mj
-from mixtral_jax import checkpoint, convert, testing
+from mixtral_jax import checkpoint, convert, model as model_lib, testing
 from mixtral_jax.model import param_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,8 +93,8 @@ def test_bf16_checkpoint_loads_as_float32_and_float32_as_bf16(tiny_hf, tmp_path)
     mj.convert_hf_checkpoint(path, tmp_path / "f32", dtype="float32")
     with open(tmp_path / "bf16" / "config.json") as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
-    as_f32 = checkpoint.flatten(mj.load(tmp_path / "bf16", dtype="float32").params())
-    as_bf16 = checkpoint.flatten(mj.load(tmp_path / "f32", dtype="bfloat16").params())
+    as_f32 = checkpoint.flatten(mj.load(tmp_path / "bf16", dtype="float32", layout="stacked").params())
+    as_bf16 = checkpoint.flatten(mj.load(tmp_path / "f32", dtype="bfloat16", layout="stacked").params())
     for name, want in expected.items():
         rounded = want.astype(ml_dtypes.bfloat16)
         assert as_f32[name].dtype == np.float32 and as_bf16[name].dtype == ml_dtypes.bfloat16
@@ -231,33 +232,37 @@ def test_conversion_streams(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < layer_bytes, f"peak {peak} bytes; one layer is {layer_bytes}, the model {model_bytes}"
-    got = checkpoint.flatten(mj.load(tmp_path / "ckpt", dtype="float32").params())
+    got = checkpoint.flatten(mj.load(tmp_path / "ckpt", dtype="float32", layout="stacked").params())
     want = checkpoint.flatten(convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg))
     for name in want:
         np.testing.assert_array_equal(np.asarray(got[name]), want[name], err_msg=str(name))
 
 
 def test_load_into_mesh_shardings(tiny_hf, tmp_path):
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")
+    assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
     out = mj.convert_hf_checkpoint(tiny_hf[0], tmp_path / "ckpt", dtype="float32")
     mesh = mj.make_mesh("expert=4,tensor=2")
     sharded = mj.load(out, dtype="float32", mesh=mesh)
-    single = checkpoint.flatten(mj.load(out, dtype="float32").params())
+    single = checkpoint.flatten(mj.load(out, dtype="float32", layout="stacked").params())
     shardings = checkpoint.flatten(param_shardings(sharded.cfg, mesh))
     for name, value in checkpoint.flatten(sharded.params()).items():
         assert value.sharding == shardings[name], name
         np.testing.assert_array_equal(np.asarray(value), np.asarray(single[name]), err_msg=str(name))
-    assert len(sharded.layers.w1[...].addressable_shards) == 8
+    assert len(sharded.params()["layers"]["w1"].addressable_shards) == 8
 
 
-def test_save_load_round_trip(tmp_path):
-    model = mj.init_random(mj.load_config("tiny"), seed=3, dtype="float32")
+@pytest.mark.parametrize("saved_layout", ["stacked", "per_expert"])
+def test_save_load_round_trip(tmp_path, saved_layout):
+    cfg = mj.load_config("tiny")
+    model = mj.init_random(cfg, seed=3, dtype="float32", layout=saved_layout)
     mj.save(model, tmp_path / "ckpt")
-    loaded = mj.load(tmp_path / "ckpt", dtype="float32")
-    assert loaded.cfg.num_hidden_layers == model.cfg.num_hidden_layers
-    for (name, a), b in zip(checkpoint.flatten(model.params()).items(), checkpoint.flatten(loaded.params()).values()):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(name))
+    stacked = mj.init_random(cfg, seed=3, dtype="float32", layout="stacked").params()
+    for layout in ("stacked", "per_expert"):
+        loaded = mj.load(tmp_path / "ckpt", dtype="float32", layout=layout)
+        assert loaded.layout == layout and loaded.cfg.num_hidden_layers == cfg.num_hidden_layers
+        want = stacked if layout == "stacked" else model_lib.unstack_params(jax.tree.map(jnp.array, stacked))
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(loaded.params()), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError, match="overwrite"):
         mj.save(model, tmp_path / "ckpt")
 

@@ -13,7 +13,7 @@ import torch
 from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
 import mixtral_jax as mj
-from mixtral_jax import attention, convert, layers, moe, testing
+from mixtral_jax import attention, convert, layers, model as model_lib, moe, testing
 from mixtral_jax.model import Mixtral
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +184,46 @@ def test_sparse_skewed_routing():
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
+def _per_expert(p):
+    """Stacked MoE weights -> the per_expert layout (HF's [out, in] tensors, one per expert)."""
+    return {"router": p["router"],
+            "experts": [{"w1": p["w1"][e].T, "w3": p["w3"][e].T, "w2": p["w2"][e].T} for e in range(len(p["w1"]))]}
+
+
+@pytest.mark.parametrize("strategy", moe.STRATEGIES)
+@pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 16), (8, 2, 17), (4, 1, 300), (6, 3, 40), (8, 8, 5)])
+def test_moe_per_expert_matches_loop_reference(strategy, e, k, n):
+    p = _moe_params(e)
+    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
+    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
+
+
+def test_moe_per_expert_grouped_skewed_big_and_small_blocks():
+    # Most tokens prefer one expert: its group spans several big blocks, a remainder, and
+    # runs past its end into the next groups' rows, which later experts must overwrite.
+    p = _moe_params(8)
+    x = np.random.RandomState(0).randn(300, 32).astype(np.float32)
+    x[:250] += 4 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
+    routed = testing.moe_loop_reference(x, p, 2)
+    ours = jax.jit(lambda x, p: moe.moe_per_expert_grouped(x, p, 2))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, routed, rtol=1e-4, atol=1e-5)
+    counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
+    assert counts.max() > moe.BIG_BLOCK + moe.SMALL_BLOCK  # the case really has big + small blocks
+
+
+def test_masked_decode_skips_unchosen_experts():
+    # An expert whose weights are NaN must not touch the output when no token chose it.
+    p = _moe_params(8)
+    x = np.random.RandomState(0).randn(1, 32).astype(np.float32)
+    chosen = set(np.argsort(-(x[0] @ p["router"]))[:2])
+    unused = next(e for e in range(8) if e not in chosen)
+    pe = _per_expert(p)
+    pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
+    out = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
+    np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
 def test_moe_block_matches_transformers():
     hf = testing.hf_model(num_local_experts=4, num_experts_per_tok=2)
     cfg = testing.config_of(hf)
@@ -211,11 +251,13 @@ MODEL_CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
 @pytest.mark.parametrize("case", MODEL_CASES)
-def test_logits_match_transformers(case):
+def test_logits_match_transformers(case, layout):
     hf = testing.hf_model(seed=1, **MODEL_CASES[case])
     cfg = testing.config_of(hf)
-    model = Mixtral(cfg, jax.tree.map(jnp.asarray, convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg)))
+    model = testing.our_model(hf, layout)
+    assert model.layout == layout
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12))
     ref = testing.hf_logits(hf, tokens)
     for strategy in moe.STRATEGIES:
@@ -226,8 +268,16 @@ def test_logits_match_transformers(case):
 
 def test_init_random_dtype_and_eval_shape():
     cfg = mj.load_config("tiny")
-    model = mj.init_random(cfg, seed=0, dtype="bfloat16")
+    model = mj.init_random(cfg, seed=0, dtype="bfloat16", layout="stacked")
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(model.params()))
     assert model.params()["layers"]["w1"].shape == (4, 8, 64, 224)
+    per_expert = mj.init_random(cfg, seed=0, dtype="bfloat16")  # the default on one CPU device
+    assert per_expert.layout == "per_expert"
+    layers = per_expert.params()["layers"]
+    assert len(layers) == 4 and len(layers[0]["experts"]) == 8
+    assert layers[0]["experts"][3]["w1"].shape == (224, 64) and layers[0]["experts"][3]["w2"].shape == (64, 224)
+    # Same seed, same weights: per_expert is the stacked tensors split and put in HF's [out, in] layout.
+    np.testing.assert_array_equal(layers[2]["experts"][3]["w2"], model.params()["layers"]["w2"][2, 3].T)
+    np.testing.assert_array_equal(layers[1]["wq"], model.params()["layers"]["wq"][1])
     logits = mj.forward(model, np.array([[1, 2, 3]]))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
