@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ BANDWIDTH_BYTES = 470_000_000
 QUICK_BANDWIDTH_BYTES = 64_000_000
 MATMUL_SHAPE = (512, 1024, 3584)  # [M, K] x [K, N], the shape of a 512-token expert matmul
 PROBE_CALLS = 5  # calls per host-probe sample; the sample is their median
+QUIET_WAIT_S = 20.0  # longest wait for a quiet machine before each timed measurement (not with --quick)
 DENSE_MAX_NEW_TOKENS = 16  # computing all experts is slow; its rate needs few steps
 MIN_DECODE_TOKENS = 8  # bounded decode runs still time at least 7 steps
 
@@ -68,6 +70,7 @@ class Settings:
     dtype: str
     seed: int
     bandwidth_bytes: int
+    quiet_wait_s: float  # before each timed measurement, wait up to this long for other processes to go idle
     skip_transformers: bool
 
 
@@ -415,6 +418,111 @@ class Samples:
         return _median(self.values.get(name, []))
 
 
+class CompileClock:
+    """Seconds jax spends tracing, lowering and compiling, from its jax.monitoring compile events."""
+
+    def __init__(self):
+        import jax
+
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+
+    def _record(self, event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+    def close(self) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._record)
+
+
+def wait_quiet(max_wait_s: float, threshold_cores: float = 0.1) -> None:
+    """Waits (up to max_wait_s) until other processes use under threshold_cores of CPU."""
+    deadline = time.perf_counter() + max_wait_s
+    while time.perf_counter() < deadline:
+        window = OtherLoad()
+        time.sleep(0.5)
+        cores = window.cores()
+        if cores is None or cores < threshold_cores:
+            return
+
+
+class Sides:
+    """Both sides loaded on the same weights, the prompts, and one method per timed call.
+
+    Every method records its samples and returns its new tokens, so the
+    warm-up call also yields the tokens that the correctness and routing
+    statistics use (greedy: every later call produces the same).
+    """
+
+    def __init__(self, settings: Settings, model, hf, vocab_size: int):
+        import numpy as np
+
+        self.model, self.hf = model, hf
+        rng = np.random.default_rng(settings.seed)
+        self.prefill_prompt = _random_prompts(rng, 1, settings.prompt_len, vocab_size)
+        self.decode_prompts = {b: _random_prompts(rng, b, settings.decode_prompt_len, vocab_size)
+                               for b in settings.batch_sizes}
+        self.new = {b: decode_new_tokens(b, settings.new_tokens) for b in settings.batch_sizes}
+        self.dense_new = min(settings.new_tokens, DENSE_MAX_NEW_TOKENS)
+        self.samples = Samples()
+
+    def ours_prefill(self):
+        ttft, _, tokens = _ours_run(self.model, self.prefill_prompt, 1)
+        self.samples.add("prefill/ours", ttft)
+        return tokens
+
+    def theirs_prefill(self):
+        seconds, tokens = _theirs_run(self.hf, self.prefill_prompt, 1)
+        self.samples.add("prefill/theirs", seconds)
+        return tokens
+
+    def ours_decode(self, b: int):
+        _, span, tokens = _ours_run(self.model, self.decode_prompts[b], self.new[b])
+        self.samples.add(f"decode{b}/ours", span)
+        return tokens
+
+    def ours_dense(self):
+        _, span, tokens = _ours_run(self.model, self.decode_prompts[1], self.dense_new, strategy="dense")
+        self.samples.add("dense/ours", span)
+        return tokens
+
+    def theirs_decode(self, b: int):
+        t_n, tokens = _theirs_run(self.hf, self.decode_prompts[b], self.new[b])
+        self.samples.add(f"decode{b}/theirs_n", t_n)
+        self.samples.add(f"decode{b}/theirs_1", _theirs_run(self.hf, self.decode_prompts[b], 1)[0])
+        return tokens
+
+    def measurements(self) -> list[tuple[str, Callable, Callable | None]]:
+        """(name, ours, theirs or None) for every measurement, in run order."""
+        theirs = (lambda fn: fn) if self.hf is not None else (lambda fn: None)
+        out = [("prefill", self.ours_prefill, theirs(self.theirs_prefill))]
+        out += [(f"decode{b}", functools.partial(self.ours_decode, b), theirs(functools.partial(self.theirs_decode, b)))
+                for b in self.new]
+        return out + [("dense", self.ours_dense, None)]
+
+
+def _load_sides(settings: Settings, workdir: str) -> tuple[Any, Any, dict[str, float]]:
+    """(our model, the transformers model or None, set-up seconds)."""
+    import torch
+    import transformers
+
+    import mixtral_jax as mj
+
+    hf_dir, ckpt_dir, setup = _prepare_checkpoints(settings, workdir)
+    t0 = time.perf_counter()
+    model = mj.load(ckpt_dir, dtype=settings.dtype)
+    setup["load_ours_s"] = time.perf_counter() - t0
+    hf = None
+    if not settings.skip_transformers:
+        t0 = time.perf_counter()
+        hf = transformers.MixtralForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, settings.dtype)).eval()
+        setup["load_transformers_s"] = time.perf_counter() - t0
+    _say("loaded both sides" if hf is not None else "loaded mixtral_jax")
+    return model, hf, setup
+
+
 def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
     """Sets up both sides, warms up, runs the alternating timed rounds and derives the results."""
     import jax
@@ -432,93 +540,51 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
     cfg = from_hf_dict(settings.hf_fields, name="bench")
     itemsize = np.dtype(settings.dtype).itemsize
     _check_memory(cfg, itemsize)
-    setup = {}
-    hf_dir, ckpt_dir, setup_times = _prepare_checkpoints(settings, workdir)
-    setup.update(setup_times)
-    t0 = time.perf_counter()
-    model = mj.load(ckpt_dir, dtype=settings.dtype)
-    setup["load_ours_s"] = time.perf_counter() - t0
-    hf = None
-    if not settings.skip_transformers:
-        t0 = time.perf_counter()
-        hf = transformers.MixtralForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, settings.dtype)).eval()
-        setup["load_transformers_s"] = time.perf_counter() - t0
-    _say("loaded both sides" if hf is not None else "loaded mixtral_jax")
-
-    rng = np.random.default_rng(settings.seed)
-    prefill_prompt = _random_prompts(rng, 1, settings.prompt_len, cfg.vocab_size)
-    decode_prompts = {b: _random_prompts(rng, b, settings.decode_prompt_len, cfg.vocab_size)
-                      for b in settings.batch_sizes}
-    new = {b: decode_new_tokens(b, settings.new_tokens) for b in settings.batch_sizes}
-    dense_new = min(settings.new_tokens, DENSE_MAX_NEW_TOKENS)
-    samples = Samples()
-
-    # Each measurement: (name, ours, theirs); each callable records its samples and returns its tokens.
-    def ours_prefill():
-        ttft, _, _ = _ours_run(model, prefill_prompt, 1)
-        samples.add("prefill/ours", ttft)
-
-    def theirs_prefill():
-        samples.add("prefill/theirs", _theirs_run(hf, prefill_prompt, 1)[0])
-
-    def ours_decode(b, strategy=None, n=None):
-        def run():
-            ttft, span, tokens = _ours_run(model, decode_prompts[b], n or new[b], strategy)
-            key = f"decode{b}/ours" if strategy is None else f"decode{b}/{strategy}"
-            samples.add(key, span)
-            samples.add(key + "/total", ttft + span)
-            return tokens
-        return run
-
-    def theirs_decode(b):
-        def run():
-            t_n, tokens = _theirs_run(hf, decode_prompts[b], new[b])
-            samples.add(f"decode{b}/theirs_n", t_n)
-            samples.add(f"decode{b}/theirs_1", _theirs_run(hf, decode_prompts[b], 1)[0])
-            return tokens
-        return run
-
-    measurements: list[tuple[str, Callable, Callable | None]] = [("prefill", ours_prefill, theirs_prefill)]
-    measurements += [(f"decode{b}", ours_decode(b), theirs_decode(b)) for b in settings.batch_sizes]
-    measurements.append(("dense", ours_decode(1, "dense", dense_new), None))
-    if hf is None:
-        measurements = [(name, ours, None) for name, ours, _ in measurements]
-
+    model, hf, setup = _load_sides(settings, workdir)
+    sides = Sides(settings, model, hf, cfg.vocab_size)
+    measurements = sides.measurements()
     probe = HostProbe(settings.bandwidth_bytes)
-    compile_counts = {"start": _compile_counts()}
-    _say("warm-up (compiles every shape once)")
-    warm_tokens, first_call = {}, {}
-    for name, ours, theirs in measurements:
-        t0 = time.perf_counter()
-        warm_tokens[name, "ours"] = ours()
-        first_call[name] = time.perf_counter() - t0
-        if theirs is not None:
-            warm_tokens[name, "theirs"] = theirs()
-    compile_counts["after_warmup"] = _compile_counts()
-    samples.values.clear()  # warm-up samples include compilation
 
+    clock = CompileClock()
+    counts = {"start": _compile_counts()}
+    _say("warm-up (compiles every shape once)")
+    warm, compile_s = {}, {}
+    for name, ours, theirs in measurements:
+        before = clock.seconds
+        warm[name, "ours"] = ours()
+        compile_s[name] = clock.seconds - before
+        if theirs is not None:
+            warm[name, "theirs"] = theirs()
+    counts["after_warmup"] = _compile_counts()
+    sides.samples.values.clear()  # warm-up samples include compilation
+
+    timed_compile_start = clock.seconds
     other = OtherLoad()
     for rep in range(settings.repeats):
         _say(f"timed round {rep + 1}/{settings.repeats} (load average {os.getloadavg()[0]:.2f})")
-        bandwidth, gflops = probe.sample()
-        samples.add("host/bandwidth", bandwidth)
-        samples.add("host/matmul", gflops)
         for _, ours, theirs in measurements:
+            wait_quiet(settings.quiet_wait_s)
+            # The host reference is sampled next to every measurement: its median sees the same load.
+            bandwidth, gflops = probe.sample()
+            sides.samples.add("host/bandwidth", bandwidth)
+            sides.samples.add("host/matmul", gflops)
             # Alternate which side goes first, so drift in the machine's load favours neither.
-            for run in ((ours, theirs) if rep % 2 == 0 else (theirs, ours)):
-                if run is not None:
-                    run()
-    compile_counts["end"] = _compile_counts()
+            for call in ((ours, theirs) if rep % 2 == 0 else (theirs, ours)):
+                if call is not None:
+                    call()
+    counts["end"] = _compile_counts()
     other_cores = other.cores()
+    timed_compile_s = clock.seconds - timed_compile_start
+    clock.close()
 
-    # Experts touched: router choices over the warm-up's decoded sequences (greedy, so the same every run).
+    # Experts touched: router choices over the warm-up's decoded sequences (greedy, so every run's).
     touched = {}
     for b in settings.batch_sizes:
-        tokens = np.concatenate([np.asarray(decode_prompts[b]), warm_tokens[f"decode{b}", "ours"]], axis=1)
-        routing = mj.expert_routing(model, tokens)
-        touched[b] = experts_touched(routing.experts, settings.decode_prompt_len, new[b] - 1)
+        tokens = np.concatenate([np.asarray(sides.decode_prompts[b]), warm[f"decode{b}", "ours"]], axis=1)
+        touched[b] = experts_touched(mj.expert_routing(model, tokens).experts, settings.decode_prompt_len,
+                                     sides.new[b] - 1)
 
-    med = samples.median
+    med = sides.samples.median
     bandwidth, matmul = med("host/bandwidth"), med("host/matmul")
     active_bytes = active_bytes_per_token(cfg, itemsize)
     roofline = bandwidth * 1e9 / active_bytes
@@ -527,43 +593,38 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
     useful = prefill_useful_flops(cfg, settings.prompt_len)
 
     decode = []
-    for b in settings.batch_sizes:
-        ours_rate = (new[b] - 1) * b / med(f"decode{b}/ours")
-        theirs_rate, match = None, None
+    for b, n in sides.new.items():
+        ours_rate = (n - 1) * b / med(f"decode{b}/ours")
+        theirs_rate, match = None, (None, None)
         if hf is not None:
             step_s = med(f"decode{b}/theirs_n") - med(f"decode{b}/theirs_1")
-            theirs_rate = (new[b] - 1) * b / step_s if step_s > 0 else None
-            match = tokens_agree(warm_tokens[f"decode{b}", "ours"], warm_tokens[f"decode{b}", "theirs"],
-                                 cfg.eos_token_id)
-        decode.append({"batch": b, "new_tokens": new[b], "ours_tok_s": ours_rate, "theirs_tok_s": theirs_rate,
+            theirs_rate = (n - 1) * b / step_s if step_s > 0 else None  # None: noise swamped the difference
+            match = tokens_agree(warm[f"decode{b}", "ours"], warm[f"decode{b}", "theirs"], cfg.eos_token_id)
+        decode.append({"batch": b, "new_tokens": n, "ours_tok_s": ours_rate, "theirs_tok_s": theirs_rate,
                        "ratio": _ratio(ours_rate, theirs_rate), "experts_touched": touched[b],
-                       "tokens_match": None if match is None else match[0],
-                       "tokens_compared": None if match is None else match[1],
-                       "compile_s": first_call[f"decode{b}"] - med(f"decode{b}/ours/total")})
-    batch1 = decode[0]  # batch sizes are sorted and include 1
-    dense_rate = (dense_new - 1) / med("decode1/dense")
-    sparse_rate = batch1["ours_tok_s"]
+                       "tokens_match": match[0], "tokens_compared": match[1], "compile_s": compile_s[f"decode{b}"]})
+    sparse_rate = decode[0]["ours_tok_s"]  # batch sizes are sorted and include 1
+    dense_rate = (sides.dense_new - 1) / med("dense/ours")
 
     return {
-        "model": {"hf_config": settings.hf_fields, "dtype": settings.dtype, **mj.param_count(cfg),
-                  "active_bytes_per_token": active_bytes},
+        "model": {"hf_config": settings.hf_fields, "dtype": settings.dtype, "layout": model.layout,
+                  **mj.param_count(cfg), "active_bytes_per_token": active_bytes},
         "host": {"matvec_gb_s": bandwidth, "matvec_weight_mb": probe.weight_bytes / 1e6, "matmul_gflop_s": matmul,
                  "matmul_shape": list(MATMUL_SHAPE), "loadavg_start": list(load_start),
                  "loadavg_end": list(os.getloadavg()), "other_processes_cores": other_cores},
         "prefill": {"prompt_len": settings.prompt_len, "ours_tok_s": prefill_ours, "theirs_tok_s": prefill_theirs,
                     "ratio": _ratio(prefill_ours, prefill_theirs), "useful_gflop": useful / 1e9,
                     "ours_useful_gflop_s": useful / med("prefill/ours") / 1e9,
-                    "matmul_fraction": useful / med("prefill/ours") / 1e9 / matmul,
-                    "compile_s": first_call["prefill"] - med("prefill/ours")},
+                    "matmul_fraction": useful / med("prefill/ours") / 1e9 / matmul, "compile_s": compile_s["prefill"]},
         "decode": decode,
         "decode_prompt_len": settings.decode_prompt_len,
         "roofline": {"tok_s": roofline, "fraction": _ratio(sparse_rate, roofline)},
-        "sparse_gain": {"sparse_tok_s": sparse_rate, "dense_tok_s": dense_rate, "dense_new_tokens": dense_new,
-                        "gain": _ratio(sparse_rate, dense_rate)},
-        "tokens_match": batch1["tokens_match"],
-        "compile_counts": compile_counts,
-        "recompiles_during_timed_runs": sum(compile_counts["end"].values())
-                                        - sum(compile_counts["after_warmup"].values()),
+        "sparse_gain": {"sparse_tok_s": sparse_rate, "dense_tok_s": dense_rate, "dense_new_tokens": sides.dense_new,
+                        "gain": _ratio(sparse_rate, dense_rate), "dense_compile_s": compile_s["dense"]},
+        "tokens_match": decode[0]["tokens_match"],
+        "compile_counts": counts,
+        "recompiles_during_timed_runs": sum(counts["end"].values()) - sum(counts["after_warmup"].values()),
+        "compile_s_during_timed_runs": timed_compile_s,
         "transformers": None if hf is None else {
             "attn_implementation": hf.config._attn_implementation,
             "experts_implementation": getattr(hf.config, "_experts_implementation", None),
@@ -610,8 +671,9 @@ def render_table(r: dict[str, Any]) -> str:
     counts = r["compile_counts"]
     count_text = ", ".join(f"`{name}` {counts['start'][name]} → {counts['after_warmup'][name]} → {counts['end'][name]}"
                            for name in counts["end"])
-    compile_s = ", ".join([f"prefill {_fmt(p['compile_s'])} s"]
-                          + [f"batch {d['batch']} {_fmt(d['compile_s'])} s" for d in r["decode"]])
+    compile_s = ", ".join([f"prefill {p['compile_s']:.1f} s"]
+                          + [f"batch {d['batch']} {d['compile_s']:.1f} s" for d in r["decode"]]
+                          + [f"dense {sg['dense_compile_s']:.1f} s"])
     load = host["loadavg_start"], host["loadavg_end"]
     hf = r["transformers"]
     lines += [
@@ -634,7 +696,8 @@ def render_table(r: dict[str, Any]) -> str:
         f"| greedy tokens match transformers | {per_batch} | batch 1: yes |",
         f"| compiled shapes (start → after warm-up → end) | {count_text}; "
         f"{r['recompiles_during_timed_runs']} during timed runs | 0 during timed runs |",
-        f"| compile time (first call − timed median) | {compile_s} | |",
+        f"| compile time of our first calls (jax compile events) | {compile_s}; "
+        f"{r['compile_s_during_timed_runs']:.2f} s during timed runs | |",
         f"| host: XLA f32 matvec, {host['matvec_weight_mb']:.0f} MB weight | {_fmt(host['matvec_gb_s'])} GB/s | |",
         f"| host: XLA f32 matmul {'×'.join(map(str, host['matmul_shape']))} | {_fmt(host['matmul_gflop_s'], '.0f')} "
         "GFLOP/s | |",
@@ -695,20 +758,22 @@ medians over the rounds):
   (`stop_tokens=[]`; transformers `min_new_tokens`). Ours: time from the first
   to the last token of `mj.generate_stream`. transformers: t(N new) − t(1 new).
   tok/s = (N − 1) × B ÷ that time. Fewer new tokens at big batches bound the work.
-- Every shape runs once before timing (compilation, allocator warm-up); the
-  compile time shown is that first call minus the timed median.
+- Every shape runs once before timing (compilation, allocator warm-up). Compile
+  time is what jax reports (its jax.monitoring compile events) during those first
+  calls; compiled-shape counts come from the jitted `prefill` / `decode_step`.
 - Roofline: active weight bytes per token (active parameters minus the
   embedding table, which is a one-row gather) ÷ this host's streaming-read
   bandwidth, measured as an XLA f32 matvec whose weight exceeds the L3 cache,
-  sampled in every round.
+  sampled next to every measurement.
 - Prefill efficiency: useful FLOPs (2 × active layer weights × tokens, the
   lm_head for the last token only, causal attention) ÷ time, against an XLA f32
   matmul of the same round.
 - Sparse gain: our batch-1 decode against `strategy="dense"` (all experts computed).
 - Experts touched: `mj.expert_routing` on the decoded sequences; per layer and
   decode step, the distinct experts chosen by that step's B tokens; mean.
-- Load: the load average, and the CPU time other processes used during the
-  timed rounds (from /proc/stat), say how noisy the machine was.
+- Load: before each timed measurement the bench waits (up to 20 s) for other
+  processes to go idle; the load average, and the CPU time other processes used
+  during the timed rounds (from /proc/stat), say how noisy the machine still was.
 """
 
 
@@ -719,7 +784,7 @@ def write_markdown(r: dict[str, Any], path: str, png_name: str) -> None:
                   f"{cfg['num_attention_heads']} heads, {cfg['num_key_value_heads']} kv heads, "
                   f"{cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}, vocab {cfg['vocab_size']}: "
                   f"{r['model']['total'] / 1e6:.0f}M parameters, {r['model']['active'] / 1e6:.0f}M active per token, "
-                  f"{r['model']['dtype']}")
+                  f"{r['model']['dtype']}; mixtral_jax layout `{r['model']['layout']}`")
     setup = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
                       for name, seconds in r["setup_s"].items())
     text = f"""# Benchmarks
@@ -798,7 +863,8 @@ def resolve_settings() -> Settings:
         raise UsageError(str(e)) from None
     return Settings(fields, values["prompt_len"], values["decode_prompt_len"], values["new_tokens"], sizes,
                     values["repeats"], FLAGS.dtype, FLAGS.seed,
-                    QUICK_BANDWIDTH_BYTES if FLAGS.quick else BANDWIDTH_BYTES, FLAGS.skip_transformers)
+                    QUICK_BANDWIDTH_BYTES if FLAGS.quick else BANDWIDTH_BYTES, 0.0 if FLAGS.quick else QUIET_WAIT_S,
+                    FLAGS.skip_transformers)
 
 
 def run() -> int:
