@@ -80,7 +80,16 @@ class Settings:
 
 def hf_config_fields(hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
                      num_experts: int, top_k: int, vocab_size: int, max_positions: int) -> dict[str, Any]:
-    """transformers.MixtralConfig fields of the benchmark model (HF's default initialisation, no window)."""
+    """transformers.MixtralConfig fields of the benchmark model.
+
+    Args:
+      hidden_size ... vocab_size: the model's shape (the flags of the same names).
+      max_positions: the longest sequence the bench runs (prompt + new tokens).
+
+    Returns:
+      Keyword arguments for `transformers.MixtralConfig`: HF's default
+      initialisation, RoPE θ 1e6 as Mixtral, no sliding window, untied lm_head.
+    """
     return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                 num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                 num_local_experts=num_experts, num_experts_per_tok=top_k,
@@ -102,10 +111,16 @@ def parse_batch_sizes(values) -> tuple[int, ...]:
 
 
 def decode_new_tokens(batch: int, new_tokens: int) -> int:
-    """New tokens per decode run at `batch`: the batch-1 count while batch × tokens ≤ 4 × new_tokens.
+    """New tokens per decode run at `batch`.
 
-    Bounds the work (transformers at batch 64 is slow) but keeps at least
-    MIN_DECODE_TOKENS (or new_tokens, if smaller) so the rate spans several steps.
+    Args:
+      batch: decode batch size.
+      new_tokens: new tokens at batch 1 (--new_tokens).
+
+    Returns:
+      new_tokens while batch × new tokens stays within 4 × new_tokens, fewer
+      beyond (transformers at batch 64 is slow), but at least MIN_DECODE_TOKENS
+      (or new_tokens, if smaller) so the rate spans several steps.
     """
     return max(min(new_tokens, MIN_DECODE_TOKENS), min(new_tokens, 4 * new_tokens // batch))
 
@@ -115,6 +130,13 @@ def active_bytes_per_token(cfg, itemsize: int) -> int:
 
     The embedding is a gather of one row per token; every other active weight
     (attention, router, the top-k experts, norms, the whole lm_head) is read in full.
+
+    Args:
+      cfg: a `MixtralConfig`.
+      itemsize: bytes per parameter (4 for float32).
+
+    Returns:
+      Bytes per token at batch 1.
     """
     import mixtral_jax as mj
 
@@ -127,6 +149,13 @@ def prefill_useful_flops(cfg, tokens: int) -> int:
     2 × active weights per token for every layer weight (embedding excluded),
     the lm_head only for the last token (only its logits are needed), and
     causal attention: scores and values, 2 × 2 × H × Dh per (query, visible key) pair.
+
+    Args:
+      cfg: a `MixtralConfig`.
+      tokens: prompt length.
+
+    Returns:
+      The FLOP count.
     """
     import mixtral_jax as mj
 
@@ -206,6 +235,15 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _l3_cache() -> str | None:
+    """The L3 cache size as the kernel states it (e.g. "266240K"), or None."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _meminfo_bytes(field: str) -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -248,13 +286,13 @@ class OtherLoad:
 
 
 def machine_facts() -> dict[str, Any]:
-    """nproc, CPU model, memory and the versions that matter."""
+    """nproc, CPU model, L3 size, memory and the versions that matter."""
     import jax
     import torch
     import transformers
 
     mem = _meminfo_bytes("MemTotal")
-    return {"nproc": os.cpu_count(), "cpu": _cpu_model(), "memory_gib": None if mem is None else round(mem / 2**30, 1),
+    return {"nproc": os.cpu_count(), "cpu": _cpu_model(), "l3_cache": _l3_cache(), "memory_gib": None if mem is None else round(mem / 2**30, 1),
             "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__}
 
@@ -618,7 +656,8 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
                     "matmul_fraction": useful / med("prefill/ours") / 1e9 / matmul, "compile_s": compile_s["prefill"]},
         "decode": decode,
         "decode_prompt_len": settings.decode_prompt_len,
-        "roofline": {"tok_s": roofline, "fraction": _ratio(sparse_rate, roofline)},
+        "roofline": {"tok_s": roofline, "fraction": _ratio(sparse_rate, roofline),
+                     "theirs_fraction": _ratio(decode[0]["theirs_tok_s"], roofline)},
         "sparse_gain": {"sparse_tok_s": sparse_rate, "dense_tok_s": dense_rate, "dense_new_tokens": sides.dense_new,
                         "gain": _ratio(sparse_rate, dense_rate), "dense_compile_s": compile_s["dense"]},
         "tokens_match": decode[0]["tokens_match"],
@@ -680,8 +719,8 @@ def render_table(r: dict[str, Any]) -> str:
         "", "| derived | value | target |", "|---|---|---|",
         f"| decode roofline fraction, batch 1 | {_fmt(roof['fraction'], '.0%')}{_verdict(roof['fraction'], t['roofline_fraction'])}"
         f" of {_fmt(roof['tok_s'])} tok/s = {_fmt(host['matvec_gb_s'])} GB/s ÷ "
-        f"{r['model']['active_bytes_per_token'] / 1e6:.0f} MB active weights per token | "
-        f"≥ {t['roofline_fraction']:.0%} |",
+        f"{r['model']['active_bytes_per_token'] / 1e6:.0f} MB active weights per token "
+        f"(transformers: {_fmt(roof['theirs_fraction'], '.0%')}) | ≥ {t['roofline_fraction']:.0%} |",
         f"| sparse gain, batch 1 | {_times(sg['gain'])}{_verdict(sg['gain'], t['sparse_gain'])}: "
         f"{_fmt(sg['sparse_tok_s'])} tok/s vs {_fmt(sg['dense_tok_s'])} tok/s computing all "
         f"{r['model']['hf_config']['num_local_experts']} experts ({sg['dense_new_tokens']} new) | "
@@ -701,7 +740,7 @@ def render_table(r: dict[str, Any]) -> str:
         f"| host: XLA f32 matvec, {host['matvec_weight_mb']:.0f} MB weight | {_fmt(host['matvec_gb_s'])} GB/s | |",
         f"| host: XLA f32 matmul {'×'.join(map(str, host['matmul_shape']))} | {_fmt(host['matmul_gflop_s'], '.0f')} "
         "GFLOP/s | |",
-        f"| load average (1/5/15 min) at start; at end | {' / '.join(f'{v:.2f}' for v in load[0])}; "
+        f"| load average (1/5/15 min) before the run; after it (includes the bench) | {' / '.join(f'{v:.2f}' for v in load[0])}; "
         f"{' / '.join(f'{v:.2f}' for v in load[1])} | |",
         f"| other processes' CPU during timed runs | {_fmt(host['other_processes_cores'], '.2f')} cores | |",
     ]
@@ -791,7 +830,8 @@ def write_markdown(r: dict[str, Any], path: str, png_name: str) -> None:
 
 `{r['command']}` on {r['date']}.
 
-- Machine: {m['nproc']} CPU cores ({m['cpu']}), {m['memory_gib']} GiB memory, jax backend `{r['jax_backend']}`.
+- Machine: {m['nproc']} CPU cores ({m['cpu']}, L3 {m['l3_cache'] or 'unknown'}), {m['memory_gib']} GiB memory,
+  jax backend `{r['jax_backend']}`.
 - Versions: python {m['python']}, jax {m['jax']}, torch {m['torch']}, transformers {m['transformers']}.
 - Model (random weights): {model_line}.
 - {r['repeats']} timed rounds; set-up: {setup}.
@@ -832,7 +872,7 @@ def _define_flags() -> None:
     flags.DEFINE_boolean("skip_transformers", False, "Measure mixtral_jax only.")
     flags.DEFINE_boolean("json", False, "End the output with one JSON line of every number.")
     flags.DEFINE_integer("seed", 0, "Seed of the random weights and prompts.")
-    flags.DEFINE_boolean("quick", False, "Tiny model, few tokens, one repeat: checks the code path in about a minute. "
+    flags.DEFINE_boolean("quick", False, "Tiny model, few tokens, one repeat: runs every code path in under a minute. "
                          "Flags given explicitly still apply.")
 
 
