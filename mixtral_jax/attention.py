@@ -31,20 +31,20 @@ def gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads; softmax in float32.
 
     Args:
-      q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K.
+      q: [B, T, H, Dh]; k, v: [B, K, S, Dh] with H a multiple of K.
       mask: [B, T, S] boolean.
 
     Returns:
       [B, T, H, Dh] in q's dtype.
     """
     b, t, h, dh = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (dh ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, Dh]
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)  # [B, T, K, G, Dh]
     return out.reshape(b, t, h, dh)
 
 
@@ -59,7 +59,7 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         this update, or `positions` without a cache); negative marks empty slots.
       cos, sin: RoPE tables [B, T, Dh].
       sliding_window: None or the window size.
-      cache: optional (k, v), each [B, S, K, Dh], or each [L, B, S, K, Dh]
+      cache: optional (k, v), each [B, K, S, Dh], or each [L, B, K, S, Dh]
         when `layer` is given; x's keys and values are written at slots
         [cache_index, cache_index + T) (of `layer`), in place.
       cache_index: scalar int slot where x's first token goes.
@@ -73,21 +73,25 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     v = jnp.einsum("BTD,DKH->BTKH", x, p["wv"])  # [B, T, K, Dh]
     q = layers.apply_rope(q, cos, sin)
     k = layers.apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]: the cache's order
     if cache is None:
         new_cache = None
     else:
         ck, cv = cache
         if layer is None:
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
             k, v = ck, cv
         else:
             zero = jnp.zeros((), jnp.int32)
-            at = (layer, zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+            at = (layer, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             k, v = ck[layer], cv[layer]
         new_cache = (ck, cv)
     mask = attention_mask(positions, k_pos, sliding_window)
     out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return jnp.einsum("BTNH,NHD->BTD", out, p["wo"]), new_cache
+    b, t, h, dh = out.shape
+    # As one [H*Dh, D] matrix: XLA:CPU copies a 3-D [H, Dh, D] weight before the dot.
+    wo = p["wo"].reshape(h * dh, -1)
+    return jnp.einsum("BTF,FD->BTD", out.reshape(b, t, h * dh), wo), new_cache
