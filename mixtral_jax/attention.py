@@ -7,6 +7,11 @@ import jax.numpy as jnp
 
 from mixtral_jax import layers
 
+# Prefill splits the queries into chunks of this many tokens; chunk i attends
+# only to the slots up to its own end (causal), which skips about half of the
+# score matrix and keeps each chunk's scores in cache.
+QUERY_CHUNK = 128
+
 # A finite mask value: a row with every key masked (a padding query) yields a
 # uniform average instead of NaN, and its output is never used.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
@@ -31,21 +36,41 @@ def gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Scaled dot-product attention with grouped kv heads; softmax in float32.
 
     Args:
-      q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with H a multiple of K.
+      q: [B, T, H, Dh]; k, v: [B, K, S, Dh] with H a multiple of K.
       mask: [B, T, S] boolean.
 
     Returns:
       [B, T, H, Dh] in q's dtype.
     """
     b, t, h, dh = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, dh)  # [B, T, K, G, Dh]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (dh ** -0.5)
+    kv, g = k.shape[1], h // k.shape[1]
+    # Query heads of a group next to each other, (B, K) leading: plain batched matmuls on
+    # CPU (an einsum with G and T apart from the batch dims runs ~3x slower there).
+    qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)  # [B, K, G*T, Dh]
+    scores = jnp.einsum("BKQH,BKSH->BKQS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv, g, t, -1) * (dh ** -0.5)  # [B, K, G, T, S]
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, Dh]
-    return out.reshape(b, t, h, dh)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, G*T, Dh]
+    return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool):
+    """gqa with its mask; with `prefix` (query t sits at slot t), causal query chunks.
+
+    Args:
+      q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; q_pos [B, T]; k_pos [B, S].
+      prefix: the queries occupy slots [0, T) of k / v, so chunk [a, b) needs slots [0, b) only.
+    """
+    t = q.shape[1]
+    if not prefix:
+        return gqa(q, k, v, attention_mask(q_pos, k_pos, sliding_window))
+    outs = []
+    for start in range(0, t, QUERY_CHUNK):
+        end = min(start + QUERY_CHUNK, t)
+        mask = attention_mask(q_pos[:, start:end], k_pos[:, :end], sliding_window)
+        outs.append(gqa(q[:, start:end], k[:, :, :end], v[:, :, :end], mask))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None):
@@ -59,7 +84,7 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         this update, or `positions` without a cache); negative marks empty slots.
       cos, sin: RoPE tables [B, T, Dh].
       sliding_window: None or the window size.
-      cache: optional (k, v), each [B, S, K, Dh], or each [L, B, S, K, Dh]
+      cache: optional (k, v), each [B, K, S, Dh], or each [L, B, K, S, Dh]
         when `layer` is given; x's keys and values are written at slots
         [cache_index, cache_index + T) (of `layer`), in place.
       cache_index: scalar int slot where x's first token goes.
@@ -73,21 +98,27 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     v = jnp.einsum("BTD,DKH->BTKH", x, p["wv"])  # [B, T, K, Dh]
     q = layers.apply_rope(q, cos, sin)
     k = layers.apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]: the cache's order
     if cache is None:
         new_cache = None
     else:
         ck, cv = cache
         if layer is None:
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
             k, v = ck, cv
         else:
             zero = jnp.zeros((), jnp.int32)
-            at = (layer, zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+            at = (layer, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             k, v = ck[layer], cv[layer]
         new_cache = (ck, cv)
-    mask = attention_mask(positions, k_pos, sliding_window)
-    out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-    return jnp.einsum("BTNH,NHD->BTD", out, p["wo"]), new_cache
+    # The prompt's own slots start at 0 when there is no cache or a prefill writes from slot 0:
+    # then query i never sees a slot past i, and later slots (empty) need not be read at all.
+    prefix = cache is None or (isinstance(cache_index, int) and cache_index == 0)
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix)
+    b, t, h, dh = out.shape
+    # As one [H*Dh, D] matrix: XLA:CPU copies a 3-D [H, Dh, D] weight before the dot.
+    wo = p["wo"].reshape(h * dh, -1)
+    return jnp.einsum("BTF,FD->BTD", out.reshape(b, t, h * dh), wo), new_cache

@@ -53,11 +53,11 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None,
                layout: str = "stacked") -> dict[str, jax.Array]:
-    """An empty KV cache: k, v [L, B, S, K, Dh] in `dtype`; pos [B, S] int32, -1 = empty slot.
+    """An empty KV cache: k, v [L, B, K, S, Dh] in `dtype`; pos [B, S] int32, -1 = empty slot.
 
     With `mesh`, created directly in `sharding.cache_shardings` (never whole on one device).
     With layout "per_expert" (the params' layout), k and v are lists of L
-    [B, S, K, Dh] buffers instead, one per unrolled layer.
+    [B, K, S, Dh] buffers instead, one per unrolled layer.
     """
     shapes = sharding.cache_shapes(cfg, batch, max_len)
     if layout == "per_expert":

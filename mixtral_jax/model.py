@@ -259,8 +259,8 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       positions: [B, T] absolute positions.
       cfg: model config (static).
       strategy: MoE dispatch strategy.
-      cache: optional (k, v): each [L, B, S, K, Dh] for stacked params, a list
-        of L [B, S, K, Dh] for per_expert; updated in place at slots
+      cache: optional (k, v): each [L, B, K, S, Dh] for stacked params, a list
+        of L [B, K, S, Dh] for per_expert; updated in place at slots
         [cache_index, cache_index + T).
       cache_index: scalar slot of the first token when `cache` is given.
       k_pos: [B, S] key positions (negative: empty) when `cache` is given.

@@ -30,7 +30,10 @@ STRATEGIES = ("dense", "sparse")
 # runs once on all of them, masked (a decode step); beyond, tokens are grouped
 # by expert and run in row blocks (a prefill).
 MASKED_MAX_TOKENS = 16
-BIG_BLOCK, SMALL_BLOCK = 128, 16
+# Row blocks of the grouped path, largest first: each group runs as many
+# blocks of 128 as fit, then at most one block of each smaller size, so a
+# group pads fewer than 16 rows and most rows run in big, fast matmuls.
+BLOCK_SIZES = (128, 64, 32, 16)
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -322,10 +325,10 @@ def moe_per_expert_grouped(x, p, k):
     """Tokens grouped by expert, each group run in row blocks through its expert's buffers.
 
     Assignments are sorted by expert; expert e's rows are the contiguous range
-    [start_e, start_e + count_e) and run in blocks of BIG_BLOCK rows, then the
-    remainder in blocks of SMALL_BLOCK (padding per expert < SMALL_BLOCK rows).
-    A block may run past its group into the next one's rows; experts go in
-    order, so the next expert overwrites them. Dropless. x [N, D] → [N, D].
+    [start_e, start_e + count_e) and run in blocks of BLOCK_SIZES rows, largest
+    first (padding per expert < the smallest size). A block may run past its
+    group into the next one's rows; experts go in order, so the next expert
+    overwrites them. Dropless. x [N, D] → [N, D].
     """
     n, d = x.shape
     weights, experts = route(x, p["router"], k)
@@ -334,8 +337,9 @@ def moe_per_expert_grouped(x, p, k):
     order = jnp.argsort(flat_e, stable=True)
     sizes = jnp.bincount(flat_e, length=len(p["experts"]))
     starts = jnp.cumsum(sizes) - sizes
-    xs = jnp.zeros((a + BIG_BLOCK, d), x.dtype).at[:a].set(x[order // k])
-    ys = jnp.zeros((a + BIG_BLOCK, d), x.dtype)
+    pad = BLOCK_SIZES[0]
+    xs = jnp.zeros((a + pad, d), x.dtype).at[:a].set(x[order // k])
+    ys = jnp.zeros((a + pad, d), x.dtype)
 
     def run_blocks(ys, w, first_row, num_blocks, size):
         def block(i, ys):
@@ -345,10 +349,12 @@ def moe_per_expert_grouped(x, p, k):
         return jax.lax.fori_loop(0, num_blocks, block, ys)
 
     for e, w in enumerate(p["experts"]):
-        big = sizes[e] // BIG_BLOCK
-        ys = run_blocks(ys, w, starts[e], big, BIG_BLOCK)
-        rest = sizes[e] - big * BIG_BLOCK
-        ys = run_blocks(ys, w, starts[e] + big * BIG_BLOCK, (rest + SMALL_BLOCK - 1) // SMALL_BLOCK, SMALL_BLOCK)
+        row, rest = starts[e], sizes[e]
+        for size in BLOCK_SIZES:
+            # The smallest size also takes the last partial block.
+            blocks = rest // size if size != BLOCK_SIZES[-1] else (rest + size - 1) // size
+            ys = run_blocks(ys, w, row, blocks, size)
+            row, rest = row + blocks * size, jnp.maximum(rest - blocks * size, 0)
     y = jnp.zeros((a, d), x.dtype).at[order].set(ys[:a])
     return combine(y.reshape(n, k, d), weights, x.dtype)
 

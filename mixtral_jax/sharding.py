@@ -55,10 +55,11 @@ REPLICATED_IF_INDIVISIBLE = frozenset({"kv_heads", "batch", "vocab"})
 # Config fields behind the logical axes a mesh must divide (named in errors).
 CONFIG_FIELDS = {"experts": "num_local_experts", "heads": "num_attention_heads", "ffn": "intermediate_size"}
 
-# KV cache layout (generate.init_cache): k, v [L, B, S, K, Dh]; pos [B, S] (-1 = empty slot).
+# KV cache layout (generate.init_cache): k, v [L, B, K, S, Dh]; pos [B, S] (-1 = empty slot).
+# Heads before slots: the attention dots batch over (B, K), so no transpose of the cache.
 CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "k": ("layers", "batch", "seq", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "seq", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "seq", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "seq", "head_dim"),
     "pos": ("batch", "seq"),
 }
 
@@ -115,8 +116,8 @@ def constrain(x: jax.Array, mesh: Mesh | None, axes: Sequence[str | None]) -> ja
 
 
 def cache_shapes(cfg: MixtralConfig, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the KV cache entries: k, v [L, B, S, K, Dh]; pos [B, S]."""
-    kv = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    """Shapes of the KV cache entries: k, v [L, B, K, S, Dh]; pos [B, S]."""
+    kv = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return {"k": kv, "v": kv, "pos": (batch, max_len)}
 
 

@@ -73,6 +73,14 @@ def test_decode_logits_equal_full_forward(window):
             np.testing.assert_allclose(np.asarray(logits)[row], full[len(p) - 1 + i], rtol=1e-4, atol=1e-4)
 
 
+def test_long_prompt_greedy_matches_transformers():
+    # The prefill's causal query chunks, then decode past them (per_expert layout, the CPU default).
+    hf = testing.hf_model(seed=6, max_position_embeddings=512, num_hidden_layers=1)
+    model = testing.our_model(hf, "per_expert")
+    prompts = _prompts([290, 140], model.cfg.vocab_size, seed=9)
+    assert mj.generate(model, prompts, max_new_tokens=5, stop_tokens=[]) == [_hf_greedy(hf, p, 5) for p in prompts]
+
+
 def test_no_recompile_inside_bucket():
     _, model = _pair()
     v = model.cfg.vocab_size

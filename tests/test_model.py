@@ -209,7 +209,7 @@ def test_moe_per_expert_grouped_skewed_big_and_small_blocks():
     ours = jax.jit(lambda x, p: moe.moe_per_expert_grouped(x, p, 2))(x, _per_expert(p))
     np.testing.assert_allclose(ours, routed, rtol=1e-4, atol=1e-5)
     counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
-    assert counts.max() > moe.BIG_BLOCK + moe.SMALL_BLOCK  # the case really has big + small blocks
+    assert counts.max() > sum(moe.BLOCK_SIZES)  # the case really has big + small blocks
 
 
 def test_masked_decode_skips_unchosen_experts():
@@ -264,6 +264,17 @@ def test_logits_match_transformers(case, layout):
         logits = mj.forward(model, tokens, strategy=strategy)
         assert logits.dtype == jnp.float32 and logits.shape == (2, 12, cfg.vocab_size)
         assert testing.rel_err(logits, ref) <= 1e-4, strategy
+
+
+@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
+@pytest.mark.parametrize("window", [None, 100])
+def test_long_prompt_chunked_attention_matches_transformers(layout, window):
+    # 300 tokens: prefill attention runs in causal query chunks of attention.QUERY_CHUNK (128).
+    hf = testing.hf_model(seed=4, max_position_embeddings=512, sliding_window=window, num_hidden_layers=1)
+    model = testing.our_model(hf, layout)
+    tokens = np.random.RandomState(1).randint(0, model.cfg.vocab_size, (1, 300))
+    assert 300 > 2 * attention.QUERY_CHUNK
+    assert testing.rel_err(mj.forward(model, tokens), testing.hf_logits(hf, tokens)) <= 1e-4
 
 
 def test_init_random_dtype_and_eval_shape():

@@ -104,9 +104,9 @@ def test_init_random_sharded_params_and_cache(spec):
     batch = {"expert=8": None, "expert=4,tensor=2": "expert", "data=2,expert=2,tensor=2": ("data", "expert"),
              "expert=2,tensor=4": "expert"}[spec]
     P = jax.sharding.PartitionSpec
-    assert cache["k"].sharding.spec == cache["v"].sharding.spec == P(None, batch, None, kv_axis, None)
+    assert cache["k"].sharding.spec == cache["v"].sharding.spec == P(None, batch, kv_axis, None, None)
     assert cache["pos"].sharding.spec == P(batch, None)
-    assert cache["k"].shape == (cfg.num_hidden_layers, 4, 32, cfg.num_key_value_heads, cfg.head_dim)
+    assert cache["k"].shape == (cfg.num_hidden_layers, 4, cfg.num_key_value_heads, 32, cfg.head_dim)
     assert (np.asarray(cache["pos"]) == -1).all()
 
 
@@ -116,7 +116,7 @@ def test_kv_heads_shard_when_tensor_divides_them():
     P = jax.sharding.PartitionSpec
     assert shardings["layers"]["wk"].spec == P(None, None, "tensor", None)
     assert sharding.cache_shardings(cfg, 2, 8, mj.make_mesh("expert=2,tensor=4"))["k"].spec == P(
-        None, "expert", None, "tensor", None)
+        None, "expert", "tensor", None, None)
 
 
 def test_batch_splits_over_data_then_expert_as_far_as_it_divides():
