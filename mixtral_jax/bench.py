@@ -604,8 +604,8 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
             wait_quiet(settings.quiet_wait_s)
             # The host reference is sampled next to every measurement: its median sees the same load.
             bandwidth, gflops = probe.sample()
-            sides.samples.add("host/bandwidth", bandwidth)
-            sides.samples.add("host/matmul", gflops)
+            sides.samples.add("host/matvec_gb_s", bandwidth)
+            sides.samples.add("host/matmul_gflop_s", gflops)
             # Alternate which side goes first, so drift in the machine's load favours neither.
             for call in ((ours, theirs) if rep % 2 == 0 else (theirs, ours)):
                 if call is not None:
@@ -623,7 +623,7 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
                                      sides.new[b] - 1)
 
     med = sides.samples.median
-    bandwidth, matmul = med("host/bandwidth"), med("host/matmul")
+    bandwidth, matmul = med("host/matvec_gb_s"), med("host/matmul_gflop_s")
     active_bytes = active_bytes_per_token(cfg, itemsize)
     roofline = bandwidth * 1e9 / active_bytes
     prefill_ours = settings.prompt_len / med("prefill/ours")
@@ -669,6 +669,7 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
             "experts_implementation": getattr(hf.config, "_experts_implementation", None),
             "torch_threads": torch.get_num_threads()},
         "repeats": settings.repeats,
+        "samples": sides.samples.values,  # every timed sample: seconds, but host/* in the unit its name says
         "setup_s": setup,
         "jax_backend": jax.default_backend(),
         "targets": TARGETS,

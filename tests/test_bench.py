@@ -48,6 +48,7 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
     assert counts["end"] == counts["after_warmup"] and out["recompiles_during_timed_runs"] == 0
     assert counts["after_warmup"]["prefill"] > counts["start"]["prefill"]
     assert out["transformers"]["attn_implementation"] and out["machine"]["nproc"] >= 1
+    assert len(out["samples"]["decode4/ours"]) == 1 and len(out["samples"]["host/matvec_gb_s"]) == 4
     # The printed table, the markdown file and the plot.
     assert "| decode tok/s, batch 4 (8-token prompts, 8 new) |" in r.stdout
     md = (tmp_path / "benchmarks.md").read_text()
