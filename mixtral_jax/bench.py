@@ -292,9 +292,9 @@ def machine_facts() -> dict[str, Any]:
     import transformers
 
     mem = _meminfo_bytes("MemTotal")
-    return {"nproc": os.cpu_count(), "cpu": _cpu_model(), "l3_cache": _l3_cache(), "memory_gib": None if mem is None else round(mem / 2**30, 1),
-            "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {"nproc": os.cpu_count(), "cpu": _cpu_model(), "l3_cache": _l3_cache(),
+            "memory_gib": None if mem is None else round(mem / 2**30, 1), "python": platform.python_version(),
+            "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +332,8 @@ class HostProbe:
 
     def sample(self) -> tuple[float, float]:
         """One sample: (matvec GB/s, matmul GFLOP/s), each the median of PROBE_CALLS calls."""
-        return self.weight_bytes / self._time(self.x, self.w) / 1e9, self.matmul_flops / self._time(self.a, self.b) / 1e9
+        gb_s = self.weight_bytes / self._time(self.x, self.w) / 1e9
+        return gb_s, self.matmul_flops / self._time(self.a, self.b) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,15 +392,20 @@ def _say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _check_memory(cfg, itemsize: int) -> None:
+def _check_resources(cfg, itemsize: int, workdir: str) -> None:
+    """Refuses, in one sentence, a model whose weights do not fit this host's memory or the workdir's disk."""
     import mixtral_jax as mj
 
+    weights = mj.param_count(cfg)["total"] * itemsize
     # Peak: our weights + transformers' weights, plus one more copy while the HF model is created and saved.
-    need = 3 * mj.param_count(cfg)["total"] * itemsize
-    have = _meminfo_bytes("MemAvailable")
+    need, have = 3 * weights, _meminfo_bytes("MemAvailable")
     if have is not None and need > 0.9 * have:
         raise UsageError(f"this model needs about {need / 1e9:.1f} GB of host memory but {have / 1e9:.1f} GB is "
                          "available; choose a smaller model (e.g. fewer --num_layers or a smaller --hidden_size).")
+    free = shutil.disk_usage(workdir).free
+    if 2 * weights > free:  # the HF checkpoint and its conversion
+        raise UsageError(f"the two checkpoints need {2 * weights / 1e9:.1f} GB of disk but {workdir} has "
+                         f"{free / 1e9:.1f} GB free; pass --workdir on a larger disk.")
 
 
 def _prepare_checkpoints(settings: Settings, workdir: str) -> tuple[str, str, dict[str, float]]:
@@ -577,7 +583,7 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
     load_start = os.getloadavg()
     cfg = from_hf_dict(settings.hf_fields, name="bench")
     itemsize = np.dtype(settings.dtype).itemsize
-    _check_memory(cfg, itemsize)
+    _check_resources(cfg, itemsize, workdir)
     model, hf, setup = _load_sides(settings, workdir)
     sides = Sides(settings, model, hf, cfg.vocab_size)
     measurements = sides.measurements()
@@ -709,8 +715,9 @@ def render_table(r: dict[str, Any]) -> str:
     match = {True: "yes", False: "NO", None: "not checked"}
     per_batch = ", ".join(f"batch {d['batch']}: {match[d['tokens_match']]}" for d in r["decode"])
     counts = r["compile_counts"]
-    count_text = ", ".join(f"`{name}` {counts['start'][name]} → {counts['after_warmup'][name]} → {counts['end'][name]}"
-                           for name in counts["end"])
+    count_text = ", ".join(
+        f"`{name}` {counts['start'][name]} → {counts['after_warmup'][name]} → {counts['end'][name]}"
+        for name in counts["end"])
     compile_s = ", ".join([f"prefill {p['compile_s']:.1f} s"]
                           + [f"batch {d['batch']} {d['compile_s']:.1f} s" for d in r["decode"]]
                           + [f"dense {sg['dense_compile_s']:.1f} s"])
@@ -718,8 +725,9 @@ def render_table(r: dict[str, Any]) -> str:
     hf = r["transformers"]
     lines += [
         "", "| derived | value | target |", "|---|---|---|",
-        f"| decode roofline fraction, batch 1 | {_fmt(roof['fraction'], '.0%')}{_verdict(roof['fraction'], t['roofline_fraction'])}"
-        f" of {_fmt(roof['tok_s'])} tok/s = {_fmt(host['matvec_gb_s'])} GB/s ÷ "
+        f"| decode roofline fraction, batch 1 | {_fmt(roof['fraction'], '.0%')}"
+        f"{_verdict(roof['fraction'], t['roofline_fraction'])} of {_fmt(roof['tok_s'])} tok/s = "
+        f"{_fmt(host['matvec_gb_s'])} GB/s ÷ "
         f"{r['model']['active_bytes_per_token'] / 1e6:.0f} MB active weights per token "
         f"(transformers: {_fmt(roof['theirs_fraction'], '.0%')}) | ≥ {t['roofline_fraction']:.0%} |",
         f"| sparse gain, batch 1 | {_times(sg['gain'])}{_verdict(sg['gain'], t['sparse_gain'])}: "
@@ -741,8 +749,8 @@ def render_table(r: dict[str, Any]) -> str:
         f"| host: XLA f32 matvec, {host['matvec_weight_mb']:.0f} MB weight | {_fmt(host['matvec_gb_s'])} GB/s | |",
         f"| host: XLA f32 matmul {'×'.join(map(str, host['matmul_shape']))} | {_fmt(host['matmul_gflop_s'], '.0f')} "
         "GFLOP/s | |",
-        f"| load average (1/5/15 min) before the run; after it (includes the bench) | {' / '.join(f'{v:.2f}' for v in load[0])}; "
-        f"{' / '.join(f'{v:.2f}' for v in load[1])} | |",
+        "| load average (1/5/15 min) before the run; after it (includes the bench) | "
+        + "; ".join(" / ".join(f"{v:.2f}" for v in three) for three in load) + " | |",
         f"| other processes' CPU during timed runs | {_fmt(host['other_processes_cores'], '.2f')} cores | |",
     ]
     if hf is not None:
@@ -862,7 +870,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size.")
     flags.DEFINE_integer("prompt_len", 512, "Prompt tokens of the prefill measurement (batch 1).")
     flags.DEFINE_integer("decode_prompt_len", 16, "Prompt tokens of the decode measurements.")
-    flags.DEFINE_integer("new_tokens", 64, "New tokens per decode run at batch 1 (fewer at big batches, see the table).")
+    flags.DEFINE_integer("new_tokens", 64, "New tokens per decode run at batch 1 (fewer at big batches; the table "
+                         "says how many).")
     flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Decode batch sizes.")
     flags.DEFINE_integer("repeats", 3, "Timed repeats of every measurement; medians are reported.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype of both sides.")
