@@ -729,7 +729,9 @@ def render_table(r: dict[str, Any]) -> str:
         f"{_verdict(roof['fraction'], t['roofline_fraction'])} of {_fmt(roof['tok_s'])} tok/s = "
         f"{_fmt(host['matvec_gb_s'])} GB/s ÷ "
         f"{r['model']['active_bytes_per_token'] / 1e6:.0f} MB active weights per token "
-        f"(transformers: {_fmt(roof['theirs_fraction'], '.0%')}) | ≥ {t['roofline_fraction']:.0%} |",
+        f"(transformers: {_fmt(roof['theirs_fraction'], '.0%')}, so {t['decode_ratio']}× transformers would be "
+        f"{_fmt(None if roof['theirs_fraction'] is None else t['decode_ratio'] * roof['theirs_fraction'], '.0%')} "
+        f"of the roofline) | ≥ {t['roofline_fraction']:.0%} |",
         f"| sparse gain, batch 1 | {_times(sg['gain'])}{_verdict(sg['gain'], t['sparse_gain'])}: "
         f"{_fmt(sg['sparse_tok_s'])} tok/s vs {_fmt(sg['dense_tok_s'])} tok/s computing all "
         f"{r['model']['hf_config']['num_local_experts']} experts ({sg['dense_new_tokens']} new) | "
