@@ -77,7 +77,7 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
       mesh_spec: e.g. "expert=8,tensor=8" (axes data, expert, tensor).
       batch: sequences decoded together (B).
       max_seq_len: KV-cache length S (default: the model's max positions).
-      prompt_len: prefill length T (default: min(S, 2048)); prefill attends over all S slots.
+      prompt_len: prefill length T (default: min(S, 2048)); prefill attends over its own T slots.
       dtype: parameter and cache dtype.
       device_memory_gb: memory per device in GiB (2**30 bytes) to check against.
       capacity_factor: expert-parallel capacity (None: dropless).
