@@ -3,9 +3,13 @@
 Dispatch strategies (all numerically equal to a per-expert loop):
   dense   every expert runs on every token; unchosen ones get weight zero.
           The simple reference; cost grows with the number of experts.
-  sparse  assignments are sorted by expert and packed into fixed-size blocks,
-          each block padded so it holds one expert's tokens; only those blocks
-          run. Dropless; cost grows with tokens × top-k, not with experts.
+  sparse  only the chosen experts run. Dropless; cost grows with tokens ×
+          top-k, not with experts. For stacked weights: assignments sorted
+          by expert and packed into per-expert blocks (`moe_sparse`). For
+          per_expert weights (one buffer per expert, the CPU layout): a decode
+          step runs each chosen expert behind a `lax.cond`
+          (`moe_per_expert_masked`); a prefill runs each expert's sorted rows
+          in 128/64/32/16-row blocks (`moe_per_expert_grouped`).
 
 On a mesh of more than one device the block is expert-parallel instead
 (`moe_expert_parallel`): tokens split over every device, all_to_all to the
