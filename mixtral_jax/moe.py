@@ -9,7 +9,8 @@ Dispatch strategies (all numerically equal to a per-expert loop):
           per_expert weights (one buffer per expert, the CPU layout): a decode
           step runs each chosen expert behind a `lax.cond`
           (`moe_per_expert_masked`); a prefill runs each expert's sorted rows
-          in 128/64/32/16-row blocks (`moe_per_expert_grouped`).
+          as one block of the group's size rounded up to 16 rows
+          (`moe_per_expert_grouped`).
 
 On a mesh of more than one device the block is expert-parallel instead
 (`moe_expert_parallel`): tokens split over every device, all_to_all to the
@@ -32,12 +33,18 @@ STRATEGIES = ("dense", "sparse")
 
 # Per-expert layout (one CPU device): up to this many tokens, each used expert
 # runs once on all of them, masked (a decode step); beyond, tokens are grouped
-# by expert and run in row blocks (a prefill).
+# by expert, one block per expert (a prefill).
 MASKED_MAX_TOKENS = 16
-# Row blocks of the grouped path, largest first: each group runs as many
-# blocks of 128 as fit, then at most one block of each smaller size, so a
-# group pads fewer than 16 rows and most rows run in big, fast matmuls.
-BLOCK_SIZES = (128, 64, 32, 16)
+# Grouped path: each expert's sorted rows run as ONE matmul block whose row
+# count is the group size rounded up to GROUP_STEP, picked by a `lax.switch`
+# over the static sizes GROUP_STEP, 2*GROUP_STEP, ..., GROUP_MAX; a group
+# beyond GROUP_MAX first runs whole GROUP_MAX blocks in a loop. One block per
+# expert beats a cascade of 128/64/32/16-row blocks (each re-reads the
+# expert's weights, and small blocks run at half the matmul rate): 111 vs
+# 141 ms for a T=512 layer of the bench model
+# (docs/cpu_probe/results/prefill_groups.txt).
+GROUP_STEP = 16
+GROUP_MAX = 256
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -326,13 +333,15 @@ def moe_per_expert_masked(x, p, k, skip_unused: bool = True):
 
 
 def moe_per_expert_grouped(x, p, k):
-    """Tokens grouped by expert, each group run in row blocks through its expert's buffers.
+    """Tokens grouped by expert; each group runs through its expert's buffers in one block.
 
     Assignments are sorted by expert; expert e's rows are the contiguous range
-    [start_e, start_e + count_e) and run in blocks of BLOCK_SIZES rows, largest
-    first (padding per expert < the smallest size). A block may run past its
-    group into the next one's rows; experts go in order, so the next expert
-    overwrites them. Dropless. x [N, D] → [N, D].
+    [start_e, start_e + count_e). Whole GROUP_MAX-row blocks run first (a loop,
+    usually zero trips); the rest runs as one block of count rounded up to
+    GROUP_STEP rows, its size chosen by `lax.switch` (an empty group runs
+    nothing). A block may run past its group into the next one's rows;
+    experts go in order, so the next expert overwrites them. Dropless.
+    x [N, D] → [N, D].
     """
     n, d = x.shape
     weights, experts = route(x, p["router"], k)
@@ -341,24 +350,22 @@ def moe_per_expert_grouped(x, p, k):
     order = jnp.argsort(flat_e, stable=True)
     sizes = jnp.bincount(flat_e, length=len(p["experts"]))
     starts = jnp.cumsum(sizes) - sizes
-    pad = BLOCK_SIZES[0]
-    xs = jnp.zeros((a + pad, d), x.dtype).at[:a].set(x[order // k])
-    ys = jnp.zeros((a + pad, d), x.dtype)
+    biggest = min(GROUP_MAX, -(-a // GROUP_STEP) * GROUP_STEP)  # no block needs more rows than exist
+    block_rows = list(range(GROUP_STEP, biggest + 1, GROUP_STEP))
+    xs = jnp.zeros((a + biggest, d), x.dtype).at[:a].set(x[order // k])
+    ys = jnp.zeros((a + biggest, d), x.dtype)
 
-    def run_blocks(ys, w, first_row, num_blocks, size):
-        def block(i, ys):
-            r = first_row + i * size
-            rows = jax.lax.dynamic_slice_in_dim(xs, r, size)
-            return jax.lax.dynamic_update_slice_in_dim(ys, expert_ffn_t(rows, w).astype(ys.dtype), r, axis=0)
-        return jax.lax.fori_loop(0, num_blocks, block, ys)
+    def run_block(ys, w, row, rows):
+        block = jax.lax.dynamic_slice_in_dim(xs, row, rows)
+        return jax.lax.dynamic_update_slice_in_dim(ys, expert_ffn_t(block, w).astype(ys.dtype), row, axis=0)
 
     for e, w in enumerate(p["experts"]):
-        row, rest = starts[e], sizes[e]
-        for size in BLOCK_SIZES:
-            # The smallest size also takes the last partial block.
-            blocks = rest // size if size != BLOCK_SIZES[-1] else (rest + size - 1) // size
-            ys = run_blocks(ys, w, row, blocks, size)
-            row, rest = row + blocks * size, jnp.maximum(rest - blocks * size, 0)
+        full = sizes[e] // biggest
+        ys = jax.lax.fori_loop(0, full, lambda i, ys, w=w, e=e: run_block(ys, w, starts[e] + i * biggest, biggest), ys)
+        row, rest = starts[e] + full * biggest, sizes[e] - full * biggest
+        branches = [lambda ys, row: ys] + [
+            lambda ys, row, w=w, rows=rows: run_block(ys, w, row, rows) for rows in block_rows]
+        ys = jax.lax.switch((rest + GROUP_STEP - 1) // GROUP_STEP, branches, ys, row)
     y = jnp.zeros((a, d), x.dtype).at[order].set(ys[:a])
     return combine(y.reshape(n, k, d), weights, x.dtype)
 

@@ -199,17 +199,20 @@ def test_moe_per_expert_matches_loop_reference(strategy, e, k, n):
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
-def test_moe_per_expert_grouped_skewed_big_and_small_blocks():
-    # Most tokens prefer one expert: its group spans several big blocks, a remainder, and
-    # runs past its end into the next groups' rows, which later experts must overwrite.
+def test_moe_per_expert_grouped_skewed_loop_switch_and_empty_groups():
+    # Most tokens prefer one expert: its group runs whole GROUP_MAX blocks in the loop, then a
+    # rounded-up remainder block that runs past its end into the next groups' rows, which later
+    # experts must overwrite; another expert gets no token at all (the switch's empty branch).
     p = _moe_params(8)
-    x = np.random.RandomState(0).randn(300, 32).astype(np.float32)
-    x[:250] += 4 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
+    x = np.random.RandomState(0).randn(600, 32).astype(np.float32)
+    x[:560] += 4 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
+    x -= 6 * p["router"][:, 2] / np.linalg.norm(p["router"][:, 2])
     routed = testing.moe_loop_reference(x, p, 2)
     ours = jax.jit(lambda x, p: moe.moe_per_expert_grouped(x, p, 2))(x, _per_expert(p))
     np.testing.assert_allclose(ours, routed, rtol=1e-4, atol=1e-5)
     counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
-    assert counts.max() > sum(moe.BLOCK_SIZES)  # the case really has big + small blocks
+    assert counts.max() > moe.GROUP_MAX and counts.max() % moe.GROUP_STEP  # loop + partial block
+    assert counts.min() == 0  # an expert nobody chose
 
 
 def test_masked_decode_skips_unchosen_experts():
