@@ -335,12 +335,14 @@ def moe_per_expert_masked(x, p, k, skip_unused: bool = True):
 def moe_per_expert_grouped(x, p, k):
     """Tokens grouped by expert; each group runs through its expert's buffers in one block.
 
-    Assignments are sorted by expert; expert e's rows are the contiguous range
-    [start_e, start_e + count_e). Whole GROUP_MAX-row blocks run first (a loop,
-    usually zero trips); the rest runs as one block of count rounded up to
-    GROUP_STEP rows, its size chosen by `lax.switch` (an empty group runs
-    nothing). A block may run past its group into the next one's rows;
-    experts go in order, so the next expert overwrites them. Dropless.
+    Assignments are sorted by expert; expert e's are the contiguous range
+    [start_e, start_e + count_e) of that order. Whole GROUP_MAX-row blocks of
+    big groups run first (one loop for all experts, usually zero trips); the
+    rest of each group runs as one block of its count
+    rounded up to GROUP_STEP rows, its size chosen by `lax.switch` (an empty
+    group runs nothing). A block gathers its tokens' rows, runs the expert, and
+    scatter-adds the gate-weighted result into the output in float32; rows past
+    the group point at an extra zero row, whose output is dropped. Dropless.
     x [N, D] → [N, D].
     """
     n, d = x.shape
@@ -351,23 +353,42 @@ def moe_per_expert_grouped(x, p, k):
     sizes = jnp.bincount(flat_e, length=len(p["experts"]))
     starts = jnp.cumsum(sizes) - sizes
     biggest = min(GROUP_MAX, -(-a // GROUP_STEP) * GROUP_STEP)  # no block needs more rows than exist
-    block_rows = list(range(GROUP_STEP, biggest + 1, GROUP_STEP))
-    xs = jnp.zeros((a + biggest, d), x.dtype).at[:a].set(x[order // k])
-    ys = jnp.zeros((a + biggest, d), x.dtype)
+    # Token row and gate of each sorted assignment, padded so a block's slice never runs off the end.
+    tokens = jnp.concatenate([order // k, jnp.full((biggest,), n, order.dtype)])
+    gates = jnp.concatenate([weights.reshape(-1)[order], jnp.zeros((biggest,), jnp.float32)])
+    x_pad = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])  # row n: the target of padding rows
+    out = jnp.zeros((n + 1, d), jnp.float32)
 
-    def run_block(ys, w, row, rows):
-        block = jax.lax.dynamic_slice_in_dim(xs, row, rows)
-        return jax.lax.dynamic_update_slice_in_dim(ys, expert_ffn_t(block, w).astype(ys.dtype), row, axis=0)
+    def block_rows(row, count):
+        # Sorted assignments [row, row + biggest): token ids (from `count` on: the zero row) and gates.
+        t = jnp.where(jnp.arange(biggest) < count, jax.lax.dynamic_slice_in_dim(tokens, row, biggest), n)
+        return t, jax.lax.dynamic_slice_in_dim(gates, row, biggest)
 
+    def ffn_first(xb, w, rows):
+        # Expert w on the first `rows` rows of xb [biggest, D], zero-padded back to biggest rows.
+        return jnp.pad(expert_ffn_t(xb[:rows], w), ((0, biggest - rows), (0, 0)))
+
+    def add_block(out, t, g, y):
+        return out.at[t].add(y.astype(jnp.float32) * g[:, None])
+
+    # Groups over `biggest` rows: their whole blocks first, all experts' in one loop (usually empty).
+    full = sizes // biggest
+    full_end = jnp.cumsum(full)
+
+    def full_block(i, out):
+        e = jnp.searchsorted(full_end, i, side="right")
+        t, g = block_rows(starts[e] + (i - full_end[e] + full[e]) * biggest, biggest)
+        y = jax.lax.switch(e, [lambda xb, w=w: expert_ffn_t(xb, w) for w in p["experts"]], x_pad[t])
+        return add_block(out, t, g, y)
+
+    out = jax.lax.fori_loop(0, full_end[-1], full_block, out)
     for e, w in enumerate(p["experts"]):
-        full = sizes[e] // biggest
-        ys = jax.lax.fori_loop(0, full, lambda i, ys, w=w, e=e: run_block(ys, w, starts[e] + i * biggest, biggest), ys)
-        row, rest = starts[e] + full * biggest, sizes[e] - full * biggest
-        branches = [lambda ys, row: ys] + [
-            lambda ys, row, w=w, rows=rows: run_block(ys, w, row, rows) for rows in block_rows]
-        ys = jax.lax.switch((rest + GROUP_STEP - 1) // GROUP_STEP, branches, ys, row)
-    y = jnp.zeros((a, d), x.dtype).at[order].set(ys[:a])
-    return combine(y.reshape(n, k, d), weights, x.dtype)
+        rest = sizes[e] - full[e] * biggest
+        t, g = block_rows(starts[e] + full[e] * biggest, rest)
+        branches = [lambda xb: jnp.zeros_like(xb)] + [
+            lambda xb, w=w, rows=rows: ffn_first(xb, w, rows) for rows in range(GROUP_STEP, biggest + 1, GROUP_STEP)]
+        out = add_block(out, t, g, jax.lax.switch((rest + GROUP_STEP - 1) // GROUP_STEP, branches, x_pad[t]))
+    return out[:n].astype(x.dtype)
 
 
 def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None):
