@@ -226,13 +226,19 @@ def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64,
     stops = np.array(sorted({model.cfg.eos_token_id} if stop_tokens is None else set(stop_tokens)), np.int64)
     n = len(prompts) if isinstance(prompts, Sequence) else 0
     done = np.zeros((n,), bool)
-    for nxt, _ in decode_loop(model, prompts, max_new_tokens, sampling, seed, strategy, capacity_factor):
-        new = np.asarray(nxt)[:n].astype(np.int64)
+    steps = decode_loop(model, prompts, max_new_tokens, sampling, seed, strategy, capacity_factor)
+    pending = next(steps, None)
+    while pending is not None:
+        # Dispatch the next step before reading this one's tokens: the device never waits for
+        # the host. If every row stops here, that one step was computed for nothing.
+        following = next(steps, None)
+        new = np.asarray(pending[0])[:n].astype(np.int64)
         out = np.where(done, -1, new)
         done |= np.isin(new, stops)
         yield out
         if done.all():
             return
+        pending = following
 
 
 def generate(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
