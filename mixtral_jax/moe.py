@@ -40,9 +40,8 @@ MASKED_MAX_TOKENS = 16
 # over the static sizes GROUP_STEP, 2*GROUP_STEP, ..., GROUP_MAX; a group
 # beyond GROUP_MAX first runs whole GROUP_MAX blocks in a loop. One block per
 # expert beats a cascade of 128/64/32/16-row blocks (each re-reads the
-# expert's weights, and small blocks run at half the matmul rate): 111 vs
-# 141 ms for a T=512 layer of the bench model
-# (docs/cpu_probe/results/prefill_groups.txt).
+# expert's weights, and small blocks run slower): 102.5 vs 107.6 ms for a
+# T=512 layer of the bench model (docs/cpu_probe/results/prefill_groups.txt).
 GROUP_STEP = 16
 GROUP_MAX = 256
 

@@ -2,8 +2,10 @@
 
 Times one MoE layer of the bench model (T=512 tokens, top-2 of 8) three ways,
 interleaved, on the same routing:
-  cascade   the previous dispatch: each expert's sorted rows in blocks of
-            128/64/32/16 rows (up to 4 matmul blocks per expert);
+  cascade0  the previous dispatch: each expert's sorted rows in blocks of
+            128/64/32/16 rows (up to 4 matmul blocks per expert), with the
+            previous token-major expert FFN (x @ Wᵀ);
+  cascade   the same cascade with today's feature-major `moe.expert_ffn_t`;
   switch16  `moe.moe_per_expert_grouped` as shipped: one block per expert of
             its size rounded up to 16 rows (GROUP_STEP=16);
   switch32  the same with 32-row steps.
@@ -26,7 +28,12 @@ from mixtral_jax import moe as M
 CASCADE = (128, 64, 32, 16)
 
 
-def cascade(x, p, k):
+def ffn_token_major(x, w):
+    h = jax.nn.silu(jnp.einsum("ND,FD->NF", x, w["w1"])) * jnp.einsum("ND,FD->NF", x, w["w3"])
+    return jnp.einsum("NF,DF->ND", h, w["w2"])
+
+
+def cascade(x, p, k, ffn=M.expert_ffn_t):
     n, d = x.shape
     weights, experts = M.route(x, p["router"], k)
     flat_e = experts.reshape(-1)
@@ -41,7 +48,7 @@ def cascade(x, p, k):
         def block(i, ys):
             r = first_row + i * size
             rows = jax.lax.dynamic_slice_in_dim(xs, r, size)
-            return jax.lax.dynamic_update_slice_in_dim(ys, M.expert_ffn_t(rows, w), r, axis=0)
+            return jax.lax.dynamic_update_slice_in_dim(ys, ffn(rows, w), r, axis=0)
         return jax.lax.fori_loop(0, num_blocks, block, ys)
 
     for e, w in enumerate(p["experts"]):
@@ -72,7 +79,8 @@ def main():
     ref = jax.jit(lambda x, p: M.moe_per_expert_masked(x, p, k, skip_unused=False))(x, lp)
     _, e = M.route(x, lp["router"], k)
     print("tokens per expert:", np.bincount(np.asarray(e).ravel(), minlength=len(lp["experts"])))
-    fns = {"cascade": cascade, "switch16": with_step(16), "switch32": with_step(32)}
+    fns = {"cascade0": lambda x, p, k: cascade(x, p, k, ffn_token_major), "cascade": cascade,
+           "switch16": with_step(16), "switch32": with_step(32)}
     fns = {n: jax.jit(lambda x, p, f=f: f(x, p, k)) for n, f in fns.items()}
     for n, f in fns.items():
         print(f"{n}: relative error vs all-experts reference "
