@@ -204,9 +204,7 @@ class Mixtral(nnx.Module):
     def __init__(self, cfg: MixtralConfig, params: Params, mesh=None):
         self.cfg = cfg
         self.mesh = mesh
-        self.layout = layout_of(params)
-        if self.layout == "per_expert" and mesh is not None and mesh.size > 1:
-            raise ValueError("the per_expert layout runs on one device; use layout='stacked' with a mesh.")
+        self.layout = check_layout(layout_of(params), mesh)
         self.embed = nnx.Param(params["embed"])
         self.layers = _to_nnx(params["layers"])
         self.final_norm = nnx.Param(params["final_norm"])

@@ -295,3 +295,13 @@ def test_init_random_dtype_and_eval_shape():
     np.testing.assert_array_equal(layers[1]["wq"], model.params()["layers"]["wq"][1])
     logits = mj.forward(model, np.array([[1, 2, 3]]))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_per_expert_layout_on_a_mesh_is_one_clear_error():
+    cfg = mj.load_config("tiny")
+    mesh = mj.make_mesh("expert=2")
+    with pytest.raises(ValueError, match="per_expert.*one device"):
+        mj.init_random(cfg, mesh=mesh, layout="per_expert")
+    per_expert = mj.init_random(cfg, layout="per_expert").params()
+    with pytest.raises(ValueError, match="per_expert.*one device"):
+        Mixtral(cfg, per_expert, mesh)
