@@ -299,7 +299,7 @@ def test_init_random_dtype_and_eval_shape():
 
 def test_per_expert_layout_on_a_mesh_is_one_clear_error():
     cfg = mj.load_config("tiny")
-    mesh = mj.make_mesh("expert=2")
+    mesh = mj.make_mesh("expert=8")  # the tests' 8 virtual CPU devices
     with pytest.raises(ValueError, match="per_expert.*one device"):
         mj.init_random(cfg, mesh=mesh, layout="per_expert")
     per_expert = mj.init_random(cfg, layout="per_expert").params()
