@@ -253,8 +253,9 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
     try:
         for name in ("embed", "final_norm", "lm_head"):
             writer.write((name,), (), np.asarray(params[name]))
+        layer_names = list(model_lib.param_specs(cfg)["layers"])
         for l in range(cfg.num_hidden_layers):
-            for name in model_lib.param_specs(cfg)["layers"]:
+            for name in layer_names:
                 if name in model_lib.EXPERT_PARAMS:
                     for e in range(cfg.num_local_experts):
                         writer.write(("layers", name), (l, e), np.asarray(model_lib.layer_slice(params, name, l, e)))

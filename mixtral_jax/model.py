@@ -163,13 +163,10 @@ def unstack_params(params: Params) -> Params:
 
 
 def layer_slice(params: Params, name: str, l: int, e: int | None = None):
-    """One layer's (or one expert's) slice of a stacked parameter, in the stacked orientation.
+    """Per_expert params: layer l's (and expert e's) `name`, as that slice of the stacked array.
 
-    Works for both layouts; per_expert expert weights are transposed back.
+    Expert weights are transposed back from HF's [out, in] to the stacked orientation.
     """
-    if layout_of(params) == "stacked":
-        w = params["layers"][name][l]
-        return w if e is None else w[e]
     lp = params["layers"][l]
     if name in EXPERT_PARAMS:
         return lp["experts"][e][name].T
