@@ -6,11 +6,9 @@ Dispatch strategies (all numerically equal to a per-expert loop):
   sparse  only the chosen experts run. Dropless; cost grows with tokens ×
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
-          per_expert weights (one buffer per expert, the CPU layout): a decode
-          step runs each chosen expert behind a `lax.cond`
-          (`moe_per_expert_masked`); a prefill runs each expert's sorted rows
-          as one block of the group's size rounded up to 16 rows
-          (`moe_per_expert_grouped`).
+          per_expert weights (one buffer per expert, the CPU layout): each
+          expert's sorted rows run as one block of about the group's size,
+          an expert no token chose runs nothing (`moe_per_expert_grouped`).
 
 On a mesh of more than one device the block is expert-parallel instead
 (`moe_expert_parallel`): tokens split over every device, all_to_all to the
@@ -31,17 +29,19 @@ from mixtral_jax import sharding
 
 STRATEGIES = ("dense", "sparse")
 
-# Per-expert layout (one CPU device): up to this many tokens, each used expert
-# runs once on all of them, masked (a decode step); beyond, tokens are grouped
-# by expert, one block per expert (a prefill).
-MASKED_MAX_TOKENS = 16
-# Grouped path: each expert's sorted rows run as ONE matmul block whose row
-# count is the group size rounded up to GROUP_STEP, picked by a `lax.switch`
-# over the static sizes GROUP_STEP, 2*GROUP_STEP, ..., GROUP_MAX; a group
-# beyond GROUP_MAX first runs whole GROUP_MAX blocks in a loop. One block per
-# expert beats a cascade of 128/64/32/16-row blocks (each re-reads the
-# expert's weights, and small blocks run slower): 102.5 vs 107.6 ms for a
-# T=512 layer of the bench model (docs/cpu_probe/results/prefill_groups.txt).
+# Per-expert layout (one CPU device), sparse: tokens are grouped by expert and
+# each expert's rows run as ONE matmul block, its row count the smallest of
+# `group_block_sizes` that holds the group, picked by a `lax.switch`: 1, 2, 4,
+# 8 (SMALL_BLOCKS, for up to GROUP_MAX tokens), then multiples of GROUP_STEP
+# up to GROUP_MAX; a group beyond GROUP_MAX first runs whole GROUP_MAX blocks
+# in a loop. One block per expert beats a cascade of 128/64/32/16-row blocks
+# (each re-reads the expert's weights, and small blocks run slower): 102.5 vs
+# 107.6 ms for a T=512 layer of the bench model
+# (docs/cpu_probe/results/prefill_groups.txt). In a decode step it beats
+# running each chosen expert on all B rows, masked: XLA:CPU's product costs
+# ~25 ms per 705 MB of experts at 1 row against ~33 ms at 2-8 rows and ~40 ms
+# at 16 (docs/cpu_probe/results/ffn_layout.txt, decode_groups.txt).
+SMALL_BLOCKS = (1, 2, 4, 8)
 GROUP_STEP = 16
 GROUP_MAX = 256
 
@@ -318,47 +318,56 @@ def expert_ffn_t(x: jax.Array, w: dict) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.einsum("DF,FN->DN", w["w2"], h)).T
 
 
-def moe_per_expert_masked(x, p, k, skip_unused: bool = True):
-    """Each expert (its own buffers) runs on all tokens, weighted by its gate (zero if unchosen).
+def moe_per_expert_dense(x, p, k):
+    """Every expert (its own buffers) runs on every token, weighted by its gate (zero if unchosen).
 
-    With `skip_unused`, an expert no token chose is skipped by a `lax.cond`, so
-    a decode step reads only the chosen experts' weights. Without it, every
-    expert runs: the dense reference. x [N, D] → [N, D].
+    The dense reference of the per_expert layout. x [N, D] → [N, D].
     """
     weights, experts = route(x, p["router"], k)
     out = jnp.zeros(x.shape, jnp.float32)
     for e, w in enumerate(p["experts"]):
-        chosen = experts == e  # [N, k]
-        gate = jnp.sum(jnp.where(chosen, weights, 0.0), axis=1)  # [N]
-        run = lambda x, gate, w=w: gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
-        if skip_unused:
-            out = out + jax.lax.cond(jnp.any(chosen), run, lambda x, gate: jnp.zeros(x.shape, jnp.float32), x, gate)
-        else:
-            out = out + run(x, gate)
+        gate = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=1)  # [N]
+        out = out + gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
     return out.astype(x.dtype)
 
 
-def moe_per_expert_grouped(x, p, k):
+def group_block_sizes(num_tokens: int) -> tuple[int, ...]:
+    """Static row counts of the grouped path's blocks, ascending.
+
+    No group holds more than `num_tokens` rows (a token picks an expert at
+    most once) and none runs more than GROUP_MAX at a time (bigger groups run
+    whole GROUP_MAX blocks first), so the last size is the smaller of the two.
+    Below it: GROUP_STEP multiples, and for up to GROUP_MAX tokens (a decode
+    step, a short prompt) also SMALL_BLOCKS, so groups of a few tokens run as
+    blocks of about their size. A long prefill's groups are never that small;
+    there the extra branches would only add compile time.
+    """
+    cap = min(GROUP_MAX, num_tokens)
+    small = [s for s in SMALL_BLOCKS if s < GROUP_STEP] if num_tokens <= GROUP_MAX else []
+    return tuple(s for s in small + list(range(GROUP_STEP, GROUP_MAX + 1, GROUP_STEP)) if s < cap) + (cap,)
+
+
+def moe_per_expert_grouped(x, p, k, sizes: tuple[int, ...] | None = None):
     """Tokens grouped by expert; each group runs through its expert's buffers in one block.
 
     Assignments are sorted by expert; expert e's are the contiguous range
-    [start_e, start_e + count_e) of that order. Whole GROUP_MAX-row blocks of
-    big groups run first (one loop for all experts, usually zero trips); the
-    rest of each group runs as one block of its count
-    rounded up to GROUP_STEP rows, its size chosen by `lax.switch` (an empty
-    group runs nothing). A block gathers its tokens' rows, runs the expert, and
-    scatter-adds the gate-weighted result into the output in float32; rows past
-    the group point at an extra zero row, whose output is dropped. Dropless.
-    x [N, D] → [N, D].
+    [start_e, start_e + count_e) of that order. Whole blocks of the largest
+    size (`sizes[-1]`, default `group_block_sizes`) of big groups run first
+    (one loop for all experts, usually zero trips); the rest of each group runs
+    as one block of the smallest size that holds it, chosen by `lax.switch`
+    (an empty group runs nothing). A block gathers its tokens' rows, runs the
+    expert, and scatter-adds the gate-weighted result into the output in
+    float32; rows past the group point at an extra zero row, whose output is
+    dropped. Dropless. x [N, D] → [N, D].
     """
     n, d = x.shape
+    sizes = group_block_sizes(n) if sizes is None else tuple(sizes)
+    biggest = sizes[-1]
     weights, experts = route(x, p["router"], k)
     flat_e = experts.reshape(-1)  # [A]
-    a = flat_e.shape[0]
     order = jnp.argsort(flat_e, stable=True)
-    sizes = jnp.bincount(flat_e, length=len(p["experts"]))
-    starts = jnp.cumsum(sizes) - sizes
-    biggest = min(GROUP_MAX, -(-a // GROUP_STEP) * GROUP_STEP)  # no block needs more rows than exist
+    counts = jnp.bincount(flat_e, length=len(p["experts"]))
+    starts = jnp.cumsum(counts) - counts
     # Token row and gate of each sorted assignment, padded so a block's slice never runs off the end.
     tokens = jnp.concatenate([order // k, jnp.full((biggest,), n, order.dtype)])
     gates = jnp.concatenate([weights.reshape(-1)[order], jnp.zeros((biggest,), jnp.float32)])
@@ -377,8 +386,9 @@ def moe_per_expert_grouped(x, p, k):
     def add_block(out, t, g, y):
         return out.at[t].add(y.astype(jnp.float32) * g[:, None])
 
-    # Groups over `biggest` rows: their whole blocks first, all experts' in one loop (usually empty).
-    full = sizes // biggest
+    # Groups over `biggest` rows: all but their last block first, all experts' in one loop
+    # (none when no group can exceed `biggest`). The last block then holds 1..biggest rows.
+    full = jnp.maximum(counts - 1, 0) // biggest
     full_end = jnp.cumsum(full)
 
     def full_block(i, out):
@@ -387,13 +397,15 @@ def moe_per_expert_grouped(x, p, k):
         y = jax.lax.switch(e, [lambda xb, w=w: expert_ffn_t(xb, w) for w in p["experts"]], x_pad[t])
         return add_block(out, t, g, y)
 
-    out = jax.lax.fori_loop(0, full_end[-1], full_block, out)
+    if n > biggest:
+        out = jax.lax.fori_loop(0, full_end[-1], full_block, out)
+    sizes_arr = jnp.asarray(sizes)
     for e, w in enumerate(p["experts"]):
-        rest = sizes[e] - full[e] * biggest
+        rest = counts[e] - full[e] * biggest
         t, g = block_rows(starts[e] + full[e] * biggest, rest)
-        branches = [lambda xb: jnp.zeros_like(xb)] + [
-            lambda xb, w=w, rows=rows: ffn_first(xb, w, rows) for rows in range(GROUP_STEP, biggest + 1, GROUP_STEP)]
-        out = add_block(out, t, g, jax.lax.switch((rest + GROUP_STEP - 1) // GROUP_STEP, branches, x_pad[t]))
+        branches = [lambda xb: jnp.zeros_like(xb)] + [lambda xb, w=w, rows=rows: ffn_first(xb, w, rows) for rows in sizes]
+        pick = jnp.where(rest == 0, 0, 1 + jnp.searchsorted(sizes_arr, rest, side="left"))
+        out = add_block(out, t, g, jax.lax.switch(pick, branches, x_pad[t]))
     return out[:n].astype(x.dtype)
 
 
@@ -402,9 +414,9 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
 
     On a mesh of more than one device: `moe_expert_parallel` (with
     `capacity_factor`). Otherwise the single-device `strategy`, which never
-    drops: for per_expert weights (`p["experts"]`), "sparse" picks masked
-    experts for few tokens (decode) and grouped blocks for many (prefill),
-    "dense" runs every expert; for stacked weights, `moe_sparse` / `moe_dense`.
+    drops: for per_expert weights (`p["experts"]`), "sparse" runs each chosen
+    expert on its own tokens (`moe_per_expert_grouped`), "dense" runs every
+    expert; for stacked weights, `moe_sparse` / `moe_dense`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -416,12 +428,7 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        if strategy == "dense":
-            out = moe_per_expert_masked(x, p, k, skip_unused=False)
-        elif x.shape[0] <= MASKED_MAX_TOKENS:
-            out = moe_per_expert_masked(x, p, k)
-        else:
-            out = moe_per_expert_grouped(x, p, k)
+        out = (moe_per_expert_dense if strategy == "dense" else moe_per_expert_grouped)(x, p, k)
     else:
         out = (moe_dense if strategy == "dense" else moe_sparse)(x, p, k)
     return out.reshape(shape)

@@ -215,16 +215,38 @@ def test_moe_per_expert_grouped_skewed_loop_switch_and_empty_groups():
     assert counts.min() == 0  # an expert nobody chose
 
 
-def test_masked_decode_skips_unchosen_experts():
+@pytest.mark.parametrize("n", [1, 4])
+def test_sparse_decode_skips_unchosen_experts(n):
     # An expert whose weights are NaN must not touch the output when no token chose it.
     p = _moe_params(8)
-    x = np.random.RandomState(0).randn(1, 32).astype(np.float32)
-    chosen = set(np.argsort(-(x[0] @ p["router"]))[:2])
+    x = np.random.RandomState(0).randn(n, 32).astype(np.float32)
+    chosen = set(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel())
     unused = next(e for e in range(8) if e not in chosen)
     pe = _per_expert(p)
     pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
     out = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
     np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,count", [(4, 4), (20, 3), (20, 9), (300, 256), (600, 257), (600, 512)])
+def test_moe_per_expert_grouped_block_boundaries(n, count):
+    # Expert 5 gets exactly `count` of the n tokens: a group that fills the largest block exactly
+    # (count == n, count == GROUP_MAX), one just past it, two whole blocks, and small groups
+    # that round up to the next of 1, 2, 4, 8, 16.
+    p = _moe_params(8)
+    x = np.random.RandomState(n + count).randn(n, 32).astype(np.float32)
+    r5 = p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
+    x += np.where(np.arange(n)[:, None] < count, 8.0, -8.0) * r5
+    assert (np.argsort(-(x @ p["router"]), axis=1)[:, :2] == 5).sum() == count
+    ours = jax.jit(lambda x, p: moe.moe_per_expert_grouped(x, p, 2))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_group_block_sizes():
+    assert moe.group_block_sizes(1) == (1,)
+    assert moe.group_block_sizes(4) == (1, 2, 4)
+    assert moe.group_block_sizes(40) == (1, 2, 4, 8, 16, 32, 40)
+    assert moe.group_block_sizes(512) == tuple(range(16, 257, 16))
 
 
 def test_moe_block_matches_transformers():
