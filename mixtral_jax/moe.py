@@ -6,9 +6,10 @@ Dispatch strategies (all numerically equal to a per-expert loop):
   sparse  only the chosen experts run. Dropless; cost grows with tokens ×
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
-          per_expert weights (one buffer per expert, the CPU layout): each
-          expert's sorted rows run as one block of about the group's size,
-          an expert no token chose runs nothing (`moe_per_expert_grouped`).
+          per_expert weights (one buffer per expert, the CPU layout): up to
+          8 tokens each chosen expert runs on all of them behind a `lax.cond`
+          (`moe_per_expert_masked`); beyond, each expert's sorted rows run as
+          one block of about the group's size (`moe_per_expert_grouped`).
 
 On a mesh of more than one device the block is expert-parallel instead
 (`moe_expert_parallel`): tokens split over every device, all_to_all to the
@@ -29,19 +30,21 @@ from mixtral_jax import sharding
 
 STRATEGIES = ("dense", "sparse")
 
-# Per-expert layout (one CPU device), sparse: tokens are grouped by expert and
-# each expert's rows run as ONE matmul block, its row count the smallest of
-# `group_block_sizes` that holds the group, picked by a `lax.switch`: 1, 2, 4,
-# 8 (SMALL_BLOCKS, for up to GROUP_MAX tokens), then multiples of GROUP_STEP
-# up to GROUP_MAX; a group beyond GROUP_MAX first runs whole GROUP_MAX blocks
+# Per-expert layout (one CPU device), sparse. Up to MASKED_MAX_TOKENS tokens
+# (a decode step of a small batch), each chosen expert runs once on all of
+# them, gated, behind a `lax.cond`; XLA:CPU's product costs about the same for
+# 2 to 8 rows (docs/cpu_probe/results/ffn_layout.txt), so gathering each
+# expert's own rows would gain little and cost compile time. Beyond, tokens
+# are grouped by expert and each expert's rows run as ONE matmul block, its
+# row count the smallest of `group_block_sizes` that holds the group, picked by
+# a `lax.switch`: multiples of GROUP_STEP up to GROUP_MAX (and HALF_STEP when
+# groups are small); a group beyond GROUP_MAX first runs whole GROUP_MAX blocks
 # in a loop. One block per expert beats a cascade of 128/64/32/16-row blocks
 # (each re-reads the expert's weights, and small blocks run slower): 102.5 vs
 # 107.6 ms for a T=512 layer of the bench model
-# (docs/cpu_probe/results/prefill_groups.txt). In a decode step it beats
-# running each chosen expert on all B rows, masked: XLA:CPU's product costs
-# ~25 ms per 705 MB of experts at 1 row against ~33 ms at 2-8 rows and ~40 ms
-# at 16 (docs/cpu_probe/results/ffn_layout.txt, decode_groups.txt).
-SMALL_BLOCKS = (1, 2, 4, 8)
+# (docs/cpu_probe/results/prefill_groups.txt).
+MASKED_MAX_TOKENS = 8
+HALF_STEP = 8
 GROUP_STEP = 16
 GROUP_MAX = 256
 
@@ -318,33 +321,41 @@ def expert_ffn_t(x: jax.Array, w: dict) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.einsum("DF,FN->DN", w["w2"], h)).T
 
 
-def moe_per_expert_dense(x, p, k):
-    """Every expert (its own buffers) runs on every token, weighted by its gate (zero if unchosen).
+def moe_per_expert_masked(x, p, k, skip_unused: bool = True):
+    """Each expert (its own buffers) runs on all tokens, weighted by its gate (zero if unchosen).
 
-    The dense reference of the per_expert layout. x [N, D] → [N, D].
+    With `skip_unused`, an expert no token chose is skipped by a `lax.cond`, so
+    a decode step reads only the chosen experts' weights. Without it, every
+    expert runs: the dense reference. x [N, D] → [N, D].
     """
     weights, experts = route(x, p["router"], k)
     out = jnp.zeros(x.shape, jnp.float32)
     for e, w in enumerate(p["experts"]):
-        gate = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=1)  # [N]
-        out = out + gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
+        chosen = experts == e  # [N, k]
+        gate = jnp.sum(jnp.where(chosen, weights, 0.0), axis=1)  # [N]
+        run = lambda x, gate, w=w: gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
+        if skip_unused:
+            out = out + jax.lax.cond(jnp.any(chosen), run, lambda x, gate: jnp.zeros(x.shape, jnp.float32), x, gate)
+        else:
+            out = out + run(x, gate)
     return out.astype(x.dtype)
 
 
-def group_block_sizes(num_tokens: int) -> tuple[int, ...]:
+def group_block_sizes(num_tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
     """Static row counts of the grouped path's blocks, ascending.
 
     No group holds more than `num_tokens` rows (a token picks an expert at
     most once) and none runs more than GROUP_MAX at a time (bigger groups run
     whole GROUP_MAX blocks first), so the last size is the smaller of the two.
-    Below it: GROUP_STEP multiples, and for up to GROUP_MAX tokens (a decode
-    step, a short prompt) also SMALL_BLOCKS, so groups of a few tokens run as
-    blocks of about their size. A long prefill's groups are never that small;
-    there the extra branches would only add compile time.
+    Below it: GROUP_STEP multiples, and HALF_STEP when the mean group
+    (num_tokens * k / num_experts) is under GROUP_STEP, e.g. a decode step of
+    16 rows, where groups of ~4 rows run at the 8-row rate instead of the
+    16-row one (docs/cpu_probe/results/decode_groups.txt). Each size is a
+    branch per expert, so sizes that rarely run would only add compile time.
     """
     cap = min(GROUP_MAX, num_tokens)
-    small = [s for s in SMALL_BLOCKS if s < GROUP_STEP] if num_tokens <= GROUP_MAX else []
-    return tuple(s for s in small + list(range(GROUP_STEP, GROUP_MAX + 1, GROUP_STEP)) if s < cap) + (cap,)
+    half = [HALF_STEP] if num_tokens * k < GROUP_STEP * num_experts else []
+    return tuple(s for s in half + list(range(GROUP_STEP, GROUP_MAX + 1, GROUP_STEP)) if s < cap) + (cap,)
 
 
 def moe_per_expert_grouped(x, p, k, sizes: tuple[int, ...] | None = None):
@@ -361,7 +372,7 @@ def moe_per_expert_grouped(x, p, k, sizes: tuple[int, ...] | None = None):
     dropped. Dropless. x [N, D] → [N, D].
     """
     n, d = x.shape
-    sizes = group_block_sizes(n) if sizes is None else tuple(sizes)
+    sizes = group_block_sizes(n, k, len(p["experts"])) if sizes is None else tuple(sizes)
     biggest = sizes[-1]
     weights, experts = route(x, p["router"], k)
     flat_e = experts.reshape(-1)  # [A]
@@ -414,9 +425,10 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
 
     On a mesh of more than one device: `moe_expert_parallel` (with
     `capacity_factor`). Otherwise the single-device `strategy`, which never
-    drops: for per_expert weights (`p["experts"]`), "sparse" runs each chosen
-    expert on its own tokens (`moe_per_expert_grouped`), "dense" runs every
-    expert; for stacked weights, `moe_sparse` / `moe_dense`.
+    drops: for per_expert weights (`p["experts"]`), "sparse" picks masked
+    experts for up to MASKED_MAX_TOKENS tokens (a decode step) and grouped
+    blocks for more, "dense" runs every expert; for stacked weights,
+    `moe_sparse` / `moe_dense`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -428,7 +440,12 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        out = (moe_per_expert_dense if strategy == "dense" else moe_per_expert_grouped)(x, p, k)
+        if strategy == "dense":
+            out = moe_per_expert_masked(x, p, k, skip_unused=False)
+        elif x.shape[0] <= MASKED_MAX_TOKENS:
+            out = moe_per_expert_masked(x, p, k)
+        else:
+            out = moe_per_expert_grouped(x, p, k)
     else:
         out = (moe_dense if strategy == "dense" else moe_sparse)(x, p, k)
     return out.reshape(shape)

@@ -232,7 +232,7 @@ def test_sparse_decode_skips_unchosen_experts(n):
 def test_moe_per_expert_grouped_block_boundaries(n, count):
     # Expert 5 gets exactly `count` of the n tokens: a group that fills the largest block exactly
     # (count == n, count == GROUP_MAX), one just past it, two whole blocks, and small groups
-    # that round up to the next of 1, 2, 4, 8, 16.
+    # that round up to an 8- or 16-row block.
     p = _moe_params(8)
     x = np.random.RandomState(n + count).randn(n, 32).astype(np.float32)
     r5 = p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
@@ -243,10 +243,11 @@ def test_moe_per_expert_grouped_block_boundaries(n, count):
 
 
 def test_group_block_sizes():
-    assert moe.group_block_sizes(1) == (1,)
-    assert moe.group_block_sizes(4) == (1, 2, 4)
-    assert moe.group_block_sizes(40) == (1, 2, 4, 8, 16, 32, 40)
-    assert moe.group_block_sizes(512) == tuple(range(16, 257, 16))
+    assert moe.group_block_sizes(4, 2, 8) == (4,)
+    assert moe.group_block_sizes(16, 2, 8) == (8, 16)  # mean group 4 rows: an 8-row block too
+    assert moe.group_block_sizes(40, 2, 8) == (8, 16, 32, 40)
+    assert moe.group_block_sizes(64, 2, 8) == (16, 32, 48, 64)  # mean group 16: no 8-row block
+    assert moe.group_block_sizes(512, 2, 8) == tuple(range(16, 257, 16))
 
 
 def test_moe_block_matches_transformers():
