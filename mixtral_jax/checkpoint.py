@@ -252,7 +252,7 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
     writer = ArrayWriter(directory, target_arrays(cfg, dtype))
     try:
         for name in ("embed", "final_norm", "lm_head"):
-            writer.write((name,), (), np.asarray(params[name]))
+            writer.write((name,), (), np.asarray(model_lib.stacked_global(params, name)))
         layer_names = list(model_lib.param_specs(cfg)["layers"])
         for l in range(cfg.num_hidden_layers):
             for name in layer_names:

@@ -25,9 +25,12 @@ Stacked parameter tree (the Orbax checkpoint has exactly this layout):
     final_norm  [D]
     lm_head     [D, V]
 
-The per_expert tree has the same top level; `layers` is a list of L dicts
-with the per-layer arrays above (without L) and `experts`: a list of E dicts
-{w1 [F, D], w3 [F, D], w2 [D, F]}, the tensors exactly as HF stores them.
+The per_expert tree has the same top level, except that lm_head is [V, D]
+(HF's orientation); `layers` is a list of L dicts with the per-layer arrays
+above (without L) and `experts`: a list of E dicts {w1 [F, D], w3 [F, D],
+w2 [D, F]}, the tensors exactly as HF stores them. XLA:CPU multiplies a few
+rows by an [out, in] weight faster than by an [in, out] one (at 4 rows: 21.6
+vs 13.4 GB/s for an lm_head-sized weight, docs/cpu_probe/results/lm_head_layout.txt).
 """
 
 from __future__ import annotations
@@ -133,6 +136,10 @@ def layout_of(params: Params) -> str:
     return "per_expert" if isinstance(params["layers"], list) else "stacked"
 
 
+def _transpose_lm_head(w):
+    return jax.jit(lambda w: w.T)(w)
+
+
 def _unstack_fn(name: str, num_layers: int):
     """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers."""
     if name in EXPERT_PARAMS:
@@ -159,7 +166,16 @@ def unstack_params(params: Params) -> Params:
                     out_layers[l]["experts"][e][name] = w
             else:
                 out_layers[l][name] = split[l]
-    return {**{k: v for k, v in params.items() if k != "layers"}, "layers": out_layers}
+    lm_head = params["lm_head"]
+    lm_head_t = _transpose_lm_head(lm_head)
+    lm_head.delete()
+    return {**{k: v for k, v in params.items() if k not in ("layers", "lm_head")},
+            "layers": out_layers, "lm_head": lm_head_t}
+
+
+def stacked_global(params: Params, name: str):
+    """Per_expert params: the non-layer parameter `name` in the stacked orientation (lm_head [D, V])."""
+    return params[name].T if name == "lm_head" else params[name]
 
 
 def layer_slice(params: Params, name: str, l: int, e: int | None = None):
@@ -300,7 +316,14 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     if last_only:
         h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+    if layout_of(params) == "per_expert":
+        # lm_head [V, D], computed feature-major as the experts are (moe.expert_ffn_t): the barrier
+        # keeps XLA from folding the transpose back into the dot.
+        rows = h.reshape(-1, h.shape[-1])
+        logits_t = jnp.einsum("VD,DN->VN", params["lm_head"], rows.T, preferred_element_type=jnp.float32)
+        logits = jax.lax.optimization_barrier(logits_t).T.reshape(*h.shape[:-1], -1)
+    else:
+        logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
     return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
 
 
