@@ -78,7 +78,8 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
 
     Args:
       x: [B, T, D] normalised hidden states.
-      p: this layer's weights: wq [D, H, Dh], wk / wv [D, K, Dh], wo [H, Dh, D].
+      p: this layer's weights: wq [D, H, Dh], wk / wv [D, K, Dh], wo [H, Dh, D]
+        (stacked), or wqkv [(H + 2K) * Dh, D], wo [D, H * Dh] (per_expert).
       positions: [B, T] absolute positions of x's tokens.
       k_pos: [B, S] positions of the keys attended to (the cache's slots after
         this update, or `positions` without a cache); negative marks empty slots.
@@ -93,9 +94,20 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     Returns:
       (out [B, T, D], updated (k, v) or None).
     """
-    q = jnp.einsum("BTD,DNH->BTNH", x, p["wq"])  # [B, T, H, Dh]
-    k = jnp.einsum("BTD,DKH->BTKH", x, p["wk"])  # [B, T, K, Dh]
-    v = jnp.einsum("BTD,DKH->BTKH", x, p["wv"])  # [B, T, K, Dh]
+    b, t, d = x.shape
+    dh = cos.shape[-1]
+    if "wqkv" in p:
+        # per_expert: one [(H + 2K) * Dh, D] buffer in HF's [out, in] orientation, one product.
+        q_dim = p["wo"].shape[1]
+        kv_dim = (p["wqkv"].shape[0] - q_dim) // 2
+        qkv = layers.linear_t(x.reshape(b * t, d), p["wqkv"]).reshape(b, t, -1)
+        q = qkv[..., :q_dim].reshape(b, t, -1, dh)
+        k = qkv[..., q_dim:q_dim + kv_dim].reshape(b, t, -1, dh)
+        v = qkv[..., q_dim + kv_dim:].reshape(b, t, -1, dh)
+    else:
+        q = jnp.einsum("BTD,DNH->BTNH", x, p["wq"])  # [B, T, H, Dh]
+        k = jnp.einsum("BTD,DKH->BTKH", x, p["wk"])  # [B, T, K, Dh]
+        v = jnp.einsum("BTD,DKH->BTKH", x, p["wv"])  # [B, T, K, Dh]
     q = layers.apply_rope(q, cos, sin)
     k = layers.apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]: the cache's order
@@ -118,7 +130,8 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     # then query i never sees a slot past i, and later slots (empty) need not be read at all.
     prefix = cache is None or (isinstance(cache_index, int) and cache_index == 0)
     out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix)
-    b, t, h, dh = out.shape
+    out = out.reshape(b, t, -1)
+    if "wqkv" in p:  # per_expert: wo [D, H * Dh]
+        return layers.linear_t(out.reshape(b * t, -1), p["wo"]).reshape(b, t, -1), new_cache
     # As one [H*Dh, D] matrix: XLA:CPU copies a 3-D [H, Dh, D] weight before the dot.
-    wo = p["wo"].reshape(h * dh, -1)
-    return jnp.einsum("BTF,FD->BTD", out.reshape(b, t, h * dh), wo), new_cache
+    return jnp.einsum("BTF,FD->BTD", out, p["wo"].reshape(out.shape[-1], -1)), new_cache

@@ -258,9 +258,9 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
             for name in layer_names:
                 if name in model_lib.EXPERT_PARAMS:
                     for e in range(cfg.num_local_experts):
-                        writer.write(("layers", name), (l, e), np.asarray(model_lib.layer_slice(params, name, l, e)))
+                        writer.write(("layers", name), (l, e), np.asarray(model_lib.layer_slice(params, cfg, name, l, e)))
                 else:
-                    writer.write(("layers", name), (l,), np.asarray(model_lib.layer_slice(params, name, l)))
+                    writer.write(("layers", name), (l,), np.asarray(model_lib.layer_slice(params, cfg, name, l)))
         writer.close()
     except BaseException:
         writer.abort()

@@ -25,12 +25,19 @@ Stacked parameter tree (the Orbax checkpoint has exactly this layout):
     final_norm  [D]
     lm_head     [D, V]
 
-The per_expert tree has the same top level, except that lm_head is [V, D]
-(HF's orientation); `layers` is a list of L dicts with the per-layer arrays
-above (without L) and `experts`: a list of E dicts {w1 [F, D], w3 [F, D],
-w2 [D, F]}, the tensors exactly as HF stores them. XLA:CPU multiplies a few
-rows by an [out, in] weight faster than by an [in, out] one (at 4 rows: 21.6
-vs 13.4 GB/s for an lm_head-sized weight, docs/cpu_probe/results/lm_head_layout.txt).
+The per_expert tree keeps every matrix in HF's [out, in] orientation, since
+XLA:CPU multiplies a few rows by it faster than by [in, out] (at 4 rows: 21.6
+vs 13.4 GB/s for an lm_head-sized weight, docs/cpu_probe/results/lm_head_layout.txt):
+
+    embed       [V, D]
+    layers      list of L dicts:
+      attn_norm [D]
+      wqkv      [(H + 2K) * Dh, D]   (wq, wk, wv concatenated)    wo [D, H * Dh]
+      mlp_norm  [D]
+      router    [D, E]
+      experts   list of E dicts: w1, w3 [F, D], w2 [D, F]
+    final_norm  [D]
+    lm_head     [V, D]
 """
 
 from __future__ import annotations
@@ -141,10 +148,20 @@ def _transpose_lm_head(w):
 
 
 def _unstack_fn(name: str, num_layers: int):
-    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers."""
+    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
+    wo [L, H, Dh, D] -> L [D, H * Dh]."""
     if name in EXPERT_PARAMS:
         return jax.jit(lambda w: [[w[l, e].T for e in range(w.shape[1])] for l in range(num_layers)])
+    if name == "wo":
+        return jax.jit(lambda w: [w[l].reshape(-1, w.shape[-1]).T for l in range(num_layers)])
     return jax.jit(lambda w: [w[l] for l in range(num_layers)])
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _fuse_qkv(wq, wk, wv, num_layers: int):
+    """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> L [(H + 2K) * Dh, D] buffers."""
+    d = wq.shape[1]
+    return [jnp.concatenate([w[l].reshape(d, -1) for w in (wq, wk, wv)], axis=1).T for l in range(num_layers)]
 
 
 def unstack_params(params: Params) -> Params:
@@ -156,6 +173,11 @@ def unstack_params(params: Params) -> Params:
     layers = dict(params["layers"])
     num_layers = layers["wq"].shape[0]
     out_layers = [{"experts": [{} for _ in range(layers["w1"].shape[1])]} for _ in range(num_layers)]
+    qkv = [layers.pop(name) for name in ("wq", "wk", "wv")]
+    for l, w in enumerate(_fuse_qkv(*qkv, num_layers)):
+        out_layers[l]["wqkv"] = w
+    for w in qkv:
+        w.delete()
     for name in list(layers):
         stacked = layers.pop(name)
         split = _unstack_fn(name, num_layers)(stacked)
@@ -178,14 +200,21 @@ def stacked_global(params: Params, name: str):
     return params[name].T if name == "lm_head" else params[name]
 
 
-def layer_slice(params: Params, name: str, l: int, e: int | None = None):
+def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | None = None):
     """Per_expert params: layer l's (and expert e's) `name`, as that slice of the stacked array.
 
-    Expert weights are transposed back from HF's [out, in] to the stacked orientation.
+    Matrices are transposed back from HF's [out, in] orientation; wq, wk, wv
+    are cut out of wqkv.
     """
     lp = params["layers"][l]
     if name in EXPERT_PARAMS:
         return lp["experts"][e][name].T
+    d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    if name == "wo":
+        return lp["wo"].T.reshape(h, dh, d)
+    if name in ("wq", "wk", "wv"):
+        start, heads = {"wq": (0, h), "wk": (h * dh, kv), "wv": ((h + kv) * dh, kv)}[name]
+        return lp["wqkv"][start:start + heads * dh].T.reshape(d, heads, dh)
     return lp[name]
 
 
@@ -317,11 +346,9 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
         h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     if layout_of(params) == "per_expert":
-        # lm_head [V, D], computed feature-major as the experts are (moe.expert_ffn_t): the barrier
-        # keeps XLA from folding the transpose back into the dot.
-        rows = h.reshape(-1, h.shape[-1])
-        logits_t = jnp.einsum("VD,DN->VN", params["lm_head"], rows.T, preferred_element_type=jnp.float32)
-        logits = jax.lax.optimization_barrier(logits_t).T.reshape(*h.shape[:-1], -1)
+        # lm_head [V, D]: feature-major for a few rows (layers.linear_t).
+        rows = layers.linear_t(h.reshape(-1, h.shape[-1]), params["lm_head"], preferred_element_type=jnp.float32)
+        logits = rows.reshape(*h.shape[:-1], -1)
     else:
         logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
     return (logits, new_cache, routing) if collect_routing else (logits, new_cache)

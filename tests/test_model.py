@@ -242,6 +242,14 @@ def test_moe_per_expert_grouped_block_boundaries(n, count):
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [3, layers.FEATURE_MAJOR_MAX_ROWS + 1])
+def test_linear_t_feature_and_token_major(n):
+    rs = np.random.RandomState(n)
+    x, w = rs.randn(n, 32).astype(np.float32), rs.randn(48, 32).astype(np.float32)
+    np.testing.assert_allclose(jax.jit(layers.linear_t)(x, w), x.astype(np.float64) @ w.T.astype(np.float64),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_group_block_sizes():
     assert moe.group_block_sizes(4, 2, 8) == (4,)
     assert moe.group_block_sizes(16, 2, 8) == (8, 16)  # mean group 4 rows: an 8-row block too
@@ -315,7 +323,11 @@ def test_init_random_dtype_and_eval_shape():
     assert layers[0]["experts"][3]["w1"].shape == (224, 64) and layers[0]["experts"][3]["w2"].shape == (64, 224)
     # Same seed, same weights: per_expert is the stacked tensors split and put in HF's [out, in] layout.
     np.testing.assert_array_equal(layers[2]["experts"][3]["w2"], model.params()["layers"]["w2"][2, 3].T)
-    np.testing.assert_array_equal(layers[1]["wq"], model.params()["layers"]["wq"][1])
+    stacked = model.params()["layers"]
+    np.testing.assert_array_equal(layers[1]["wqkv"][:64], stacked["wq"][1].reshape(64, -1).T)  # H * Dh = 64
+    np.testing.assert_array_equal(layers[1]["wqkv"][-32:], stacked["wv"][1].reshape(64, -1).T)  # K * Dh = 32
+    np.testing.assert_array_equal(layers[1]["wo"], stacked["wo"][1].reshape(-1, 64).T)
+    np.testing.assert_array_equal(per_expert.params()["lm_head"], model.params()["lm_head"].T)
     logits = mj.forward(model, np.array([[1, 2, 3]]))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
 
