@@ -15,9 +15,11 @@ def linear_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Arr
     """x [N, I] times a weight in HF's [out, in] orientation, w [O, I] → [N, O].
 
     For up to FEATURE_MAJOR_MAX_ROWS rows it is computed feature-major (w @ xᵀ):
-    XLA:CPU streams the weight 1.3-1.6x faster that way at 4-16 rows. The
-    barrier keeps XLA from folding the final transpose back into the dot,
-    which undoes the gain. For more rows (a prefill), token-major is faster.
+    at 4-16 rows XLA:CPU streams the weight 1.15-1.25x faster that way than
+    token-major, and 1.6-1.8x faster than an [in, out] copy of it
+    (docs/cpu_probe/results/attn_layout.txt, lm_head_layout.txt). The barrier
+    keeps XLA from folding the final transpose back into the dot, which undoes
+    the gain. For more rows (a prefill), token-major is faster.
     """
     if x.shape[0] > FEATURE_MAJOR_MAX_ROWS:
         return jnp.einsum("NI,OI->NO", x, w, preferred_element_type=preferred_element_type)
