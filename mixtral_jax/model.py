@@ -284,7 +284,8 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, stra
     if collect_routing:
         w, e = moe.route(x.reshape(-1, x.shape[-1]), lp["router"], cfg.num_experts_per_tok)
         routing = (w.reshape(*x.shape[:-1], -1), e.reshape(*x.shape[:-1], -1))
-    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor)
+    # A prompt (more than one position per row) runs once: moe favours compile time there.
+    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor, one_shot=x.shape[1] > 1)
     return sharding.constrain(h, mesh, ACT_BTD), new_cache, routing
 
 

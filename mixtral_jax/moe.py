@@ -43,7 +43,12 @@ STRATEGIES = ("dense", "sparse")
 # (each re-reads the expert's weights, and small blocks run slower): 102.5 vs
 # 107.6 ms for a T=512 layer of the bench model
 # (docs/cpu_probe/results/prefill_groups.txt).
+# A call that runs once (a prompt, `one_shot`) stays masked up to
+# MASKED_MAX_ONE_SHOT tokens: there the grouped path's extra compile time
+# outweighs its run time (a 16-token prefill of the bench model: first call
+# 4.9-5.0 s grouped vs 1.9-2.6 s masked, both 0.1-0.2 s after).
 MASKED_MAX_TOKENS = 8
+MASKED_MAX_ONE_SHOT = 16
 HALF_STEP = 8
 GROUP_STEP = 16
 GROUP_MAX = 256
@@ -420,15 +425,16 @@ def moe_per_expert_grouped(x, p, k, sizes: tuple[int, ...] | None = None):
     return out[:n].astype(x.dtype)
 
 
-def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None):
+def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None,
+        one_shot: bool = False):
     """MoE block on [..., D] activations.
 
     On a mesh of more than one device: `moe_expert_parallel` (with
     `capacity_factor`). Otherwise the single-device `strategy`, which never
     drops: for per_expert weights (`p["experts"]`), "sparse" picks masked
-    experts for up to MASKED_MAX_TOKENS tokens (a decode step) and grouped
-    blocks for more, "dense" runs every expert; for stacked weights,
-    `moe_sparse` / `moe_dense`.
+    experts for up to MASKED_MAX_TOKENS tokens (a decode step; with
+    `one_shot`, a prompt, MASKED_MAX_ONE_SHOT) and grouped blocks for more,
+    "dense" runs every expert; for stacked weights, `moe_sparse` / `moe_dense`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -442,7 +448,7 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
     elif "experts" in p:
         if strategy == "dense":
             out = moe_per_expert_masked(x, p, k, skip_unused=False)
-        elif x.shape[0] <= MASKED_MAX_TOKENS:
+        elif x.shape[0] <= (MASKED_MAX_ONE_SHOT if one_shot else MASKED_MAX_TOKENS):
             out = moe_per_expert_masked(x, p, k)
         else:
             out = moe_per_expert_grouped(x, p, k)

@@ -191,11 +191,12 @@ def _per_expert(p):
 
 
 @pytest.mark.parametrize("strategy", moe.STRATEGIES)
-@pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 16), (8, 2, 17), (4, 1, 300), (6, 3, 40), (8, 8, 5)])
-def test_moe_per_expert_matches_loop_reference(strategy, e, k, n):
+@pytest.mark.parametrize("e,k,n,one_shot", [(8, 2, 1, False), (8, 2, 16, False), (8, 2, 16, True), (8, 2, 17, True),
+                                            (4, 1, 300, True), (6, 3, 40, False), (8, 8, 5, False)])
+def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, one_shot):
     p = _moe_params(e)
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
-    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, _per_expert(p))
+    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy, one_shot=one_shot))(x, _per_expert(p))
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
