@@ -96,7 +96,8 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     """
     b, t, d = x.shape
     dh = cos.shape[-1]
-    if "wqkv" in p:
+    fused = "wqkv" in p  # the per_expert layout
+    if fused:
         # per_expert: one [(H + 2K) * Dh, D] buffer in HF's [out, in] orientation, one product.
         q_dim = p["wo"].shape[1]
         kv_dim = (p["wqkv"].shape[0] - q_dim) // 2
@@ -131,7 +132,7 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     prefix = cache is None or (isinstance(cache_index, int) and cache_index == 0)
     out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix)
     out = out.reshape(b, t, -1)
-    if "wqkv" in p:  # per_expert: wo [D, H * Dh]
+    if fused:  # wo [D, H * Dh]
         return layers.linear_t(out.reshape(b * t, -1), p["wo"]).reshape(b, t, -1), new_cache
     # As one [H*Dh, D] matrix: XLA:CPU copies a 3-D [H, Dh, D] weight before the dot.
     return jnp.einsum("BTF,FD->BTD", out, p["wo"].reshape(out.shape[-1], -1)), new_cache

@@ -143,10 +143,6 @@ def layout_of(params: Params) -> str:
     return "per_expert" if isinstance(params["layers"], list) else "stacked"
 
 
-def _transpose_lm_head(w):
-    return jax.jit(lambda w: w.T)(w)
-
-
 def _unstack_fn(name: str, num_layers: int):
     """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
     wo [L, H, Dh, D] -> L [D, H * Dh]."""
@@ -165,10 +161,11 @@ def _fuse_qkv(wq, wk, wv, num_layers: int):
 
 
 def unstack_params(params: Params) -> Params:
-    """Stacked -> per_expert layout, one parameter at a time.
+    """Stacked -> per_expert layout, one parameter at a time (wq, wk, wv together: they are fused).
 
     Each stacked array is deleted once split, so the peak is the model plus
-    its largest parameter, not two models.
+    its largest parameter (an expert tensor, bigger than wq, wk and wv
+    together), not two models.
     """
     layers = dict(params["layers"])
     num_layers = layers["wq"].shape[0]
@@ -189,7 +186,7 @@ def unstack_params(params: Params) -> Params:
             else:
                 out_layers[l][name] = split[l]
     lm_head = params["lm_head"]
-    lm_head_t = _transpose_lm_head(lm_head)
+    lm_head_t = jax.jit(jnp.transpose)(lm_head)  # [V, D]
     lm_head.delete()
     return {**{k: v for k, v in params.items() if k not in ("layers", "lm_head")},
             "layers": out_layers, "lm_head": lm_head_t}
@@ -322,7 +319,8 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
                              strategy=strategy, cache_index=cache_index, collect_routing=collect_routing,
                              mesh=mesh, capacity_factor=capacity_factor)
     h = x
-    if layout_of(params) == "per_expert":
+    per_expert = layout_of(params) == "per_expert"
+    if per_expert:
         # Unrolled: every weight and cache entry is its own buffer, read and updated in place.
         new_k, new_v, routings = [], [], []
         for l, lp in enumerate(params["layers"]):
@@ -346,7 +344,7 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     if last_only:
         h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if layout_of(params) == "per_expert":
+    if per_expert:
         # lm_head [V, D]: feature-major for a few rows (layers.linear_t).
         rows = layers.linear_t(h.reshape(-1, h.shape[-1]), params["lm_head"], preferred_element_type=jnp.float32)
         logits = rows.reshape(*h.shape[:-1], -1)
