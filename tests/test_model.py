@@ -202,8 +202,8 @@ def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, one_shot):
 
 def test_moe_per_expert_grouped_skewed_loop_switch_and_empty_groups():
     # Most tokens prefer one expert: its group runs whole GROUP_MAX blocks in the loop, then a
-    # rounded-up remainder block that runs past its end into the next groups' rows, which later
-    # experts must overwrite; another expert gets no token at all (the switch's empty branch).
+    # rounded-up remainder block whose padding rows must point at the zero row, not at the next
+    # group's tokens; another expert gets no token at all (the switch's empty branch).
     p = _moe_params(8)
     x = np.random.RandomState(0).randn(600, 32).astype(np.float32)
     x[:560] += 4 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
