@@ -35,8 +35,7 @@ vs 13.4 GB/s for an lm_head-sized weight, docs/cpu_probe/results/lm_head_layout.
       wqkv      [(H + 2K) * Dh, D]   (wq, wk, wv concatenated)    wo [D, H * Dh]
       mlp_norm  [D]
       router    [D, E]
-      experts   list of E dicts: w1, w3 lists of [F_i, D], w2 of [D, F_i]
-                (each matrix cut along F into moe.EXPERT_PARTS buffers)
+      experts   list of E dicts: w1, w3 [F, D], w2 [D, F]
     final_norm  [D]
     lm_head     [V, D]
 """
@@ -145,10 +144,10 @@ def layout_of(params: Params) -> str:
 
 
 def _unstack_fn(name: str, num_layers: int):
-    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E lists of
-    [b, a] parts (`moe.split_f`); wo [L, H, Dh, D] -> L [D, H * Dh]."""
+    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
+    wo [L, H, Dh, D] -> L [D, H * Dh]."""
     if name in EXPERT_PARAMS:
-        return jax.jit(lambda w: [[moe.split_f(w[l, e].T, name) for e in range(w.shape[1])] for l in range(num_layers)])
+        return jax.jit(lambda w: [[w[l, e].T for e in range(w.shape[1])] for l in range(num_layers)])
     if name == "wo":
         return jax.jit(lambda w: [w[l].reshape(-1, w.shape[-1]).T for l in range(num_layers)])
     return jax.jit(lambda w: [w[l] for l in range(num_layers)])
@@ -201,12 +200,12 @@ def stacked_global(params: Params, name: str):
 def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | None = None):
     """Per_expert params: layer l's (and expert e's) `name`, as that slice of the stacked array.
 
-    Matrices are transposed back from HF's [out, in] orientation; expert
-    parts are joined; wq, wk, wv are cut out of wqkv.
+    Matrices are transposed back from HF's [out, in] orientation; wq, wk, wv
+    are cut out of wqkv.
     """
     lp = params["layers"][l]
     if name in EXPERT_PARAMS:
-        return moe.join_f(lp["experts"][e][name], name).T
+        return lp["experts"][e][name].T
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     if name == "wo":
         return lp["wo"].T.reshape(h, dh, d)

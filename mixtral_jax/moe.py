@@ -52,14 +52,6 @@ MASKED_MAX_ONE_SHOT = 16
 HALF_STEP = 8
 GROUP_STEP = 16
 GROUP_MAX = 256
-# Per-expert layout: each expert's matrices are stored as EXPERT_PARTS buffers,
-# cut along F (w1, w3 by rows, w2 by columns; the FFN is a sum over F, so the
-# parts' outputs add up). At one row, XLA:CPU streams the weights faster as
-# more independent, smaller matrix-vector products: 8 layers x 2 experts take
-# 29.0 ms whole, 26.5 ms in halves, 24.1 ms in quarters; at 2 to 16 rows halves
-# cost 2-5% and quarters 13-20%, at 64 and 128 rows halves tie
-# (docs/cpu_probe/results/expert_parts.txt). Halves, for batch-1 decode.
-EXPERT_PARTS = 2
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -322,10 +314,7 @@ def count_dropped(experts, num_devices: int, num_experts: int, capacity_factor: 
 
 
 def expert_ffn_t(x: jax.Array, w: dict) -> jax.Array:
-    """SwiGLU expert on HF-layout weights cut along F. x [N, D] → [N, D].
-
-    w["w1"], w["w3"]: lists of [F_i, D] parts; w["w2"]: the matching [D, F_i]
-    parts (`split_expert`). The output is the sum of the parts' FFNs.
+    """SwiGLU expert on HF-layout weights: w1, w3 [F, D], w2 [D, F]. x [N, D] → [N, D].
 
     Computed feature-major (W @ xᵀ, activations [F, N]): XLA:CPU runs that
     form 1.2-1.35x faster than x @ Wᵀ for 4 ≤ N ≤ 64 and no slower otherwise
@@ -333,37 +322,8 @@ def expert_ffn_t(x: jax.Array, w: dict) -> jax.Array:
     folding the final transpose back into the dot, which undoes the gain.
     """
     xt = x.T
-    yt = None
-    for w1, w3, w2 in zip(w["w1"], w["w3"], w["w2"], strict=True):
-        h = jax.nn.silu(jnp.einsum("FD,DN->FN", w1, xt)) * jnp.einsum("FD,DN->FN", w3, xt)
-        part = jnp.einsum("DF,FN->DN", w2, h)
-        yt = part if yt is None else yt + part
-    return jax.lax.optimization_barrier(yt).T
-
-
-F_AXIS = {"w1": 0, "w3": 0, "w2": 1}  # the F axis of each expert matrix in HF orientation
-
-
-def split_f(w: jax.Array, name: str, parts: int | None = None) -> list[jax.Array]:
-    """Expert matrix `name` in HF orientation (w1, w3 [F, D], w2 [D, F]) → `parts` buffers along F.
-
-    `parts` defaults to EXPERT_PARTS. The ranges are contiguous and differ in
-    length by at most one row.
-    """
-    parts = EXPERT_PARTS if parts is None else parts
-    f = w.shape[F_AXIS[name]]
-    bounds = [f * i // parts for i in range(parts + 1)]
-    return [jax.lax.slice_in_dim(w, lo, hi, axis=F_AXIS[name]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def split_expert(w1: jax.Array, w3: jax.Array, w2: jax.Array, parts: int | None = None) -> dict:
-    """One expert in HF orientation → the parts `expert_ffn_t` takes."""
-    return {name: split_f(w, name, parts) for name, w in (("w1", w1), ("w3", w3), ("w2", w2))}
-
-
-def join_f(parts: list[jax.Array], name: str) -> jax.Array:
-    """Inverse of `split_f`."""
-    return jnp.concatenate(parts, axis=F_AXIS[name])
+    h = jax.nn.silu(jnp.einsum("FD,DN->FN", w["w1"], xt)) * jnp.einsum("FD,DN->FN", w["w3"], xt)
+    return jax.lax.optimization_barrier(jnp.einsum("DF,FN->DN", w["w2"], h)).T
 
 
 def moe_per_expert_masked(x, p, k, skip_unused: bool = True):

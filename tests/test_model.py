@@ -184,23 +184,10 @@ def test_sparse_skewed_routing():
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
-def _per_expert(p, parts=None):
-    """Stacked MoE weights -> the per_expert layout (HF's [out, in] tensors cut along F, one set per expert)."""
+def _per_expert(p):
+    """Stacked MoE weights -> the per_expert layout (HF's [out, in] tensors, one per expert)."""
     return {"router": p["router"],
-            "experts": [moe.split_expert(p["w1"][e].T, p["w3"][e].T, p["w2"][e].T, parts) for e in range(len(p["w1"]))]}
-
-
-@pytest.mark.parametrize("parts", [1, 3])
-@pytest.mark.parametrize("n", [1, 40])
-def test_moe_per_expert_any_number_of_parts(parts, n):
-    # Experts cut into one part (whole) or three uneven ones (F = 47 rows as 15 + 16 + 16).
-    p = _moe_params(8)
-    p = {**p, "w1": p["w1"][:, :, :47], "w3": p["w3"][:, :, :47], "w2": p["w2"][:, :47]}
-    pe = _per_expert(p, parts)
-    assert [w.shape[0] for w in pe["experts"][0]["w1"]] == {1: [47], 3: [15, 16, 16]}[parts]
-    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
-    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
-    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+            "experts": [{"w1": p["w1"][e].T, "w3": p["w3"][e].T, "w2": p["w2"][e].T} for e in range(len(p["w1"]))]}
 
 
 @pytest.mark.parametrize("strategy", moe.STRATEGIES)
@@ -237,7 +224,7 @@ def test_sparse_decode_skips_unchosen_experts(n):
     chosen = set(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel())
     unused = next(e for e in range(8) if e not in chosen)
     pe = _per_expert(p)
-    pe["experts"][unused] = {k: [np.full_like(w, np.nan) for w in v] for k, v in pe["experts"][unused].items()}
+    pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
     out = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
     np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
@@ -334,14 +321,9 @@ def test_init_random_dtype_and_eval_shape():
     assert per_expert.layout == "per_expert"
     layers = per_expert.params()["layers"]
     assert len(layers) == 4 and len(layers[0]["experts"]) == 8
-    # Each expert matrix is cut along F (224) into moe.EXPERT_PARTS = 2 buffers.
-    assert [w.shape for w in layers[0]["experts"][3]["w1"]] == [(112, 64), (112, 64)]
-    assert [w.shape for w in layers[0]["experts"][3]["w2"]] == [(64, 112), (64, 112)]
+    assert layers[0]["experts"][3]["w1"].shape == (224, 64) and layers[0]["experts"][3]["w2"].shape == (64, 224)
     # Same seed, same weights: per_expert is the stacked tensors split and put in HF's [out, in] layout.
-    np.testing.assert_array_equal(np.concatenate(layers[2]["experts"][3]["w2"], axis=1),
-                                  model.params()["layers"]["w2"][2, 3].T)
-    np.testing.assert_array_equal(np.concatenate(layers[2]["experts"][3]["w1"], axis=0),
-                                  model.params()["layers"]["w1"][2, 3].T)
+    np.testing.assert_array_equal(layers[2]["experts"][3]["w2"], model.params()["layers"]["w2"][2, 3].T)
     stacked = model.params()["layers"]
     np.testing.assert_array_equal(layers[1]["wqkv"][:64], stacked["wq"][1].reshape(64, -1).T)  # H * Dh = 64
     np.testing.assert_array_equal(layers[1]["wqkv"][-32:], stacked["wv"][1].reshape(64, -1).T)  # K * Dh = 32
