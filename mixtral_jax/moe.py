@@ -7,7 +7,8 @@ Dispatch strategies (all numerically equal to a per-expert loop):
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
           per_expert weights (one buffer per expert, the CPU layout): up to
-          8 tokens each chosen expert runs on all of them behind a `lax.cond`
+          8 tokens each chosen expert runs on all of them behind a `lax.cond`,
+          or in a decode step on its one row when only one token chose it
           (`moe_per_expert_masked`); beyond, each expert's sorted rows run as
           one block of about the group's size (`moe_per_expert_grouped`).
 
@@ -34,7 +35,13 @@ STRATEGIES = ("dense", "sparse")
 # (a decode step of a small batch), each chosen expert runs once on all of
 # them, gated, behind a `lax.cond`; XLA:CPU's product costs about the same for
 # 2 to 8 rows (docs/cpu_probe/results/ffn_layout.txt), so gathering each
-# expert's own rows would gain little and cost compile time. Beyond, tokens
+# expert's own rows would gain little and cost compile time. One row is the
+# exception: a matrix-vector product streams 20-29% faster (24.9 vs 32.1 ms for
+# 16 bench-model experts at 1 vs 4 rows; 47.9 vs 57.4 ms for two 8x7B-sized
+# ones, docs/cpu_probe/results/expert_parts.txt), so in a decode step an expert
+# chosen by exactly one token runs on that row alone (a third `lax.switch`
+# branch: batch 2/4/8 decode of the bench model 1.15x/1.09x/1.08x faster, for
+# 1.0-1.9 s more compile; docs/cpu_probe/results/single_row.txt). Beyond, tokens
 # are grouped by expert and each expert's rows run as ONE matmul block, its
 # row count the smallest of `group_block_sizes` that holds the group, picked by
 # a `lax.switch`: multiples of GROUP_STEP up to GROUP_MAX (and HALF_STEP when
@@ -326,23 +333,35 @@ def expert_ffn_t(x: jax.Array, w: dict) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.einsum("DF,FN->DN", w["w2"], h)).T
 
 
-def moe_per_expert_masked(x, p, k, skip_unused: bool = True):
+def moe_per_expert_masked(x, p, k, skip_unused: bool = True, single_row: bool = False):
     """Each expert (its own buffers) runs on all tokens, weighted by its gate (zero if unchosen).
 
     With `skip_unused`, an expert no token chose is skipped by a `lax.cond`, so
     a decode step reads only the chosen experts' weights. Without it, every
-    expert runs: the dense reference. x [N, D] → [N, D].
+    expert runs: the dense reference. With `single_row` too, an expert that
+    exactly one token chose runs on that token's row alone (a matrix-vector
+    product, which XLA:CPU streams faster than a product of 2 or more rows).
+    x [N, D] → [N, D].
     """
+    n = x.shape[0]
     weights, experts = route(x, p["router"], k)
     out = jnp.zeros(x.shape, jnp.float32)
+    zeros = lambda x, gate, rows: jnp.zeros(x.shape, jnp.float32)
     for e, w in enumerate(p["experts"]):
-        chosen = experts == e  # [N, k]
-        gate = jnp.sum(jnp.where(chosen, weights, 0.0), axis=1)  # [N]
-        run = lambda x, gate, w=w: gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
-        if skip_unused:
-            out = out + jax.lax.cond(jnp.any(chosen), run, lambda x, gate: jnp.zeros(x.shape, jnp.float32), x, gate)
+        rows = jnp.any(experts == e, axis=1)  # [N]: the tokens that chose e
+        gate = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=1)  # [N]
+        run = lambda x, gate, rows, w=w: gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
+        if not skip_unused:
+            out = out + run(x, gate, rows)
+        elif single_row and n > 1:
+            def one_row(x, gate, rows, w=w):
+                r = jnp.argmax(rows)
+                y = expert_ffn_t(jax.lax.dynamic_slice_in_dim(x, r, 1), w).astype(jnp.float32)  # [1, D]
+                return (jnp.arange(n) == r)[:, None] * (gate[r] * y)
+            pick = jnp.minimum(jnp.sum(rows), 2)  # 0: skip, 1: one row, 2: all rows
+            out = out + jax.lax.switch(pick, [zeros, one_row, run], x, gate, rows)
         else:
-            out = out + run(x, gate)
+            out = out + jax.lax.cond(jnp.any(rows), run, zeros, x, gate, rows)
     return out.astype(x.dtype)
 
 
@@ -449,7 +468,7 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         if strategy == "dense":
             out = moe_per_expert_masked(x, p, k, skip_unused=False)
         elif x.shape[0] <= (MASKED_MAX_ONE_SHOT if one_shot else MASKED_MAX_TOKENS):
-            out = moe_per_expert_masked(x, p, k)
+            out = moe_per_expert_masked(x, p, k, single_row=not one_shot)
         else:
             out = moe_per_expert_grouped(x, p, k)
     else:

@@ -216,6 +216,18 @@ def test_moe_per_expert_grouped_skewed_loop_switch_and_empty_groups():
     assert counts.min() == 0  # an expert nobody chose
 
 
+@pytest.mark.parametrize("n,seed", [(2, 3), (4, 0), (8, 0)])
+def test_sparse_decode_single_row_experts(n, seed):
+    # A decode step of 2-8 rows: an expert that exactly one row chose runs on that row alone, the
+    # others on all rows. Both kinds must occur here, and each result must land on its own rows.
+    p = _moe_params(8)
+    x = np.random.RandomState(seed).randn(n, 32).astype(np.float32)
+    counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
+    assert (counts == 1).any() and (counts >= 2).any()
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 4])
 def test_sparse_decode_skips_unchosen_experts(n):
     # An expert whose weights are NaN must not touch the output when no token chose it.
