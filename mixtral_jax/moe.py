@@ -346,22 +346,24 @@ def moe_per_expert_masked(x, p, k, skip_unused: bool = True, single_row: bool = 
     n = x.shape[0]
     weights, experts = route(x, p["router"], k)
     out = jnp.zeros(x.shape, jnp.float32)
-    zeros = lambda x, gate, rows: jnp.zeros(x.shape, jnp.float32)
+    zeros = lambda x, gate: jnp.zeros(x.shape, jnp.float32)
     for e, w in enumerate(p["experts"]):
-        rows = jnp.any(experts == e, axis=1)  # [N]: the tokens that chose e
-        gate = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=1)  # [N]
-        run = lambda x, gate, rows, w=w: gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
+        chosen = experts == e  # [N, k]
+        gate = jnp.sum(jnp.where(chosen, weights, 0.0), axis=1)  # [N]
+        run = lambda x, gate, w=w: gate[:, None] * expert_ffn_t(x, w).astype(jnp.float32)
         if not skip_unused:
-            out = out + run(x, gate, rows)
+            out = out + run(x, gate)
         elif single_row and n > 1:
-            def one_row(x, gate, rows, w=w):
-                r = jnp.argmax(rows)
+            rows = jnp.any(chosen, axis=1)  # [N]: the tokens that chose e
+            r = jnp.argmax(rows)  # the first of them: the only one when pick is 1
+
+            def one_row(x, gate, w=w, r=r):
                 y = expert_ffn_t(jax.lax.dynamic_slice_in_dim(x, r, 1), w).astype(jnp.float32)  # [1, D]
                 return (jnp.arange(n) == r)[:, None] * (gate[r] * y)
             pick = jnp.minimum(jnp.sum(rows), 2)  # 0: skip, 1: one row, 2: all rows
-            out = out + jax.lax.switch(pick, [zeros, one_row, run], x, gate, rows)
+            out = out + jax.lax.switch(pick, [zeros, one_row, run], x, gate)
         else:
-            out = out + jax.lax.cond(jnp.any(rows), run, zeros, x, gate, rows)
+            out = out + jax.lax.cond(jnp.any(chosen), run, zeros, x, gate)
     return out.astype(x.dtype)
 
 
