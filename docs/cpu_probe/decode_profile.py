@@ -29,7 +29,7 @@ with jax.profiler.trace(trace_dir):
     step_s(24)
 events = [e for e in json.load(gzip.open(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[-1]))["traceEvents"]
           if e.get("ph") == "X"]
-ops = [e for e in events if re.match(r"(end: )?[a-z_\-]+(\.\d+)*(\.clone)?$", e["name"]) and not e["name"].startswith("end: ")]
+ops = [e for e in events if re.match(r"[a-z_\-]+(\.\d+)*(\.clone)?$", e["name"])]  # XLA ops, not "end: ..." markers
 # The lm_head product: the longest dot, once per step.
 dots = collections.defaultdict(list)
 for e in ops:
