@@ -41,7 +41,8 @@ STRATEGIES = ("dense", "sparse")
 # ones, docs/cpu_probe/results/expert_parts.txt), so in a decode step an expert
 # chosen by exactly one token runs on that row alone (a third `lax.switch`
 # branch: batch 2/4/8 decode of the bench model 1.15x/1.09x/1.08x faster, for
-# 1.0-1.9 s more compile; docs/cpu_probe/results/single_row.txt). Beyond, tokens
+# 0.2-1.9 s more compile, 1.0-1.9 s in five of six pairs of runs;
+# docs/cpu_probe/results/single_row.txt). Beyond, tokens
 # are grouped by expert and each expert's rows run as ONE matmul block, its
 # row count the smallest of `group_block_sizes` that holds the group, picked by
 # a `lax.switch`: multiples of GROUP_STEP up to GROUP_MAX (and HALF_STEP when
