@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["mixtral_jax", "mixtral_jax.configs"],
-    package_data={"mixtral_jax.configs": ["*.json"]},
+    package_data={"mixtral_jax": ["csrc/*.cc"], "mixtral_jax.configs": ["*.json"]},
     install_requires=[
         "jax>=0.7,<0.11",
         "flax>=0.11,<0.13",

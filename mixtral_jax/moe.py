@@ -7,7 +7,10 @@ Dispatch strategies (all numerically equal to a per-expert loop):
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
           per_expert weights (one buffer per expert, the CPU layout): up to
-          8 tokens each chosen expert runs on all of them behind a `lax.cond`,
+          16 tokens in float32, the C++ kernel of `cpu_kernel` (`moe_kernel`),
+          which reads only the chosen experts' rows, both cores at once; where
+          it cannot run, up to 8 tokens
+          each chosen expert runs on all of them behind a `lax.cond`,
           or in a decode step on its one row when only one token chose it
           (`moe_per_expert_masked`); beyond, each expert's sorted rows run as
           one block of about the group's size (`moe_per_expert_grouped`).
@@ -27,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mixtral_jax import sharding
+from mixtral_jax import cpu_kernel, sharding
 
 STRATEGIES = ("dense", "sparse")
 
@@ -55,6 +58,12 @@ STRATEGIES = ("dense", "sparse")
 # MASKED_MAX_ONE_SHOT tokens: there the grouped path's extra compile time
 # outweighs its run time (a 16-token prefill of the bench model: first call
 # 4.9-5.0 s grouped vs 1.9-2.6 s masked, both 0.1-0.2 s after).
+# Up to KERNEL_MAX_TOKENS float32 tokens, per_expert weights on XLA:CPU run the
+# C++ kernel (`moe_kernel`) when it is built: 8 layers of bench-model experts
+# took 21.3-22.9 vs 27.4 ms at 1 token, 72 vs 84-85 at 4, 122-127 vs 136-147
+# at 16, but 153 vs 144 at 32 and 208 vs 179 at 64, where XLA's matmuls win
+# (docs/cpu_probe/results/cpu_kernel.txt).
+KERNEL_MAX_TOKENS = 16
 MASKED_MAX_TOKENS = 8
 MASKED_MAX_ONE_SHOT = 16
 HALF_STEP = 8
@@ -368,6 +377,24 @@ def moe_per_expert_masked(x, p, k, skip_unused: bool = True, single_row: bool = 
     return out.astype(x.dtype)
 
 
+def dense_gates(weights: jax.Array, experts: jax.Array, num_experts: int) -> jax.Array:
+    """Top-k routing ([N, k] weights and expert ids) as [N, E] gates, zero where unchosen."""
+    onehot = experts[..., None] == jnp.arange(num_experts)
+    return jnp.sum(jnp.where(onehot, weights[..., None], 0.0), axis=1)
+
+
+def moe_kernel(x, p, k, all_experts: bool = False):
+    """The MoE block as one call of the C++ CPU kernel (`cpu_kernel.moe_cpu`).
+
+    Reads only the chosen experts' weights; with `all_experts` every expert
+    runs on every token (the dense reference's work), unchosen ones weighted
+    zero. float32 per_expert weights on XLA:CPU. x [N, D] → [N, D].
+    """
+    weights, experts = route(x, p["router"], k)
+    gates = dense_gates(weights, experts, len(p["experts"])).astype(jnp.float32)
+    return cpu_kernel.moe_cpu(x, gates, p["experts"], all_experts=all_experts).astype(x.dtype)
+
+
 def group_block_sizes(num_tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
     """Static row counts of the grouped path's blocks, ascending.
 
@@ -453,7 +480,9 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
 
     On a mesh of more than one device: `moe_expert_parallel` (with
     `capacity_factor`). Otherwise the single-device `strategy`, which never
-    drops: for per_expert weights (`p["experts"]`), "sparse" picks masked
+    drops: for per_expert weights (`p["experts"]`), the C++ kernel up to
+    KERNEL_MAX_TOKENS float32 tokens where it is built (`moe_kernel`; all
+    experts for "dense"); otherwise "sparse" picks masked
     experts for up to MASKED_MAX_TOKENS tokens (a decode step; with
     `one_shot`, a prompt, MASKED_MAX_ONE_SHOT) and grouped blocks for more,
     "dense" runs every expert; for stacked weights, `moe_sparse` / `moe_dense`.
@@ -468,7 +497,9 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        if strategy == "dense":
+        if x.shape[0] <= KERNEL_MAX_TOKENS and cpu_kernel.usable(x, p["experts"]):
+            out = moe_kernel(x, p, k, all_experts=strategy == "dense")
+        elif strategy == "dense":
             out = moe_per_expert_masked(x, p, k, skip_unused=False)
         elif x.shape[0] <= (MASKED_MAX_ONE_SHOT if one_shot else MASKED_MAX_TOKENS):
             out = moe_per_expert_masked(x, p, k, single_row=not one_shot)

@@ -13,7 +13,7 @@ import torch
 from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
 import mixtral_jax as mj
-from mixtral_jax import attention, convert, layers, model as model_lib, moe, testing
+from mixtral_jax import attention, convert, cpu_kernel, layers, model as model_lib, moe, testing
 from mixtral_jax.model import Mixtral
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +184,16 @@ def test_sparse_skewed_routing():
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(params=["kernel", "xla"])
+def cpu_path(request, monkeypatch):
+    """Runs a per_expert MoE test twice: with the C++ CPU kernel, and with it off (XLA ops only)."""
+    if request.param == "xla":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    else:
+        assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
+    return request.param
+
+
 def _per_expert(p):
     """Stacked MoE weights -> the per_expert layout (HF's [out, in] tensors, one per expert)."""
     return {"router": p["router"],
@@ -193,7 +203,7 @@ def _per_expert(p):
 @pytest.mark.parametrize("strategy", moe.STRATEGIES)
 @pytest.mark.parametrize("e,k,n,one_shot", [(8, 2, 1, False), (8, 2, 16, False), (8, 2, 16, True), (8, 2, 17, True),
                                             (4, 1, 300, True), (6, 3, 40, False), (8, 8, 5, False)])
-def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, one_shot):
+def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, one_shot, cpu_path):
     p = _moe_params(e)
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
     ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy, one_shot=one_shot))(x, _per_expert(p))
@@ -217,9 +227,11 @@ def test_moe_per_expert_grouped_skewed_loop_switch_and_empty_groups():
 
 
 @pytest.mark.parametrize("n,seed", [(2, 3), (4, 0), (8, 0)])
-def test_sparse_decode_single_row_experts(n, seed):
-    # A decode step of 2-8 rows: an expert that exactly one row chose runs on that row alone, the
-    # others on all rows. Both kinds must occur here, and each result must land on its own rows.
+def test_sparse_decode_single_row_experts(n, seed, monkeypatch):
+    # A decode step of 2-8 rows on XLA ops: an expert that exactly one row chose runs on that row
+    # alone, the others on all rows. Both kinds must occur here, and each result must land on its
+    # own rows.
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     p = _moe_params(8)
     x = np.random.RandomState(seed).randn(n, 32).astype(np.float32)
     counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
@@ -229,7 +241,7 @@ def test_sparse_decode_single_row_experts(n, seed):
 
 
 @pytest.mark.parametrize("n", [1, 4])
-def test_sparse_decode_skips_unchosen_experts(n):
+def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     # An expert whose weights are NaN must not touch the output when no token chose it.
     p = _moe_params(8)
     x = np.random.RandomState(0).randn(n, 32).astype(np.float32)
@@ -239,6 +251,65 @@ def test_sparse_decode_skips_unchosen_experts(n):
     pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
     out = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
     np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("d,f,e,k,n", [
+    (32, 48, 8, 2, 1),    # batch-1 decode
+    (37, 53, 8, 2, 3),    # rows and columns that fill no 16-float vector nor 4-row group
+    (64, 96, 8, 8, 16),   # every expert on 16 rows: four blocks of 4 rows each
+    (48, 40, 4, 1, 9),    # top-1
+    (16, 17, 6, 3, 5),    # top-3, a single vector per row
+])
+def test_cpu_kernel_matches_loop_reference(d, f, e, k, n):
+    p = _moe_params(e, d=d, f=f, seed=d + f)
+    x = np.random.RandomState(n).randn(n, d).astype(np.float32)
+    assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
+    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, k))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernel_skewed_rows():
+    # Expert 5 gets all 11 tokens (three row blocks, the last of 3 rows); the rest share the others.
+    p = _moe_params(8)
+    x = np.random.RandomState(1).randn(11, 32).astype(np.float32)
+    x += 8 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
+    assert (np.argsort(-(x @ p["router"]), axis=1)[:, :2] == 5).any(axis=1).all()
+    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernel_dense_runs_every_expert():
+    # "dense" must do all experts' work (the sparse gain compares against it): an unchosen
+    # expert's NaN weights reach the output through its zero gate, 0 * NaN, only when it runs.
+    p = _moe_params(8)
+    x = np.random.RandomState(0).randn(1, 32).astype(np.float32)
+    unused = next(e for e in range(8) if e not in set(np.argsort(-(x @ p["router"]), axis=1)[0, :2]))
+    pe = _per_expert(p)
+    pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
+    sparse = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(x, pe)
+    dense = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2, all_experts=True))(x, pe)
+    np.testing.assert_allclose(sparse, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+    assert np.isnan(dense).all()
+
+
+def test_cpu_kernel_build_failure_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXTRAL_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="building the CPU MoE kernel failed"):
+        cpu_kernel.build()
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_cpu_kernel_not_used_for_bfloat16(monkeypatch):
+    # bfloat16 weights stay on XLA ops (the kernel is float32 only), with the same results.
+    p = _moe_params(8)
+    x = np.random.RandomState(0).randn(2, 32).astype(np.float32)
+    pe = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), _per_expert(p))
+    assert not cpu_kernel.usable(jnp.asarray(x, jnp.bfloat16), pe["experts"])
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(jnp.asarray(x, jnp.bfloat16), pe)
+    ref = testing.moe_loop_reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32),
+                                     jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), p), 2)
+    assert testing.rel_err(np.asarray(ours, np.float32), ref) < 0.02
 
 
 @pytest.mark.parametrize("n,count", [(4, 4), (20, 3), (20, 9), (300, 256), (600, 257), (600, 512)])

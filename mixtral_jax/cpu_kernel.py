@@ -1,0 +1,109 @@
+"""The CPU decode kernel: one MoE block of a few tokens as an XLA FFI custom call.
+
+`csrc/moe_cpu.cc` computes a decode step's MoE block reading only the chosen
+experts' weights, in place, with both cores taking chunks of weight rows from
+one counter. XLA:CPU's own matrix-vector products split each matrix in fixed
+halves and leave a core idle 9% of a batch-1 step
+(docs/cpu_probe/results/decode_profile.txt).
+
+It is compiled at first use with the host's g++ (about 2 s) into a cache
+folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
+the compiler flags and jaxlib's version. Without a compiler, or with
+MIXTRAL_JAX_CPU_KERNEL=0, `available()` is False and the MoE block runs as
+XLA ops (`moe.moe_per_expert_masked`), with the same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+TARGET = "mixtral_jax_moe_cpu"
+SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MIXTRAL_JAX_CACHE") or Path.home() / ".cache" / "mixtral_jax")
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode())
+    return cache_dir() / f"moe_cpu-{key.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compiles the kernel into the cache folder (once) and returns the library's path.
+
+    Raises RuntimeError with the compiler's message if it cannot be built.
+    """
+    lib = _library_path()
+    if lib.exists():
+        return lib
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH; install one (Debian: apt install g++) "
+                           "or set MIXTRAL_JAX_CPU_KERNEL=0 to run the MoE block as XLA ops.")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the CPU MoE kernel failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        os.replace(out, lib)  # atomic: a concurrent build never sees half a file
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernel is built and registered with XLA:CPU (builds it on first call).
+
+    False, with one warning saying why, when it cannot be built; False without a
+    warning when MIXTRAL_JAX_CPU_KERNEL=0 turns it off.
+    """
+    if os.environ.get("MIXTRAL_JAX_CPU_KERNEL", "1") == "0":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+    except (RuntimeError, OSError) as err:
+        warnings.warn(f"the CPU MoE kernel is not available, so decode runs the MoE block as XLA ops: {err}",
+                      stacklevel=2)
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MoeCpu), platform="cpu")
+    return True
+
+
+def usable(x: jax.Array, experts: list[dict]) -> bool:
+    """Whether `moe_cpu` can run this block: float32 on the CPU backend, kernel available."""
+    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32
+            and all(w[n].dtype == jnp.float32 for w in experts for n in ("w1", "w3", "w2"))
+            and available())
+
+
+def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bool = False) -> jax.Array:
+    """sum_e gates[:, e] * expert_e(x) over the experts some row chose (every one with `all_experts`).
+
+    x [N, D] float32; gates [N, E] float32, zero where a row did not choose the
+    expert; experts: E dicts of HF-layout w1, w3 [F, D] and w2 [D, F]. → [N, D].
+    """
+    weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    return call(x, gates, *weights, all_experts=all_experts)
+
+
+if __name__ == "__main__":  # python -m mixtral_jax.cpu_kernel: build it and say where it is
+    print(build())
+    sys.exit(0 if available() else 1)

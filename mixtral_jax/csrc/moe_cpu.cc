@@ -1,0 +1,242 @@
+// XLA:CPU FFI kernel: one MoE block of a decode step (a few tokens), reading
+// only the chosen experts' weights, in place, with every core streaming.
+//
+//   y[r] = sum_e gate[r, e] * w2_e @ (silu(w1_e @ x[r]) * (w3_e @ x[r]))
+//
+// over the experts e with gate[r, e] != 0 (every expert with `all_experts`:
+// the dense reference's work). Weights are HF [out, in] float32 matrices,
+// one buffer each: w1_e, w3_e [F, D], w2_e [D, F]. Every output element is a
+// dot product of one contiguous weight row with one activation row, so the
+// work splits into chunks of rows that the cores take from an atomic counter:
+// no core waits for a fixed half of a matrix (the 9% idle time of XLA's own
+// matrix-vector products here, docs/cpu_probe/results/decode_profile.txt).
+// Two phases, with all chosen experts in each: w1/w3 rows -> h, then w2 rows
+// -> y. Helpers come from XLA's intra-op thread pool; the calling thread works
+// too and alone finishes whatever no helper took, so a busy pool only slows
+// the call down.
+//
+// Built at first use by mixtral_jax/cpu_kernel.py with the host's g++.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float load
+
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// out[j][r] = dot(w + j * ld, xs[r]) over K floats, for NF weight rows, NR activation rows.
+template <int NF, int NR>
+inline void Dots(const float* w, int64_t ld, const float* const* xs, int64_t K, float out[4][4]) {
+  v16 acc[NF][NR];
+  for (int j = 0; j < NF; ++j)
+    for (int r = 0; r < NR; ++r) acc[j][r] = v16{};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    v16 xv[NR];
+    for (int r = 0; r < NR; ++r) xv[r] = *reinterpret_cast<const v16*>(xs[r] + k);
+    for (int j = 0; j < NF; ++j) {
+      const v16 wv = *reinterpret_cast<const v16*>(w + j * ld + k);
+      for (int r = 0; r < NR; ++r) acc[j][r] += wv * xv[r];
+    }
+  }
+  for (int j = 0; j < NF; ++j)
+    for (int r = 0; r < NR; ++r) {
+      float s = hsum(acc[j][r]);
+      for (int64_t t = k; t < K; ++t) s += w[j * ld + t] * xs[r][t];
+      out[j][r] = s;
+    }
+}
+
+template <int NF>
+inline void DotsRows(const float* w, int64_t ld, const float* const* xs, int nr, int64_t K, float out[4][4]) {
+  switch (nr) {
+    case 1: Dots<NF, 1>(w, ld, xs, K, out); break;
+    case 2: Dots<NF, 2>(w, ld, xs, K, out); break;
+    case 3: Dots<NF, 3>(w, ld, xs, K, out); break;
+    default: Dots<NF, 4>(w, ld, xs, K, out); break;
+  }
+}
+
+// Calls fn(j0, nf, out) for weight rows [j0, j0 + nf) of [lo, hi), nf 4 or 1,
+// with out[j][r] = dot(row j0 + j, xs[r]) for the nr (<= 4) rows in xs.
+template <typename Fn>
+inline void RowDots(const float* w, int64_t ld, int64_t lo, int64_t hi, const float* const* xs, int nr,
+                    int64_t K, Fn fn) {
+  float out[4][4];
+  int64_t j = lo;
+  for (; j + 4 <= hi; j += 4) {
+    DotsRows<4>(w + j * ld, ld, xs, nr, K, out);
+    fn(j, 4, out);
+  }
+  for (; j < hi; ++j) {
+    DotsRows<1>(w + j * ld, ld, xs, nr, K, out);
+    fn(j, 1, out);
+  }
+}
+
+constexpr int64_t kChunk = 16;  // weight rows per chunk of work
+
+struct Expert {
+  const float *w1, *w3, *w2;
+  std::vector<int> rows;  // the token rows that run this expert
+};
+
+struct Call {
+  int64_t n, d, f;
+  const float* x;      // [n, d]
+  const float* gates;  // [n, e]
+  int64_t num_experts;
+  float* y;            // [n, d]
+  std::vector<Expert> experts;  // the chosen ones
+  std::vector<int64_t> index;   // experts[i] is expert index[i]
+  std::vector<float> h;         // [chosen, n, f]
+  int64_t n1, n2;  // chunks in phase 1 and 2
+  std::atomic<int64_t> next1{0}, done1{0}, next2{0}, done2{0};
+
+  // Phase 1: h[i, r, f] = silu(w1 . x[r]) * (w3 . x[r]) for a chunk of F rows of expert i.
+  void Phase1(int64_t c) {
+    const int64_t per = (f + kChunk - 1) / kChunk;
+    const Expert& e = experts[c / per];
+    float* hi = h.data() + (c / per) * n * f;
+    const int64_t lo = (c % per) * kChunk, up = std::min(f, lo + kChunk);
+    for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
+      const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
+      const float* xs[4];
+      for (int r = 0; r < nr; ++r) xs[r] = x + e.rows[r0 + r] * d;
+      // Beyond 4 token rows, the next block of rows reads this chunk's weight
+      // rows again, from the L2 cache (16 rows of w1 and w3: 128 KB at the
+      // bench model's D = 1024, 768 KB at 8x22B's 6144), not from memory.
+      float gate_part[kChunk * 4];
+      RowDots(e.w1, d, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
+        for (int j = 0; j < nf; ++j)
+          for (int r = 0; r < nr; ++r) {
+            const float v = out[j][r];
+            gate_part[(j0 + j - lo) * nr + r] = v / (1.f + std::exp(-v));
+          }
+      });
+      RowDots(e.w3, d, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
+        for (int j = 0; j < nf; ++j)
+          for (int r = 0; r < nr; ++r)
+            hi[e.rows[r0 + r] * f + j0 + j] = gate_part[(j0 + j - lo) * nr + r] * out[j][r];
+      });
+    }
+  }
+
+  // Phase 2: y[r, chunk of D] = sum_i gate[r, e_i] * (w2_i . h[i, r]) over the chosen experts.
+  void Phase2(int64_t c) {
+    const int64_t lo = c * kChunk, up = std::min(d, lo + kChunk);
+    for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const Expert& e = experts[i];
+      const float* hi = h.data() + i * n * f;
+      for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
+        const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
+        const float* hs[4];
+        float g[4];
+        for (int r = 0; r < nr; ++r) {
+          hs[r] = hi + e.rows[r0 + r] * f;
+          g[r] = gates[e.rows[r0 + r] * num_experts + index[i]];
+        }
+        RowDots(e.w2, f, lo, up, hs, nr, f, [&](int64_t j0, int nf, float (*out)[4]) {
+          for (int j = 0; j < nf; ++j)
+            for (int r = 0; r < nr; ++r) y[e.rows[r0 + r] * d + j0 + j] += g[r] * out[j][r];
+        });
+      }
+    }
+  }
+
+  static inline void Pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  // Takes chunks of both phases until none is left; returns once phase 2 is done
+  // only if `wait` (the calling thread), else as soon as it finds no work.
+  void Work(bool wait) {
+    for (int64_t c; (c = next1.fetch_add(1)) < n1;) {
+      Phase1(c);
+      done1.fetch_add(1, std::memory_order_release);
+    }
+    while (done1.load(std::memory_order_acquire) < n1) Pause();
+    for (int64_t c; (c = next2.fetch_add(1)) < n2;) {
+      Phase2(c);
+      done2.fetch_add(1, std::memory_order_release);
+    }
+    if (wait)
+      while (done2.load(std::memory_order_acquire) < n2) Pause();
+  }
+};
+
+ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
+                      ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts) {
+  auto xd = x.dimensions(), gd = gates.dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || gd[0] != xd[0])
+    return ffi::Error::InvalidArgument("moe_cpu: x must be [N, D] and gates [N, E]");
+  auto call = std::make_shared<Call>();
+  Call& c = *call;
+  c.n = xd[0];
+  c.d = xd[1];
+  c.num_experts = gd[1];
+  if (static_cast<int64_t>(weights.size()) != 3 * c.num_experts)
+    return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 for each expert");
+  c.x = x.typed_data();
+  c.gates = gates.typed_data();
+  c.y = y->typed_data();
+  c.f = -1;
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    auto w1 = weights.get<ffi::Buffer<ffi::F32>>(3 * e), w3 = weights.get<ffi::Buffer<ffi::F32>>(3 * e + 1),
+         w2 = weights.get<ffi::Buffer<ffi::F32>>(3 * e + 2);
+    if (!w1.has_value() || !w3.has_value() || !w2.has_value())
+      return ffi::Error::InvalidArgument("moe_cpu: expert weights must be float32");
+    auto d1 = w1->dimensions(), d3 = w3->dimensions(), d2 = w2->dimensions();
+    if (c.f < 0) c.f = d1.size() == 2 ? d1[0] : -1;
+    if (d1.size() != 2 || d3.size() != 2 || d2.size() != 2 || d1[0] != c.f || d1[1] != c.d || d3[0] != c.f ||
+        d3[1] != c.d || d2[0] != c.d || d2[1] != c.f)
+      return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F]");
+    Expert ex{w1->typed_data(), w3->typed_data(), w2->typed_data(), {}};
+    for (int64_t r = 0; r < c.n; ++r)
+      if (all_experts || c.gates[r * c.num_experts + e] != 0.f) ex.rows.push_back(static_cast<int>(r));
+    if (!ex.rows.empty()) {
+      c.experts.push_back(std::move(ex));
+      c.index.push_back(e);
+    }
+  }
+  c.h.assign(c.experts.size() * c.n * c.f, 0.f);
+  c.n1 = static_cast<int64_t>(c.experts.size()) * ((c.f + kChunk - 1) / kChunk);
+  c.n2 = c.experts.empty() ? 0 : (c.d + kChunk - 1) / kChunk;
+  if (c.n2 == 0) {
+    std::fill(c.y, c.y + c.n * c.d, 0.f);
+    return ffi::Error::Success();
+  }
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([call] { call->Work(false); });
+  c.Work(true);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gates [N, E]
+                                  .RemainingArgs()               // w1, w3, w2 per expert
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [N, D]
+                                  .Attr<bool>("all_experts"));
