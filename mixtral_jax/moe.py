@@ -59,9 +59,10 @@ STRATEGIES = ("dense", "sparse")
 # outweighs its run time (a 16-token prefill of the bench model: first call
 # 4.9-5.0 s grouped vs 1.9-2.6 s masked, both 0.1-0.2 s after).
 # Up to KERNEL_MAX_TOKENS float32 tokens, per_expert weights on XLA:CPU run the
-# C++ kernel (`moe_kernel`) when it is built: 8 layers of bench-model experts
-# took 21.3-22.9 vs 27.4 ms at 1 token, 72 vs 84-85 at 4, 122-127 vs 136-147
-# at 16, but 153 vs 144 at 32 and 208 vs 179 at 64, where XLA's matmuls win
+# C++ kernel (`moe_kernel`) when it is built. 8 layers of bench-model experts,
+# kernel vs XLA ops in two runs: 22.3/24.7 vs 27.9/28.1 ms at 1 token,
+# 66.1/67.6 vs 76.2/77.6 at 4, 132.3/135.5 vs 139.2/139.8 at 16; but
+# 180.9/189.9 vs 149.1/152.1 at 32, where XLA's matmuls win
 # (docs/cpu_probe/results/cpu_kernel.txt).
 KERNEL_MAX_TOKENS = 16
 MASKED_MAX_TOKENS = 8

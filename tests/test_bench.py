@@ -41,6 +41,8 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
     assert out["decode"][0]["experts_touched"] == 2.0  # batch 1, top-2: always two distinct experts
     assert out["prefill"]["ours_tok_s"] > 0 and out["prefill"]["theirs_tok_s"] > 0
     assert out["prefill"]["matmul_fraction"] > 0 and out["host"]["matvec_gb_s"] > 0
+    host = out["host"]
+    assert host["kernel_gb_s"] > 0 and host["read_gb_s"] == max(host["matvec_gb_s"], host["kernel_gb_s"])
     assert out["host"]["matmul_gflop_s"] > 0 and len(out["host"]["loadavg_start"]) == 3
     assert out["roofline"]["tok_s"] > 0 and out["roofline"]["fraction"] > 0
     assert out["sparse_gain"]["gain"] > 0 and out["sparse_gain"]["dense_tok_s"] > 0

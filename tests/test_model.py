@@ -292,6 +292,18 @@ def test_cpu_kernel_dense_runs_every_expert():
     assert np.isnan(dense).all()
 
 
+def test_cpu_kernel_registers_itself_on_first_use():
+    # A fresh process that calls the kernel before anything asked `available()`.
+    code = ("import jax, numpy as np; from mixtral_jax import moe, testing; "
+            "p = {'router': np.eye(8, 8, dtype=np.float32), 'experts': [{'w1': np.ones((4, 8), np.float32), "
+            "'w3': np.ones((4, 8), np.float32), 'w2': np.ones((8, 4), np.float32)}] * 8}; "
+            "print(float(jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(np.ones((1, 8), np.float32), p).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    h = 8 / (1 + np.exp(-8)) * 8  # silu(1 . ones(8)) * (1 . ones(8)) on each of 4 rows of F
+    assert float(out.stdout.split()[-1]) == pytest.approx(8 * 4 * h, rel=1e-5)  # gates sum to 1
+
+
 def test_cpu_kernel_build_failure_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXTRAL_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails

@@ -88,7 +88,6 @@ inline void RowDots(const float* w, int64_t ld, int64_t lo, int64_t hi, const fl
   }
 }
 
-constexpr int64_t kChunk = 16;  // weight rows per chunk of work
 
 struct Expert {
   const float *w1, *w3, *w2;
@@ -105,14 +104,15 @@ struct Call {
   std::vector<int64_t> index;   // experts[i] is expert index[i]
   std::vector<float> h;         // [chosen, n, f]
   int64_t n1, n2;  // chunks in phase 1 and 2
+  int64_t rows1, rows2;  // weight rows per chunk in phase 1 and 2
   std::atomic<int64_t> next1{0}, done1{0}, next2{0}, done2{0};
 
   // Phase 1: h[i, r, f] = silu(w1 . x[r]) * (w3 . x[r]) for a chunk of F rows of expert i.
   void Phase1(int64_t c) {
-    const int64_t per = (f + kChunk - 1) / kChunk;
+    const int64_t per = (f + rows1 - 1) / rows1;
     const Expert& e = experts[c / per];
     float* hi = h.data() + (c / per) * n * f;
-    const int64_t lo = (c % per) * kChunk, up = std::min(f, lo + kChunk);
+    const int64_t lo = (c % per) * rows1, up = std::min(f, lo + rows1);
     for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
       const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
       const float* xs[4];
@@ -120,7 +120,7 @@ struct Call {
       // Beyond 4 token rows, the next block of rows reads this chunk's weight
       // rows again, from the L2 cache (16 rows of w1 and w3: 128 KB at the
       // bench model's D = 1024, 768 KB at 8x22B's 6144), not from memory.
-      float gate_part[kChunk * 4];
+      std::vector<float> gate_part((up - lo) * nr);
       RowDots(e.w1, d, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
         for (int j = 0; j < nf; ++j)
           for (int r = 0; r < nr; ++r) {
@@ -138,7 +138,7 @@ struct Call {
 
   // Phase 2: y[r, chunk of D] = sum_i gate[r, e_i] * (w2_i . h[i, r]) over the chosen experts.
   void Phase2(int64_t c) {
-    const int64_t lo = c * kChunk, up = std::min(d, lo + kChunk);
+    const int64_t lo = c * rows2, up = std::min(d, lo + rows2);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
     for (size_t i = 0; i < experts.size(); ++i) {
       const Expert& e = experts[i];
@@ -183,7 +183,8 @@ struct Call {
 };
 
 ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
-                      ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts) {
+                      ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts,
+                      int64_t chunk_bytes) {
   auto xd = x.dimensions(), gd = gates.dimensions();
   if (xd.size() != 2 || gd.size() != 2 || gd[0] != xd[0])
     return ffi::Error::InvalidArgument("moe_cpu: x must be [N, D] and gates [N, E]");
@@ -217,8 +218,10 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     }
   }
   c.h.assign(c.experts.size() * c.n * c.f, 0.f);
-  c.n1 = static_cast<int64_t>(c.experts.size()) * ((c.f + kChunk - 1) / kChunk);
-  c.n2 = c.experts.empty() ? 0 : (c.d + kChunk - 1) / kChunk;
+  c.rows1 = std::max<int64_t>(4, chunk_bytes / (4 * c.d));
+  c.rows2 = std::max<int64_t>(4, chunk_bytes / (4 * c.f * static_cast<int64_t>(c.experts.size())));
+  c.n1 = static_cast<int64_t>(c.experts.size()) * ((c.f + c.rows1 - 1) / c.rows1);
+  c.n2 = c.experts.empty() ? 0 : (c.d + c.rows2 - 1) / c.rows2;
   if (c.n2 == 0) {
     std::fill(c.y, c.y + c.n * c.d, 0.f);
     return ffi::Error::Success();
@@ -239,4 +242,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // gates [N, E]
                                   .RemainingArgs()               // w1, w3, w2 per expert
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, D]
-                                  .Attr<bool>("all_experts"));
+                                  .Attr<bool>("all_experts")
+                                  .Attr<int64_t>("chunk_bytes"));  // weight bytes per chunk of work

@@ -1,0 +1,81 @@
+"""The C++ CPU MoE kernel against XLA ops, and its chunk size, on L layers of random experts.
+
+  PYTHONPATH=. python docs/cpu_probe/cpu_kernel.py [D F E L] [TOKENS] [CHUNKS_KB]
+
+Defaults: the bench model's experts (D 1024, F 3584, 8 experts, 8 layers),
+tokens 1,2,4,8,16,32,64, chunks 16,64,256,512,1024,2048 KB (at one token).
+Each case chains L MoE blocks in one jit (x += 0.1 * moe(x)), top-2, and times
+the kernel (`moe.moe_kernel`) and XLA ops (`moe.moe` with the kernel off:
+masked experts up to 8 tokens, grouped blocks beyond), alternating, 3 rounds
+of 10 calls; the median call is reported. The two outputs are compared
+(float32 sums in a different order; the sharp router, scaled 20x so that
+tokens spread over experts, can turn such a difference into another choice).
+"""
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax import cpu_kernel, moe
+
+D, F, E, L = (int(a) for a in sys.argv[1:5]) if len(sys.argv) > 4 else (1024, 3584, 8, 8)
+TOKENS = [int(t) for t in (sys.argv[5] if len(sys.argv) > 5 else "1,2,4,8,16,32,64").split(",")]
+CHUNKS = [int(c) * 1024 for c in (sys.argv[6] if len(sys.argv) > 6 else "16,64,256,512,1024,2048").split(",")]
+assert cpu_kernel.available(), "the kernel did not build"
+
+rng = np.random.default_rng(0)
+normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)
+layers = [{"router": normal(D, E) * 20,
+           "experts": [{"w1": normal(F, D), "w3": normal(F, D), "w2": normal(D, F)} for _ in range(E)]}
+          for _ in range(L)]
+print(f"D {D}, F {F}, {E} experts, {L} layers: {E * L * 3 * F * D * 4 / 1e9:.2f} GB of experts, "
+      f"{2 * L * 3 * F * D * 4 / 1e6:.0f} MB read per token at top-2")
+
+
+def chain(block):
+    def run(x, layers):
+        for p in layers:
+            x = x + 0.1 * block(x, p)
+        return x
+    return jax.jit(run)
+
+
+def xla_block(x, p):
+    available = cpu_kernel.available
+    cpu_kernel.available = lambda: False  # traced once, so the kernel stays off in this jit
+    try:
+        return moe.moe(x, p, 2)
+    finally:
+        cpu_kernel.available = available
+
+
+def timed(fns, x):
+    times = {name: [] for name in fns}
+    for _ in range(3):
+        for name, fn in fns.items():
+            fn(x, layers).block_until_ready()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                fn(x, layers).block_until_ready()
+            times[name].append((time.perf_counter() - t0) / 10)
+    return {name: sorted(t)[1] for name, t in times.items()}
+
+
+kernel, xla = chain(lambda x, p: moe.moe_kernel(x, p, 2)), chain(xla_block)
+print("\ntokens | kernel ms | XLA ops ms | XLA / kernel | max |diff| / max |XLA|")
+for n in TOKENS:
+    x = jnp.asarray(rng.standard_normal((n, D), np.float32))
+    a, b = kernel(x, layers), xla(x, layers)
+    diff = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    t = timed({"kernel": kernel, "xla": xla}, x)
+    print(f"{n:6d} | {t['kernel'] * 1e3:9.2f} | {t['xla'] * 1e3:10.2f} | {t['xla'] / t['kernel']:12.2f} | {diff:.1e}")
+
+print("\nchunk KB (one token) | kernel ms | GB/s of the chosen experts")
+x = jnp.asarray(rng.standard_normal((1, D), np.float32))
+fns = {c: chain(lambda x, p, c=c: cpu_kernel.moe_cpu(
+    x, moe.dense_gates(*moe.route(x, p["router"], 2), E), p["experts"], chunk_bytes=c)) for c in CHUNKS}
+t = timed(fns, x)
+for c in CHUNKS:
+    print(f"{c // 1024:20d} | {t[c] * 1e3:9.2f} | {2 * L * 3 * F * D * 4 / t[c] / 1e9:.1f}")
