@@ -34,8 +34,9 @@ TARGET = "mixtral_jax_moe_cpu"
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
 # Weight bytes per chunk of work that a core takes (one matrix's rows in the
 # first phase, all chosen experts' rows in the second). Long contiguous runs
-# stream faster: 8 layers of two bench-model experts at one row took 23.1
-# and 25.1 ms in 16 KB chunks, 20.9 and 22.6 ms in 1 MB ones, in two runs
+# stream faster: 8 layers of two bench-model experts at one row took 23.1,
+# 25.1 and 27.3 ms in 16 KB chunks, 20.9, 22.6 and 24.2 ms in 1 MB ones, in
+# three runs; at 8x7B's size 256 KB to 4 MB tie (45.1-45.8 ms)
 # (docs/cpu_probe/results/cpu_kernel.txt).
 CHUNK_BYTES = 1 << 20
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")

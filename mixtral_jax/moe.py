@@ -7,7 +7,7 @@ Dispatch strategies (all numerically equal to a per-expert loop):
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
           per_expert weights (one buffer per expert, the CPU layout): up to
-          16 tokens in float32, the C++ kernel of `cpu_kernel` (`moe_kernel`),
+          8 tokens in float32, the C++ kernel of `cpu_kernel` (`moe_kernel`),
           which reads only the chosen experts' rows, both cores at once; where
           it cannot run, up to 8 tokens
           each chosen expert runs on all of them behind a `lax.cond`,
@@ -59,12 +59,17 @@ STRATEGIES = ("dense", "sparse")
 # outweighs its run time (a 16-token prefill of the bench model: first call
 # 4.9-5.0 s grouped vs 1.9-2.6 s masked, both 0.1-0.2 s after).
 # Up to KERNEL_MAX_TOKENS float32 tokens, per_expert weights on XLA:CPU run the
-# C++ kernel (`moe_kernel`) when it is built. 8 layers of bench-model experts,
-# kernel vs XLA ops in two runs: 22.3/24.7 vs 27.9/28.1 ms at 1 token,
-# 66.1/67.6 vs 76.2/77.6 at 4, 132.3/135.5 vs 139.2/139.8 at 16; but
-# 180.9/189.9 vs 149.1/152.1 at 32, where XLA's matmuls win
-# (docs/cpu_probe/results/cpu_kernel.txt).
-KERNEL_MAX_TOKENS = 16
+# C++ kernel (`moe_kernel`) when it is built (docs/cpu_probe/results/cpu_kernel.txt,
+# kernel vs XLA ops, 8 layers of the bench model's experts in three runs; one
+# layer of 8x7B-sized ones):
+#   tokens    1            4            8            16
+#   bench     1.12-1.25x   1.13-1.15x   1.14-1.19x   0.99-1.05x
+#   8x7B      1.00x        1.04x        1.04x        0.91x
+# XLA's own products leave a core idle on the bench model's 14.7 MB matrices,
+# not on 8x7B's 235 MB ones, where both stream at the memory's rate. Up to 8
+# tokens the kernel ties or wins at both sizes and compiles in no time (first
+# batch-1 prefill + decode call 1.4 vs 3.1-3.4 s); beyond, XLA's matmuls win.
+KERNEL_MAX_TOKENS = 8
 MASKED_MAX_TOKENS = 8
 MASKED_MAX_ONE_SHOT = 16
 HALF_STEP = 8

@@ -4,6 +4,9 @@ expert branch (`moe_per_expert_masked(..., single_row=True)`) on or off.
 Each call is a new process's first prefill (16-token prompts) plus decode step for that batch,
 summed from jax's backend_compile events.
   PYTHONPATH=. python docs/cpu_probe/decode_first_call.py CKPT_DIR on|off
+With MIXTRAL_JAX_CPU_KERNEL=0 the decode steps run XLA ops; by default (where
+the C++ kernel builds) decode steps of up to 8 rows run the kernel instead, and
+on|off no longer matters for them.
 """
 import sys
 import numpy as np, jax
