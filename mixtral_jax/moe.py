@@ -68,7 +68,7 @@ STRATEGIES = ("dense", "sparse")
 # XLA's own products leave a core idle on the bench model's 14.7 MB matrices,
 # not on 8x7B's 235 MB ones, where both stream at the memory's rate. Up to 8
 # tokens the kernel ties or wins at both sizes and compiles in no time (first
-# batch-1 prefill + decode call 1.8-1.9 vs 3.4-3.5 s, batch 2-8 1.3-2.2 s
+# batch-1 prefill + decode call 1.8-1.9 vs 3.4-3.5 s, batch 2-8 1.3-2.4 s
 # less); beyond, XLA's matmuls win.
 KERNEL_MAX_TOKENS = 8
 MASKED_MAX_TOKENS = 8
