@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import jax
@@ -61,8 +60,7 @@ def build() -> Path:
         return lib
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH; install one (Debian: apt install g++) "
-                           "or set MIXTRAL_JAX_CPU_KERNEL=0 to run the MoE block as XLA ops.")
+        raise RuntimeError("no C++ compiler (g++) on PATH; install one (Debian: apt install g++)")
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         out = Path(tmp) / lib.name
@@ -78,16 +76,16 @@ def build() -> Path:
 def available() -> bool:
     """True when the kernel is built and registered with XLA:CPU (builds it on first call).
 
-    False, with one warning saying why, when it cannot be built; False without a
-    warning when MIXTRAL_JAX_CPU_KERNEL=0 turns it off.
+    False, with one line on stderr saying why, when it cannot be built; False
+    silently when MIXTRAL_JAX_CPU_KERNEL=0 turns it off.
     """
     if os.environ.get("MIXTRAL_JAX_CPU_KERNEL", "1") == "0":
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
     except (RuntimeError, OSError) as err:
-        warnings.warn(f"the CPU MoE kernel is not available, so decode runs the MoE block as XLA ops: {err}",
-                      stacklevel=2)
+        print(f"[mixtral_jax] the CPU MoE kernel is not available, so the MoE block runs as XLA ops "
+              f"(set MIXTRAL_JAX_CPU_KERNEL=0 to skip this check): {err}", file=sys.stderr, flush=True)
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MoeCpu), platform="cpu")
     return True
@@ -114,7 +112,3 @@ def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bo
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
     return call(x, gates, *weights, all_experts=all_experts, chunk_bytes=int(chunk_bytes))
 
-
-if __name__ == "__main__":  # python -m mixtral_jax.cpu_kernel: build it and say where it is
-    print(build())
-    sys.exit(0 if available() else 1)

@@ -145,6 +145,7 @@ def run() -> int:
     import numpy as np
 
     import mixtral_jax as mj
+    from mixtral_jax import cpu_kernel
 
     cfg = mj.load_config(FLAGS.checkpoint or FLAGS.config)
     on_cpu = jax.default_backend() == "cpu"
@@ -163,6 +164,8 @@ def run() -> int:
         source = "RANDOM weights (no --checkpoint): the text below is noise, not a real model's output"
     tok = _tokenizer_for(cfg.vocab_size)
     prompts = _prompts(tok, cfg)
+    if on_cpu and mesh is None:
+        cpu_kernel.available()  # builds the decode kernel now (once), or says here why it cannot
     say(f"[mixtral_jax] {cfg.name}: {source}; {dtype} on {jax.device_count()} {jax.default_backend()} "
         f"device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.", flush=True)
 
