@@ -102,7 +102,7 @@ struct Call {
   float* y;            // [n, d]
   std::vector<Expert> experts;  // the chosen ones
   std::vector<int64_t> index;   // experts[i] is expert index[i]
-  std::vector<float> h;         // [chosen, n, f]
+  float* h;                     // [chosen, n, f]: the calling thread's scratch
   int64_t n1, n2;  // chunks in phase 1 and 2
   int64_t rows1, rows2;  // weight rows per chunk in phase 1 and 2
   std::atomic<int64_t> next1{0}, done1{0}, next2{0}, done2{0};
@@ -111,7 +111,7 @@ struct Call {
   void Phase1(int64_t c) {
     const int64_t per = (f + rows1 - 1) / rows1;
     const Expert& e = experts[c / per];
-    float* hi = h.data() + (c / per) * n * f;
+    float* hi = h + (c / per) * n * f;
     const int64_t lo = (c % per) * rows1, up = std::min(f, lo + rows1);
     for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
       const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
@@ -142,7 +142,7 @@ struct Call {
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
     for (size_t i = 0; i < experts.size(); ++i) {
       const Expert& e = experts[i];
-      const float* hi = h.data() + i * n * f;
+      const float* hi = h + i * n * f;
       for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
         const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
         const float* hs[4];
@@ -217,7 +217,13 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       c.index.push_back(e);
     }
   }
-  c.h.assign(c.experts.size() * c.n * c.f, 0.f);
+  // Reused across calls: a fresh [chosen, n, f] buffer of more than 128 KB
+  // would be a new mmap, zero-filled page by page, at every call. Helpers only
+  // touch it while the calling thread waits for them.
+  static thread_local std::vector<float> scratch;
+  const size_t need = c.experts.size() * c.n * c.f;
+  if (scratch.size() < need) scratch.resize(need);
+  c.h = scratch.data();
   c.rows1 = std::max<int64_t>(4, chunk_bytes / (4 * c.d));
   c.rows2 = std::max<int64_t>(4, chunk_bytes / (4 * c.f * static_cast<int64_t>(c.experts.size())));
   c.n1 = static_cast<int64_t>(c.experts.size()) * ((c.f + c.rows1 - 1) / c.rows1);
