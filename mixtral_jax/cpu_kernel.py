@@ -29,7 +29,10 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+# FFI target names; `available()` appends the library's key, so two builds
+# (another version of this package in the same process) never clash.
 TARGET = "mixtral_jax_moe_cpu"
+LINEAR_TARGET = "mixtral_jax_linear_cpu"
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
 # Weight bytes per chunk of work that a core takes (one matrix's rows in the
 # first phase, all chosen experts' rows in the second). Long contiguous runs
@@ -87,7 +90,11 @@ def available() -> bool:
         print(f"[mixtral_jax] the CPU MoE kernel is not available, so the MoE block runs as XLA ops "
               f"(set MIXTRAL_JAX_CPU_KERNEL=0 to skip this check): {err}", file=sys.stderr, flush=True)
         return False
+    global TARGET, LINEAR_TARGET
+    key = _library_path().stem.rsplit("-", 1)[-1]
+    TARGET, LINEAR_TARGET = f"mixtral_jax_moe_cpu_{key}", f"mixtral_jax_linear_cpu_{key}"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MoeCpu), platform="cpu")
+    jax.ffi.register_ffi_target(LINEAR_TARGET, jax.ffi.pycapsule(lib.LinearCpu), platform="cpu")
     return True
 
 
@@ -112,3 +119,12 @@ def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bo
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
     return call(x, gates, *weights, all_experts=all_experts, chunk_bytes=int(chunk_bytes))
 
+
+
+def linear_cpu(x: jax.Array, w: jax.Array, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """x [N, I] @ w [O, I]ᵀ → [N, O], float32, for a few rows (the row-dot product of `moe_cpu`)."""
+    if not available():
+        raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
+    call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w, chunk_bytes=int(chunk_bytes))

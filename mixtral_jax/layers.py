@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax import cpu_kernel
+
 
 # Products with [out, in] weights (the per_expert layout): up to this many rows
 # they run feature-major, beyond it token-major (docs/cpu_probe/results/attn_layout.txt).
@@ -20,7 +22,18 @@ def linear_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Arr
     (docs/cpu_probe/results/attn_layout.txt, lm_head_layout.txt). The barrier
     keeps XLA from folding the final transpose back into the dot, which undoes
     the gain. For more rows (a prefill), token-major is faster.
+
+    One float32 row on the CPU (a batch-1 decode step: the attention
+    projections and the lm_head) runs the C++ kernel's row-dot product
+    (`cpu_kernel.linear_cpu`) where it is built: 8 layers of the bench model's
+    projections plus its lm_head took 5.6-5.8 vs 6.4-6.5 ms, and batch-1
+    decode ran 1.02-1.04x faster in one process. At 4 and 8 rows XLA is as
+    fast or faster (0.97-0.99x, 0.81-0.88x), so they stay here
+    (docs/cpu_probe/results/cpu_kernel.txt).
     """
+    if (x.shape[0] == 1 and preferred_element_type in (None, jnp.float32) and w.dtype == jnp.float32
+            and cpu_kernel.usable(x, [])):
+        return cpu_kernel.linear_cpu(x, w)
     if x.shape[0] > FEATURE_MAJOR_MAX_ROWS:
         return jnp.einsum("NI,OI->NO", x, w, preferred_element_type=preferred_element_type)
     out_t = jnp.einsum("OI,IN->ON", w, x.T, preferred_element_type=preferred_element_type)

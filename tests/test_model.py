@@ -268,6 +268,15 @@ def test_cpu_kernel_matches_loop_reference(d, f, e, k, n):
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,i,o", [(1, 37, 53), (1, 1024, 300), (3, 64, 100), (8, 16, 5)])
+def test_cpu_linear_matches_numpy(n, i, o):
+    rs = np.random.RandomState(n + i)
+    x, w = rs.randn(n, i).astype(np.float32), rs.randn(o, i).astype(np.float32)
+    assert cpu_kernel.available(), "the CPU kernel did not build (is g++ installed?)"
+    ours = jax.jit(cpu_kernel.linear_cpu)(x, w)
+    np.testing.assert_allclose(ours, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_kernel_skewed_rows():
     # Expert 5 gets all 11 tokens (three row blocks, the last of 3 rows); the rest share the others.
     p = _moe_params(8)
@@ -338,7 +347,7 @@ def test_moe_per_expert_grouped_block_boundaries(n, count):
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n", [3, layers.FEATURE_MAJOR_MAX_ROWS + 1])
+@pytest.mark.parametrize("n", [1, 3, layers.FEATURE_MAJOR_MAX_ROWS + 1])  # 1: the CPU kernel
 def test_linear_t_feature_and_token_major(n):
     rs = np.random.RandomState(n)
     x, w = rs.randn(n, 32).astype(np.float32), rs.randn(48, 32).astype(np.float32)

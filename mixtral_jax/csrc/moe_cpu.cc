@@ -15,6 +15,9 @@
 // too and alone finishes whatever no helper took, so a busy pool only slows
 // the call down.
 //
+// The same row-dot product serves LinearCpu: x [n, in] @ w [out, in]^T for one
+// row (a batch-1 step's attention projections and lm_head, layers.linear_t).
+//
 // Built at first use by mixtral_jax/cpu_kernel.py with the host's g++.
 #include <algorithm>
 #include <atomic>
@@ -182,6 +185,60 @@ struct Call {
   }
 };
 
+// y [n, out] = x [n, in] @ w [out, in]^T, for a few rows: the same row-dot
+// product, chunks of weight rows taken from one counter, one phase.
+struct LinearCall {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t n, in, out, rows, chunks;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Chunk(int64_t c) {
+    const int64_t lo = c * rows, up = std::min(out, lo + rows);
+    for (int64_t r0 = 0; r0 < n; r0 += 4) {
+      const int nr = static_cast<int>(std::min<int64_t>(4, n - r0));
+      const float* xs[4];
+      for (int r = 0; r < nr; ++r) xs[r] = x + (r0 + r) * in;
+      RowDots(w, in, lo, up, xs, nr, in, [&](int64_t j0, int nf, float (*o)[4]) {
+        for (int j = 0; j < nf; ++j)
+          for (int r = 0; r < nr; ++r) y[(r0 + r) * out + j0 + j] = o[j][r];
+      });
+    }
+  }
+
+  void Work(bool wait) {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      Chunk(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+    if (wait)
+      while (done.load(std::memory_order_acquire) < chunks) Call::Pause();
+  }
+};
+
+ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t chunk_bytes) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || wd[1] != xd[1])
+    return ffi::Error::InvalidArgument("linear_cpu: x must be [N, I] and w [O, I]");
+  auto call = std::make_shared<LinearCall>();
+  LinearCall& c = *call;
+  c.x = x.typed_data();
+  c.w = w.typed_data();
+  c.y = y->typed_data();
+  c.n = xd[0];
+  c.in = xd[1];
+  c.out = wd[0];
+  c.rows = std::max<int64_t>(4, chunk_bytes / (4 * std::max<int64_t>(1, c.in)));
+  c.chunks = (c.out + c.rows - 1) / c.rows;
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1;
+  for (int64_t t = 0; t < helpers && t + 1 < c.chunks; ++t) pool.Schedule([call] { call->Work(false); });
+  c.Work(true);
+  return ffi::Error::Success();
+}
+
 ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
                       ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts,
                       int64_t chunk_bytes) {
@@ -249,4 +306,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
                                   .RemainingArgs()               // w1, w3, w2 per expert
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, D]
                                   .Attr<bool>("all_experts")
+                                  .Attr<int64_t>("chunk_bytes"));  // weight bytes per chunk of work
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LinearCpu, LinearCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, I]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [O, I]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [N, O]
                                   .Attr<int64_t>("chunk_bytes"));  // weight bytes per chunk of work
