@@ -327,7 +327,7 @@ class HostProbe:
         self.matmul_flops = 2 * m * k * n_mm
         self.product = jax.jit(lambda x, w: x @ w)
         self.kernel = None
-        if cpu_kernel.usable(self.x, []):
+        if cpu_kernel.usable(self.x):
             f = self.weight_bytes // (3 * 4 * 1024)  # w1, w3 [F, 1024] and w2 [1024, F]
             expert = {name: jax.random.normal(jax.random.fold_in(k_w, i), shape, jnp.float32)
                       for i, (name, shape) in enumerate((("w1", (f, 1024)), ("w3", (f, 1024)), ("w2", (1024, f))))}

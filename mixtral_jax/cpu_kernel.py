@@ -1,18 +1,18 @@
-"""The CPU decode kernel: one MoE block of a few tokens as an XLA FFI custom call.
+"""The CPU decode kernels: XLA FFI custom calls built from `csrc/moe_cpu.cc`.
 
-`csrc/moe_cpu.cc` computes a decode step's MoE block reading only the chosen
+`moe_cpu` computes one MoE block of a few tokens reading only the chosen
 experts' weights, in place, with both cores taking chunks of weight rows from
-one counter. XLA:CPU's own matrix-vector products split each matrix in fixed
-halves and leave a core idle 9% of a batch-1 step
-(docs/cpu_probe/results/decode_profile.txt).
+one counter; XLA:CPU's own matrix-vector products split each matrix in fixed
+halves and left a core idle 9% of a batch-1 step
+(docs/cpu_probe/results/decode_profile.txt). `linear_cpu` is the same row-dot
+product for one row times an [out, in] weight.
 
-It is compiled at first use with the host's g++ (about 2 s) into a cache
+They are compiled at first use with the host's g++ (4-5 s) into a cache
 folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
 the compiler flags and jaxlib's version. Without a compiler, or with
-MIXTRAL_JAX_CPU_KERNEL=0, `available()` is False and the MoE block runs as
-XLA ops (`moe.moe_per_expert_masked`), with the same results.
+MIXTRAL_JAX_CPU_KERNEL=0, `available()` is False and callers run XLA ops
+(`moe.moe_per_expert_masked`, `layers.linear_t`), equal to float32 rounding.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -98,10 +98,9 @@ def available() -> bool:
     return True
 
 
-def usable(x: jax.Array, experts: list[dict]) -> bool:
-    """Whether `moe_cpu` can run this block: float32 on the CPU backend, kernel available."""
-    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32
-            and all(w[n].dtype == jnp.float32 for w in experts for n in ("w1", "w3", "w2"))
+def usable(*arrays: jax.Array) -> bool:
+    """Whether the kernels can take these operands: all float32, on the CPU backend, kernel available."""
+    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
             and available())
 
 

@@ -31,8 +31,7 @@ def linear_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Arr
     fast or faster (0.97-0.99x, 0.81-0.88x), so they stay here
     (docs/cpu_probe/results/cpu_kernel.txt).
     """
-    if (x.shape[0] == 1 and preferred_element_type in (None, jnp.float32) and w.dtype == jnp.float32
-            and cpu_kernel.usable(x, [])):
+    if x.shape[0] == 1 and preferred_element_type in (None, jnp.float32) and cpu_kernel.usable(x, w):
         return cpu_kernel.linear_cpu(x, w)
     if x.shape[0] > FEATURE_MAJOR_MAX_ROWS:
         return jnp.einsum("NI,OI->NO", x, w, preferred_element_type=preferred_element_type)

@@ -7,11 +7,11 @@ Dispatch strategies (all numerically equal to a per-expert loop):
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
           per_expert weights (one buffer per expert, the CPU layout): up to
-          8 tokens in float32, the C++ kernel of `cpu_kernel` (`moe_kernel`),
-          which reads only the chosen experts' rows, both cores at once; where
-          it cannot run, up to 8 tokens
-          each chosen expert runs on all of them behind a `lax.cond`,
-          or in a decode step on its one row when only one token chose it
+          8 float32 tokens, the C++ kernel of `cpu_kernel` (`moe_kernel`),
+          which reads only the chosen experts' rows, both cores at once.
+          Where it cannot run, up to 8 tokens each chosen expert runs on all
+          of them behind a `lax.cond`, or in a decode step on its one row
+          when only one token chose it
           (`moe_per_expert_masked`); beyond, each expert's sorted rows run as
           one block of about the group's size (`moe_per_expert_grouped`).
 
@@ -398,8 +398,8 @@ def moe_kernel(x, p, k, all_experts: bool = False):
     zero. float32 per_expert weights on XLA:CPU. x [N, D] → [N, D].
     """
     weights, experts = route(x, p["router"], k)
-    gates = dense_gates(weights, experts, len(p["experts"])).astype(jnp.float32)
-    return cpu_kernel.moe_cpu(x, gates, p["experts"], all_experts=all_experts).astype(x.dtype)
+    gates = dense_gates(weights, experts, len(p["experts"]))  # float32, as route's weights
+    return cpu_kernel.moe_cpu(x, gates, p["experts"], all_experts=all_experts)
 
 
 def group_block_sizes(num_tokens: int, k: int, num_experts: int) -> tuple[int, ...]:
@@ -504,7 +504,7 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        if x.shape[0] <= KERNEL_MAX_TOKENS and cpu_kernel.usable(x, p["experts"]):
+        if x.shape[0] <= KERNEL_MAX_TOKENS and cpu_kernel.usable(x, *jax.tree.leaves(p["experts"])):
             out = moe_kernel(x, p, k, all_experts=strategy == "dense")
         elif strategy == "dense":
             out = moe_per_expert_masked(x, p, k, skip_unused=False)

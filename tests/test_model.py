@@ -326,7 +326,7 @@ def test_cpu_kernel_not_used_for_bfloat16(monkeypatch):
     p = _moe_params(8)
     x = np.random.RandomState(0).randn(2, 32).astype(np.float32)
     pe = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), _per_expert(p))
-    assert not cpu_kernel.usable(jnp.asarray(x, jnp.bfloat16), pe["experts"])
+    assert not cpu_kernel.usable(jnp.asarray(x, jnp.bfloat16), *jax.tree.leaves(pe["experts"]))
     ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(jnp.asarray(x, jnp.bfloat16), pe)
     ref = testing.moe_loop_reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32),
                                      jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), p), 2)

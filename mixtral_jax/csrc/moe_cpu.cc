@@ -92,6 +92,40 @@ inline void RowDots(const float* w, int64_t ld, int64_t lo, int64_t hi, const fl
 }
 
 
+// One phase of work: chunks 0..count-1, taken from one counter by every thread
+// that runs Take; Wait returns once all of them are done, whoever took them.
+struct Chunks {
+  int64_t count = 0;
+  std::atomic<int64_t> next{0}, done{0};
+
+  template <typename Fn>
+  void Take(Fn fn) {
+    for (int64_t c; (c = next.fetch_add(1)) < count;) {
+      fn(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void Wait() const {
+    while (done.load(std::memory_order_acquire) < count) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+};
+
+// Runs call->Work(false) on up to (cores - 1) threads of XLA's pool, then
+// call->Work(true) here. `call` is shared, so a helper that starts after the
+// call returned finds no chunk left and touches nothing else.
+template <typename CallT>
+void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call) {
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([call] { call->Work(false); });
+  call->Work(true);
+}
+
 struct Expert {
   const float *w1, *w3, *w2;
   std::vector<int> rows;  // the token rows that run this expert
@@ -106,9 +140,8 @@ struct Call {
   std::vector<Expert> experts;  // the chosen ones
   std::vector<int64_t> index;   // experts[i] is expert index[i]
   float* h;                     // [chosen, n, f]: the calling thread's scratch
-  int64_t n1, n2;  // chunks in phase 1 and 2
   int64_t rows1, rows2;  // weight rows per chunk in phase 1 and 2
-  std::atomic<int64_t> next1{0}, done1{0}, next2{0}, done2{0};
+  Chunks phase1, phase2;
 
   // Phase 1: h[i, r, f] = silu(w1 . x[r]) * (w3 . x[r]) for a chunk of F rows of expert i.
   void Phase1(int64_t c) {
@@ -121,9 +154,10 @@ struct Call {
       const float* xs[4];
       for (int r = 0; r < nr; ++r) xs[r] = x + e.rows[r0 + r] * d;
       // Beyond 4 token rows, the next block of rows reads this chunk's weight
-      // rows again, from the L2 cache (16 rows of w1 and w3: 128 KB at the
-      // bench model's D = 1024, 768 KB at 8x22B's 6144), not from memory.
-      std::vector<float> gate_part((up - lo) * nr);
+      // rows again (1 MB of w1 and of w3 by default), from the 4 MB L2 cache
+      // of this host's cores where they still are.
+      static thread_local std::vector<float> gate_part;  // silu(w1 . x), [rows, nr]
+      gate_part.resize((up - lo) * nr);
       RowDots(e.w1, d, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
         for (int j = 0; j < nf; ++j)
           for (int r = 0; r < nr; ++r) {
@@ -162,26 +196,13 @@ struct Call {
     }
   }
 
-  static inline void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
-
-  // Takes chunks of both phases until none is left; returns once phase 2 is done
-  // only if `wait` (the calling thread), else as soon as it finds no work.
+  // Takes chunks of both phases until none is left; the calling thread (`wait`)
+  // returns only once phase 2 is done, a helper as soon as it finds no work.
   void Work(bool wait) {
-    for (int64_t c; (c = next1.fetch_add(1)) < n1;) {
-      Phase1(c);
-      done1.fetch_add(1, std::memory_order_release);
-    }
-    while (done1.load(std::memory_order_acquire) < n1) Pause();
-    for (int64_t c; (c = next2.fetch_add(1)) < n2;) {
-      Phase2(c);
-      done2.fetch_add(1, std::memory_order_release);
-    }
-    if (wait)
-      while (done2.load(std::memory_order_acquire) < n2) Pause();
+    phase1.Take([this](int64_t c) { Phase1(c); });
+    phase1.Wait();
+    phase2.Take([this](int64_t c) { Phase2(c); });
+    if (wait) phase2.Wait();
   }
 };
 
@@ -191,8 +212,8 @@ struct LinearCall {
   const float* x;
   const float* w;
   float* y;
-  int64_t n, in, out, rows, chunks;
-  std::atomic<int64_t> next{0}, done{0};
+  int64_t n, in, out, rows;
+  Chunks chunks;
 
   void Chunk(int64_t c) {
     const int64_t lo = c * rows, up = std::min(out, lo + rows);
@@ -208,12 +229,8 @@ struct LinearCall {
   }
 
   void Work(bool wait) {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-      Chunk(c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-    if (wait)
-      while (done.load(std::memory_order_acquire) < chunks) Call::Pause();
+    chunks.Take([this](int64_t c) { Chunk(c); });
+    if (wait) chunks.Wait();
   }
 };
 
@@ -231,11 +248,8 @@ ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   c.in = xd[1];
   c.out = wd[0];
   c.rows = std::max<int64_t>(4, chunk_bytes / (4 * std::max<int64_t>(1, c.in)));
-  c.chunks = (c.out + c.rows - 1) / c.rows;
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1;
-  for (int64_t t = 0; t < helpers && t + 1 < c.chunks; ++t) pool.Schedule([call] { call->Work(false); });
-  c.Work(true);
+  c.chunks.count = (c.out + c.rows - 1) / c.rows;
+  RunOnCores(pool, call);
   return ffi::Error::Success();
 }
 
@@ -281,18 +295,15 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const size_t need = c.experts.size() * c.n * c.f;
   if (scratch.size() < need) scratch.resize(need);
   c.h = scratch.data();
-  c.rows1 = std::max<int64_t>(4, chunk_bytes / (4 * c.d));
-  c.rows2 = std::max<int64_t>(4, chunk_bytes / (4 * c.f * static_cast<int64_t>(c.experts.size())));
-  c.n1 = static_cast<int64_t>(c.experts.size()) * ((c.f + c.rows1 - 1) / c.rows1);
-  c.n2 = c.experts.empty() ? 0 : (c.d + c.rows2 - 1) / c.rows2;
-  if (c.n2 == 0) {
+  if (c.experts.empty()) {
     std::fill(c.y, c.y + c.n * c.d, 0.f);
     return ffi::Error::Success();
   }
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([call] { call->Work(false); });
-  c.Work(true);
+  c.rows1 = std::max<int64_t>(4, chunk_bytes / (4 * c.d));
+  c.rows2 = std::max<int64_t>(4, chunk_bytes / (4 * c.f * static_cast<int64_t>(c.experts.size())));
+  c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((c.f + c.rows1 - 1) / c.rows1);
+  c.phase2.count = (c.d + c.rows2 - 1) / c.rows2;
+  RunOnCores(pool, call);
   return ffi::Error::Success();
 }
 
