@@ -1,11 +1,13 @@
-"""The CPU decode kernels: XLA FFI custom calls built from `csrc/moe_cpu.cc`.
+"""The CPU kernels: XLA FFI custom calls built from `csrc/moe_cpu.cc`.
 
-`moe_cpu` computes one MoE block of a few tokens reading only the chosen
-experts' weights, in place, with both cores taking chunks of weight rows from
-one counter; XLA:CPU's own matrix-vector products split each matrix in fixed
-halves and left a core idle 9% of a batch-1 step
-(docs/cpu_probe/results/decode_profile.txt). `linear_cpu` is the same row-dot
-product for one row times an [out, in] weight.
+`moe_cpu` computes one MoE block reading only the chosen experts' weights, in
+place, with both cores taking chunks of work from one counter. For a decode
+step's few rows it computes row-dot products (XLA:CPU's own matrix-vector
+products split each matrix in fixed halves and left a core idle 9% of a
+batch-1 step, docs/cpu_probe/results/decode_profile.txt); from PANEL_MIN_ROWS
+rows, register tiles over packed panels of each expert's rows, as fast as
+XLA's grouped matmuls and with nothing to compile per expert. `linear_cpu` is
+the row-dot product for one row times an [out, in] weight.
 
 They are compiled at first use with the host's g++ (4-5 s) into a cache
 folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
@@ -41,6 +43,12 @@ SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
 # three runs; at 8x7B's size 256 KB to 4 MB tie (45.1-45.8 ms)
 # (docs/cpu_probe/results/cpu_kernel.txt).
 CHUNK_BYTES = 1 << 20
+# From this many token rows `moe_cpu` runs its panel path (tiles of weight rows
+# times packed panels of token columns, compute-bound) instead of row-dot
+# products (bandwidth-bound, for a decode step's few rows). 8 layers of the
+# bench model's experts: 16 rows 131 ms row-dot vs 153 ms panels, 32 rows 184
+# vs 151 ms (docs/cpu_probe/results/cpu_kernel_panel.txt).
+PANEL_MIN_ROWS = 17
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -105,18 +113,20 @@ def usable(*arrays: jax.Array) -> bool:
 
 
 def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bool = False,
-            chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+            chunk_bytes: int = CHUNK_BYTES, panel_min_rows: int = PANEL_MIN_ROWS) -> jax.Array:
     """sum_e gates[:, e] * expert_e(x) over the experts some row chose (every one with `all_experts`).
 
     x [N, D] float32; gates [N, E] float32, zero where a row did not choose the
     expert; experts: E dicts of HF-layout w1, w3 [F, D] and w2 [D, F]. → [N, D].
+    Row-dot products below `panel_min_rows` rows, packed panels from there.
     """
     if not available():
         raise RuntimeError("the CPU MoE kernel is not available (see the warning above, or "
                            "MIXTRAL_JAX_CPU_KERNEL=0); use moe.moe, which falls back to XLA ops.")
     weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
-    return call(x, gates, *weights, all_experts=all_experts, chunk_bytes=int(chunk_bytes))
+    return call(x, gates, *weights, all_experts=all_experts, chunk_bytes=int(chunk_bytes),
+                panel_min_rows=int(panel_min_rows))
 
 
 

@@ -6,14 +6,16 @@ Dispatch strategies (all numerically equal to a per-expert loop):
   sparse  only the chosen experts run. Dropless; cost grows with tokens ×
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
-          per_expert weights (one buffer per expert, the CPU layout): up to
-          8 float32 tokens, the C++ kernel of `cpu_kernel` (`moe_kernel`),
-          which reads only the chosen experts' rows, both cores at once.
-          Where it cannot run, up to 8 tokens each chosen expert runs on all
-          of them behind a `lax.cond`, or in a decode step on its one row
-          when only one token chose it
-          (`moe_per_expert_masked`); beyond, each expert's sorted rows run as
-          one block of about the group's size (`moe_per_expert_grouped`).
+          per_expert weights (one buffer per expert, the CPU layout) in
+          float32: the C++ kernel of `cpu_kernel` (`moe_kernel`), which reads
+          only the chosen experts' weights with both cores, as row-dot
+          products for a decode step's few rows and as register tiles over
+          packed panels of each expert's rows for more. Where it cannot run
+          (bfloat16, no compiler), XLA ops: up to 8 tokens each chosen expert
+          runs on all of them behind a `lax.cond`, or in a decode step on its
+          one row when only one token chose it (`moe_per_expert_masked`);
+          beyond, each expert's sorted rows run as one block of about the
+          group's size (`moe_per_expert_grouped`).
 
 On a mesh of more than one device the block is expert-parallel instead
 (`moe_expert_parallel`): tokens split over every device, all_to_all to the
@@ -58,19 +60,21 @@ STRATEGIES = ("dense", "sparse")
 # MASKED_MAX_ONE_SHOT tokens: there the grouped path's extra compile time
 # outweighs its run time (a 16-token prefill of the bench model: first call
 # 4.9-5.0 s grouped vs 1.9-2.6 s masked, both 0.1-0.2 s after).
-# Up to KERNEL_MAX_TOKENS float32 tokens, per_expert weights on XLA:CPU run the
-# C++ kernel (`moe_kernel`) when it is built (docs/cpu_probe/results/cpu_kernel.txt,
+# With float32 per_expert weights on XLA:CPU, every MoE block is one call of the
+# C++ kernel (`moe_kernel`) when it builds. Up to 16 rows it computes row-dot
+# products, a bandwidth-bound decode step (docs/cpu_probe/results/cpu_kernel.txt,
 # kernel vs XLA ops, 8 layers of the bench model's experts in three runs; one
 # layer of 8x7B-sized ones):
-#   tokens    1            4            8            16
-#   bench     1.12-1.25x   1.13-1.15x   1.14-1.19x   0.99-1.05x
-#   8x7B      1.00x        1.04x        1.04x        0.91x
-# XLA's own products leave a core idle on the bench model's 14.7 MB matrices,
-# not on 8x7B's 235 MB ones, where both stream at the memory's rate. Up to 8
-# tokens the kernel ties or wins at both sizes and compiles in no time (first
-# batch-1 prefill + decode call 1.8-1.9 vs 3.4-3.5 s, batch 2-8 1.3-2.4 s
-# less); beyond, XLA's matmuls win.
-KERNEL_MAX_TOKENS = 8
+#   tokens    1            4            8
+#   bench     1.12-1.25x   1.13-1.15x   1.14-1.19x
+#   8x7B      1.00x        1.04x        1.04x
+# From 17 rows (cpu_kernel.PANEL_MIN_ROWS) it runs register tiles over packed
+# panels of each expert's rows, compute-bound, about as fast as XLA's grouped
+# matmuls (XLA/kernel 0.92-0.99x at 24-32 rows, 1.00x at 64, 1.07-1.09x at
+# 128-512; a 512-token prefill of the whole bench model 1.01-1.03x) but with
+# none of their switch branches to compile: the first call with a 512-token
+# prompt compiles in 1.7-1.9 s instead of 10.0 s, batch-16 and batch-64 ones
+# in 1.4-1.5 s instead of 8.2-10.7 s (docs/cpu_probe/results/cpu_kernel_panel.txt).
 MASKED_MAX_TOKENS = 8
 MASKED_MAX_ONE_SHOT = 16
 HALF_STEP = 8
@@ -487,9 +491,9 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
 
     On a mesh of more than one device: `moe_expert_parallel` (with
     `capacity_factor`). Otherwise the single-device `strategy`, which never
-    drops: for per_expert weights (`p["experts"]`), the C++ kernel up to
-    KERNEL_MAX_TOKENS float32 tokens where it is built (`moe_kernel`; all
-    experts for "dense"); otherwise "sparse" picks masked
+    drops: for per_expert weights (`p["experts"]`), the C++ kernel for
+    float32 where it is built (`moe_kernel`; all experts for "dense");
+    otherwise "sparse" picks masked
     experts for up to MASKED_MAX_TOKENS tokens (a decode step; with
     `one_shot`, a prompt, MASKED_MAX_ONE_SHOT) and grouped blocks for more,
     "dense" runs every expert; for stacked weights, `moe_sparse` / `moe_dense`.
@@ -504,7 +508,7 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        if x.shape[0] <= KERNEL_MAX_TOKENS and cpu_kernel.usable(x, *jax.tree.leaves(p["experts"])):
+        if cpu_kernel.usable(x, *jax.tree.leaves(p["experts"])):
             out = moe_kernel(x, p, k, all_experts=strategy == "dense")
         elif strategy == "dense":
             out = moe_per_expert_masked(x, p, k, skip_unused=False)

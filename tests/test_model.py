@@ -268,6 +268,41 @@ def test_cpu_kernel_matches_loop_reference(d, f, e, k, n):
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("d,f,e,k,n,panel_min_rows", [
+    (32, 48, 8, 2, 40, None),  # the panel path by default (40 rows): panels of 32 and 16 columns
+    (37, 53, 8, 2, 100, None),  # D, F that fill no 12-row tile (tails of 3 and 1 rows), 16-float vector
+    (64, 200, 8, 8, 70, None),  # every expert on all 70 rows: 32 + 32 + 16 columns, 6 of them padding
+    (48, 40, 4, 1, 33, None),  # top-1
+    (16, 17, 6, 3, 5, 1),  # the panel path forced for 5 rows: one 16-column panel, mostly padding
+    (24, 36, 2, 1, 1, 1),  # one row, one expert chosen, the other skipped
+])
+def test_cpu_kernel_panel_path_matches_loop_reference(d, f, e, k, n, panel_min_rows):
+    # Many rows (a prompt, a big batch): each expert's rows packed into panels of token columns.
+    p = _moe_params(e, d=d, f=f, seed=d + f)
+    x = np.random.RandomState(n).randn(n, d).astype(np.float32)
+    assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
+    pe = _per_expert(p)
+    kw = {} if panel_min_rows is None else {"panel_min_rows": panel_min_rows}
+    assert n >= (panel_min_rows or cpu_kernel.PANEL_MIN_ROWS)
+
+    def run(x, p):
+        gates = moe.dense_gates(*moe.route(x, p["router"], k), e)
+        return cpu_kernel.moe_cpu(x, gates, p["experts"], **kw)
+    ours = jax.jit(run)(x, pe)
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_kernel_panel_path_skewed_and_empty_groups():
+    # 300 rows that mostly choose expert 5 (ten 32-column panels) while expert 0 gets none.
+    p = _moe_params(8)
+    x = np.random.RandomState(2).randn(300, 32).astype(np.float32)
+    x += 3 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5]) - 3 * p["router"][:, 0] / np.linalg.norm(p["router"][:, 0])
+    counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
+    assert counts[5] > 9 * 32 and counts[5] % 32 and counts[0] == 0, counts
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("n,i,o", [(1, 37, 53), (1, 1024, 300), (3, 64, 100), (8, 16, 5)])
 def test_cpu_linear_matches_numpy(n, i, o):
     rs = np.random.RandomState(n + i)

@@ -1,19 +1,26 @@
-// XLA:CPU FFI kernel: one MoE block of a decode step (a few tokens), reading
-// only the chosen experts' weights, in place, with every core streaming.
+// XLA:CPU FFI kernel: one MoE block, reading only the chosen experts'
+// weights, in place, with every core working.
 //
 //   y[r] = sum_e gate[r, e] * w2_e @ (silu(w1_e @ x[r]) * (w3_e @ x[r]))
 //
 // over the experts e with gate[r, e] != 0 (every expert with `all_experts`:
 // the dense reference's work). Weights are HF [out, in] float32 matrices,
-// one buffer each: w1_e, w3_e [F, D], w2_e [D, F]. Every output element is a
-// dot product of one contiguous weight row with one activation row, so the
-// work splits into chunks of rows that the cores take from an atomic counter:
-// no core waits for a fixed half of a matrix (the 9% idle time of XLA's own
-// matrix-vector products here, docs/cpu_probe/results/decode_profile.txt).
-// Two phases, with all chosen experts in each: w1/w3 rows -> h, then w2 rows
-// -> y. Helpers come from XLA's intra-op thread pool; the calling thread works
-// too and alone finishes whatever no helper took, so a busy pool only slows
-// the call down.
+// one buffer each: w1_e, w3_e [F, D], w2_e [D, F].
+//
+// A decode step's few rows (Call): every output element is a dot product of
+// one contiguous weight row with one activation row, so the work splits into
+// chunks of rows that the cores take from an atomic counter: no core waits
+// for a fixed half of a matrix (the 9% idle time of XLA's own matrix-vector
+// products here, docs/cpu_probe/results/decode_profile.txt). Two phases, with
+// all chosen experts in each: w1/w3 rows -> h, then w2 rows -> y.
+//
+// From panel_min_rows rows (PanelCall, a prompt or a big batch): register
+// tiles of weight rows times packed panels of each expert's token rows,
+// compute-bound, in three phases (pack, w1/w3 -> h, w2 -> y).
+//
+// Helpers come from XLA's intra-op thread pool; the calling thread works too
+// and alone finishes whatever no helper took, so a busy pool only slows the
+// call down.
 //
 // The same row-dot product serves LinearCpu: x [n, in] @ w [out, in]^T for one
 // row (a batch-1 step's attention projections and lm_head, layers.linear_t).
@@ -25,6 +32,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -206,6 +214,153 @@ struct Call {
   }
 };
 
+// The panel path, for many rows: per expert, its rows are packed (gathered
+// and transposed) into panels of 32 token columns (the last one 16),
+// zero-padded: panel [K][w], w = 32 or 16. A tile of MR weight rows times one
+// panel is MR x w outputs held in registers, summed over all K (one broadcast
+// weight value times one or two 16-float panel vectors per step), so
+// silu(w1 . x) * (w3 . x) and the gated scatter into y are done on the tile.
+// One core: 159-166 GFLOP/s (of 176-197 GFLOP/s of float32 FMAs) for a
+// [3600, 1024] x [1024, 128] product, two: 270-311 (docs/cpu_probe/gemm/). For
+// the MoE of 8 bench-model layers and 512 tokens, 230-251 useful GFLOP/s,
+// 1.0-1.09x XLA's grouped matmuls (docs/cpu_probe/results/cpu_kernel_panel.txt).
+constexpr int kTileRows = 12;  // MR: 12 x 2 accumulators of 16 floats, of 32 registers
+
+template <int MR, int NV, typename Fn>
+inline void Tile(const float* a, int64_t lda, const float* b, int64_t K, Fn epilogue) {
+  v16 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = v16{};
+  // Rows in threes from one pointer each (row, row + lda, row + 2 lda): as
+  // base + index * 4 or 8 addresses, so no row offset spills to the stack
+  // (with MR separate offsets gcc spilled most: 153 vs 163 GFLOP/s on one core).
+  constexpr int G = MR >= 3 ? 3 : 1;
+  const float* p[MR / G];
+  for (int g = 0; g < MR / G; ++g) p[g] = a + G * g * lda;
+  for (int64_t k = 0; k < K; ++k) {
+    v16 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const v16*>(b + k * 16 * NV + 16 * v);
+    for (int g = 0; g < MR / G; ++g) {
+      const float* q = p[g] + k;
+      for (int j = 0; j < G; ++j) {
+        const float s = q[j * lda];
+        for (int v = 0; v < NV; ++v) acc[G * g + j][v] += s * bv[v];
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) epilogue(i, v, acc[i][v]);
+}
+
+// Calls Tile for weight rows [lo, hi) of a (row stride lda) times panel b of
+// width 16 * nv, in blocks of kTileRows, then 3, then 1 rows; epilogue(row, v, acc).
+template <typename Fn>
+inline void Tiles(const float* a, int64_t lda, int64_t lo, int64_t hi, const float* b, int nv, int64_t K, Fn fn) {
+  int64_t r = lo;
+  auto run = [&](auto mr) {
+    constexpr int MR = decltype(mr)::value;
+    for (; r + MR <= hi; r += MR) {
+      const int64_t r0 = r;
+      auto at = [&](int i, int v, v16 acc) { fn(r0 + i, v, acc); };
+      if (nv == 2) Tile<MR, 2>(a + r * lda, lda, b, K, at);
+      else Tile<MR, 1>(a + r * lda, lda, b, K, at);
+    }
+  };
+  run(std::integral_constant<int, kTileRows>{});
+  run(std::integral_constant<int, 3>{});
+  run(std::integral_constant<int, 1>{});
+}
+
+struct PanelCall {
+  int64_t n, d, f, num_experts;
+  const float* x;      // [n, d]
+  const float* gates;  // [n, e]
+  float* y;            // [n, d]
+  std::vector<Expert> experts;
+  std::vector<std::vector<float>> gate;  // gate[i][j]: expert i's gate for its j-th row
+  std::vector<int64_t> cols;   // expert i's row count padded to 16
+  float *xp, *h;               // per expert: packed x [cols, d], h [cols, f] (panel layout)
+  std::vector<int64_t> xp_at, h_at;  // their offsets
+  std::vector<int64_t> first_panel;  // phase 0: chunk index of expert i's first panel
+  int64_t rows1, rows2, chunks1;  // phase 1 chunks per expert
+  Chunks phase0, phase1, phase2;
+
+  static int64_t Panels(int64_t cols) { return (cols + 31) / 32; }
+  static int Width(int64_t cols, int64_t p) { return static_cast<int>(std::min<int64_t>(32, cols - 32 * p)); }
+
+  // Phase 0: pack one panel of one expert's rows of x.
+  void Pack(int64_t c) {
+    const int64_t i = std::upper_bound(first_panel.begin(), first_panel.end(), c) - first_panel.begin() - 1;
+    const int64_t p = c - first_panel[i];
+    const int w = Width(cols[i], p);
+    const std::vector<int>& rows = experts[i].rows;
+    float* out = xp + xp_at[i] + 32 * p * d;
+    for (int j = 0; j < w; ++j) {
+      const int64_t t = 32 * p + j;
+      if (t < static_cast<int64_t>(rows.size())) {
+        const float* src = x + rows[t] * d;
+        for (int64_t k = 0; k < d; ++k) out[k * w + j] = src[k];
+      } else {
+        for (int64_t k = 0; k < d; ++k) out[k * w + j] = 0.f;
+      }
+    }
+  }
+
+  // Phase 1: h = silu(w1 . x) * (w3 . x) for a chunk of F rows of one expert, every panel.
+  void Phase1(int64_t c) {
+    const int64_t i = c / chunks1, lo = (c % chunks1) * rows1, up = std::min(f, lo + rows1);
+    const Expert& e = experts[i];
+    for (int64_t p = 0; p < Panels(cols[i]); ++p) {
+      const int w = Width(cols[i], p), nv = w / 16;
+      const float* b = xp + xp_at[i] + 32 * p * d;
+      float* hp = h + h_at[i] + 32 * p * f;
+      for (int64_t r0 = lo; r0 < up; r0 += kTileRows) {
+        const int64_t r1 = std::min(up, r0 + kTileRows);
+        float g[kTileRows][32];
+        Tiles(e.w1, d, r0, r1, b, nv, d, [&](int64_t r, int v, v16 acc) {
+          for (int l = 0; l < 16; ++l) g[r - r0][16 * v + l] = acc[l];
+        });
+        Tiles(e.w3, d, r0, r1, b, nv, d, [&](int64_t r, int v, v16 acc) {
+          float* out = hp + r * w + 16 * v;
+          for (int l = 0; l < 16; ++l) {
+            const float a = g[r - r0][16 * v + l];
+            out[l] = a / (1.f + std::exp(-a)) * acc[l];
+          }
+        });
+      }
+    }
+  }
+
+  // Phase 2: y[:, chunk of D] = sum_i gate_i * (w2_i . h_i), scattered to each expert's token rows.
+  void Phase2(int64_t c) {
+    const int64_t lo = c * rows2, up = std::min(d, lo + rows2);
+    for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const std::vector<int>& rows = experts[i].rows;
+      const int64_t m = static_cast<int64_t>(rows.size());
+      for (int64_t p = 0; p < Panels(cols[i]); ++p) {
+        const int w = Width(cols[i], p);
+        const int64_t valid = std::min<int64_t>(w, m - 32 * p);
+        Tiles(experts[i].w2, f, lo, up, h + h_at[i] + 32 * p * f, w / 16, f, [&](int64_t r, int v, v16 acc) {
+          for (int l = 0; l < 16 && 16 * v + l < valid; ++l) {
+            const int64_t t = 32 * p + 16 * v + l;
+            y[rows[t] * d + r] += gate[i][t] * acc[l];
+          }
+        });
+      }
+    }
+  }
+
+  void Work(bool wait) {
+    phase0.Take([this](int64_t c) { Pack(c); });
+    phase0.Wait();
+    phase1.Take([this](int64_t c) { Phase1(c); });
+    phase1.Wait();
+    phase2.Take([this](int64_t c) { Phase2(c); });
+    if (wait) phase2.Wait();
+  }
+};
+
 // y [n, out] = x [n, in] @ w [out, in]^T, for a few rows: the same row-dot
 // product, chunks of weight rows taken from one counter, one phase.
 struct LinearCall {
@@ -253,9 +408,54 @@ ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// The panel path for the experts that `c` chose: packs, then runs PanelCall on every core.
+ffi::Error RunPanels(ffi::ThreadPool& pool, Call& c) {
+  auto call = std::make_shared<PanelCall>();
+  PanelCall& pc = *call;
+  pc.n = c.n;
+  pc.d = c.d;
+  pc.f = c.f;
+  pc.num_experts = c.num_experts;
+  pc.x = c.x;
+  pc.gates = c.gates;
+  pc.y = c.y;
+  int64_t xp_size = 0, h_size = 0, panels = 0;
+  for (size_t i = 0; i < c.experts.size(); ++i) {
+    const std::vector<int>& rows = c.experts[i].rows;
+    std::vector<float> g(rows.size());
+    for (size_t t = 0; t < rows.size(); ++t) g[t] = c.gates[rows[t] * c.num_experts + c.index[i]];
+    pc.gate.push_back(std::move(g));
+    const int64_t cols = (static_cast<int64_t>(rows.size()) + 15) / 16 * 16;
+    pc.cols.push_back(cols);
+    pc.xp_at.push_back(xp_size);
+    pc.h_at.push_back(h_size);
+    pc.first_panel.push_back(panels);
+    xp_size += cols * c.d;
+    h_size += cols * c.f;
+    panels += PanelCall::Panels(cols);
+  }
+  pc.experts = std::move(c.experts);
+  // Reused across calls, as Call's scratch; grown, never shrunk.
+  static thread_local std::vector<float> xp_scratch, h_scratch;
+  if (static_cast<int64_t>(xp_scratch.size()) < xp_size) xp_scratch.resize(xp_size);
+  if (static_cast<int64_t>(h_scratch.size()) < h_size) h_scratch.resize(h_size);
+  pc.xp = xp_scratch.data();
+  pc.h = h_scratch.data();
+  // Chunks: 48 F rows of one expert (phase 1), 24 D rows of all (phase 2):
+  // 4 and 2 tiles, several hundred and several tens of chunks for the bench model.
+  pc.rows1 = 4 * kTileRows;
+  pc.rows2 = 2 * kTileRows;
+  pc.chunks1 = (pc.f + pc.rows1 - 1) / pc.rows1;
+  pc.phase0.count = panels;
+  pc.phase1.count = static_cast<int64_t>(pc.experts.size()) * pc.chunks1;
+  pc.phase2.count = (pc.d + pc.rows2 - 1) / pc.rows2;
+  RunOnCores(pool, call);
+  return ffi::Error::Success();
+}
+
 ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
                       ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts,
-                      int64_t chunk_bytes) {
+                      int64_t chunk_bytes, int64_t panel_min_rows) {
   auto xd = x.dimensions(), gd = gates.dimensions();
   if (xd.size() != 2 || gd.size() != 2 || gd[0] != xd[0])
     return ffi::Error::InvalidArgument("moe_cpu: x must be [N, D] and gates [N, E]");
@@ -288,6 +488,11 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       c.index.push_back(e);
     }
   }
+  if (c.experts.empty()) {
+    std::fill(c.y, c.y + c.n * c.d, 0.f);
+    return ffi::Error::Success();
+  }
+  if (c.n >= panel_min_rows) return RunPanels(pool, c);
   // Reused across calls: a fresh [chosen, n, f] buffer of more than 128 KB
   // would be a new mmap, zero-filled page by page, at every call. Helpers only
   // touch it while the calling thread waits for them.
@@ -295,10 +500,6 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const size_t need = c.experts.size() * c.n * c.f;
   if (scratch.size() < need) scratch.resize(need);
   c.h = scratch.data();
-  if (c.experts.empty()) {
-    std::fill(c.y, c.y + c.n * c.d, 0.f);
-    return ffi::Error::Success();
-  }
   c.rows1 = std::max<int64_t>(4, chunk_bytes / (4 * c.d));
   c.rows2 = std::max<int64_t>(4, chunk_bytes / (4 * c.f * static_cast<int64_t>(c.experts.size())));
   c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((c.f + c.rows1 - 1) / c.rows1);
@@ -317,7 +518,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
                                   .RemainingArgs()               // w1, w3, w2 per expert
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, D]
                                   .Attr<bool>("all_experts")
-                                  .Attr<int64_t>("chunk_bytes"));  // weight bytes per chunk of work
+                                  .Attr<int64_t>("chunk_bytes")    // weight bytes per chunk of work
+                                  .Attr<int64_t>("panel_min_rows"));  // from this many rows: panels
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LinearCpu, LinearCpuImpl,
                               ffi::Ffi::Bind()
