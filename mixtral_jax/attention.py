@@ -73,7 +73,8 @@ def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None):
+def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None,
+                   last_query=False):
     """One attention block (no residual) on normalised input.
 
     Args:
@@ -90,6 +91,8 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         [cache_index, cache_index + T) (of `layer`), in place.
       cache_index: scalar int slot where x's first token goes.
       layer: scalar layer index into a stacked cache, or None.
+      last_query: keys and values for all T positions (and the cache), but
+        the output for the last position only: out [B, 1, D].
 
     Returns:
       (out [B, T, D], updated (k, v) or None).
@@ -130,7 +133,13 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     # The prompt's own slots start at 0 when there is no cache or a prefill writes from slot 0:
     # then query i never sees a slot past i, and later slots (empty) need not be read at all.
     prefix = cache is None or (isinstance(cache_index, int) and cache_index == 0)
-    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix)
+    if last_query:
+        if prefix:  # the last query sees the prompt's own slots [0, T) at most
+            k, v, k_pos = k[:, :, :t], v[:, :, :t], k_pos[:, :t]
+        q, positions, t = q[:, -1:], positions[:, -1:], 1
+        out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), attention_mask(positions, k_pos, sliding_window))
+    else:
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix)
     out = out.reshape(b, t, -1)
     if fused:  # wo [D, H * Dh]
         return layers.linear_t(out.reshape(b * t, -1), p["wo"]).reshape(b, t, -1), new_cache

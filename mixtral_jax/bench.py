@@ -148,8 +148,11 @@ def prefill_useful_flops(cfg, tokens: int) -> int:
     """FLOPs a prefill of `tokens` (batch 1) must do to produce the next token.
 
     2 × active weights per token for every layer weight (embedding excluded),
-    the lm_head only for the last token (only its logits are needed), and
-    causal attention: scores and values, 2 × 2 × H × Dh per (query, visible key) pair.
+    and causal attention: scores and values, 2 × 2 × H × Dh per (query,
+    visible key) pair. Only the last token's logits are needed, so the lm_head
+    runs for it alone, and so does the last layer, except for its attention
+    norm and key/value projections (the cache needs every position's keys and
+    values).
 
     Args:
       cfg: a `MixtralConfig`.
@@ -161,11 +164,15 @@ def prefill_useful_flops(cfg, tokens: int) -> int:
     import mixtral_jax as mj
 
     lm_head = cfg.vocab_size * cfg.hidden_size
-    layer_weights = mj.param_count(cfg)["active"] - cfg.vocab_size * cfg.hidden_size - lm_head
-    pairs = tokens * (tokens + 1) // 2 if cfg.sliding_window is None else sum(
-        min(t + 1, cfg.sliding_window) for t in range(tokens))
-    attention = 4 * cfg.num_attention_heads * cfg.head_dim * pairs * cfg.num_hidden_layers
-    return 2 * layer_weights * tokens + 2 * lm_head + attention
+    layers = cfg.num_hidden_layers
+    final_norm = cfg.hidden_size
+    per_layer = (mj.param_count(cfg)["active"] - cfg.vocab_size * cfg.hidden_size - lm_head - final_norm) // layers
+    kv = cfg.hidden_size + 2 * cfg.hidden_size * cfg.num_key_value_heads * cfg.head_dim  # norm + wk, wv
+    visible = [t + 1 if cfg.sliding_window is None else min(t + 1, cfg.sliding_window) for t in range(tokens)]
+    pair_flops = 4 * cfg.num_attention_heads * cfg.head_dim
+    weights = (2 * per_layer * tokens * (layers - 1) + 2 * kv * tokens + 2 * (per_layer - kv)
+               + 2 * final_norm + 2 * lm_head)
+    return weights + pair_flops * (sum(visible) * (layers - 1) + visible[-1])
 
 
 def experts_touched(experts, start: int, steps: int) -> float:
@@ -838,8 +845,9 @@ medians over the rounds):
   bandwidth: the faster of an XLA f32 matvec and the CPU MoE kernel on one row
   (`mixtral_jax.cpu_kernel`, where it is built), each on a weight that exceeds
   the L3 cache, sampled next to every measurement.
-- Prefill efficiency: useful FLOPs (2 × active layer weights × tokens, the
-  lm_head for the last token only, causal attention) ÷ time, against an XLA f32
+- Prefill efficiency: useful FLOPs (2 × active layer weights × tokens, causal
+  attention; the lm_head and the last layer, but for its keys and values, for the
+  last token only, as only its logits are needed) ÷ time, against an XLA f32
   matmul of the same round.
 - Sparse gain: our batch-1 decode against `strategy="dense"` (all experts computed).
 - Experts touched: `mj.expert_routing` on the decoded sequences; per layer and

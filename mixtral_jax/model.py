@@ -263,18 +263,22 @@ class Mixtral(nnx.Module):
 
 
 def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, strategy, cache=None,
-                  cache_index=None, layer=None, collect_routing=False, mesh=None, capacity_factor=None):
+                  cache_index=None, layer=None, collect_routing=False, mesh=None, capacity_factor=None,
+                  last_only=False):
     """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D].
 
     `lp` is one layer's weights in either layout; `cache` and `layer` as in
-    `attention.self_attention`.
+    `attention.self_attention`. With `last_only`, keys and values (and the
+    cache) cover all T positions, and the rest only the last: h [B, 1, D] out.
 
     Returns (h, updated cache or None, routing): routing is (weights, expert ids),
     each [B, T, k], when `collect_routing`, else None.
     """
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
-        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, layer=layer)
+        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, layer=layer, last_query=last_only)
+    if last_only:
+        h = h[:, -1:]
     h = sharding.constrain(h + a, mesh, ACT_BTD)
     x = layers.rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     routing = None
@@ -282,7 +286,8 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, stra
         w, e = moe.route(x.reshape(-1, x.shape[-1]), lp["router"], cfg.num_experts_per_tok)
         routing = (w.reshape(*x.shape[:-1], -1), e.reshape(*x.shape[:-1], -1))
     # A prompt (more than one position per row) runs once: moe favours compile time there.
-    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor, one_shot=x.shape[1] > 1)
+    one_shot = x.shape[1] > 1 or last_only
+    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor, one_shot=one_shot)
     return sharding.constrain(h, mesh, ACT_BTD), new_cache, routing
 
 
@@ -304,6 +309,8 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       k_pos: [B, S] key positions (negative: empty) when `cache` is given.
       collect_routing: also return every layer's router choices.
       last_only: logits for the last position only ([B, 1, V]; prefill needs no more).
+        With per_expert params (and no `collect_routing`) the last layer's
+        attention output and MoE then run for the last position only.
       mesh: the mesh `params` are sharded over (static), or None; activations
         are pinned to it and the MoE runs expert-parallel on it.
       capacity_factor: expert-parallel capacity (static); None is dropless.
@@ -323,8 +330,14 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     if per_expert:
         # Unrolled: every weight and cache entry is its own buffer, read and updated in place.
         new_k, new_v, routings = [], [], []
+        num_layers = len(params["layers"])
         for l, lp in enumerate(params["layers"]):
-            h, layer_cache, routing = body(h, lp, cache=None if cache is None else (cache[0][l], cache[1][l]))
+            # With last_only, the last layer needs its keys and values (the cache) at every
+            # position but its attention output and MoE only at the last one: 1/L of the
+            # prompt's MoE work skipped, with equal logits and cache.
+            last = last_only and l == num_layers - 1 and not collect_routing
+            h, layer_cache, routing = body(h, lp, cache=None if cache is None else (cache[0][l], cache[1][l]),
+                                           last_only=last)
             routings.append(routing)
             if cache is not None:
                 new_k.append(layer_cache[0])

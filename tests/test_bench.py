@@ -92,9 +92,14 @@ def test_param_counts_and_active_bytes_by_hand():
 def test_prefill_useful_flops_by_hand():
     cfg = _default_cfg()
     t = 512
-    layer_active = L * (D * H * DH + 2 * D * K * DH + H * DH * D + D * E + 2 * D + TOP * 3 * D * F) + D
+    # Every layer but the last on all t tokens; the last one's norm and k/v projections on all t
+    # (the cache), the rest of it on the last token only, as the lm_head.
+    layer = D * H * DH + 2 * D * K * DH + H * DH * D + D * E + 2 * D + TOP * 3 * D * F
+    kv = D + 2 * D * K * DH
+    final_norm = D
     causal_pairs = t * (t + 1) // 2
-    expected = 2 * layer_active * t + 2 * D * V + L * 4 * H * DH * causal_pairs
+    expected = (2 * layer * t * (L - 1) + 2 * kv * t + 2 * (layer - kv) + 2 * final_norm + 2 * D * V
+                + 4 * H * DH * (causal_pairs * (L - 1) + t))
     assert bench.prefill_useful_flops(cfg, t) == expected
 
 

@@ -73,6 +73,23 @@ def test_decode_logits_equal_full_forward(window):
             np.testing.assert_allclose(np.asarray(logits)[row], full[len(p) - 1 + i], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_prefill_last_layer_last_position_only_matches_transformers(window):
+    # per_expert prefill runs the last layer's attention output and MoE for the last position
+    # only: its logits must still equal transformers' at each row's last token (left-padded
+    # rows of different lengths), and its cache must carry greedy decoding on the same way.
+    hf = testing.hf_model(seed=4, num_hidden_layers=2, sliding_window=window, rope_theta=1e4)
+    model = testing.our_model(hf, "per_expert")
+    prompts = _prompts([5, 12, 1], model.cfg.vocab_size, seed=5)
+    _, first_logits = next(iter(gen.decode_loop(model, prompts, 1, gen.SamplingParams())))
+    with torch.no_grad():
+        for row, p in enumerate(prompts):
+            ref = hf(torch.tensor([p])).logits[0, -1].numpy()
+            np.testing.assert_allclose(np.asarray(first_logits)[row], ref, rtol=1e-4, atol=1e-4)
+    ours = mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[])
+    assert ours == [_hf_greedy(hf, p, 6) for p in prompts]
+
+
 def test_long_prompt_greedy_matches_transformers():
     # The prefill's causal query chunks, then decode past them (per_expert layout, the CPU default).
     hf = testing.hf_model(seed=6, max_position_embeddings=512, num_hidden_layers=1)

@@ -233,7 +233,8 @@ inline void Tile(const float* a, int64_t lda, const float* b, int64_t K, Fn epil
     for (int v = 0; v < NV; ++v) acc[i][v] = v16{};
   // Rows in threes from one pointer each (row, row + lda, row + 2 lda): as
   // base + index * 4 or 8 addresses, so no row offset spills to the stack
-  // (with MR separate offsets gcc spilled most: 153 vs 163 GFLOP/s on one core).
+  // (with MR separate offsets gcc spilled 9 of 12: 141-153 vs 159-166 GFLOP/s
+  // on one core, docs/cpu_probe/results/cpu_kernel_panel.txt).
   constexpr int G = MR >= 3 ? 3 : 1;
   const float* p[MR / G];
   for (int g = 0; g < MR / G; ++g) p[g] = a + G * g * lda;
@@ -272,17 +273,17 @@ inline void Tiles(const float* a, int64_t lda, int64_t lo, int64_t hi, const flo
 }
 
 struct PanelCall {
-  int64_t n, d, f, num_experts;
-  const float* x;      // [n, d]
-  const float* gates;  // [n, e]
-  float* y;            // [n, d]
-  std::vector<Expert> experts;
-  std::vector<std::vector<float>> gate;  // gate[i][j]: expert i's gate for its j-th row
+  int64_t n, d, f;
+  const float* x;  // [n, d]
+  float* y;        // [n, d]
+  std::vector<Expert> experts;  // the chosen ones
+  std::vector<std::vector<float>> gate;  // gate[i][t]: expert i's gate for its t-th row
   std::vector<int64_t> cols;   // expert i's row count padded to 16
   float *xp, *h;               // per expert: packed x [cols, d], h [cols, f] (panel layout)
   std::vector<int64_t> xp_at, h_at;  // their offsets
   std::vector<int64_t> first_panel;  // phase 0: chunk index of expert i's first panel
-  int64_t rows1, rows2, chunks1;  // phase 1 chunks per expert
+  int64_t rows1, rows2;  // weight rows per chunk in phase 1 (of one expert) and 2 (of all)
+  int64_t chunks1;       // phase 1 chunks per expert
   Chunks phase0, phase1, phase2;
 
   static int64_t Panels(int64_t cols) { return (cols + 31) / 32; }
@@ -415,9 +416,7 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call& c) {
   pc.n = c.n;
   pc.d = c.d;
   pc.f = c.f;
-  pc.num_experts = c.num_experts;
   pc.x = c.x;
-  pc.gates = c.gates;
   pc.y = c.y;
   int64_t xp_size = 0, h_size = 0, panels = 0;
   for (size_t i = 0; i < c.experts.size(); ++i) {
