@@ -109,3 +109,44 @@ def bench_interleaved(fn, args, ref, reps=7, warmup=1, quiet=True):
         rb.append(ref.nbytes / ref.once() / 1e9)
         t0 = time.perf_counter(); jax.block_until_ready(fn(*args)); ts.append(time.perf_counter() - t0)
     return statistics.median(ts), statistics.median(rb), ts
+
+
+def compile_seconds():
+    """A list that collects the seconds of every XLA compile from now on (jax's backend_compile events)."""
+    seconds = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: seconds.append(secs) if "backend_compile" in event else None)
+    return seconds
+
+
+def moe_layers(rng, d, f, e, num_layers):
+    """num_layers random MoE layers in the per_expert layout (HF [out, in] expert weights).
+
+    Router logits of standard deviation 2: tokens spread over the experts, and no
+    second gate underflows to exactly zero (the kernel skips a zero-gate expert).
+    """
+    import jax.numpy as jnp
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)
+    return [{"router": normal(d, e) * 40 / np.sqrt(d),
+             "experts": [{"w1": normal(f, d), "w3": normal(f, d), "w2": normal(d, f)} for _ in range(e)]}
+            for _ in range(num_layers)]
+
+
+def chain(block):
+    """jit of x += 0.1 * block(x, p) over a list of layers p."""
+    def run(x, layers):
+        for p in layers:
+            x = x + 0.1 * block(x, p)
+        return x
+    return jax.jit(run)
+
+
+def xla_block(x, p):
+    """moe.moe(x, p, 2) with the C++ kernel off (XLA ops), for use inside a jit."""
+    from mixtral_jax import cpu_kernel, moe
+    available = cpu_kernel.available
+    cpu_kernel.available = lambda: False  # traced once, so the kernel stays off in this jit
+    try:
+        return moe.moe(x, p, 2)
+    finally:
+        cpu_kernel.available = available

@@ -14,10 +14,10 @@ later layer's routing).
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import chain, moe_layers, xla_block
 from mixtral_jax import cpu_kernel, moe
 
 D, F, E, L = (int(a) for a in sys.argv[1:5]) if len(sys.argv) > 4 else (1024, 3584, 8, 8)
@@ -26,31 +26,9 @@ CHUNKS = [int(c) * 1024 for c in (sys.argv[6] if len(sys.argv) > 6 else "16,64,2
 assert cpu_kernel.available(), "the kernel did not build"
 
 rng = np.random.default_rng(0)
-normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)
-# Router logits of standard deviation 2: tokens spread over the experts, and no
-# second gate underflows to exactly zero (the kernel skips a zero-gate expert).
-layers = [{"router": normal(D, E) * 40 / np.sqrt(D),
-           "experts": [{"w1": normal(F, D), "w3": normal(F, D), "w2": normal(D, F)} for _ in range(E)]}
-          for _ in range(L)]
+layers = moe_layers(rng, D, F, E, L)
 print(f"D {D}, F {F}, {E} experts, {L} layers: {E * L * 3 * F * D * 4 / 1e9:.2f} GB of experts, "
       f"{2 * L * 3 * F * D * 4 / 1e6:.0f} MB read per token at top-2")
-
-
-def chain(block):
-    def run(x, layers):
-        for p in layers:
-            x = x + 0.1 * block(x, p)
-        return x
-    return jax.jit(run)
-
-
-def xla_block(x, p):
-    available = cpu_kernel.available
-    cpu_kernel.available = lambda: False  # traced once, so the kernel stays off in this jit
-    try:
-        return moe.moe(x, p, 2)
-    finally:
-        cpu_kernel.available = available
 
 
 def timed(fns, x):

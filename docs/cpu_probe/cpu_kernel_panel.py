@@ -14,42 +14,22 @@ Default tokens 8,16,24,32,64,128,512.
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import chain, moe_layers, xla_block
 from mixtral_jax import cpu_kernel, moe
 
 TOKENS = [int(t) for t in (sys.argv[1] if len(sys.argv) > 1 else "8,16,24,32,64,128,512").split(",")]
 D, F, E, L = 1024, 3584, 8, 8
 assert cpu_kernel.available(), "the kernel did not build"
 rng = np.random.default_rng(0)
-normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)
-layers = [{"router": normal(D, E) * 40 / np.sqrt(D),
-           "experts": [{"w1": normal(F, D), "w3": normal(F, D), "w2": normal(D, F)} for _ in range(E)]}
-          for _ in range(L)]
-
-
-def chain(block):
-    def run(x, layers):
-        for p in layers:
-            x = x + 0.1 * block(x, p)
-        return x
-    return jax.jit(run)
+layers = moe_layers(rng, D, F, E, L)
 
 
 def kernel(panel_min_rows):
     return chain(lambda x, p: cpu_kernel.moe_cpu(x, moe.dense_gates(*moe.route(x, p["router"], 2), E), p["experts"],
                                                  panel_min_rows=panel_min_rows))
-
-
-def xla_block(x, p):
-    available = cpu_kernel.available
-    cpu_kernel.available = lambda: False  # traced once, so the kernel stays off in this jit
-    try:
-        return moe.moe(x, p, 2)
-    finally:
-        cpu_kernel.available = available
 
 
 fns = {"rowdot": kernel(1 << 30), "panel": kernel(1), "xla": chain(xla_block)}

@@ -9,17 +9,16 @@ the C++ kernel builds) decode steps of up to 8 rows run the kernel instead, and
 on|off no longer matters for them.
 """
 import sys
-import numpy as np, jax
+import numpy as np
 import mixtral_jax as mj
+from common import compile_seconds
 from mixtral_jax import moe
 
 ckpt, mode = sys.argv[1], sys.argv[2]
 if mode == "off":
     masked = moe.moe_per_expert_masked
     moe.moe_per_expert_masked = lambda x, p, k, skip_unused=True, single_row=False: masked(x, p, k, skip_unused)
-compile_s = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, secs, **kw: compile_s.append(secs) if "backend_compile" in event else None)
+compile_s = compile_seconds()
 model = mj.load(ckpt, dtype="float32")
 rng = np.random.default_rng(0)
 out = []

@@ -9,11 +9,10 @@ with MIXTRAL_JAX_CPU_KERNEL=0 they are XLA ops (masked experts up to 8 rows, gro
 import os, sys, time
 import numpy as np, jax
 import mixtral_jax as mj
+from common import compile_seconds
 
 ckpt, cases = sys.argv[1], sys.argv[2]
-compile_s = []
-jax.monitoring.register_event_duration_secs_listener(
-    lambda event, secs, **kw: compile_s.append(secs) if "backend_compile" in event else None)
+compile_s = compile_seconds()
 model = mj.load(ckpt, dtype="float32")
 rng = np.random.default_rng(0)
 out = []
