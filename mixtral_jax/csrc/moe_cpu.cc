@@ -136,17 +136,15 @@ void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call) {
 
 struct Expert {
   const float *w1, *w3, *w2;
-  std::vector<int> rows;  // the token rows that run this expert
+  std::vector<int> rows;    // the token rows that run this expert
+  std::vector<float> gate;  // and their gates for it
 };
 
 struct Call {
   int64_t n, d, f;
-  const float* x;      // [n, d]
-  const float* gates;  // [n, e]
-  int64_t num_experts;
-  float* y;            // [n, d]
+  const float* x;  // [n, d]
+  float* y;        // [n, d]
   std::vector<Expert> experts;  // the chosen ones
-  std::vector<int64_t> index;   // experts[i] is expert index[i]
   float* h;                     // [chosen, n, f]: the calling thread's scratch
   int64_t rows1, rows2;  // weight rows per chunk in phase 1 and 2
   Chunks phase1, phase2;
@@ -191,14 +189,10 @@ struct Call {
       for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
         const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
         const float* hs[4];
-        float g[4];
-        for (int r = 0; r < nr; ++r) {
-          hs[r] = hi + e.rows[r0 + r] * f;
-          g[r] = gates[e.rows[r0 + r] * num_experts + index[i]];
-        }
+        for (int r = 0; r < nr; ++r) hs[r] = hi + e.rows[r0 + r] * f;
         RowDots(e.w2, f, lo, up, hs, nr, f, [&](int64_t j0, int nf, float (*out)[4]) {
           for (int j = 0; j < nf; ++j)
-            for (int r = 0; r < nr; ++r) y[e.rows[r0 + r] * d + j0 + j] += g[r] * out[j][r];
+            for (int r = 0; r < nr; ++r) y[e.rows[r0 + r] * d + j0 + j] += e.gate[r0 + r] * out[j][r];
         });
       }
     }
@@ -277,7 +271,6 @@ struct PanelCall {
   const float* x;  // [n, d]
   float* y;        // [n, d]
   std::vector<Expert> experts;  // the chosen ones
-  std::vector<std::vector<float>> gate;  // gate[i][t]: expert i's gate for its t-th row
   std::vector<int64_t> cols;   // expert i's row count padded to 16
   float *xp, *h;               // per expert: packed x [cols, d], h [cols, f] (panel layout)
   std::vector<int64_t> xp_at, h_at;  // their offsets
@@ -345,7 +338,7 @@ struct PanelCall {
         Tiles(experts[i].w2, f, lo, up, h + h_at[i] + 32 * p * f, w / 16, f, [&](int64_t r, int v, v16 acc) {
           for (int l = 0; l < 16 && 16 * v + l < valid; ++l) {
             const int64_t t = 32 * p + 16 * v + l;
-            y[rows[t] * d + r] += gate[i][t] * acc[l];
+            y[rows[t] * d + r] += experts[i].gate[t] * acc[l];
           }
         });
       }
@@ -421,9 +414,6 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call& c) {
   int64_t xp_size = 0, h_size = 0, panels = 0;
   for (size_t i = 0; i < c.experts.size(); ++i) {
     const std::vector<int>& rows = c.experts[i].rows;
-    std::vector<float> g(rows.size());
-    for (size_t t = 0; t < rows.size(); ++t) g[t] = c.gates[rows[t] * c.num_experts + c.index[i]];
-    pc.gate.push_back(std::move(g));
     const int64_t cols = (static_cast<int64_t>(rows.size()) + 15) / 16 * 16;
     pc.cols.push_back(cols);
     pc.xp_at.push_back(xp_size);
@@ -462,14 +452,14 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   Call& c = *call;
   c.n = xd[0];
   c.d = xd[1];
-  c.num_experts = gd[1];
-  if (static_cast<int64_t>(weights.size()) != 3 * c.num_experts)
+  const int64_t num_experts = gd[1];
+  if (static_cast<int64_t>(weights.size()) != 3 * num_experts)
     return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 for each expert");
   c.x = x.typed_data();
-  c.gates = gates.typed_data();
   c.y = y->typed_data();
   c.f = -1;
-  for (int64_t e = 0; e < c.num_experts; ++e) {
+  const float* g = gates.typed_data();
+  for (int64_t e = 0; e < num_experts; ++e) {
     auto w1 = weights.get<ffi::Buffer<ffi::F32>>(3 * e), w3 = weights.get<ffi::Buffer<ffi::F32>>(3 * e + 1),
          w2 = weights.get<ffi::Buffer<ffi::F32>>(3 * e + 2);
     if (!w1.has_value() || !w3.has_value() || !w2.has_value())
@@ -479,13 +469,13 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     if (d1.size() != 2 || d3.size() != 2 || d2.size() != 2 || d1[0] != c.f || d1[1] != c.d || d3[0] != c.f ||
         d3[1] != c.d || d2[0] != c.d || d2[1] != c.f)
       return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F]");
-    Expert ex{w1->typed_data(), w3->typed_data(), w2->typed_data(), {}};
+    Expert ex{w1->typed_data(), w3->typed_data(), w2->typed_data(), {}, {}};
     for (int64_t r = 0; r < c.n; ++r)
-      if (all_experts || c.gates[r * c.num_experts + e] != 0.f) ex.rows.push_back(static_cast<int>(r));
-    if (!ex.rows.empty()) {
-      c.experts.push_back(std::move(ex));
-      c.index.push_back(e);
-    }
+      if (all_experts || g[r * num_experts + e] != 0.f) {
+        ex.rows.push_back(static_cast<int>(r));
+        ex.gate.push_back(g[r * num_experts + e]);
+      }
+    if (!ex.rows.empty()) c.experts.push_back(std::move(ex));
   }
   if (c.experts.empty()) {
     std::fill(c.y, c.y + c.n * c.d, 0.f);
