@@ -129,7 +129,6 @@ def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bo
                 panel_min_rows=int(panel_min_rows))
 
 
-
 def linear_cpu(x: jax.Array, w: jax.Array, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
     """x [N, I] @ w [O, I]ᵀ → [N, O], float32, for a few rows (the row-dot product of `moe_cpu`)."""
     if not available():

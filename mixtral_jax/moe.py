@@ -394,16 +394,17 @@ def dense_gates(weights: jax.Array, experts: jax.Array, num_experts: int) -> jax
     return jnp.sum(jnp.where(onehot, weights[..., None], 0.0), axis=1)
 
 
-def moe_kernel(x, p, k, all_experts: bool = False):
+def moe_kernel(x, p, k, all_experts: bool = False, **options):
     """The MoE block as one call of the C++ CPU kernel (`cpu_kernel.moe_cpu`).
 
     Reads only the chosen experts' weights; with `all_experts` every expert
     runs on every token (the dense reference's work), unchosen ones weighted
-    zero. float32 per_expert weights on XLA:CPU. x [N, D] → [N, D].
+    zero. float32 per_expert weights on XLA:CPU. `options` go to `moe_cpu`
+    (chunk_bytes, panel_min_rows). x [N, D] → [N, D].
     """
     weights, experts = route(x, p["router"], k)
     gates = dense_gates(weights, experts, len(p["experts"]))  # float32, as route's weights
-    return cpu_kernel.moe_cpu(x, gates, p["experts"], all_experts=all_experts)
+    return cpu_kernel.moe_cpu(x, gates, p["experts"], all_experts=all_experts, **options)
 
 
 def group_block_sizes(num_tokens: int, k: int, num_experts: int) -> tuple[int, ...]:

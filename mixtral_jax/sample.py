@@ -165,7 +165,7 @@ def run() -> int:
     tok = _tokenizer_for(cfg.vocab_size)
     prompts = _prompts(tok, cfg)
     if on_cpu and mesh is None:
-        cpu_kernel.available()  # builds the decode kernel now (once), or says here why it cannot
+        cpu_kernel.available()  # builds the CPU kernel now (once), or says here why it cannot
     say(f"[mixtral_jax] {cfg.name}: {source}; {dtype} on {jax.device_count()} {jax.default_backend()} "
         f"device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.", flush=True)
 

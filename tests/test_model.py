@@ -253,42 +253,27 @@ def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("d,f,e,k,n", [
-    (32, 48, 8, 2, 1),    # batch-1 decode
-    (37, 53, 8, 2, 3),    # rows and columns that fill no 16-float vector nor 4-row group
-    (64, 96, 8, 8, 16),   # every expert on 16 rows: four blocks of 4 rows each
-    (48, 40, 4, 1, 9),    # top-1
-    (16, 17, 6, 3, 5),    # top-3, a single vector per row
-])
-def test_cpu_kernel_matches_loop_reference(d, f, e, k, n):
-    p = _moe_params(e, d=d, f=f, seed=d + f)
-    x = np.random.RandomState(n).randn(n, d).astype(np.float32)
-    assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
-    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, k))(x, _per_expert(p))
-    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("d,f,e,k,n,panel_min_rows", [
-    (32, 48, 8, 2, 40, None),  # the panel path by default (40 rows): panels of 32 and 16 columns
+    # The row-dot path (a decode step's few rows).
+    (32, 48, 8, 2, 1, None),    # batch-1 decode
+    (37, 53, 8, 2, 3, None),    # rows and columns that fill no 16-float vector nor 4-row group
+    (64, 96, 8, 8, 16, None),   # every expert on 16 rows: four blocks of 4 rows each
+    (48, 40, 4, 1, 9, None),    # top-1
+    (16, 17, 6, 3, 5, None),    # top-3, a single vector per row
+    # The panel path (a prompt, a big batch): each expert's rows packed into panels of token columns.
+    (32, 48, 8, 2, 40, None),   # 40 rows: panels of 32 and 16 columns
     (37, 53, 8, 2, 100, None),  # D, F that fill no 12-row tile (tails of 3 and 1 rows), 16-float vector
     (64, 200, 8, 8, 70, None),  # every expert on all 70 rows: 32 + 32 + 16 columns, 6 of them padding
-    (48, 40, 4, 1, 33, None),  # top-1
-    (16, 17, 6, 3, 5, 1),  # the panel path forced for 5 rows: one 16-column panel, mostly padding
-    (24, 36, 2, 1, 1, 1),  # one row, one expert chosen, the other skipped
+    (48, 40, 4, 1, 33, None),   # top-1
+    (16, 17, 6, 3, 5, 1),       # the panel path forced for 5 rows: one 16-column panel, mostly padding
+    (24, 36, 2, 1, 1, 1),       # one row, one expert chosen, the other skipped
 ])
-def test_cpu_kernel_panel_path_matches_loop_reference(d, f, e, k, n, panel_min_rows):
-    # Many rows (a prompt, a big batch): each expert's rows packed into panels of token columns.
+def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows):
     p = _moe_params(e, d=d, f=f, seed=d + f)
     x = np.random.RandomState(n).randn(n, d).astype(np.float32)
     assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
-    pe = _per_expert(p)
     kw = {} if panel_min_rows is None else {"panel_min_rows": panel_min_rows}
-    assert n >= (panel_min_rows or cpu_kernel.PANEL_MIN_ROWS)
-
-    def run(x, p):
-        gates = moe.dense_gates(*moe.route(x, p["router"], k), e)
-        return cpu_kernel.moe_cpu(x, gates, p["experts"], **kw)
-    ours = jax.jit(run)(x, pe)
+    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, k, **kw))(x, _per_expert(p))
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 

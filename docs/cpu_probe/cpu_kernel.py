@@ -54,8 +54,7 @@ for n in TOKENS:
 
 print("\nchunk KB (one token) | kernel ms | GB/s of the chosen experts")
 x = jnp.asarray(rng.standard_normal((1, D), np.float32))
-fns = {c: chain(lambda x, p, c=c: cpu_kernel.moe_cpu(
-    x, moe.dense_gates(*moe.route(x, p["router"], 2), E), p["experts"], chunk_bytes=c)) for c in CHUNKS}
+fns = {c: chain(lambda x, p, c=c: moe.moe_kernel(x, p, 2, chunk_bytes=c)) for c in CHUNKS}
 t = timed(fns, x)
 for c in CHUNKS:
     print(f"{c // 1024:20d} | {t[c] * 1e3:9.2f} | {2 * L * 3 * F * D * 4 / t[c] / 1e9:.1f}")

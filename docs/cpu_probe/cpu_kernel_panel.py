@@ -28,8 +28,7 @@ layers = moe_layers(rng, D, F, E, L)
 
 
 def kernel(panel_min_rows):
-    return chain(lambda x, p: cpu_kernel.moe_cpu(x, moe.dense_gates(*moe.route(x, p["router"], 2), E), p["experts"],
-                                                 panel_min_rows=panel_min_rows))
+    return chain(lambda x, p: moe.moe_kernel(x, p, 2, panel_min_rows=panel_min_rows))
 
 
 fns = {"rowdot": kernel(1 << 30), "panel": kernel(1), "xla": chain(xla_block)}
