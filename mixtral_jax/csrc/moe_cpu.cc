@@ -216,8 +216,8 @@ struct Call {
 // silu(w1 . x) * (w3 . x) and the gated scatter into y are done on the tile.
 // One core: 159-166 GFLOP/s (of 176-197 GFLOP/s of float32 FMAs) for a
 // [3600, 1024] x [1024, 128] product, two: 270-311 (docs/cpu_probe/gemm/). For
-// the MoE of 8 bench-model layers and 512 tokens, 230-251 useful GFLOP/s,
-// 1.0-1.09x XLA's grouped matmuls (docs/cpu_probe/results/cpu_kernel_panel.txt).
+// the MoE of 8 bench-model layers and 512 tokens, 217-251 useful GFLOP/s,
+// 0.99-1.09x XLA's grouped matmuls (docs/cpu_probe/results/cpu_kernel_panel.txt).
 constexpr int kTileRows = 12;  // MR: 12 x 2 accumulators of 16 floats, of 32 registers
 
 template <int MR, int NV, typename Fn>
