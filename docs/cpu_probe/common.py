@@ -150,3 +150,16 @@ def xla_block(x, p):
         return moe.moe(x, p, 2)
     finally:
         cpu_kernel.available = available
+
+
+def median_of_rounds(fns, args, calls=10, rounds=3):
+    """{name: median over `rounds` of the mean time of `calls` calls of fns[name](*args)}, names alternating."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            jax.block_until_ready(fn(*args))
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -12,12 +12,11 @@ of 10 calls; the median call is reported. The two outputs are compared
 later layer's routing).
 """
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
 
-from common import chain, moe_layers, xla_block
+from common import chain, median_of_rounds, moe_layers, xla_block
 from mixtral_jax import cpu_kernel, moe
 
 D, F, E, L = (int(a) for a in sys.argv[1:5]) if len(sys.argv) > 4 else (1024, 3584, 8, 8)
@@ -32,15 +31,7 @@ print(f"D {D}, F {F}, {E} experts, {L} layers: {E * L * 3 * F * D * 4 / 1e9:.2f}
 
 
 def timed(fns, x):
-    times = {name: [] for name in fns}
-    for _ in range(3):
-        for name, fn in fns.items():
-            fn(x, layers).block_until_ready()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                fn(x, layers).block_until_ready()
-            times[name].append((time.perf_counter() - t0) / 10)
-    return {name: sorted(t)[1] for name, t in times.items()}
+    return median_of_rounds(fns, (x, layers), calls=10)
 
 
 kernel, xla = chain(lambda x, p: moe.moe_kernel(x, p, 2)), chain(xla_block)

@@ -12,12 +12,11 @@ Useful GFLOP/s counts top-2's 2 * 3 * D * F per token and layer, no padding.
 Default tokens 8,16,24,32,64,128,512.
 """
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
 
-from common import chain, moe_layers, xla_block
+from common import chain, median_of_rounds, moe_layers, xla_block
 from mixtral_jax import cpu_kernel, moe
 
 TOKENS = [int(t) for t in (sys.argv[1] if len(sys.argv) > 1 else "8,16,24,32,64,128,512").split(",")]
@@ -37,15 +36,7 @@ for n in TOKENS:
     x = jnp.asarray(rng.standard_normal((n, D), np.float32))
     outs = {name: fn(x, layers) for name, fn in fns.items()}
     diff = max(float(jnp.max(jnp.abs(outs[k] - outs["xla"])) / jnp.max(jnp.abs(outs["xla"]))) for k in ("rowdot", "panel"))
-    times = {name: [] for name in fns}
-    for _ in range(3):
-        for name, fn in fns.items():
-            fn(x, layers).block_until_ready()
-            t0 = time.perf_counter()
-            for _ in range(5):
-                fn(x, layers).block_until_ready()
-            times[name].append((time.perf_counter() - t0) / 5)
-    t = {name: sorted(v)[1] for name, v in times.items()}
+    t = median_of_rounds(fns, (x, layers), calls=5)
     best = min(t, key=t.get)
     print(f"{n:6d} | {t['rowdot'] * 1e3:9.1f} | {t['panel'] * 1e3:8.1f} | {t['xla'] * 1e3:10.1f} | "
           f"{L * n * 2 * 3 * 2 * D * F / t[best] / 1e9:5.0f} ({best}) | {diff:.1e}", flush=True)
