@@ -49,6 +49,12 @@ CHUNK_BYTES = 1 << 20
 # bench model's experts: 16 rows 131 ms row-dot vs 153 ms panels, 32 rows 184
 # vs 151 ms (docs/cpu_probe/results/cpu_kernel_panel.txt).
 PANEL_MIN_ROWS = 17
+# The same for bfloat16 expert weights: each chunk of weight rows is widened to
+# float32 before its tiles run, a pass that does not overlap the arithmetic,
+# while row-dot products read half the bytes. Same 8 layers: 64 rows 188 ms
+# row-dot vs 211 ms panels, 80 rows 230 vs 238, 96 rows 279 vs 244
+# (docs/cpu_probe/results/bf16_experts.txt).
+PANEL_MIN_ROWS_BF16 = 88
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -112,18 +118,30 @@ def usable(*arrays: jax.Array) -> bool:
             and available())
 
 
+def moe_usable(x: jax.Array, weights: list[jax.Array]) -> bool:
+    """Whether `moe_cpu` can take these: x float32 and the expert weights all float32 or all bfloat16."""
+    dtypes = {w.dtype for w in weights}
+    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32
+            and dtypes in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}) and available())
+
+
 def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bool = False,
-            chunk_bytes: int = CHUNK_BYTES, panel_min_rows: int = PANEL_MIN_ROWS) -> jax.Array:
+            chunk_bytes: int = CHUNK_BYTES, panel_min_rows: int | None = None) -> jax.Array:
     """sum_e gates[:, e] * expert_e(x) over the experts some row chose (every one with `all_experts`).
 
     x [N, D] float32; gates [N, E] float32, zero where a row did not choose the
-    expert; experts: E dicts of HF-layout w1, w3 [F, D] and w2 [D, F]. → [N, D].
-    Row-dot products below `panel_min_rows` rows, packed panels from there.
+    expert; experts: E dicts of HF-layout w1, w3 [F, D] and w2 [D, F], all
+    float32 or all bfloat16 (widened to float32 as they are read: the result
+    equals float32 products with the widened weights). → [N, D] float32.
+    Row-dot products below `panel_min_rows` rows (default PANEL_MIN_ROWS, or
+    PANEL_MIN_ROWS_BF16 for bfloat16 weights), packed panels from there.
     """
     if not available():
         raise RuntimeError("the CPU MoE kernel is not available (see the warning above, or "
                            "MIXTRAL_JAX_CPU_KERNEL=0); use moe.moe, which falls back to XLA ops.")
     weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
+    if panel_min_rows is None:
+        panel_min_rows = PANEL_MIN_ROWS_BF16 if weights[0].dtype == jnp.bfloat16 else PANEL_MIN_ROWS
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
     return call(x, gates, *weights, all_experts=all_experts, chunk_bytes=int(chunk_bytes),
                 panel_min_rows=int(panel_min_rows))

@@ -4,8 +4,10 @@
 //   y[r] = sum_e gate[r, e] * w2_e @ (silu(w1_e @ x[r]) * (w3_e @ x[r]))
 //
 // over the experts e with gate[r, e] != 0 (every expert with `all_experts`:
-// the dense reference's work). Weights are HF [out, in] float32 matrices,
-// one buffer each: w1_e, w3_e [F, D], w2_e [D, F].
+// the dense reference's work). Weights are HF [out, in] matrices, one buffer
+// each: w1_e, w3_e [F, D], w2_e [D, F], all float32 or all bfloat16; x, the
+// gates, y and all arithmetic are float32 (a bfloat16 weight is widened
+// exactly as it is read).
 //
 // A decode step's few rows (Call): every output element is a dot product of
 // one contiguous weight row with one activation row, so the work splits into
@@ -30,6 +32,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <immintrin.h>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -42,6 +45,50 @@ namespace ffi = xla::ffi;
 namespace {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float load
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));  // unaligned 16-bfloat16 load
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+// Weights are float32 or bfloat16 (`bf16`: its 16 bits, the top half of a
+// float32). Either way the arithmetic is float32: a bfloat16 weight widens to
+// the float32 of the same value, exactly, so the results equal float32
+// products with the widened weights.
+typedef uint16_t bf16;
+
+inline float ToFloat(float w) { return w; }
+inline float ToFloat(bf16 w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float out;
+  __builtin_memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline v16 Load16(const float* w) { return *reinterpret_cast<const v16*>(w); }
+inline v16 Load16(const bf16* w) {
+#ifdef __AVX512F__
+  // One 512-bit widening load and a shift (gcc splits __builtin_convertvector
+  // into two 256-bit halves with extracts and inserts here).
+  const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16);
+  return reinterpret_cast<const v16&>(bits);
+#else
+  const u32x16 bits = __builtin_convertvector(*reinterpret_cast<const u16x16*>(w), u32x16) << 16;
+  return reinterpret_cast<const v16&>(bits);
+#endif
+}
+
+// Rows [lo, hi) of w [.., ld] as float32: in place for float32 weights, else
+// widened into `buf`; row r is at the result + (r - lo) * ld.
+inline const float* RowsAsFloat(const float* w, int64_t ld, int64_t lo, int64_t, std::vector<float>&) {
+  return w + lo * ld;
+}
+inline const float* RowsAsFloat(const bf16* w, int64_t ld, int64_t lo, int64_t hi, std::vector<float>& buf) {
+  if (static_cast<int64_t>(buf.size()) < (hi - lo) * ld) buf.resize((hi - lo) * ld);  // never shrunk
+  const bf16* src = w + lo * ld;
+  const int64_t n = (hi - lo) * ld;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) *reinterpret_cast<v16*>(buf.data() + i) = Load16(src + i);
+  for (; i < n; ++i) buf[i] = ToFloat(src[i]);
+  return buf.data();
+}
 
 inline float hsum(v16 v) {
   float s = 0.f;
@@ -50,8 +97,8 @@ inline float hsum(v16 v) {
 }
 
 // out[j][r] = dot(w + j * ld, xs[r]) over K floats, for NF weight rows, NR activation rows.
-template <int NF, int NR>
-inline void Dots(const float* w, int64_t ld, const float* const* xs, int64_t K, float out[4][4]) {
+template <int NF, int NR, typename W>
+inline void Dots(const W* w, int64_t ld, const float* const* xs, int64_t K, float out[4][4]) {
   v16 acc[NF][NR];
   for (int j = 0; j < NF; ++j)
     for (int r = 0; r < NR; ++r) acc[j][r] = v16{};
@@ -60,20 +107,24 @@ inline void Dots(const float* w, int64_t ld, const float* const* xs, int64_t K, 
     v16 xv[NR];
     for (int r = 0; r < NR; ++r) xv[r] = *reinterpret_cast<const v16*>(xs[r] + k);
     for (int j = 0; j < NF; ++j) {
-      const v16 wv = *reinterpret_cast<const v16*>(w + j * ld + k);
+      // The same columns of the next NF rows: with bfloat16 rows (2 KB for the
+      // bench model) the hardware prefetcher alone left decode at 1.3-1.4x the
+      // float32 speed, with this 1.8-1.9x (docs/cpu_probe/results/bf16_experts.txt).
+      __builtin_prefetch(w + (j + NF) * ld + k);
+      const v16 wv = Load16(w + j * ld + k);
       for (int r = 0; r < NR; ++r) acc[j][r] += wv * xv[r];
     }
   }
   for (int j = 0; j < NF; ++j)
     for (int r = 0; r < NR; ++r) {
       float s = hsum(acc[j][r]);
-      for (int64_t t = k; t < K; ++t) s += w[j * ld + t] * xs[r][t];
+      for (int64_t t = k; t < K; ++t) s += ToFloat(w[j * ld + t]) * xs[r][t];
       out[j][r] = s;
     }
 }
 
-template <int NF>
-inline void DotsRows(const float* w, int64_t ld, const float* const* xs, int nr, int64_t K, float out[4][4]) {
+template <int NF, typename W>
+inline void DotsRows(const W* w, int64_t ld, const float* const* xs, int nr, int64_t K, float out[4][4]) {
   switch (nr) {
     case 1: Dots<NF, 1>(w, ld, xs, K, out); break;
     case 2: Dots<NF, 2>(w, ld, xs, K, out); break;
@@ -84,8 +135,8 @@ inline void DotsRows(const float* w, int64_t ld, const float* const* xs, int nr,
 
 // Calls fn(j0, nf, out) for weight rows [j0, j0 + nf) of [lo, hi), nf 4 or 1,
 // with out[j][r] = dot(row j0 + j, xs[r]) for the nr (<= 4) rows in xs.
-template <typename Fn>
-inline void RowDots(const float* w, int64_t ld, int64_t lo, int64_t hi, const float* const* xs, int nr,
+template <typename W, typename Fn>
+inline void RowDots(const W* w, int64_t ld, int64_t lo, int64_t hi, const float* const* xs, int nr,
                     int64_t K, Fn fn) {
   float out[4][4];
   int64_t j = lo;
@@ -134,17 +185,19 @@ void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call) {
   call->Work(true);
 }
 
+template <typename W>
 struct Expert {
-  const float *w1, *w3, *w2;
+  const W *w1, *w3, *w2;
   std::vector<int> rows;    // the token rows that run this expert
   std::vector<float> gate;  // and their gates for it
 };
 
+template <typename W>
 struct Call {
   int64_t n, d, f;
   const float* x;  // [n, d]
   float* y;        // [n, d]
-  std::vector<Expert> experts;  // the chosen ones
+  std::vector<Expert<W>> experts;  // the chosen ones
   float* h;                     // [chosen, n, f]: the calling thread's scratch
   int64_t rows1, rows2;  // weight rows per chunk in phase 1 and 2
   Chunks phase1, phase2;
@@ -152,7 +205,7 @@ struct Call {
   // Phase 1: h[i, r, f] = silu(w1 . x[r]) * (w3 . x[r]) for a chunk of F rows of expert i.
   void Phase1(int64_t c) {
     const int64_t per = (f + rows1 - 1) / rows1;
-    const Expert& e = experts[c / per];
+    const Expert<W>& e = experts[c / per];
     float* hi = h + (c / per) * n * f;
     const int64_t lo = (c % per) * rows1, up = std::min(f, lo + rows1);
     for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
@@ -184,7 +237,7 @@ struct Call {
     const int64_t lo = c * rows2, up = std::min(d, lo + rows2);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
     for (size_t i = 0; i < experts.size(); ++i) {
-      const Expert& e = experts[i];
+      const Expert<W>& e = experts[i];
       const float* hi = h + i * n * f;
       for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
         const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
@@ -208,7 +261,10 @@ struct Call {
   }
 };
 
-// The panel path, for many rows: per expert, its rows are packed (gathered
+// The panel path, for many rows (with bfloat16 weights each chunk's rows are
+// first widened into a float32 buffer that every panel then reads; that pass
+// does not overlap the arithmetic, so the path pays from more rows,
+// cpu_kernel.PANEL_MIN_ROWS_BF16): per expert, its rows are packed (gathered
 // and transposed) into panels of 32 token columns (the last one 16),
 // zero-padded: panel [K][w], w = 32 or 16. A tile of MR weight rows times one
 // panel is MR x w outputs held in registers, summed over all K (one broadcast
@@ -266,11 +322,12 @@ inline void Tiles(const float* a, int64_t lda, int64_t lo, int64_t hi, const flo
   run(std::integral_constant<int, 1>{});
 }
 
+template <typename W>
 struct PanelCall {
   int64_t n, d, f;
   const float* x;  // [n, d]
   float* y;        // [n, d]
-  std::vector<Expert> experts;  // the chosen ones
+  std::vector<Expert<W>> experts;  // the chosen ones
   std::vector<int64_t> cols;   // expert i's row count padded to 16
   float *xp, *h;               // per expert: packed x [cols, d], h [cols, f] (panel layout)
   std::vector<int64_t> xp_at, h_at;  // their offsets
@@ -303,7 +360,11 @@ struct PanelCall {
   // Phase 1: h = silu(w1 . x) * (w3 . x) for a chunk of F rows of one expert, every panel.
   void Phase1(int64_t c) {
     const int64_t i = c / chunks1, lo = (c % chunks1) * rows1, up = std::min(f, lo + rows1);
-    const Expert& e = experts[i];
+    const Expert<W>& e = experts[i];
+    // bfloat16 weights are widened once per chunk, then read by every panel.
+    static thread_local std::vector<float> buf1, buf3;
+    const float* w1 = RowsAsFloat(e.w1, d, lo, up, buf1);
+    const float* w3 = RowsAsFloat(e.w3, d, lo, up, buf3);
     for (int64_t p = 0; p < Panels(cols[i]); ++p) {
       const int w = Width(cols[i], p), nv = w / 16;
       const float* b = xp + xp_at[i] + 32 * p * d;
@@ -311,10 +372,11 @@ struct PanelCall {
       for (int64_t r0 = lo; r0 < up; r0 += kTileRows) {
         const int64_t r1 = std::min(up, r0 + kTileRows);
         float g[kTileRows][32];
-        Tiles(e.w1, d, r0, r1, b, nv, d, [&](int64_t r, int v, v16 acc) {
-          for (int l = 0; l < 16; ++l) g[r - r0][16 * v + l] = acc[l];
+        Tiles(w1, d, r0 - lo, r1 - lo, b, nv, d, [&](int64_t r, int v, v16 acc) {
+          for (int l = 0; l < 16; ++l) g[r + lo - r0][16 * v + l] = acc[l];
         });
-        Tiles(e.w3, d, r0, r1, b, nv, d, [&](int64_t r, int v, v16 acc) {
+        Tiles(w3, d, r0 - lo, r1 - lo, b, nv, d, [&](int64_t r, int v, v16 acc) {
+          r += lo;
           float* out = hp + r * w + 16 * v;
           for (int l = 0; l < 16; ++l) {
             const float a = g[r - r0][16 * v + l];
@@ -329,13 +391,16 @@ struct PanelCall {
   void Phase2(int64_t c) {
     const int64_t lo = c * rows2, up = std::min(d, lo + rows2);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
+    static thread_local std::vector<float> buf2;
     for (size_t i = 0; i < experts.size(); ++i) {
       const std::vector<int>& rows = experts[i].rows;
       const int64_t m = static_cast<int64_t>(rows.size());
+      const float* w2 = RowsAsFloat(experts[i].w2, f, lo, up, buf2);
       for (int64_t p = 0; p < Panels(cols[i]); ++p) {
         const int w = Width(cols[i], p);
         const int64_t valid = std::min<int64_t>(w, m - 32 * p);
-        Tiles(experts[i].w2, f, lo, up, h + h_at[i] + 32 * p * f, w / 16, f, [&](int64_t r, int v, v16 acc) {
+        Tiles(w2, f, 0, up - lo, h + h_at[i] + 32 * p * f, w / 16, f, [&](int64_t r, int v, v16 acc) {
+          r += lo;
           for (int l = 0; l < 16 && 16 * v + l < valid; ++l) {
             const int64_t t = 32 * p + 16 * v + l;
             y[rows[t] * d + r] += experts[i].gate[t] * acc[l];
@@ -403,9 +468,10 @@ ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 }
 
 // The panel path for the experts that `c` chose: packs, then runs PanelCall on every core.
-ffi::Error RunPanels(ffi::ThreadPool& pool, Call& c) {
-  auto call = std::make_shared<PanelCall>();
-  PanelCall& pc = *call;
+template <typename W>
+ffi::Error RunPanels(ffi::ThreadPool& pool, Call<W>& c) {
+  auto call = std::make_shared<PanelCall<W>>();
+  PanelCall<W>& pc = *call;
   pc.n = c.n;
   pc.d = c.d;
   pc.f = c.f;
@@ -421,7 +487,7 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call& c) {
     pc.first_panel.push_back(panels);
     xp_size += cols * c.d;
     h_size += cols * c.f;
-    panels += PanelCall::Panels(cols);
+    panels += PanelCall<W>::Panels(cols);
   }
   pc.experts = std::move(c.experts);
   // Reused across calls, as Call's scratch; grown, never shrunk.
@@ -442,35 +508,23 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call& c) {
   return ffi::Error::Success();
 }
 
-ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
-                      ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts,
-                      int64_t chunk_bytes, int64_t panel_min_rows) {
-  auto xd = x.dimensions(), gd = gates.dimensions();
-  if (xd.size() != 2 || gd.size() != 2 || gd[0] != xd[0])
-    return ffi::Error::InvalidArgument("moe_cpu: x must be [N, D] and gates [N, E]");
-  auto call = std::make_shared<Call>();
-  Call& c = *call;
-  c.n = xd[0];
-  c.d = xd[1];
-  const int64_t num_experts = gd[1];
-  if (static_cast<int64_t>(weights.size()) != 3 * num_experts)
-    return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 for each expert");
-  c.x = x.typed_data();
-  c.y = y->typed_data();
-  c.f = -1;
-  const float* g = gates.typed_data();
+// The block for float32 (W = float) or bfloat16 (W = bf16) expert weights,
+// after MoeCpuImpl checked every weight's shape and dtype.
+template <typename W>
+ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* y, int64_t n, int64_t d, int64_t f,
+                  int64_t num_experts, ffi::RemainingArgs& weights, bool all_experts, int64_t chunk_bytes,
+                  int64_t panel_min_rows) {
+  auto call = std::make_shared<Call<W>>();
+  Call<W>& c = *call;
+  c.n = n;
+  c.d = d;
+  c.f = f;
+  c.x = x;
+  c.y = y;
+  auto data = [&](int64_t i) { return static_cast<const W*>(weights.get<ffi::AnyBuffer>(i)->untyped_data()); };
   for (int64_t e = 0; e < num_experts; ++e) {
-    auto w1 = weights.get<ffi::Buffer<ffi::F32>>(3 * e), w3 = weights.get<ffi::Buffer<ffi::F32>>(3 * e + 1),
-         w2 = weights.get<ffi::Buffer<ffi::F32>>(3 * e + 2);
-    if (!w1.has_value() || !w3.has_value() || !w2.has_value())
-      return ffi::Error::InvalidArgument("moe_cpu: expert weights must be float32");
-    auto d1 = w1->dimensions(), d3 = w3->dimensions(), d2 = w2->dimensions();
-    if (c.f < 0) c.f = d1.size() == 2 ? d1[0] : -1;
-    if (d1.size() != 2 || d3.size() != 2 || d2.size() != 2 || d1[0] != c.f || d1[1] != c.d || d3[0] != c.f ||
-        d3[1] != c.d || d2[0] != c.d || d2[1] != c.f)
-      return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F]");
-    Expert ex{w1->typed_data(), w3->typed_data(), w2->typed_data(), {}, {}};
-    for (int64_t r = 0; r < c.n; ++r)
+    Expert<W> ex{data(3 * e), data(3 * e + 1), data(3 * e + 2), {}, {}};
+    for (int64_t r = 0; r < n; ++r)
       if (all_experts || g[r * num_experts + e] != 0.f) {
         ex.rows.push_back(static_cast<int>(r));
         ex.gate.push_back(g[r * num_experts + e]);
@@ -478,23 +532,55 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     if (!ex.rows.empty()) c.experts.push_back(std::move(ex));
   }
   if (c.experts.empty()) {
-    std::fill(c.y, c.y + c.n * c.d, 0.f);
+    std::fill(y, y + n * d, 0.f);
     return ffi::Error::Success();
   }
-  if (c.n >= panel_min_rows) return RunPanels(pool, c);
+  if (n >= panel_min_rows) return RunPanels(pool, c);
   // Reused across calls: a fresh [chosen, n, f] buffer of more than 128 KB
   // would be a new mmap, zero-filled page by page, at every call. Helpers only
   // touch it while the calling thread waits for them.
   static thread_local std::vector<float> scratch;
-  const size_t need = c.experts.size() * c.n * c.f;
+  const size_t need = c.experts.size() * n * f;
   if (scratch.size() < need) scratch.resize(need);
   c.h = scratch.data();
-  c.rows1 = std::max<int64_t>(4, chunk_bytes / (4 * c.d));
-  c.rows2 = std::max<int64_t>(4, chunk_bytes / (4 * c.f * static_cast<int64_t>(c.experts.size())));
-  c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((c.f + c.rows1 - 1) / c.rows1);
-  c.phase2.count = (c.d + c.rows2 - 1) / c.rows2;
+  // Chunks hold chunk_bytes of weights, whatever their dtype.
+  const int64_t bytes = sizeof(W);
+  c.rows1 = std::max<int64_t>(4, chunk_bytes / (bytes * d));
+  c.rows2 = std::max<int64_t>(4, chunk_bytes / (bytes * f * static_cast<int64_t>(c.experts.size())));
+  c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((f + c.rows1 - 1) / c.rows1);
+  c.phase2.count = (d + c.rows2 - 1) / c.rows2;
   RunOnCores(pool, call);
   return ffi::Error::Success();
+}
+
+ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
+                      ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts,
+                      int64_t chunk_bytes, int64_t panel_min_rows) {
+  auto xd = x.dimensions(), gd = gates.dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || gd[0] != xd[0])
+    return ffi::Error::InvalidArgument("moe_cpu: x must be [N, D] and gates [N, E]");
+  const int64_t n = xd[0], d = xd[1], num_experts = gd[1];
+  if (static_cast<int64_t>(weights.size()) != 3 * num_experts)
+    return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 for each expert");
+  int64_t f = -1;
+  ffi::DataType dtype = ffi::DataType::INVALID;
+  for (int64_t i = 0; i < 3 * num_experts; ++i) {
+    auto w = weights.get<ffi::AnyBuffer>(i);
+    if (!w.has_value()) return ffi::Error::InvalidArgument("moe_cpu: expert weights must be arrays");
+    if (i == 0) dtype = w->element_type();
+    if (w->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16))
+      return ffi::Error::InvalidArgument("moe_cpu: expert weights must all be float32 or all bfloat16");
+    auto wd = w->dimensions();
+    if (f < 0) f = wd.size() == 2 ? wd[0] : -1;
+    const bool down = i % 3 == 2;  // w2 [D, F]; w1, w3 [F, D]
+    if (wd.size() != 2 || wd[0] != (down ? d : f) || wd[1] != (down ? f : d))
+      return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F]");
+  }
+  if (dtype == ffi::DataType::BF16)
+    return RunMoe<bf16>(pool, x.typed_data(), gates.typed_data(), y->typed_data(), n, d, f, num_experts, weights,
+                        all_experts, chunk_bytes, panel_min_rows);
+  return RunMoe<float>(pool, x.typed_data(), gates.typed_data(), y->typed_data(), n, d, f, num_experts, weights,
+                       all_experts, chunk_bytes, panel_min_rows);
 }
 
 }  // namespace
