@@ -88,13 +88,15 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked_dims: int) -> tup
     return tuple(chunk)
 
 
-def target_arrays(cfg: MixtralConfig, dtype: np.dtype) -> dict[tuple[str, ...], "ArraySpec"]:
-    """The checkpoint's arrays: shapes from param_specs; chunks of one layer (and one expert)."""
+def target_arrays(cfg: MixtralConfig, dtype: np.dtype, expert_dtype=None) -> dict[tuple[str, ...], "ArraySpec"]:
+    """The checkpoint's arrays: shapes from param_specs, dtypes from `model.param_dtypes`;
+    chunks of one layer (and one expert)."""
     arrays = {}
+    dtypes = flatten(model_lib.param_dtypes(cfg, dtype, expert_dtype))
     for path, spec in flatten(model_lib.param_specs(cfg)).items():
         stacked = ("layers" in spec.axes) + ("experts" in spec.axes)
-        chunks = chunk_shape(spec.shape, dtype.itemsize, stacked)
-        arrays[path] = ArraySpec(spec.shape, dtype, chunks)
+        dt = np.dtype(dtypes[path])
+        arrays[path] = ArraySpec(spec.shape, dt, chunk_shape(spec.shape, dt.itemsize, stacked))
     return arrays
 
 
@@ -236,7 +238,7 @@ def save(model: Mixtral, ckpt_dir: str | os.PathLike, overwrite: bool = False) -
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.makedirs(path)
-        _write_per_expert(params, model.cfg, np.dtype(model.dtype), path)
+        _write_per_expert(params, model.cfg, np.dtype(model.dtype), path, np.dtype(model.expert_dtype))
     else:
         with _quiet_orbax():
             checkpointer = ocp.StandardCheckpointer()
@@ -247,9 +249,9 @@ def save(model: Mixtral, ckpt_dir: str | os.PathLike, overwrite: bool = False) -
     return path
 
 
-def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: str) -> None:
+def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: str, expert_dtype: np.dtype) -> None:
     """Streams per_expert params into the stacked checkpoint arrays, one layer / expert at a time."""
-    writer = ArrayWriter(directory, target_arrays(cfg, dtype))
+    writer = ArrayWriter(directory, target_arrays(cfg, dtype, expert_dtype))
     try:
         for name in ("embed", "final_norm", "lm_head"):
             writer.write((name,), (), np.asarray(model_lib.stacked_global(params, name)))
@@ -267,7 +269,8 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
         raise
 
 
-def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str | None = None) -> Mixtral:
+def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str | None = None,
+         expert_dtype=None) -> Mixtral:
     """Restores a checkpoint written by `convert_hf_checkpoint` or `save`.
 
     Every array is read straight into its target sharding and cast to `dtype`
@@ -281,6 +284,9 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         layout: "stacked", "per_expert", or None: per_expert on one CPU device,
             stacked otherwise (see `model.py`). per_expert splits each restored
             array in turn, so the peak is the model plus its largest parameter.
+        expert_dtype: the experts' w1, w3, w2 in this dtype instead, converted
+            at use (`model.param_dtypes`). "bfloat16" with dtype "float32" on
+            the CPU: half the memory and decode bytes, float32 arithmetic.
 
     Returns:
         A `Mixtral`.
@@ -296,7 +302,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
             "(an unfinished conversion leaves none)?")
     layout = model_lib.check_layout(layout, mesh)
     cfg = load_config(path)
-    target = abstract_params(cfg, dtype, mesh)
+    target = abstract_params(cfg, dtype, mesh, expert_dtype)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)

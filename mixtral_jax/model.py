@@ -101,20 +101,43 @@ def param_shardings(cfg: MixtralConfig, mesh) -> Params:
                         is_leaf=_is_spec)
 
 
-def init_params(cfg: MixtralConfig, key: jax.Array, dtype) -> Params:
+def param_dtypes(cfg: MixtralConfig, dtype, expert_dtype=None) -> Params:
+    """The dtype of every parameter, as a tree like the stacked params: `dtype`,
+    except the experts' w1, w3, w2 in `expert_dtype` when it is given.
+
+    The model computes in `dtype` (its activations, cache and logits); expert
+    weights stored in another dtype are converted as they are used. On the CPU,
+    bfloat16 experts with float32 compute halve the bytes a decode step
+    streams and the host memory, and equal float32 compute on a bfloat16
+    checkpoint (Mixtral is published in bfloat16) exactly.
+    """
+    dtype = jnp.dtype(dtype)
+    expert = dtype if expert_dtype is None else jnp.dtype(expert_dtype)
+    for name, dt in (("dtype", dtype), ("expert_dtype", expert)):
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point dtype such as float32 or bfloat16, got {dt}.")
+    out = jax.tree.map(lambda s: dtype, param_specs(cfg), is_leaf=_is_spec)
+    for name in EXPERT_PARAMS:
+        out["layers"][name] = expert
+    return out
+
+
+def init_params(cfg: MixtralConfig, key: jax.Array, dtype, expert_dtype=None) -> Params:
     """Random parameters (normal std 0.02, norms at one), like HF's initialisation."""
     specs = param_specs(cfg)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    dtypes = jax.tree.leaves(param_dtypes(cfg, dtype, expert_dtype))
     keys = jax.random.split(key, len(leaves))
-    out = [jnp.ones(s.shape, dtype) if s.init == "ones"
-           else (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
-           for s, k in zip(leaves, keys)]
+    out = [jnp.ones(s.shape, dt) if s.init == "ones"
+           else (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(dt)
+           for s, dt, k in zip(leaves, dtypes, keys)]
     return jax.tree.unflatten(treedef, out)
 
 
-def abstract_params(cfg: MixtralConfig, dtype="bfloat16", mesh=None) -> Params:
+def abstract_params(cfg: MixtralConfig, dtype="bfloat16", mesh=None, expert_dtype=None) -> Params:
     """jax.ShapeDtypeStruct for every parameter (with shardings if `mesh`); allocates nothing."""
-    shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.dtype(dtype)), jax.random.key(0))
+    shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.dtype(dtype), expert_dtype=expert_dtype),
+                            jax.random.key(0))
     if mesh is None:
         return shapes
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -251,7 +274,14 @@ class Mixtral(nnx.Module):
 
     @property
     def dtype(self):
+        """The compute dtype: activations, cache and all weights but (maybe) the experts'."""
         return self.embed[...].dtype
+
+    @property
+    def expert_dtype(self):
+        """The dtype the expert weights are stored in (`dtype` unless loaded with another)."""
+        layers = _from_nnx(self.layers)
+        return (layers[0]["experts"][0]["w1"] if isinstance(layers, list) else layers["w1"]).dtype
 
     def params(self) -> Params:
         """The parameters as a plain pytree of arrays (in this model's layout)."""
@@ -402,7 +432,8 @@ def check_layout(layout: str | None, mesh=None) -> str:
     return layout
 
 
-def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, layout: str | None = None) -> Mixtral:
+def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, layout: str | None = None,
+                expert_dtype=None) -> Mixtral:
     """A model with random weights, created already sharded when `mesh` is given.
 
     Args:
@@ -413,6 +444,7 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
         created directly in their shardings, never whole on one device.
       layout: "stacked", "per_expert", or None: per_expert on one CPU device,
         stacked otherwise (see the module docstring).
+      expert_dtype: the experts' weights in this dtype instead (see `param_dtypes`).
 
     Returns:
       A `Mixtral`.
@@ -420,6 +452,7 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
     layout = check_layout(layout, mesh)
     dtype = jnp.dtype(dtype)
     shardings = None if mesh is None else param_shardings(cfg, mesh)
-    init = jax.jit(functools.partial(init_params, cfg, dtype=dtype), out_shardings=shardings)
+    init = jax.jit(functools.partial(init_params, cfg, dtype=dtype, expert_dtype=expert_dtype),
+                   out_shardings=shardings)
     params = init(jax.random.key(seed))
     return Mixtral(cfg, unstack_params(params) if layout == "per_expert" else params, mesh)

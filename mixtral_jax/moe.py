@@ -509,7 +509,7 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        if cpu_kernel.usable(x, *jax.tree.leaves(p["experts"])):
+        if cpu_kernel.moe_usable(x, jax.tree.leaves(p["experts"])):
             out = moe_kernel(x, p, k, all_experts=strategy == "dense")
         elif strategy == "dense":
             out = moe_per_expert_masked(x, p, k, skip_unused=False)

@@ -102,6 +102,41 @@ def test_bf16_checkpoint_loads_as_float32_and_float32_as_bf16(tiny_hf, tmp_path)
         np.testing.assert_array_equal(np.asarray(as_bf16[name]), rounded, err_msg=str(name))
 
 
+@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
+def test_bfloat16_experts_float32_compute_match_transformers(layout, tmp_path):
+    # A bf16 checkpoint (as Mixtral ships) loaded with float32 compute and the experts kept in
+    # bf16: logits and greedy tokens equal transformers' float32 run of the same checkpoint.
+    ref = _write(testing.hf_model(seed=2), str(tmp_path / "hf"), bf16=True)
+    mj.convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16")
+    model = mj.load(tmp_path / "ckpt", dtype="float32", layout=layout, expert_dtype="bfloat16")
+    assert model.dtype == jnp.float32 and model.expert_dtype == jnp.bfloat16
+    experts = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(model.params()):
+        expert = any(getattr(k, "key", None) in model_lib.EXPERT_PARAMS for k in path)
+        assert leaf.dtype == (jnp.bfloat16 if expert else jnp.float32), path
+        experts += expert
+    assert experts == (3 if layout == "stacked" else 3 * 8 * model.cfg.num_hidden_layers)
+    tokens = _tokens(model.cfg.vocab_size)
+    err = testing.rel_err(mj.forward(model, tokens), testing.hf_logits(ref, tokens))
+    assert err <= 1e-4, f"max relative logit error {err:.2e}"
+    prompts = [tokens[0].tolist(), tokens[1, :5].tolist()]
+    want = [ref.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[]) == want
+    # Saved as loaded (experts in bf16, the rest float32) and restored unchanged.
+    mj.save(model, tmp_path / "mixed")
+    again = mj.load(tmp_path / "mixed", dtype="float32", layout=layout, expert_dtype="bfloat16")
+    for a, b in zip(jax.tree.leaves(model.params()), jax.tree.leaves(again.params()), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_expert_dtype_must_be_a_float_dtype(tiny_hf, tmp_path):
+    mj.convert_hf_checkpoint(tiny_hf[0], tmp_path / "ckpt", dtype="float32")
+    with pytest.raises(ValueError, match="expert_dtype must be a floating-point dtype"):
+        mj.load(tmp_path / "ckpt", dtype="float32", expert_dtype="int8")
+
+
 def _remove_from_shard(path, tensor):
     with open(os.path.join(path, convert.SAFETENSORS_INDEX)) as f:
         shard = os.path.join(path, json.load(f)["weight_map"][tensor])

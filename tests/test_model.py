@@ -194,10 +194,11 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
-def _per_expert(p):
-    """Stacked MoE weights -> the per_expert layout (HF's [out, in] tensors, one per expert)."""
+def _per_expert(p, dtype="float32"):
+    """Stacked MoE weights -> the per_expert layout (HF's [out, in] tensors, one per expert, in `dtype`)."""
+    cast = lambda w: jnp.asarray(w.T, dtype) if dtype != "float32" else w.T
     return {"router": p["router"],
-            "experts": [{"w1": p["w1"][e].T, "w3": p["w3"][e].T, "w2": p["w2"][e].T} for e in range(len(p["w1"]))]}
+            "experts": [{n: cast(p[n][e]) for n in ("w1", "w3", "w2")} for e in range(len(p["w1"]))]}
 
 
 @pytest.mark.parametrize("strategy", moe.STRATEGIES)
@@ -268,13 +269,44 @@ def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     (16, 17, 6, 3, 5, 1),       # the panel path forced for 5 rows: one 16-column panel, mostly padding
     (24, 36, 2, 1, 1, 1),       # one row, one expert chosen, the other skipped
 ])
-def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows):
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows, weights):
     p = _moe_params(e, d=d, f=f, seed=d + f)
+    if weights == "bfloat16":
+        # Weights stored in bfloat16, arithmetic in float32: the reference runs on the same rounded values.
+        p = _bf16_experts(p)
+        if panel_min_rows is None and n > 16:
+            panel_min_rows = 17  # the float32 threshold, so these cases run the panel path here too
     x = np.random.RandomState(n).randn(n, d).astype(np.float32)
     assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
     kw = {} if panel_min_rows is None else {"panel_min_rows": panel_min_rows}
-    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, k, **kw))(x, _per_expert(p))
+    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, k, **kw))(x, _per_expert(p, weights))
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
+
+
+def _bf16_experts(p):
+    """Stacked MoE params with w1, w3, w2 rounded to bfloat16 values (kept as float32 numpy)."""
+    rounded = {n: np.asarray(jnp.asarray(p[n], jnp.bfloat16).astype(jnp.float32)) for n in ("w1", "w3", "w2")}
+    assert any((rounded[n] != p[n]).any() for n in rounded)  # the rounding is not a no-op
+    return {**p, **rounded}
+
+
+@pytest.mark.parametrize("strategy", moe.STRATEGIES)
+@pytest.mark.parametrize("n", [1, 4, 40, 100, 300])
+def test_moe_bfloat16_experts_float32_compute(strategy, n, cpu_path):
+    # Expert weights stored in bfloat16, activations float32 (load(..., expert_dtype="bfloat16")):
+    # the kernel widens them as it reads (row-dot products up to PANEL_MIN_ROWS_BF16 rows, panels
+    # from there), XLA ops promote them; both equal float32 arithmetic on the rounded weights.
+    p = _bf16_experts(_moe_params(8))
+    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
+    pe = _per_expert(p, "bfloat16")
+    assert cpu_kernel.moe_usable(jnp.asarray(x), jax.tree.leaves(pe["experts"])) == (cpu_path == "kernel")
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2, strategy))(x, pe)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+    stacked = {**p, **{name: jnp.asarray(p[name], jnp.bfloat16) for name in ("w1", "w3", "w2")}}
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2, strategy))(x, stacked)
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
 def test_cpu_kernel_panel_path_skewed_and_empty_groups():
@@ -341,12 +373,12 @@ def test_cpu_kernel_build_failure_is_one_clear_error(monkeypatch, tmp_path):
     assert not list(tmp_path.glob("*.so"))
 
 
-def test_cpu_kernel_not_used_for_bfloat16(monkeypatch):
-    # bfloat16 weights stay on XLA ops (the kernel is float32 only), with the same results.
+def test_cpu_kernel_not_used_for_bfloat16_activations(monkeypatch):
+    # A bfloat16 model stays on XLA ops (the kernel computes in float32 only), with the same results.
     p = _moe_params(8)
     x = np.random.RandomState(0).randn(2, 32).astype(np.float32)
     pe = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), _per_expert(p))
-    assert not cpu_kernel.usable(jnp.asarray(x, jnp.bfloat16), *jax.tree.leaves(pe["experts"]))
+    assert not cpu_kernel.moe_usable(jnp.asarray(x, jnp.bfloat16), jax.tree.leaves(pe["experts"]))
     ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(jnp.asarray(x, jnp.bfloat16), pe)
     ref = testing.moe_loop_reference(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32),
                                      jax.tree.map(lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32), p), 2)
