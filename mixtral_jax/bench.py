@@ -73,6 +73,12 @@ class Settings:
     bandwidth_bytes: int
     quiet_wait_s: float  # before each timed measurement, wait up to this long for other processes to go idle
     skip_transformers: bool
+    checkpoint_dtype: str | None = None  # the HF checkpoint's dtype (None: `dtype`); both sides compute in `dtype`
+    expert_dtype: str | None = None  # our experts' storage dtype (None: `dtype`), as load(expert_dtype=...)
+
+    @property
+    def stored_dtype(self) -> str:
+        return self.checkpoint_dtype or self.dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +132,7 @@ def decode_new_tokens(batch: int, new_tokens: int) -> int:
     return max(min(new_tokens, MIN_DECODE_TOKENS), min(new_tokens, 4 * new_tokens // batch))
 
 
-def active_bytes_per_token(cfg, itemsize: int) -> int:
+def active_bytes_per_token(cfg, itemsize: int, expert_itemsize: int | None = None) -> int:
     """Weight bytes one decode token reads: the active parameters minus the embedding table.
 
     The embedding is a gather of one row per token; every other active weight
@@ -135,13 +141,16 @@ def active_bytes_per_token(cfg, itemsize: int) -> int:
     Args:
       cfg: a `MixtralConfig`.
       itemsize: bytes per parameter (4 for float32).
+      expert_itemsize: bytes per expert weight, if not `itemsize` (2 for bfloat16 experts).
 
     Returns:
       Bytes per token at batch 1.
     """
     import mixtral_jax as mj
 
-    return (mj.param_count(cfg)["active"] - cfg.vocab_size * cfg.hidden_size) * itemsize
+    active = mj.param_count(cfg)["active"] - cfg.vocab_size * cfg.hidden_size
+    experts = cfg.num_hidden_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.intermediate_size
+    return (active - experts) * itemsize + experts * (expert_itemsize or itemsize)
 
 
 def prefill_useful_flops(cfg, tokens: int) -> int:
@@ -441,7 +450,7 @@ def _prepare_checkpoints(settings: Settings, workdir: str) -> tuple[str, str, di
 
     hf_dir, ckpt_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "converted")
     marker = os.path.join(workdir, "bench_spec.json")
-    spec = {"hf_fields": settings.hf_fields, "dtype": settings.dtype, "seed": settings.seed}
+    spec = {"hf_fields": settings.hf_fields, "dtype": settings.stored_dtype, "seed": settings.seed}
     times = {}
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -456,12 +465,12 @@ def _prepare_checkpoints(settings: Settings, workdir: str) -> tuple[str, str, di
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
     hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**settings.hf_fields))
-    hf.to(getattr(torch, settings.dtype)).save_pretrained(hf_dir)
+    hf.to(getattr(torch, settings.stored_dtype)).save_pretrained(hf_dir)
     del hf
     times["write_hf_s"] = time.perf_counter() - t0
     _say(f"wrote the HF checkpoint in {times['write_hf_s']:.1f} s")
     t0 = time.perf_counter()
-    mj.convert_hf_checkpoint(hf_dir, ckpt_dir, dtype=settings.dtype)
+    mj.convert_hf_checkpoint(hf_dir, ckpt_dir, dtype=settings.stored_dtype)
     times["convert_s"] = time.perf_counter() - t0
     _say(f"converted it in {times['convert_s']:.1f} s")
     with open(marker, "w") as f:
@@ -580,7 +589,7 @@ def _load_sides(settings: Settings, workdir: str) -> tuple[Any, Any, dict[str, f
 
     hf_dir, ckpt_dir, setup = _prepare_checkpoints(settings, workdir)
     t0 = time.perf_counter()
-    model = mj.load(ckpt_dir, dtype=settings.dtype)
+    model = mj.load(ckpt_dir, dtype=settings.dtype, expert_dtype=settings.expert_dtype)
     setup["load_ours_s"] = time.perf_counter() - t0
     hf = None
     if not settings.skip_transformers:
@@ -657,8 +666,9 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
     med = sides.samples.median
     matvec, kernel, matmul = med("host/matvec_gb_s"), med("host/kernel_gb_s"), med("host/matmul_gflop_s")
     bandwidth = max(matvec, kernel or 0.0)  # the host's streaming-read rate: the faster way of reading
-    active_bytes = active_bytes_per_token(cfg, itemsize)
+    active_bytes = active_bytes_per_token(cfg, itemsize, np.dtype(model.expert_dtype).itemsize)
     roofline = bandwidth * 1e9 / active_bytes
+    theirs_roofline = bandwidth * 1e9 / active_bytes_per_token(cfg, itemsize)  # transformers holds `dtype` weights
     prefill_ours = settings.prompt_len / med("prefill/ours")
     prefill_theirs = settings.prompt_len / med("prefill/theirs") if hf is not None else None
     useful = prefill_useful_flops(cfg, settings.prompt_len)
@@ -679,6 +689,7 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
 
     return {
         "model": {"hf_config": settings.hf_fields, "dtype": settings.dtype, "layout": model.layout,
+                  "checkpoint_dtype": settings.stored_dtype, "expert_dtype": str(np.dtype(model.expert_dtype)),
                   **mj.param_count(cfg), "active_bytes_per_token": active_bytes},
         "host": {"read_gb_s": bandwidth, "matvec_gb_s": matvec, "kernel_gb_s": kernel,
                  "matvec_weight_mb": probe.weight_bytes / 1e6, "matmul_gflop_s": matmul,
@@ -691,7 +702,8 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
         "decode": decode,
         "decode_prompt_len": settings.decode_prompt_len,
         "roofline": {"tok_s": roofline, "fraction": _ratio(sparse_rate, roofline),
-                     "theirs_fraction": _ratio(decode[0]["theirs_tok_s"], roofline)},
+                     "theirs_tok_s": theirs_roofline,
+                     "theirs_fraction": _ratio(decode[0]["theirs_tok_s"], theirs_roofline)},
         "sparse_gain": {"sparse_tok_s": sparse_rate, "dense_tok_s": dense_rate, "dense_new_tokens": sides.dense_new,
                         "gain": _ratio(sparse_rate, dense_rate), "dense_compile_s": compile_s["dense"]},
         "tokens_match": decode[0]["tokens_match"],
@@ -757,9 +769,12 @@ def render_table(r: dict[str, Any]) -> str:
         f"{_verdict(roof['fraction'], t['roofline_fraction'])} of {_fmt(roof['tok_s'])} tok/s = "
         f"{_fmt(host['read_gb_s'])} GB/s ÷ "
         f"{r['model']['active_bytes_per_token'] / 1e6:.0f} MB active weights per token "
-        f"(transformers: {_fmt(roof['theirs_fraction'], '.0%')}, so {t['decode_ratio']}× transformers would be "
-        f"{_fmt(None if roof['theirs_fraction'] is None else t['decode_ratio'] * roof['theirs_fraction'], '.0%')} "
-        f"of the roofline) | ≥ {t['roofline_fraction']:.0%} |",
+        + (f"(transformers: {_fmt(roof['theirs_fraction'], '.0%')}, so {t['decode_ratio']}× transformers would be "
+           f"{_fmt(None if roof['theirs_fraction'] is None else t['decode_ratio'] * roof['theirs_fraction'], '.0%')} "
+           f"of the roofline)" if roof.get("theirs_tok_s", roof["tok_s"]) == roof["tok_s"] else
+           f"(transformers, whose weights are all {r['model']['dtype']}: {_fmt(roof['theirs_fraction'], '.0%')} "
+           f"of its own roofline, {_fmt(roof['theirs_tok_s'])} tok/s)")
+        + f" | ≥ {t['roofline_fraction']:.0%} |",
         f"| sparse gain, batch 1 | {_times(sg['gain'])}{_verdict(sg['gain'], t['sparse_gain'])}: "
         f"{_fmt(sg['sparse_tok_s'])} tok/s vs {_fmt(sg['dense_tok_s'])} tok/s computing all "
         f"{r['model']['hf_config']['num_local_experts']} experts ({sg['dense_new_tokens']} new) | "
@@ -866,6 +881,10 @@ def write_markdown(r: dict[str, Any], path: str, png_name: str) -> None:
                   f"{cfg['num_local_experts']} experts top-{cfg['num_experts_per_tok']}, vocab {cfg['vocab_size']}: "
                   f"{r['model']['total'] / 1e6:.0f}M parameters, {r['model']['active'] / 1e6:.0f}M active per token, "
                   f"{r['model']['dtype']}; mixtral_jax layout `{r['model']['layout']}`")
+    stored, experts = r["model"].get("checkpoint_dtype"), r["model"].get("expert_dtype")
+    if stored and stored != r["model"]["dtype"]:
+        model_line += (f"; checkpoint written in {stored}, both sides compute in {r['model']['dtype']}, "
+                       f"mixtral_jax keeps the experts in {experts}")
     setup = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
                       for name, seconds in r["setup_s"].items())
     text = f"""# Benchmarks
@@ -908,6 +927,10 @@ def _define_flags() -> None:
     flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Decode batch sizes.")
     flags.DEFINE_integer("repeats", 3, "Timed repeats of every measurement; medians are reported.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype of both sides.")
+    flags.DEFINE_enum("checkpoint_dtype", None, ["float32", "bfloat16"], "dtype the HF checkpoint is written in "
+                      "(default: --dtype); bfloat16 is how Mixtral is published. Both sides load it in --dtype.")
+    flags.DEFINE_enum("expert_dtype", None, ["float32", "bfloat16"], "mixtral_jax keeps the expert weights in this "
+                      "dtype, computing in --dtype (load(expert_dtype=...)); default: --dtype.")
     flags.DEFINE_string("out_dir", "docs", "Where benchmarks.md and benchmarks.png go; '' writes nothing.")
     flags.DEFINE_string("workdir", None, "Directory for the HF and converted checkpoints, kept and reused by later "
                         "runs of the same model; default: a temporary directory, deleted at the end.")
@@ -938,6 +961,11 @@ def resolve_settings() -> Settings:
                               values["num_heads"], values["num_kv_heads"], values["num_experts"], values["top_k"],
                               values["vocab_size"],
                               max(values["prompt_len"] + 1, values["decode_prompt_len"] + values["new_tokens"]))
+    stored = FLAGS.checkpoint_dtype or FLAGS.dtype
+    itemsize = {"float32": 4, "bfloat16": 2}
+    if FLAGS.expert_dtype and itemsize[FLAGS.expert_dtype] < itemsize[stored]:
+        raise UsageError(f"--expert_dtype {FLAGS.expert_dtype} would round mixtral_jax's experts but not transformers' "
+                         f"{stored} weights; pass --checkpoint_dtype {FLAGS.expert_dtype} so both read the same weights.")
     from mixtral_jax.config import from_hf_dict
 
     try:
@@ -947,7 +975,7 @@ def resolve_settings() -> Settings:
     return Settings(fields, values["prompt_len"], values["decode_prompt_len"], values["new_tokens"], sizes,
                     values["repeats"], FLAGS.dtype, FLAGS.seed,
                     QUICK_BANDWIDTH_BYTES if FLAGS.quick else BANDWIDTH_BYTES, 0.0 if FLAGS.quick else QUIET_WAIT_S,
-                    FLAGS.skip_transformers)
+                    FLAGS.skip_transformers, FLAGS.checkpoint_dtype, FLAGS.expert_dtype)
 
 
 def run() -> int:
