@@ -27,6 +27,9 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold; 1 disables.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 disables.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random-weight seed).")
 flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
+flags.DEFINE_string("expert_dtype", None, "Keep the expert weights in this dtype, computing in --dtype; default: "
+                    "bfloat16 for a bfloat16 checkpoint run in float32 on the CPU (exact, half the memory and "
+                    "decode bytes), else --dtype.")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
 flags.DEFINE_boolean("dry_run", False, "Plan memory per device for --config on --mesh; allocate nothing.")
 flags.DEFINE_integer("batch", 1, "Dry run: batch size.")
@@ -57,14 +60,16 @@ def _host_bytes_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool) -> None:
+def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None) -> None:
     """Refuses, in one sentence, a model whose weights cannot fit where they would live."""
     import jax
     import numpy as np
 
     import mixtral_jax as mj
 
-    need = mj.param_count(cfg)["total"] * np.dtype(dtype).itemsize
+    experts = cfg.num_hidden_layers * cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
+    need = ((mj.param_count(cfg)["total"] - experts) * np.dtype(dtype).itemsize
+            + experts * np.dtype(expert_dtype or dtype).itemsize)
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         have, where = _host_bytes_available(), "this host has"
@@ -78,7 +83,8 @@ def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool) -> None:
         hint = ("run it on a pod with a mesh (e.g. --mesh expert=8,tensor=8 on 64 chips)"
                 if not mesh_given or dev.platform == "cpu" else "use a larger mesh")
         raise UsageError(
-            f"{cfg.name} needs {need / 1e9:.1f} GB for its weights in {np.dtype(dtype).name} but {where} "
+            f"{cfg.name} needs {need / 1e9:.1f} GB for its weights in {np.dtype(dtype).name}"
+            f"{'' if expert_dtype in (None, dtype) else ' (experts in ' + np.dtype(expert_dtype).name + ')'} but {where} "
             f"{have / 1e9:.1f} GB; {hint}, or check a plan first with --dry_run --mesh SPEC.")
 
 
@@ -154,19 +160,24 @@ def run() -> int:
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
 
+    expert_dtype = FLAGS.expert_dtype
+    if expert_dtype is None and FLAGS.checkpoint and on_cpu and dtype == "float32" and cfg.dtype == "bfloat16":
+        # The stored values are bfloat16 already: keeping the experts so loses nothing.
+        expert_dtype = "bfloat16"
     if FLAGS.checkpoint:
-        _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None)
-        model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh)
+        _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)
+        model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype)
         source = f"weights from {FLAGS.checkpoint}"
     else:
-        _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None)
-        model = mj.init_random(cfg, seed=FLAGS.seed, dtype=dtype, mesh=mesh)
+        _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)
+        model = mj.init_random(cfg, seed=FLAGS.seed, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype)
         source = "RANDOM weights (no --checkpoint): the text below is noise, not a real model's output"
     tok = _tokenizer_for(cfg.vocab_size)
     prompts = _prompts(tok, cfg)
     if on_cpu and mesh is None:
         cpu_kernel.available()  # builds the CPU kernel now (once), or says here why it cannot
-    say(f"[mixtral_jax] {cfg.name}: {source}; {dtype} on {jax.device_count()} {jax.default_backend()} "
+    experts_note = "" if model.expert_dtype == model.dtype else f" (experts kept in {np.dtype(model.expert_dtype).name})"
+    say(f"[mixtral_jax] {cfg.name}: {source}; {dtype}{experts_note} on {jax.device_count()} {jax.default_backend()} "
         f"device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.", flush=True)
 
     outs = [[] for _ in prompts]

@@ -72,3 +72,29 @@ def test_checkpoint_greedy_equals_transformers(tmp_path):
     eos = hf.config.eos_token_id
     ref = ref[:ref.index(eos) + 1] if eos in ref else ref
     assert out["tokens"] == [ref] and out["random_weights"] is False
+
+
+def test_bfloat16_checkpoint_keeps_experts_in_bfloat16_and_equals_transformers(tmp_path):
+    # On the CPU a bf16 checkpoint runs in float32 with its experts kept in bf16 (the default there),
+    # and the tokens equal transformers' float32 run of the same checkpoint.
+    import torch
+    import transformers
+
+    import mixtral_jax as mj
+    from mixtral_jax import testing
+
+    testing.write_hf_checkpoint(testing.hf_model(seed=6, vocab_size=32000).to(torch.bfloat16), tmp_path / "hf")
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    mj.convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16")
+    prompt = [1, 415, 2936, 9060]
+    r = _run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", ",".join(map(str, prompt)),
+             "--max_new_tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "float32 (experts kept in bfloat16)" in r.stdout
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 4:].tolist()
+    eos = hf.config.eos_token_id
+    ref = ref[:ref.index(eos) + 1] if eos in ref else ref
+    assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == [ref]
+    r = _run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", "1,2", "--max_new_tokens", "1",
+             "--expert_dtype", "float32")
+    assert r.returncode == 0 and "float32 on 1 cpu" in r.stdout, r.stderr
