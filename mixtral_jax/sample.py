@@ -28,7 +28,7 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 disables.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random-weight seed).")
 flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
 flags.DEFINE_string("expert_dtype", None, "Keep the expert weights in this dtype, computing in --dtype; default: "
-                    "bfloat16 for a bfloat16 checkpoint run in float32 on the CPU (exact, half the memory and "
+                    "bfloat16 for a bfloat16 checkpoint run in float32 on one CPU device with the C++ kernel (exact, half the memory and "
                     "decode bytes), else --dtype.")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
 flags.DEFINE_boolean("dry_run", False, "Plan memory per device for --config on --mesh; allocate nothing.")
@@ -153,6 +153,12 @@ def run() -> int:
     import mixtral_jax as mj
     from mixtral_jax import cpu_kernel
 
+    for name in ("dtype", "expert_dtype"):
+        if FLAGS[name].value is not None:
+            try:
+                np.dtype(FLAGS[name].value)
+            except TypeError:
+                raise UsageError(f"--{name} {FLAGS[name].value!r} is not a dtype; use float32 or bfloat16.") from None
     cfg = mj.load_config(FLAGS.checkpoint or FLAGS.config)
     on_cpu = jax.default_backend() == "cpu"
     dtype = FLAGS.dtype or ("float32" if on_cpu else "bfloat16")
@@ -161,8 +167,10 @@ def run() -> int:
     say = print if is_main else (lambda *a, **k: None)
 
     expert_dtype = FLAGS.expert_dtype
-    if expert_dtype is None and FLAGS.checkpoint and on_cpu and dtype == "float32" and cfg.dtype == "bfloat16":
-        # The stored values are bfloat16 already: keeping the experts so loses nothing.
+    if (expert_dtype is None and FLAGS.checkpoint and on_cpu and mesh is None and dtype == "float32"
+            and cfg.dtype == "bfloat16" and cpu_kernel.available()):
+        # The stored values are bfloat16 already: keeping the experts so loses nothing, and the
+        # kernel reads half the bytes (without it XLA would widen them at every step, slowly).
         expert_dtype = "bfloat16"
     if FLAGS.checkpoint:
         _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)

@@ -46,6 +46,10 @@ def test_json_batch_chat_and_ids():
     (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0"),
     (["--prompt_ids", "1,x"], "is not a comma-separated list of integers"),
     (["--config", "8x22b"], "8x22b needs 562.5 GB for its weights in float32"),
+    (["--config", "8x22b", "--expert_dtype", "bfloat16"],
+     "8x22b needs 291.9 GB for its weights in float32 (experts in bfloat16)"),
+    (["--expert_dtype", "bf15"], "--expert_dtype 'bf15' is not a dtype; use float32 or bfloat16"),
+    (["--expert_dtype", "int8"], "expert_dtype must be a floating-point dtype"),
 ])
 def test_bad_input_one_sentence_exit_2(args, message):
     r = _run(*args)
