@@ -280,8 +280,8 @@ class Mixtral(nnx.Module):
     @property
     def expert_dtype(self):
         """The dtype the expert weights are stored in (`dtype` unless loaded with another)."""
-        layers = _from_nnx(self.layers)
-        return (layers[0]["experts"][0]["w1"] if isinstance(layers, list) else layers["w1"]).dtype
+        w1 = self.layers[0]["experts"][0]["w1"] if isinstance(self.layers, nnx.List) else self.layers["w1"]
+        return w1[...].dtype
 
     def params(self) -> Params:
         """The parameters as a plain pytree of arrays (in this model's layout)."""

@@ -6,12 +6,13 @@ Dispatch strategies (all numerically equal to a per-expert loop):
   sparse  only the chosen experts run. Dropless; cost grows with tokens ×
           top-k, not with experts. For stacked weights: assignments sorted
           by expert and packed into per-expert blocks (`moe_sparse`). For
-          per_expert weights (one buffer per expert, the CPU layout) in
-          float32: the C++ kernel of `cpu_kernel` (`moe_kernel`), which reads
+          per_expert weights (one buffer per expert, the CPU layout) and
+          float32 activations (expert weights float32, or bfloat16 widened
+          as read): the C++ kernel of `cpu_kernel` (`moe_kernel`), which reads
           only the chosen experts' weights with both cores, as row-dot
           products for a decode step's few rows and as register tiles over
           packed panels of each expert's rows for more. Where it cannot run
-          (bfloat16, no compiler), XLA ops: up to 8 tokens each chosen expert
+          (a bfloat16 model, no compiler), XLA ops: up to 8 tokens each chosen expert
           runs on all of them behind a `lax.cond`, or in a decode step on its
           one row when only one token chose it (`moe_per_expert_masked`);
           beyond, each expert's sorted rows run as one block of about the
@@ -493,7 +494,7 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
     On a mesh of more than one device: `moe_expert_parallel` (with
     `capacity_factor`). Otherwise the single-device `strategy`, which never
     drops: for per_expert weights (`p["experts"]`), the C++ kernel for
-    float32 where it is built (`moe_kernel`; all experts for "dense");
+    float32 activations where it is built (`moe_kernel`; all experts for "dense");
     otherwise "sparse" picks masked
     experts for up to MASKED_MAX_TOKENS tokens (a decode step; with
     `one_shot`, a prompt, MASKED_MAX_ONE_SHOT) and grouped blocks for more,
