@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -505,19 +506,38 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
     shape = x.shape
     x = x.reshape(-1, shape[-1])
     if mesh is not None and mesh.size > 1:
+        _warn_if_widened(x, [p[name] for name in ("w1", "w3", "w2")])
         out, _ = moe_expert_parallel(x, p, k, mesh, capacity_factor)
     elif capacity_factor is not None:
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        if cpu_kernel.moe_usable(x, jax.tree.leaves(p["experts"])):
+        weights = jax.tree.leaves(p["experts"])
+        if cpu_kernel.moe_usable(x, weights):
             out = moe_kernel(x, p, k, all_experts=strategy == "dense")
-        elif strategy == "dense":
-            out = moe_per_expert_masked(x, p, k, skip_unused=False)
-        elif x.shape[0] <= (MASKED_MAX_ONE_SHOT if one_shot else MASKED_MAX_TOKENS):
-            out = moe_per_expert_masked(x, p, k, single_row=not one_shot)
         else:
-            out = moe_per_expert_grouped(x, p, k)
+            _warn_if_widened(x, weights)
+            if strategy == "dense":
+                out = moe_per_expert_masked(x, p, k, skip_unused=False)
+            elif x.shape[0] <= (MASKED_MAX_ONE_SHOT if one_shot else MASKED_MAX_TOKENS):
+                out = moe_per_expert_masked(x, p, k, single_row=not one_shot)
+            else:
+                out = moe_per_expert_grouped(x, p, k)
     else:
+        _warn_if_widened(x, [p[name] for name in ("w1", "w3", "w2")])
         out = (moe_dense if strategy == "dense" else moe_sparse)(x, p, k)
     return out.reshape(shape)
+
+
+def _warn_if_widened(x, weights) -> None:
+    """Warns (at trace time) when XLA ops on the CPU must widen narrower expert weights at every call.
+
+    XLA:CPU's bfloat16 -> float32 convert runs at about 1G values/s here
+    (docs/cpu_probe/results/bf16_experts.txt §6), so each step would pay for
+    widening every expert it runs; the C++ kernel widens as it reads instead.
+    """
+    if jax.default_backend() == "cpu" and any(w.dtype.itemsize < x.dtype.itemsize for w in weights):
+        warnings.warn(f"expert weights in {weights[0].dtype} with {x.dtype} compute run as XLA ops here, which "
+                      "widen every expert they run at each call, slowly on the CPU; the C++ kernel (one CPU "
+                      "device, per_expert layout, g++) widens them as it reads, or load with expert_dtype=None.",
+                      stacklevel=3)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -301,11 +302,16 @@ def test_moe_bfloat16_experts_float32_compute(strategy, n, cpu_path):
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
     pe = _per_expert(p, "bfloat16")
     assert cpu_kernel.moe_usable(jnp.asarray(x), jax.tree.leaves(pe["experts"])) == (cpu_path == "kernel")
-    ours = jax.jit(lambda x, p: moe.moe(x, p, 2, strategy))(x, pe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = jax.jit(lambda x, p: moe.moe(x, p, 2, strategy))(x, pe)
+    # XLA ops widen the weights at every call (slow on the CPU): said once per trace, never for the kernel.
+    assert [str(w.message)[:40] for w in caught] == (["expert weights in bfloat16 with float32 "] if cpu_path == "xla" else [])
     assert ours.dtype == jnp.float32
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
     stacked = {**p, **{name: jnp.asarray(p[name], jnp.bfloat16) for name in ("w1", "w3", "w2")}}
-    ours = jax.jit(lambda x, p: moe.moe(x, p, 2, strategy))(x, stacked)
+    with pytest.warns(UserWarning, match="widen every expert"):
+        ours = jax.jit(lambda x, p: moe.moe(x, p, 2, strategy))(x, stacked)
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
