@@ -14,7 +14,7 @@ The public API (see README.md):
 from mixtral_jax.checkpoint import load, save
 from mixtral_jax.config import MixtralConfig, load_config, presets
 from mixtral_jax.generate import generate, generate_stream
-from mixtral_jax.model import Mixtral, forward, init_random, param_count
+from mixtral_jax.model import Mixtral, forward, init_random, param_bytes, param_count
 from mixtral_jax.routing import Routing, expert_load, expert_routing, plot_routing
 from mixtral_jax.sharding import make_mesh
 from mixtral_jax.tokenizer import Tokenizer, load_tokenizer
@@ -33,6 +33,7 @@ __all__ = [
     "load_config",
     "load_tokenizer",
     "make_mesh",
+    "param_bytes",
     "param_count",
     "plot_routing",
     "presets",

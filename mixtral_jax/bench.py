@@ -132,7 +132,7 @@ def decode_new_tokens(batch: int, new_tokens: int) -> int:
     return max(min(new_tokens, MIN_DECODE_TOKENS), min(new_tokens, 4 * new_tokens // batch))
 
 
-def active_bytes_per_token(cfg, itemsize: int, expert_itemsize: int | None = None) -> int:
+def active_bytes_per_token(cfg, dtype, expert_dtype=None) -> int:
     """Weight bytes one decode token reads: the active parameters minus the embedding table.
 
     The embedding is a gather of one row per token; every other active weight
@@ -140,17 +140,18 @@ def active_bytes_per_token(cfg, itemsize: int, expert_itemsize: int | None = Non
 
     Args:
       cfg: a `MixtralConfig`.
-      itemsize: bytes per parameter (4 for float32).
-      expert_itemsize: bytes per expert weight, if not `itemsize` (2 for bfloat16 experts).
+      dtype: the parameters' dtype ("float32").
+      expert_dtype: the experts' dtype, if not `dtype` ("bfloat16" with load(expert_dtype=...)).
 
     Returns:
       Bytes per token at batch 1.
     """
-    import mixtral_jax as mj
+    import numpy as np
 
-    active = mj.param_count(cfg)["active"] - cfg.vocab_size * cfg.hidden_size
-    experts = cfg.num_hidden_layers * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.intermediate_size
-    return (active - experts) * itemsize + experts * (expert_itemsize or itemsize)
+    from mixtral_jax import model
+
+    embed = cfg.vocab_size * cfg.hidden_size * np.dtype(dtype).itemsize
+    return model.param_bytes(cfg, dtype, expert_dtype)["active"] - embed
 
 
 def prefill_useful_flops(cfg, tokens: int) -> int:
@@ -666,9 +667,9 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
     med = sides.samples.median
     matvec, kernel, matmul = med("host/matvec_gb_s"), med("host/kernel_gb_s"), med("host/matmul_gflop_s")
     bandwidth = max(matvec, kernel or 0.0)  # the host's streaming-read rate: the faster way of reading
-    active_bytes = active_bytes_per_token(cfg, itemsize, np.dtype(model.expert_dtype).itemsize)
+    active_bytes = active_bytes_per_token(cfg, settings.dtype, model.expert_dtype)
     roofline = bandwidth * 1e9 / active_bytes
-    theirs_roofline = bandwidth * 1e9 / active_bytes_per_token(cfg, itemsize)  # transformers holds `dtype` weights
+    theirs_roofline = bandwidth * 1e9 / active_bytes_per_token(cfg, settings.dtype)  # transformers holds `dtype` weights
     prefill_ours = settings.prompt_len / med("prefill/ours")
     prefill_theirs = settings.prompt_len / med("prefill/theirs") if hf is not None else None
     useful = prefill_useful_flops(cfg, settings.prompt_len)
@@ -771,7 +772,7 @@ def render_table(r: dict[str, Any]) -> str:
         f"{r['model']['active_bytes_per_token'] / 1e6:.0f} MB active weights per token "
         + (f"(transformers: {_fmt(roof['theirs_fraction'], '.0%')}, so {t['decode_ratio']}× transformers would be "
            f"{_fmt(None if roof['theirs_fraction'] is None else t['decode_ratio'] * roof['theirs_fraction'], '.0%')} "
-           f"of the roofline)" if roof.get("theirs_tok_s", roof["tok_s"]) == roof["tok_s"] else
+           f"of the roofline)" if r["model"].get("expert_dtype", r["model"]["dtype"]) == r["model"]["dtype"] else
            f"(transformers, whose weights are all {r['model']['dtype']}: {_fmt(roof['theirs_fraction'], '.0%')} "
            f"of its own roofline, {_fmt(roof['theirs_tok_s'])} tok/s)")
         + f" | ≥ {t['roofline_fraction']:.0%} |",

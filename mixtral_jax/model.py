@@ -149,9 +149,19 @@ def param_count(cfg: MixtralConfig) -> dict[str, int]:
 
     Active counts every non-expert weight plus top-k of the E experts in each layer.
     """
-    shapes = abstract_params(cfg)
-    total = sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
-    expert = sum(math.prod(shapes["layers"][n].shape) for n in EXPERT_PARAMS)
+    return _total_and_active(cfg, abstract_params(cfg), lambda a: math.prod(a.shape))
+
+
+def param_bytes(cfg: MixtralConfig, dtype, expert_dtype=None) -> dict[str, int]:
+    """As `param_count`, in bytes, for parameters held in `dtype` (experts in `expert_dtype`, see `param_dtypes`)."""
+    shapes = abstract_params(cfg, dtype, expert_dtype=expert_dtype)
+    return _total_and_active(cfg, shapes, lambda a: math.prod(a.shape) * a.dtype.itemsize)
+
+
+def _total_and_active(cfg: MixtralConfig, shapes: Params, size) -> dict[str, int]:
+    """{"total", "active"}: `size` summed over all parameters, and without the unchosen experts' share."""
+    total = sum(size(a) for a in jax.tree.leaves(shapes))
+    expert = sum(size(shapes["layers"][n]) for n in EXPERT_PARAMS)
     inactive = expert // cfg.num_local_experts * (cfg.num_local_experts - cfg.num_experts_per_tok)
     return {"total": total, "active": total - inactive}
 

@@ -67,9 +67,7 @@ def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None)
 
     import mixtral_jax as mj
 
-    experts = cfg.num_hidden_layers * cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-    need = ((mj.param_count(cfg)["total"] - experts) * np.dtype(dtype).itemsize
-            + experts * np.dtype(expert_dtype or dtype).itemsize)
+    need = mj.param_bytes(cfg, dtype, expert_dtype)["total"]
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         have, where = _host_bytes_available(), "this host has"

@@ -86,10 +86,10 @@ def test_param_counts_and_active_bytes_by_hand():
     assert mj.param_count(cfg) == {"total": total, "active": active}
     assert total == 791_233_536  # "791M params"
     # The embedding is a one-row gather; every other active weight is read per token.
-    assert bench.active_bytes_per_token(cfg, 4) == (active - embed) * 4 == 919_932_928
+    assert bench.active_bytes_per_token(cfg, "float32") == (active - embed) * 4 == 919_932_928
     # bfloat16 experts (load(expert_dtype="bfloat16")): the 2 chosen experts' bytes halve, the rest stay float32.
-    assert bench.active_bytes_per_token(cfg, 4, 2) == (active - embed - L * TOP * expert) * 4 + L * TOP * expert * 2
-    assert bench.active_bytes_per_token(cfg, 4, 2) == 567_611_392
+    bf16_experts = bench.active_bytes_per_token(cfg, "float32", "bfloat16")
+    assert bf16_experts == (active - embed - L * TOP * expert) * 4 + L * TOP * expert * 2 == 567_611_392
 
 
 def test_prefill_useful_flops_by_hand():
