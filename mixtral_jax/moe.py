@@ -505,26 +505,25 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {STRATEGIES}.")
     shape = x.shape
     x = x.reshape(-1, shape[-1])
+    weights = jax.tree.leaves(p["experts"]) if "experts" in p else [p["w1"], p["w3"], p["w2"]]
+    kernel = "experts" in p and cpu_kernel.moe_usable(x, weights)
+    if not kernel:
+        _warn_if_widened(x, weights)
     if mesh is not None and mesh.size > 1:
-        _warn_if_widened(x, [p[name] for name in ("w1", "w3", "w2")])
         out, _ = moe_expert_parallel(x, p, k, mesh, capacity_factor)
     elif capacity_factor is not None:
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     elif "experts" in p:
-        weights = jax.tree.leaves(p["experts"])
-        if cpu_kernel.moe_usable(x, weights):
+        if kernel:
             out = moe_kernel(x, p, k, all_experts=strategy == "dense")
+        elif strategy == "dense":
+            out = moe_per_expert_masked(x, p, k, skip_unused=False)
+        elif x.shape[0] <= (MASKED_MAX_ONE_SHOT if one_shot else MASKED_MAX_TOKENS):
+            out = moe_per_expert_masked(x, p, k, single_row=not one_shot)
         else:
-            _warn_if_widened(x, weights)
-            if strategy == "dense":
-                out = moe_per_expert_masked(x, p, k, skip_unused=False)
-            elif x.shape[0] <= (MASKED_MAX_ONE_SHOT if one_shot else MASKED_MAX_TOKENS):
-                out = moe_per_expert_masked(x, p, k, single_row=not one_shot)
-            else:
-                out = moe_per_expert_grouped(x, p, k)
+            out = moe_per_expert_grouped(x, p, k)
     else:
-        _warn_if_widened(x, [p[name] for name in ("w1", "w3", "w2")])
         out = (moe_dense if strategy == "dense" else moe_sparse)(x, p, k)
     return out.reshape(shape)
 
