@@ -509,10 +509,10 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call<W>& c) {
 }
 
 // The block for float32 (W = float) or bfloat16 (W = bf16) expert weights,
-// after MoeCpuImpl checked every weight's shape and dtype.
+// after MoeCpuImpl checked every weight's shape and dtype; weights: w1, w3, w2 per expert.
 template <typename W>
 ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* y, int64_t n, int64_t d, int64_t f,
-                  int64_t num_experts, ffi::RemainingArgs& weights, bool all_experts, int64_t chunk_bytes,
+                  const std::vector<const void*>& weights, bool all_experts, int64_t chunk_bytes,
                   int64_t panel_min_rows) {
   auto call = std::make_shared<Call<W>>();
   Call<W>& c = *call;
@@ -521,7 +521,8 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* 
   c.f = f;
   c.x = x;
   c.y = y;
-  auto data = [&](int64_t i) { return static_cast<const W*>(weights.get<ffi::AnyBuffer>(i)->untyped_data()); };
+  auto data = [&](int64_t i) { return static_cast<const W*>(weights[i]); };
+  const int64_t num_experts = static_cast<int64_t>(weights.size()) / 3;
   for (int64_t e = 0; e < num_experts; ++e) {
     Expert<W> ex{data(3 * e), data(3 * e + 1), data(3 * e + 2), {}, {}};
     for (int64_t r = 0; r < n; ++r)
@@ -564,6 +565,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 for each expert");
   int64_t f = -1;
   ffi::DataType dtype = ffi::DataType::INVALID;
+  std::vector<const void*> data;
   for (int64_t i = 0; i < 3 * num_experts; ++i) {
     auto w = weights.get<ffi::AnyBuffer>(i);
     if (!w.has_value()) return ffi::Error::InvalidArgument("moe_cpu: expert weights must be arrays");
@@ -575,12 +577,11 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const bool down = i % 3 == 2;  // w2 [D, F]; w1, w3 [F, D]
     if (wd.size() != 2 || wd[0] != (down ? d : f) || wd[1] != (down ? f : d))
       return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F]");
+    data.push_back(w->untyped_data());
   }
-  if (dtype == ffi::DataType::BF16)
-    return RunMoe<bf16>(pool, x.typed_data(), gates.typed_data(), y->typed_data(), n, d, f, num_experts, weights,
-                        all_experts, chunk_bytes, panel_min_rows);
-  return RunMoe<float>(pool, x.typed_data(), gates.typed_data(), y->typed_data(), n, d, f, num_experts, weights,
-                       all_experts, chunk_bytes, panel_min_rows);
+  auto run = dtype == ffi::DataType::BF16 ? RunMoe<bf16> : RunMoe<float>;
+  return run(pool, x.typed_data(), gates.typed_data(), y->typed_data(), n, d, f, data, all_experts, chunk_bytes,
+             panel_min_rows);
 }
 
 }  // namespace
