@@ -285,6 +285,18 @@ def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows, weight
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [3, 40])  # the row-dot path, the panel path
+def test_cpu_kernel_silu_saturates(n):
+    # Pre-activations far past +-88, where exp(-a) leaves the float range: silu(a) must still be
+    # a for large a and 0 for very negative a (the kernel's 16-wide exp clamps its argument there).
+    p = _moe_params(8)
+    x = 60 * np.random.RandomState(n).randn(n, 32).astype(np.float32)
+    a = np.einsum("nd,edf->enf", x, p["w1"])
+    assert a.max() > 150 and a.min() < -150
+    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(x, _per_expert(p))
+    assert testing.rel_err(ours, testing.moe_loop_reference(x, p, 2)) < 1e-5
+
+
 def _bf16_experts(p):
     """Stacked MoE params with w1, w3, w2 rounded to bfloat16 values (kept as float32 numpy)."""
     rounded = {n: np.asarray(jnp.asarray(p[n], jnp.bfloat16).astype(jnp.float32)) for n in ("w1", "w3", "w2")}
