@@ -24,7 +24,9 @@ for dirpath, _, files in os.walk(f"{tmp}/mixtral_jax_old"):
         if f.endswith(".py"):
             path = os.path.join(dirpath, f)
             text = open(path).read()
-            open(path, "w").write(re.sub(r"\bmixtral_jax\b", "mixtral_jax_old", text))
+            # Also the FFI target names (mixtral_jax_moe_cpu_<key>): with an unchanged kernel
+            # source both versions would register the same name twice.
+            open(path, "w").write(re.sub(r"\bmixtral_jax(?=\b|_moe_cpu|_linear_cpu)", "mixtral_jax_old", text))
 sys.path[:0] = [tmp, root]
 import mixtral_jax as new, mixtral_jax_old as old  # noqa: E402
 
