@@ -64,10 +64,11 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tu
     """cos and sin tables for positions [B, T] -> ([B, T, Dh], [B, T, Dh]) in `dtype`."""
     freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)  # [B, T, Dh/2]
     # [cos | sin] of the Dh/2 frequencies, each copied to both halves of Dh by a product
-    # with [I I]: exact (each output is one table value times 1, HIGHEST precision),
-    # and a dot is never fused into its consumers. As plain elementwise ops, XLA:CPU fused
-    # sin and cos into every layer's q and k rotations and evaluated them per head
-    # and layer: 26 of each for 4 layers, 1% of a 512-token prefill.
+    # with [I I]: exact (each output is one table value times 1, HIGHEST precision), and
+    # XLA:CPU does not fuse the product into its consumers. As plain elementwise ops it
+    # fused sin and cos into every layer's q and k rotation and evaluated them per head
+    # (26 of each in a 4-layer model's HLO, 1 now); prefill 1.027x faster without
+    # (docs/cpu_probe/results/prefill_profile.txt).
     half = head_dim // 2
     dup = jnp.concatenate([jnp.eye(half, dtype=jnp.float32)] * 2, axis=1)  # [Dh/2, Dh]
     tables = jnp.einsum("BTCF,FD->BTCD", jnp.stack([jnp.cos(freqs), jnp.sin(freqs)], axis=2), dup,
