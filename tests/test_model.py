@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -123,6 +124,18 @@ def test_rope_matches_transformers(theta):
     cos, sin = layers.rope_cos_sin(jnp.asarray(pos), dh, theta, jnp.float32)
     ours = layers.apply_rope(jnp.asarray(q), cos, sin)
     np.testing.assert_allclose(ours, ref.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_computed_once_per_forward():
+    # The compiled forward evaluates sin and cos once each, not inside every layer's q and k
+    # rotation (XLA:CPU fused them there, per head and layer, before rope_cos_sin's [I I] product).
+    cfg = testing.config_of(testing.hf_model(num_hidden_layers=3))
+    model = mj.init_random(cfg, dtype="float32")
+    tokens = jnp.zeros((1, 64), jnp.int32)
+    positions = jnp.arange(64, dtype=jnp.int32)[None]
+    hlo = jax.jit(lambda p, t: model_lib.apply(p, t, positions, cfg=cfg)[0]).lower(
+        model.params(), tokens).compile().as_text()
+    assert (len(re.findall(r"\bsine\(", hlo)), len(re.findall(r"\bcosine\(", hlo))) == (1, 1)
 
 
 @pytest.mark.parametrize("kv_heads,window", [(1, None), (2, None), (4, 3)])
