@@ -282,6 +282,7 @@ def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     (48, 40, 4, 1, 33, None),   # top-1
     (16, 17, 6, 3, 5, 1),       # the panel path forced for 5 rows: one 16-column panel, mostly padding
     (24, 36, 2, 1, 1, 1),       # one row, one expert chosen, the other skipped
+    (16, 24, 8, 2, 2049, None),  # a long prompt: two blocks of 1025 and 1024 rows (kPanelBlockRows)
 ])
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows, weights):

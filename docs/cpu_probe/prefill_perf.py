@@ -6,7 +6,7 @@ Run after `python -m mixtral_jax.bench --workdir /tmp/bench_work` (for /tmp/benc
   sleep 60; perf record -F 499 -e cpu-clock -p $! -o /tmp/prefill.perf -- sleep 8; \
   perf report -i /tmp/prefill.perf --sort dso,sym --stdio | head -40
 
-It compiles and runs the forward once, prints "looping", then runs it N times (env N, default
+T (env, default 512) sets the prompt length. It compiles and runs the forward once, prints "looping", then runs it N times (env N, default
 40) and prints the median time. Start `perf record` after "looping".
 """
 import os, time, importlib
@@ -16,7 +16,7 @@ from mixtral_jax import model as model_lib
 
 g = importlib.import_module("mixtral_jax.generate")
 m = mj.load(os.environ.get("CKPT", "/tmp/bench_work/converted"), dtype="float32")
-cfg, params, T = m.cfg, m.params(), 512
+cfg, params, T = m.cfg, m.params(), int(os.environ.get("T", "512"))
 tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (1, T)), jnp.int32)
 pos = jnp.arange(T, dtype=jnp.int32)[None]
 
