@@ -170,12 +170,11 @@ def run() -> int:
         # The stored values are bfloat16 already: keeping the experts so loses nothing, and the
         # kernel reads half the bytes (without it XLA would widen them at every step, slowly).
         expert_dtype = "bfloat16"
+    _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)
     if FLAGS.checkpoint:
-        _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)
         model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype)
         source = f"weights from {FLAGS.checkpoint}"
     else:
-        _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)
         model = mj.init_random(cfg, seed=FLAGS.seed, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype)
         source = "RANDOM weights (no --checkpoint): the text below is noise, not a real model's output"
     tok = _tokenizer_for(cfg.vocab_size)
