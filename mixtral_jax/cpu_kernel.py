@@ -120,9 +120,7 @@ def usable(*arrays: jax.Array) -> bool:
 
 def moe_usable(x: jax.Array, weights: list[jax.Array]) -> bool:
     """Whether `moe_cpu` can take these: x float32 and the expert weights all float32 or all bfloat16."""
-    dtypes = {w.dtype for w in weights}
-    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32
-            and dtypes in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}) and available())
+    return {w.dtype for w in weights} in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}) and usable(x)
 
 
 def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bool = False,
