@@ -426,11 +426,11 @@ def _say(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _check_resources(cfg, itemsize: int, workdir: str) -> None:
+def _check_resources(cfg, dtype: str, workdir: str) -> None:
     """Refuses, in one sentence, a model whose weights do not fit this host's memory or the workdir's disk."""
     import mixtral_jax as mj
 
-    weights = mj.param_count(cfg)["total"] * itemsize
+    weights = mj.param_bytes(cfg, dtype)["total"]
     # Peak: our weights + transformers' weights, plus one more copy while the HF model is created and saved.
     need, have = 3 * weights, _meminfo_bytes("MemAvailable")
     if have is not None and need > 0.9 * have:
@@ -616,8 +616,7 @@ def run_benchmark(settings: Settings, workdir: str) -> dict[str, Any]:
     transformers.logging.disable_progress_bar()
     load_start = os.getloadavg()
     cfg = from_hf_dict(settings.hf_fields, name="bench")
-    itemsize = np.dtype(settings.dtype).itemsize
-    _check_resources(cfg, itemsize, workdir)
+    _check_resources(cfg, settings.dtype, workdir)
     model, hf, setup = _load_sides(settings, workdir)
     sides = Sides(settings, model, hf, cfg.vocab_size)
     measurements = sides.measurements()
@@ -963,8 +962,7 @@ def resolve_settings() -> Settings:
                               values["vocab_size"],
                               max(values["prompt_len"] + 1, values["decode_prompt_len"] + values["new_tokens"]))
     stored = FLAGS.checkpoint_dtype or FLAGS.dtype
-    itemsize = {"float32": 4, "bfloat16": 2}
-    if FLAGS.expert_dtype and itemsize[FLAGS.expert_dtype] < itemsize[stored]:
+    if FLAGS.expert_dtype == "bfloat16" and stored == "float32":  # the only narrower pair of the two choices
         raise UsageError(f"--expert_dtype {FLAGS.expert_dtype} would round mixtral_jax's experts but not transformers' "
                          f"{stored} weights; pass --checkpoint_dtype {FLAGS.expert_dtype} so both read the same weights.")
     from mixtral_jax.config import from_hf_dict
