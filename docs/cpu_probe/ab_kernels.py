@@ -11,6 +11,7 @@ BF16=1 stores the expert weights in bfloat16. Default panel_min_rows 17 (the flo
 """
 import hashlib, os, subprocess, sys, tempfile, time, ctypes
 import numpy as np, jax, jax.numpy as jnp
+from common import chain, moe_layers
 from mixtral_jax import cpu_kernel, moe
 
 srcs = sys.argv[1:3]
@@ -29,26 +30,21 @@ for i, src in enumerate(srcs):
 wdtype = jnp.bfloat16 if os.environ.get("BF16") else jnp.float32
 rng = np.random.default_rng(0)
 D, F, E, L = 1024, 3584, 8, 8
-normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) * 0.05)
-layers = [{"router": normal(D, E) * 40 / np.sqrt(D),
-           "experts": [{k: normal(*s).astype(wdtype) for k, s in (("w1", (F, D)), ("w3", (F, D)), ("w2", (D, F)))}
-                       for _ in range(E)]} for _ in range(L)]
+layers = [{**p, "experts": [{k: w.astype(wdtype) for k, w in ex.items()} for ex in p["experts"]]}
+          for p in moe_layers(rng, D, F, E, L)]
 x = jnp.asarray(rng.standard_normal((n, D), np.float32))
 
 
-def chain(name, panel_min_rows):
-    def run(x, layers):
-        for p in layers:
-            g = moe.dense_gates(*moe.route(x, p["router"], 2), E)
-            ws = [w[k] for w in p["experts"] for k in ("w1", "w3", "w2")]
-            y = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
-                x, g, *ws, all_experts=False, chunk_bytes=1 << 20, panel_min_rows=panel_min_rows)
-            x = x + 0.1 * y
-        return x
-    return jax.jit(run)
+def kernel_block(name, panel_min_rows):
+    def block(x, p):
+        g = moe.dense_gates(*moe.route(x, p["router"], 2), E)
+        ws = [w[k] for w in p["experts"] for k in ("w1", "w3", "w2")]
+        return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+            x, g, *ws, all_experts=False, chunk_bytes=1 << 20, panel_min_rows=panel_min_rows)
+    return block
 
 
-fns = [chain(name, q) for name, q in zip(names, pmr)]
+fns = [chain(kernel_block(name, q)) for name, q in zip(names, pmr)]
 outs = [f(x, layers) for f in fns]
 print("max |A - B|", float(jnp.max(jnp.abs(outs[0] - outs[1]))))
 times = [[], []]

@@ -7,20 +7,19 @@ Written before moe_cpu split long inputs itself (kPanelBlockRows = 1024): with t
 block size above 1024 runs as 1024-row blocks inside the kernel.
 """
 import sys, time, numpy as np, jax, jax.numpy as jnp
-from mixtral_jax import cpu_kernel, moe
+from common import chain, moe_layers
+from mixtral_jax import moe
 rng = np.random.default_rng(0); D, F, E, L = 1024, 3584, 8, 4
 n = int(sys.argv[1]); blocks = [int(b) for b in sys.argv[2].split(",")]; rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
-normal = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32) * 0.05)
-layers = [{"router": normal(D, E) * 40 / np.sqrt(D), "experts": [{"w1": normal(F, D), "w3": normal(F, D), "w2": normal(D, F)} for _ in range(E)]} for _ in range(L)]
+layers = moe_layers(rng, D, F, E, L)
 x = jnp.asarray(rng.standard_normal((n, D), np.float32))
-def chain(block):
-    def run(x, layers):
-        for p in layers:
-            ys = [moe.moe_kernel(x[s:s + block], p, 2) for s in range(0, n, block)]
-            x = x + 0.1 * (ys[0] if len(ys) == 1 else jnp.concatenate(ys))
-        return x
-    return jax.jit(run)
-fs = [chain(b) for b in blocks]
+
+
+def blocks_of(block):  # the MoE of each `block` rows as its own kernel call
+    return lambda x, p: jnp.concatenate([moe.moe_kernel(x[s:s + block], p, 2) for s in range(0, n, block)])
+
+
+fs = [chain(blocks_of(b)) for b in blocks]
 outs = [f(x, layers) for f in fs]
 print("max diff vs first", [float(jnp.max(jnp.abs(o - outs[0]))) for o in outs])
 ts = [[] for _ in fs]
