@@ -411,7 +411,8 @@ struct PanelCall {
         const int64_t r1 = std::min(up, r0 + kTileRows);
         float g[kTileRows][32];
         Tiles(w1, d, r0 - lo, r1 - lo, b, nv, d, [&](int64_t r, int v, v16 acc) {
-          *reinterpret_cast<v16*>(&g[r + lo - r0][16 * v]) = Silu16(acc);
+          r += lo;
+          *reinterpret_cast<v16*>(&g[r - r0][16 * v]) = Silu16(acc);
         });
         Tiles(w3, d, r0 - lo, r1 - lo, b, nv, d, [&](int64_t r, int v, v16 acc) {
           r += lo;
