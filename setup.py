@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mixtral_jax", "mixtral_jax.configs"],
+    packages=["mixtral_jax", "mixtral_jax.bench", "mixtral_jax.configs"],
     package_data={"mixtral_jax": ["csrc/*.cc"], "mixtral_jax.configs": ["*.json"]},
     install_requires=[
         "jax>=0.7,<0.11",

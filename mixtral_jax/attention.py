@@ -44,8 +44,8 @@ def gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """
     b, t, h, dh = q.shape
     kv, g = k.shape[1], h // k.shape[1]
-    # Query heads of a group next to each other, (B, K) leading: plain batched matmuls on
-    # CPU (an einsum with G and T apart from the batch dims runs ~3x slower there).
+    # Query heads of a group next to each other, (B, K) leading: plain batched matmuls, which
+    # XLA:CPU runs faster than an einsum with G and T apart (docs/performance.md#attention-as-batched-matmuls).
     qg = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)  # [B, K, G*T, Dh]
     scores = jnp.einsum("BKQH,BKSH->BKQS", qg, k, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kv, g, t, -1) * (dh ** -0.5)  # [B, K, G, T, S]

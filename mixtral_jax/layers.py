@@ -9,27 +9,32 @@ from mixtral_jax import cpu_kernel
 
 
 # Products with [out, in] weights (the per_expert layout): up to this many rows
-# they run feature-major, beyond it token-major (docs/cpu_probe/results/attn_layout.txt).
+# they run feature-major, beyond it token-major, whichever XLA:CPU runs faster
+# (docs/performance.md#feature-major-products-for-few-rows).
 FEATURE_MAJOR_MAX_ROWS = 64
 
 
 def linear_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
     """x [N, I] times a weight in HF's [out, in] orientation, w [O, I] → [N, O].
 
-    For up to FEATURE_MAJOR_MAX_ROWS rows it is computed feature-major (w @ xᵀ):
-    at 4-16 rows XLA:CPU streams the weight 1.15-1.25x faster that way than
-    token-major, and 1.6-1.8x faster than an [in, out] copy of it
-    (docs/cpu_probe/results/attn_layout.txt, lm_head_layout.txt). The barrier
-    keeps XLA from folding the final transpose back into the dot, which undoes
-    the gain. For more rows (a prefill), token-major is faster.
+    For up to FEATURE_MAJOR_MAX_ROWS rows it is computed feature-major (w @ xᵀ),
+    where XLA:CPU streams the weight faster; for more rows (a prefill),
+    token-major. The barrier keeps XLA from folding the final transpose back
+    into the dot, which undoes the gain
+    (docs/performance.md#feature-major-products-for-few-rows).
 
     One float32 row on the CPU (a batch-1 decode step: the attention
     projections and the lm_head) runs the C++ kernel's row-dot product
-    (`cpu_kernel.linear_cpu`) where it is built: 8 layers of the bench model's
-    projections plus its lm_head took 5.6-5.8 vs 6.4-6.5 ms, and batch-1
-    decode ran 1.02-1.04x faster in one process. At 4 and 8 rows XLA is as
-    fast or faster (0.97-0.99x, 0.81-0.88x), so they stay here
-    (docs/cpu_probe/results/cpu_kernel.txt).
+    (`cpu_kernel.linear_cpu`) where it is built; from 4 rows XLA is as fast
+    (docs/performance.md#one-row-products-attention-and-lm_head).
+
+    Args:
+      x: [N, I] activations.
+      w: [O, I] weight.
+      preferred_element_type: the products' accumulation / output dtype (None: x's).
+
+    Returns:
+      [N, O].
     """
     if x.shape[0] == 1 and preferred_element_type in (None, jnp.float32) and cpu_kernel.usable(x, w):
         return cpu_kernel.linear_cpu(x, w)
@@ -65,10 +70,9 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tu
     freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)  # [B, T, Dh/2]
     # [cos | sin] of the Dh/2 frequencies, each copied to both halves of Dh by a product
     # with [I I]: exact (each output is one table value times 1, HIGHEST precision), and
-    # XLA:CPU does not fuse the product into its consumers. As plain elementwise ops it
-    # fused sin and cos into every layer's q and k rotation and evaluated them per head
-    # (26 of each in a 4-layer model's HLO, 1 now); prefill 1.027x faster without
-    # (docs/cpu_probe/results/prefill_profile.txt).
+    # XLA:CPU does not fuse the product into its consumers, whereas plain elementwise ops
+    # got fused into every layer's q and k rotation and evaluated per head
+    # (docs/performance.md#rope-tables-computed-once).
     half = head_dim // 2
     dup = jnp.concatenate([jnp.eye(half, dtype=jnp.float32)] * 2, axis=1)  # [Dh/2, Dh]
     tables = jnp.einsum("BTCF,FD->BTCD", jnp.stack([jnp.cos(freqs), jnp.sin(freqs)], axis=2), dup,

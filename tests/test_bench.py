@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mixtral_jax import bench
+from mixtral_jax.bench import metrics, settings
 from mixtral_jax.config import from_hf_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,7 @@ DH = D // H
 
 
 def _default_cfg():
-    return from_hf_dict(bench.hf_config_fields(D, F, L, H, K, E, TOP, V, max_positions=600))
+    return from_hf_dict(settings.hf_config_fields(D, F, L, H, K, E, TOP, V, max_positions=600))
 
 
 def _run(*args, timeout=300):
@@ -59,18 +59,30 @@ def test_quick_run_writes_table_plot_and_json(tmp_path):
     assert (tmp_path / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--batch_sizes", "4,16"], "--batch_sizes must include 1"),
-    (["--batch_sizes", "1,x"], "--batch_sizes 1,x is not a comma-separated list of integers"),
-    (["--new_tokens", "1"], "--new_tokens must be at least 2"),
-    (["--num_heads", "4", "--num_kv_heads", "3"], "must be a multiple of num_key_value_heads"),
-    (["--hidden_size", "1000000"], "GB of host memory but"),
-])
-def test_bad_input_one_sentence_exit_2(args, message):
-    r = _run("--quick", "--out_dir", "", *args)
+def test_bad_input_one_sentence_exit_2():
+    # The CLI's path from a check to the exit status; the checks themselves are tested in-process below.
+    r = _run("--quick", "--out_dir", "", "--hidden_size", "1000000")
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip().splitlines()
-    assert message in err[-1] and err[-1].startswith("error: ") and "Traceback" not in r.stderr
+    assert "GB of host memory but" in err[-1] and err[-1].startswith("error: ") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(batch_sizes=["4", "16"]), "--batch_sizes must include 1"),
+    (dict(batch_sizes=["1", "x"]), "--batch_sizes 1,x is not a comma-separated list of integers"),
+    (dict(new_tokens=1), "--new_tokens must be at least 2"),
+    (dict(num_layers=0), "--num_layers must be a positive integer"),
+    (dict(vocab_size=3), "--vocab_size must exceed 3"),
+    (dict(num_heads=4, num_kv_heads=3), "must be a multiple of num_key_value_heads"),
+    (dict(expert_dtype="bfloat16"), "--expert_dtype bfloat16 would round"),
+])
+def test_bad_settings_are_one_sentence(changes, message):
+    values = {**settings.QUICK, **changes}
+    dtypes = {"expert_dtype": values.pop("expert_dtype", None)}
+    with pytest.raises(settings.UsageError, match=message.replace("(", r"\(")) as err:
+        settings.resolve(values, quick=True, dtype="float32", seed=0, skip_transformers=False,
+                         checkpoint_dtype=None, **dtypes)
+    assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")
 
 
 def test_param_counts_and_active_bytes_by_hand():
@@ -86,9 +98,9 @@ def test_param_counts_and_active_bytes_by_hand():
     assert mj.param_count(cfg) == {"total": total, "active": active}
     assert total == 791_233_536  # "791M params"
     # The embedding is a one-row gather; every other active weight is read per token.
-    assert bench.active_bytes_per_token(cfg, "float32") == (active - embed) * 4 == 919_932_928
+    assert metrics.active_bytes_per_token(cfg, "float32") == (active - embed) * 4 == 919_932_928
     # bfloat16 experts (load(expert_dtype="bfloat16")): the 2 chosen experts' bytes halve, the rest stay float32.
-    bf16_experts = bench.active_bytes_per_token(cfg, "float32", "bfloat16")
+    bf16_experts = metrics.active_bytes_per_token(cfg, "float32", "bfloat16")
     assert bf16_experts == (active - embed - L * TOP * expert) * 4 + L * TOP * expert * 2 == 567_611_392
 
 
@@ -103,13 +115,13 @@ def test_prefill_useful_flops_by_hand():
     causal_pairs = t * (t + 1) // 2
     expected = (2 * layer * t * (L - 1) + 2 * kv * t + 2 * (layer - kv) + 2 * final_norm + 2 * D * V
                 + 4 * H * DH * (causal_pairs * (L - 1) + t))
-    assert bench.prefill_useful_flops(cfg, t) == expected
+    assert metrics.prefill_useful_flops(cfg, t) == expected
 
 
 def test_decode_new_tokens_bounds_big_batches():
-    assert [bench.decode_new_tokens(b, 64) for b in (1, 4, 16, 64)] == [64, 64, 16, 8]
-    assert [bench.decode_new_tokens(b, 8) for b in (1, 4, 64)] == [8, 8, 8]
-    assert bench.decode_new_tokens(64, 3) == 3
+    assert [settings.decode_new_tokens(b, 64) for b in (1, 4, 16, 64)] == [64, 64, 16, 8]
+    assert [settings.decode_new_tokens(b, 8) for b in (1, 4, 64)] == [8, 8, 8]
+    assert settings.decode_new_tokens(64, 3) == 3
 
 
 def test_experts_touched_counts_distinct_per_layer_and_step():
@@ -120,20 +132,20 @@ def test_experts_touched_counts_distinct_per_layer_and_step():
     experts[1, 0, 2], experts[1, 1, 2] = (0, 1), (2, 3)  # layer 1, step 0: 4
     experts[1, 0, 3], experts[1, 1, 3] = (7, 6), (5, 4)  # layer 1, step 1: 4
     experts[:, :, :2] = (6, 7)  # prompt positions are not decode steps
-    assert bench.experts_touched(experts, start=2, steps=2) == (3 + 2 + 4 + 4) / 4
-    assert bench.experts_touched(experts, start=2, steps=1) == (3 + 4) / 2
+    assert metrics.experts_touched(experts, start=2, steps=2) == (3 + 2 + 4 + 4) / 4
+    assert metrics.experts_touched(experts, start=2, steps=1) == (3 + 4) / 2
 
 
 def test_tokens_agree_stops_at_our_first_eos():
     eos = 2
-    assert bench.tokens_agree([[5, 6, 7]], [[5, 6, 7]], eos) == (True, 3)
-    assert bench.tokens_agree([[5, 6, 7]], [[5, 9, 7]], eos) == (False, 3)
+    assert metrics.tokens_agree([[5, 6, 7]], [[5, 6, 7]], eos) == (True, 3)
+    assert metrics.tokens_agree([[5, 6, 7]], [[5, 9, 7]], eos) == (False, 3)
     # transformers' min_new_tokens masks EOS, so it continues differently after our EOS.
-    assert bench.tokens_agree([[5, 2, 7], [8, 8, 8]], [[5, 4, 4], [8, 8, 8]], eos) == (True, 4)
+    assert metrics.tokens_agree([[5, 2, 7], [8, 8, 8]], [[5, 4, 4], [8, 8, 8]], eos) == (True, 4)
 
 
 def test_parse_batch_sizes_sorts_and_checks():
-    assert bench.parse_batch_sizes(["16", "1", "4", "4"]) == (1, 4, 16)
+    assert settings.parse_batch_sizes(["16", "1", "4", "4"]) == (1, 4, 16)
     for bad in (["0", "1"], [], ["4"]):
-        with pytest.raises(bench.UsageError):
-            bench.parse_batch_sizes(bad)
+        with pytest.raises(settings.UsageError):
+            settings.parse_batch_sizes(bad)

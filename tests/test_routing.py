@@ -25,12 +25,15 @@ def test_expert_routing_matches_transformers_router():
         top_w = top_w / top_w.sum(-1, keepdim=True)
         np.testing.assert_array_equal(r.experts[layer].reshape(-1, 2), top_e.numpy())
         np.testing.assert_allclose(r.weights[layer].reshape(-1, 2), top_w.numpy(), rtol=1e-5, atol=1e-6)
+    one = mj.expert_routing(model, tokens[1].tolist())  # one list of ids: a batch of one
+    np.testing.assert_array_equal(one.experts[:, 0], r.experts[:, 1])
 
 
 def test_expert_load_and_plot(tmp_path):
     r = routing.Routing(experts=np.array([[[[0, 1], [0, 2], [3, 0]]]]), weights=np.full((1, 1, 3, 2), 0.5))
     np.testing.assert_allclose(routing.expert_load(r, 4), [[3 / 6, 1 / 6, 1 / 6, 1 / 6]])
-    model = mj.init_random(mj.load_config("tiny"))
-    rr = mj.expert_routing(model, [1, 5, 9, 200, 3000])
-    fig = mj.plot_routing(rr, model.cfg.num_local_experts, token_labels=list("abcde"), path=tmp_path / "r.png")
+    # The plot needs only a Routing (a model's comes from the test above): 4 layers, 5 tokens, top-2 of 8.
+    experts = np.random.RandomState(0).randint(0, 8, (4, 1, 5, 2))
+    rr = routing.Routing(experts=experts, weights=np.full(experts.shape, 0.5))
+    fig = mj.plot_routing(rr, 8, token_labels=list("abcde"), path=tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 5000 and len(fig.axes) >= 2

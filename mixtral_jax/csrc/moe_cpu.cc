@@ -12,8 +12,8 @@
 // A decode step's few rows (Call): every output element is a dot product of
 // one contiguous weight row with one activation row, so the work splits into
 // chunks of rows that the cores take from an atomic counter: no core waits
-// for a fixed half of a matrix (the 9% idle time of XLA's own matrix-vector
-// products here, docs/cpu_probe/results/decode_profile.txt). Two phases, with
+// for a fixed half of a matrix, as one does with XLA's own matrix-vector
+// products (docs/performance.md#why-a-kernel-for-decode). Two phases, with
 // all chosen experts in each: w1/w3 rows -> h, then w2 rows -> y.
 //
 // From panel_min_rows rows (PanelCall, a prompt or a big batch): register
@@ -96,9 +96,8 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 // (2^n e^r with r in [-ln2/2, ln2/2] and its polynomial for e^r), with -a
 // clamped to [-87, 88] so 2^n stays a normal float: beyond, a / (1 + exp(-a))
 // is a to float precision, or below 3e-36 in magnitude. Within 2.31 ulp of
-// float64 silu over [-120, 120], as the same formula with libm's expf; that
-// scalar expf took 3% of a 512-token prefill's CPU time
-// (docs/cpu_probe/results/prefill_profile.txt).
+// float64 silu over [-120, 120], as the same formula with libm's expf, whose
+// scalar calls showed in a prefill's profile (docs/performance.md#silu-16-values-at-a-time).
 inline v16 Silu16(v16 a) {
   v16 x = -a;
   x = x < -87.f ? v16{} - 87.f : x;
@@ -146,9 +145,9 @@ inline void Dots(const W* w, int64_t ld, const float* const* xs, int64_t K, floa
     v16 xv[NR];
     for (int r = 0; r < NR; ++r) xv[r] = *reinterpret_cast<const v16*>(xs[r] + k);
     for (int j = 0; j < NF; ++j) {
-      // The same columns of the next NF rows: with bfloat16 rows (2 KB for the
-      // bench model) the hardware prefetcher alone left decode at 1.3-1.4x the
-      // float32 speed, with this 1.8-1.9x (docs/cpu_probe/results/bf16_experts.txt).
+      // The same columns of the next NF rows: with short bfloat16 rows the
+      // hardware prefetcher alone falls behind
+      // (docs/performance.md#bfloat16-weights-widening-load-and-prefetch).
       __builtin_prefetch(w + (j + NF) * ld + k);
       const v16 wv = Load16(w + j * ld + k);
       for (int r = 0; r < NR; ++r) acc[j][r] += wv * xv[r];
@@ -307,10 +306,8 @@ struct Call {
 // panel is MR x w outputs held in registers, summed over all K (one broadcast
 // weight value times one or two 16-float panel vectors per step), so
 // silu(w1 . x) * (w3 . x) and the gated scatter into y are done on the tile.
-// One core: 159-166 GFLOP/s (of 176-197 GFLOP/s of float32 FMAs) for a
-// [3600, 1024] x [1024, 128] product, two: 270-311 (docs/cpu_probe/gemm/). For
-// the MoE of 8 bench-model layers and 512 tokens, 217-251 useful GFLOP/s,
-// 0.99-1.09x XLA's grouped matmuls (docs/cpu_probe/results/cpu_kernel_panel.txt).
+// Compute-bound, about as fast as XLA's own dot, with nothing to compile per
+// expert (docs/performance.md#why-a-kernel-for-prompts-the-panel-path).
 constexpr int kTileRows = 12;  // MR: 12 x 2 accumulators of 16 floats, of 32 registers
 constexpr int64_t kPanelBlockRows = 1024;  // longer prompts run in blocks (RunMoe)
 
@@ -321,8 +318,7 @@ inline void Tile(const float* a, int64_t lda, const float* b, int64_t K, Fn epil
     for (int v = 0; v < NV; ++v) acc[i][v] = v16{};
   // Rows in threes from one pointer each (row, row + lda, row + 2 lda): as
   // base + index * 4 or 8 addresses, so no row offset spills to the stack
-  // (with MR separate offsets gcc spilled 9 of 12: 141-153 vs 159-166 GFLOP/s
-  // on one core, docs/cpu_probe/results/cpu_kernel_panel.txt).
+  // (with MR separate offsets gcc spilled 9 of the 12 to the stack).
   constexpr int G = MR >= 3 ? 3 : 1;
   const float* p[MR / G];
   for (int g = 0; g < MR / G; ++g) p[g] = a + G * g * lda;
@@ -534,9 +530,8 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call<W>& c) {
   // Chunks: 48 F rows of one expert (phase 1), 48 D rows of all (phase 2):
   // 4 tiles each, several hundred and 22 chunks for the bench model. A phase-2
   // chunk reads every expert's h panels (all of h, beyond L2) once for its rows,
-  // so 48 rows read h half as often as 24 did: 1.00-1.04x in four in-process
-  // runs of the 8-layer, 512-token MoE; 96 rows' weights (1.4 MB per expert)
-  // no longer stay in a core's 2 MB L2 beside a panel (1.00x).
+  // so 48 rows read h half as often as 24 did, while 96 rows' weights no longer
+  // stay in a core's L2 beside a panel (docs/performance.md#thresholds-and-chunk-sizes).
   pc.rows1 = 4 * kTileRows;
   pc.rows2 = 4 * kTileRows;
   pc.chunks1 = (pc.f + pc.rows1 - 1) / pc.rows1;
@@ -556,9 +551,8 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* 
   const int64_t num_experts = static_cast<int64_t>(weights.size()) / 3;
   // A long prompt runs in blocks of at most kPanelBlockRows rows, of equal size, each a
   // whole panel-path call: beyond that, phase 2's passes over all of h (every chunk of
-  // D rows reads it) run from L3 instead of mostly L2. 4 layers of bench-model
-  // experts, one process (docs/cpu_probe/results/prefill_profile.txt): 2048 rows in
-  // blocks of 1024 1.075x, 4096 rows 1.085x; blocks of 512 or 768 gained less.
+  // D rows reads it) run from L3 instead of mostly L2
+  // (docs/performance.md#thresholds-and-chunk-sizes).
   if (n > kPanelBlockRows && n >= panel_min_rows) {
     const int64_t blocks = (n + kPanelBlockRows - 1) / kPanelBlockRows, rows = (n + blocks - 1) / blocks;
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
