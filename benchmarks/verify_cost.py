@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/verify_cost.py [CKPT_DIR]  (written once with random bench-model weights if absent)
 """
-import dataclasses, os, shutil, sys, time
+import dataclasses, os, sys, time
 import jax
 import mixtral_jax as mj
 from mixtral_jax import ckpt_files
