@@ -235,7 +235,7 @@ def dry_run() -> int:
         print(f"[dry run] {memory_note}.", file=sys.stderr)
     if result["fits"] is False:
         print(f"error: {result['config']} on --mesh {FLAGS.mesh} needs {result['total_bytes_per_device'] / 2**30:.2f} "
-              f"GiB per device, more than {memory_gb:.2f} GiB; use a mesh of more devices or a smaller --batch or "
+              f"GiB per device, more than {memory_gb:.4g} GiB; use a mesh of more devices or a smaller --batch or "
               "--max_seq_len.", file=sys.stderr)
         return 2
     return 0
