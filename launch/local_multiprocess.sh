@@ -79,9 +79,9 @@ for ((n = 0; n < num_processes; n++)); do
   status=0
   done_pid=
   if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)); then
-    wait -n -p done_pid || status=$?  # -p names the process that ended (bash 5.1+)
+    wait -n -p done_pid 2> /dev/null || status=$?  # -p names the process that ended (bash 5.1+)
   else
-    wait -n || status=$?
+    wait -n 2> /dev/null || status=$?
   fi
   if [[ $status -ne 0 ]]; then
     failed=${index_of[${done_pid:-none}]:-"?"}

@@ -35,8 +35,9 @@ flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data,
 flags.DEFINE_boolean("dry_run", False, "Plan memory per device for --config on --mesh; allocate nothing.")
 flags.DEFINE_integer("batch", 1, "Dry run: batch size.")
 flags.DEFINE_integer("max_seq_len", None, "Dry run: KV-cache length (default: the model's positions).")
-flags.DEFINE_float("device_memory_gb", None, "Dry run: memory per device to check the plan against.")
-flags.DEFINE_boolean("json", False, "End the output with one JSON line of tokens, text and timings.")
+flags.DEFINE_float("device_memory_gb", None, "Dry run: GiB per device to check the plan against (exit 2 if it does "
+                   "not fit); default: this host's devices (on CPU, the available memory over the mesh's devices).")
+flags.DEFINE_boolean("json", False, "Print one JSON line of tokens, text and timings, and nothing else on stdout.")
 flags.DEFINE_float("capacity_factor", None, "Expert-parallel capacity per expert (tokens x k / E x factor); "
                    "unset is dropless. Only on a --mesh of more than one device.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
@@ -61,8 +62,8 @@ def _host_bytes_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# Each virtual CPU device costs host memory beyond the model: 50-60 MB measured for the tiny preset
-# (docs/performance.md, "Virtual CPU devices"); a mesh may use half of the available memory for them.
+# Host memory each virtual CPU device takes beyond the model (XLA:CPU's per-device runtime state, rounded up
+# from a measurement on the tiny preset); a one-process mesh may use half of the available memory for them.
 VIRTUAL_DEVICE_BYTES = 64 * 2**20
 
 
@@ -104,7 +105,7 @@ def _check_flags() -> None:
                          "device, e.g. --mesh expert=4.")
 
 
-def _float_dtype(name: str):
+def _float_dtype(name: str) -> None:
     import jax.numpy as jnp
 
     value = FLAGS[name].value
@@ -114,7 +115,6 @@ def _float_dtype(name: str):
         raise UsageError(f"--{name} {value!r} is not a dtype; use float32 or bfloat16.") from None
     if not jnp.issubdtype(dtype, jnp.floating):
         raise UsageError(f"--{name} must be a floating-point dtype (float32 or bfloat16), got {value!r}.")
-    return dtype
 
 
 def _check_mesh(cfg) -> None:
@@ -132,13 +132,14 @@ def _check_mesh(cfg) -> None:
 
 def _check_virtual_devices(n: int) -> None:
     """Refuses a one-process mesh larger than this host can emulate with virtual CPU devices."""
-    limit = int(0.5 * _host_bytes_available() // VIRTUAL_DEVICE_BYTES)
-    if n > max(limit, 8):
+    have = _host_bytes_available()
+    limit = max(int(0.5 * have // VIRTUAL_DEVICE_BYTES), 8)
+    if n > limit:
         raise UsageError(
             f"--mesh {FLAGS.mesh} needs {n} devices, more than one process here can emulate: each virtual CPU device "
-            f"takes about {VIRTUAL_DEVICE_BYTES >> 20} MiB of host memory, so this host "
-            f"({_host_bytes_available() / 1e9:.1f} GB available) runs at most {max(limit, 8)}; use a smaller mesh, "
-            "plan this one with --dry_run, or run it on a TPU/GPU slice with one process per host.")
+            f"takes about {VIRTUAL_DEVICE_BYTES >> 20} MiB of host memory, so this host ({have / 1e9:.1f} GB "
+            f"available) runs at most {limit}; use a smaller mesh, plan this one with --dry_run, or run it on a "
+            "TPU/GPU slice with one process per host.")
 
 
 def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None) -> None:
@@ -234,7 +235,7 @@ def dry_run() -> int:
     if memory_note:
         print(f"[dry run] {memory_note}.", file=sys.stderr)
     if result["fits"] is False:
-        print(f"error: {result['config']} on --mesh {FLAGS.mesh} needs {result['total_bytes_per_device'] / 2**30:.2f} "
+        print(f"error: {result['config']} on --mesh {FLAGS.mesh} needs {result['total_bytes_per_device'] / 2**30:.4g} "
               f"GiB per device, more than {memory_gb:.4g} GiB; use a mesh of more devices or a smaller --batch or "
               "--max_seq_len.", file=sys.stderr)
         return 2
