@@ -116,8 +116,14 @@ def exit_after_error(message: str, status: int, maybe_peer_lost: bool) -> None:
     come from a lost peer (a collective failing), this first waits for the
     coordination service to name it (the supervisor then reports it instead).
     """
-    if maybe_peer_lost:
-        time.sleep(HEARTBEAT_TIMEOUT_S + 5)
+    import jax
+
+    wait = HEARTBEAT_TIMEOUT_S + 5 if maybe_peer_lost else 0
+    if jax.process_index() == 0:
+        # Process 0 leaves last: it hosts the coordination service, whose end would stop the other
+        # processes (as "lost the coordinator") before they report their own error.
+        wait += 3
+    time.sleep(wait)
     print(message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
