@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NoReturn
 
 # Seconds without a heartbeat after which the coordination service declares a process lost and stops
 # the others (JAX's default is 100). Heartbeats come from a C++ thread, so a busy Python thread cannot
@@ -109,7 +110,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
 
 
-def exit_after_error(message: str, status: int, maybe_peer_lost: bool) -> None:
+def exit_after_error(message: str, status: int, maybe_peer_lost: bool) -> NoReturn:
     """Ends a process of a multi-process run after an error, without JAX's shutdown barrier.
 
     The barrier would wait for peers that are still computing. When the error may
