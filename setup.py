@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26,<3",
         "absl-py>=2.1,<3",
         "safetensors>=0.4,<0.9",
+        "xxhash>=3.4,<5",
         "mistral-common>=1.5,<2",
         "matplotlib>=3.8,<4",
     ],

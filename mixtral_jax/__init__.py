@@ -12,6 +12,7 @@ The public API (see README.md):
 """
 
 from mixtral_jax.checkpoint import load, save
+from mixtral_jax.ckpt_files import CheckpointError
 from mixtral_jax.config import MixtralConfig, load_config, presets
 from mixtral_jax.generate import generate, generate_stream
 from mixtral_jax.model import Mixtral, forward, init_random, param_bytes, param_count
@@ -20,6 +21,7 @@ from mixtral_jax.sharding import make_mesh
 from mixtral_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "CheckpointError",
     "MixtralConfig",
     "Mixtral",
     "convert_hf_checkpoint",

@@ -30,8 +30,9 @@ import tensorstore as ts
 from absl import logging as absl_logging
 from jax.sharding import SingleDeviceSharding
 
+from mixtral_jax import ckpt_files, model as model_lib
+from mixtral_jax.ckpt_files import CheckpointError
 from mixtral_jax.config import CONFIG_FILE, MixtralConfig, load_config
-from mixtral_jax import model as model_lib
 from mixtral_jax.model import Mixtral, abstract_params
 
 # Chunks at most this big: a sharded restore reads whole chunks, so it should not read
@@ -221,31 +222,67 @@ def save(model: Mixtral, ckpt_dir: str | os.PathLike, overwrite: bool = False) -
 
     The checkpoint is always in the stacked layout. A per_expert model is
     written slice by slice into the stacked arrays (no stacked copy in memory).
+    It is built beside `ckpt_dir` and swapped in complete, with the
+    digests `load` verifies (`ckpt_dir`).
 
     Args:
         model: a `Mixtral` (sharded or not; each process writes its own shards).
         ckpt_dir: directory to create.
-        overwrite: replace an existing checkpoint at `ckpt_dir`.
+        overwrite: replace an existing checkpoint there (never a directory that is not one).
 
     Returns:
         The absolute checkpoint path.
     """
     path = os.path.abspath(os.fspath(ckpt_dir))
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True to replace it.")
+    if jax.process_count() > 1:
+        return _save_multiprocess(model, path, overwrite)
+    ckpt_files.check_destination(path, overwrite)
+    with ckpt_files.staged(path) as built:
+        _write_model(model, built)
+    return path
+
+
+def _write_model(model: Mixtral, path: str) -> None:
+    """Writes the model's arrays and config.json into the new directory `path` (every process)."""
     params = model.params()
     if model.layout == "per_expert":
-        if os.path.isdir(path):
-            shutil.rmtree(path)
         os.makedirs(path)
         _write_per_expert(params, model.cfg, np.dtype(model.dtype), path, np.dtype(model.expert_dtype))
     else:
         with _quiet_orbax():
             checkpointer = ocp.StandardCheckpointer()
-            checkpointer.save(path, params, force=True)
+            checkpointer.save(path, params)
             checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         write_config(dataclasses.replace(model.cfg, dtype=str(model.dtype)), path)
+
+
+def _save_multiprocess(model: Mixtral, path: str, overwrite: bool) -> str:
+    """`save` on several processes: all write their shards into one staging directory; process 0 swaps it in."""
+    from jax.experimental import multihost_utils
+
+    leader = jax.process_index() == 0
+    if leader:
+        ckpt_files.check_destination(path, overwrite)
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31)))
+    staging = f"{path}.tmp-mp{token}"
+    built = os.path.join(staging, "checkpoint")
+    if leader:
+        os.makedirs(staging)
+        ckpt_files.mark_ours(staging)
+    multihost_utils.sync_global_devices("mixtral_jax.save.staging")
+    _write_model(model, built)
+    multihost_utils.sync_global_devices("mixtral_jax.save.written")
+    if leader:
+        ckpt_files.write_digests(built)
+        aside = f"{path}.old-mp{token}"
+        if os.path.isdir(path):
+            os.rename(path, aside)
+        os.rename(built, path)
+        for leftover in (aside, staging):
+            if os.path.isdir(leftover):
+                shutil.rmtree(leftover)
+    multihost_utils.sync_global_devices("mixtral_jax.save.done")
     return path
 
 
@@ -270,14 +307,14 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
 
 
 def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str | None = None,
-         expert_dtype=None) -> Mixtral:
+         expert_dtype=None, verify: bool = True) -> Mixtral:
     """Restores a checkpoint written by `convert_hf_checkpoint` or `save`.
 
     Every array is read straight into its target sharding and cast to `dtype`
     while reading, so no device (or host) ever holds a full copy of a sharded weight.
 
     Args:
-        ckpt_dir: checkpoint directory (Orbax arrays + config.json).
+        ckpt_dir: checkpoint directory (Orbax arrays + config.json + digests.json).
         dtype: parameter dtype after loading, whatever dtype was stored.
         mesh: optional `jax.sharding.Mesh`; parameters are placed by the sharding
             rules. Without one, everything goes to the first device.
@@ -287,32 +324,79 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         expert_dtype: the experts' w1, w3, w2 in this dtype instead, converted
             at use (`model.param_dtypes`). "bfloat16" with dtype "float32" on
             the CPU: half the memory and decode bytes, float32 arithmetic.
+        verify: check every file against the digests written with the
+            checkpoint before restoring (one extra read of the files; with
+            several processes each reads its share).
 
     Returns:
         A `Mixtral`.
+
+    Raises:
+        CheckpointError: the directory is missing, damaged, incomplete, or does
+            not match its config.json (one sentence naming the file).
     """
     path = os.path.abspath(os.fspath(ckpt_dir))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist.")
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; is it a directory written by convert or save?")
-    if not os.path.isfile(os.path.join(path, _METADATA_FILE)):
-        raise FileNotFoundError(
-            f"{path} has no Orbax {_METADATA_FILE}; is it a directory written by convert or save "
-            "(an unfinished conversion leaves none)?")
+        raise CheckpointError(f"checkpoint directory {path} does not exist.")
     layout = model_lib.check_layout(layout, mesh)
-    cfg = load_config(path)
+    if verify:
+        _verify(path)
+    for name in (CONFIG_FILE, _METADATA_FILE):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{path} has no {name}; it is not a complete checkpoint written by convert or "
+                                  "save (an unfinished conversion leaves none).")
+    try:
+        cfg = load_config(path)
+    except ValueError as e:
+        raise CheckpointError(f"{path}/{CONFIG_FILE} is not a valid config ({e})") from None
     target = abstract_params(cfg, dtype, mesh, expert_dtype)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(target))
+    absl_logging.info("restoring %s: %.2f GB of parameters", path, nbytes / 1e9)
+    start = time.perf_counter()
     with _quiet_orbax():
         checkpointer = ocp.StandardCheckpointer()
-        _check_stored_shapes(checkpointer.metadata(path).item_metadata.tree, target, path)
-        params = checkpointer.restore(path, target)
+        try:
+            stored = checkpointer.metadata(path).item_metadata.tree
+        except Exception as e:  # noqa: BLE001 -- any storage-layer failure is a damaged checkpoint
+            raise _unreadable(path, e) from None
+        _check_stored_shapes(stored, target, path)
+        try:
+            params = checkpointer.restore(path, target)
+        except Exception as e:  # noqa: BLE001
+            raise _unreadable(path, e) from None
+    seconds = time.perf_counter() - start
+    absl_logging.info("restored %s in %.1f s (%.2f GB/s)", path, seconds, nbytes / 1e9 / max(seconds, 1e-9))
     if layout == "per_expert":
         params = model_lib.unstack_params(params)
     return Mixtral(cfg, params, mesh)
+
+
+def _verify(path: str) -> None:
+    """`ckpt_files.verify` on every process, each its share; all raise if any file is bad."""
+    count = jax.process_count()
+    error = None
+    try:
+        ckpt_files.verify(path, jax.process_index(), count)
+    except CheckpointError as e:
+        error = e
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        if error is None and failed.any():
+            error = CheckpointError(f"checkpoint {path} failed verification on process {int(np.argmax(failed))} "
+                                    "(its error names the file); convert or save the checkpoint again.")
+    if error is not None:
+        raise error
+
+
+def _unreadable(path: str, e: Exception) -> CheckpointError:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {first}); it is damaged or "
+                           "incomplete, convert or save it again.")
 
 
 def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
@@ -320,16 +404,16 @@ def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
     stored, target = flatten(stored), flatten(target)
     missing = sorted(target.keys() - stored.keys())
     if missing:
-        raise ValueError(f"checkpoint {path} has no parameter {'/'.join(missing[0])}; it does not match its "
+        raise CheckpointError(f"checkpoint {path} has no parameter {'/'.join(missing[0])}; it does not match its "
                          "config.json.")
     extra = sorted(stored.keys() - target.keys())
     if extra:
-        raise ValueError(f"checkpoint {path} has a parameter {'/'.join(extra[0])} that its config.json does not "
+        raise CheckpointError(f"checkpoint {path} has a parameter {'/'.join(extra[0])} that its config.json does not "
                          "describe; it does not match its config.json.")
     for name in target:
         have, want = tuple(stored[name].shape), tuple(target[name].shape)
         if have != want:
-            raise ValueError(f"checkpoint parameter {'/'.join(name)} has shape {have} but {path}/config.json "
+            raise CheckpointError(f"checkpoint parameter {'/'.join(name)} has shape {have} but {path}/config.json "
                              f"implies {want}; the checkpoint does not match its config.json.")
 
 

@@ -18,9 +18,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -28,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
 
-from mixtral_jax import checkpoint
+from mixtral_jax import checkpoint, ckpt_files
 from mixtral_jax.config import MixtralConfig, load_config
 
 # Top-level (not per-layer) tensors: our name -> (HF key, transform).
@@ -245,7 +243,8 @@ def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         hf_dir: hub checkpoint directory (config.json + model*.safetensors).
         out_dir: directory to create; `checkpoint.load(out_dir)` restores it.
         dtype: stored parameter dtype, "bfloat16" or "float32".
-        overwrite: replace an existing non-empty `out_dir`.
+        overwrite: replace an existing checkpoint at `out_dir` (never a directory
+            that is not one, and `out_dir` may not hold or lie inside `hf_dir`).
 
     Returns:
         The absolute path of the checkpoint directory.
@@ -253,27 +252,17 @@ def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     out = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a directory; choose another --out.")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it.")
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir} does not exist.")
+    ckpt_files.check_destination(out, overwrite, protect=(os.fspath(hf_dir),))
     cfg = load_config(hf_dir)
     hf = HFCheckpoint(hf_dir)
     check_tensors(hf, cfg)
 
     start = time.time()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-    try:
-        _write_checkpoint(hf, cfg, DTYPES[dtype], staging)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with ckpt_files.staged(out) as built:
+        os.makedirs(built)
+        _write_checkpoint(hf, cfg, DTYPES[dtype], built)
     logging.info("wrote %s in %.1f s", out, time.time() - start)
     return out
 
@@ -285,8 +274,14 @@ def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, dir
     start = time.time()
     logging.info("converting %s (%.2f GB of tensors) to %s", hf.hf_dir, hf.nbytes() / 1e9, dtype.name)
 
+    total = sum(math.prod(a.shape) for a in arrays.values()) * dtype.itemsize
+    written = 0
+
     def put(path, index, value):
-        writer.write(path, index, np.ascontiguousarray(value, dtype=dtype))
+        nonlocal written
+        value = np.ascontiguousarray(value, dtype=dtype)
+        writer.write(path, index, value)
+        written += value.nbytes
 
     try:
         for name, (key, fn) in GLOBAL_KEYS.items():
@@ -301,7 +296,10 @@ def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, dir
             for name in EXPERT_KEYS:
                 for e in range(cfg.num_local_experts):
                     put(("layers", name), (l, e), convert_expert(hf.read, name, l, e))
-            logging.info("layer %d/%d written (%.1f s elapsed)", l + 1, cfg.num_hidden_layers, time.time() - start)
+            elapsed = time.time() - start
+            logging.info("layer %d/%d written: %.2f / %.2f GB, %.2f GB/s, %.0f s elapsed, about %.0f s left",
+                         l + 1, cfg.num_hidden_layers, written / 1e9, total / 1e9, written / 1e9 / max(elapsed, 1e-9),
+                         elapsed, elapsed * (total - written) / max(written, 1))
         writer.close()
     except BaseException:
         writer.abort()
@@ -312,9 +310,10 @@ def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, dir
 def _define_flags() -> None:
     # Only when run as a program: importing the library must register no flags.
     flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + *.safetensors).")
-    flags.DEFINE_string("out", None, "Output checkpoint directory (created; must be empty or absent).")
+    flags.DEFINE_string("out", None, "Output checkpoint directory (created; must be empty, absent, or with "
+                        "--overwrite an earlier checkpoint); never the --hf_dir or a directory around it.")
     flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Stored parameter dtype.")
-    flags.DEFINE_boolean("overwrite", False, "Replace an existing non-empty --out directory.")
+    flags.DEFINE_boolean("overwrite", False, "Replace the checkpoint at --out (only once the new one is complete).")
     flags.mark_flags_as_required(["hf_dir", "out"])
 
 

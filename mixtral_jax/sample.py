@@ -15,10 +15,13 @@ import sys
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset (tiny, 8x7b, 8x22b) or a config.json path; ignored with --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (from mixtral_jax.convert).")
+flags.DEFINE_boolean("verify_checkpoint", True, "Check every checkpoint file against its digest before loading "
+                     "(one extra read of the files); --noverify_checkpoint skips it.")
 flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
 flags.DEFINE_multi_string("prompt_ids", None, "Prompt as comma-separated token ids, e.g. 1,2,3; repeatable.")
 flags.DEFINE_boolean("chat", False, "Wrap each prompt as a user turn in the model's instruct format.")
@@ -305,7 +308,8 @@ def run() -> int:
     t_build = time.perf_counter()
     if FLAGS.checkpoint:
         progress(f"loading {FLAGS.checkpoint} ...")
-        model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype)
+        model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype,
+                        verify=FLAGS.verify_checkpoint)
         source = f"weights from {FLAGS.checkpoint}"
     else:
         progress(f"initialising random {cfg.name} weights ...")
@@ -387,6 +391,8 @@ def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; flags look like --prompt 'text'.", file=sys.stderr)
         sys.exit(2)
+    if FLAGS.json:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # progress lines stay out of machine-read runs
     try:
         status = run()
     except (UsageError, ValueError, FileNotFoundError) as e:

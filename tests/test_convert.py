@@ -248,13 +248,13 @@ def test_cli_converts_with_progress_and_fails_with_exit_2(hf_copy, tmp_path):
 
 def test_existing_output_needs_overwrite(tiny_hf, tmp_path):
     out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "something").write_text("x")
+    mj.convert_hf_checkpoint(tiny_hf[0], out)
     with pytest.raises(FileExistsError, match="overwrite"):
         mj.convert_hf_checkpoint(tiny_hf[0], out)
-    mj.convert_hf_checkpoint(tiny_hf[0], out, overwrite=True)
-    assert not (out / "something").exists()
-    assert mj.load(out).cfg.num_local_experts == 8
+    mj.convert_hf_checkpoint(tiny_hf[0], out, dtype="float32", overwrite=True)
+    assert mj.load(out, dtype="float32").cfg.num_local_experts == 8
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "float32"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staging or set-aside directory left
 
 
 def test_conversion_streams(tmp_path, monkeypatch):
@@ -312,12 +312,16 @@ def test_save_load_round_trip(tmp_path, saved_layout):
 
 
 def test_load_errors(tiny_hf, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(mj.CheckpointError, match="does not exist"):
         mj.load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(mj.CheckpointError, match="digests.json"):
         mj.load(tmp_path / "empty")
+    with pytest.raises(mj.CheckpointError, match="config.json"):
+        mj.load(tmp_path / "empty", verify=False)
     out = mj.convert_hf_checkpoint(tiny_hf[0], tmp_path / "ckpt", dtype="float32")
     _edit_json(os.path.join(out, "config.json"), lambda d: d.update(num_local_experts=4))
-    with pytest.raises(ValueError, match=r"layers/router has shape \(2, 64, 8\) but .* implies \(2, 64, 4\)"):
+    with pytest.raises(mj.CheckpointError, match=r"config.json (has \d+ bytes but|does not match its digest)"):
         mj.load(out)
+    with pytest.raises(mj.CheckpointError, match=r"layers/router has shape \(2, 64, 8\) but .* implies \(2, 64, 4\)"):
+        mj.load(out, verify=False)

@@ -1,0 +1,249 @@
+"""Nothing lost, nothing silent: convert never deletes its input, damaged checkpoints are named, not loaded.
+
+Damage is done to real checkpoints written by `convert` (from a transformers
+checkpoint) and `save`; the reference for "undamaged" is the byte-for-byte copy
+made before the damage.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import mixtral_jax as mj
+from mixtral_jax import ckpt_files, convert, testing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _cli(module, *args, timeout=180):
+    return subprocess.run([sys.executable, "-m", f"mixtral_jax.{module}", *map(str, args)], capture_output=True,
+                          text=True, env=_env(), timeout=timeout)
+
+
+def _listing(root):
+    """Every file under root with its bytes: what must survive a refused command."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("hf") / "Mixtral-tiny")
+    testing.write_hf_checkpoint(testing.hf_model(seed=4), path, max_shard_size="200KB")
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_ckpt(hf_dir, tmp_path_factory):
+    return mj.convert_hf_checkpoint(hf_dir, tmp_path_factory.mktemp("good") / "ckpt", dtype="float32")
+
+
+# --- convert never deletes what it did not write -------------------------------------------------
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_convert_refuses_out_that_is_around_or_inside_the_input(where, hf_dir, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(hf_dir, work / "hf")
+    (work / "other_project").mkdir()
+    (work / "other_project" / "notes.txt").write_text("keep me")
+    before = _listing(work)
+    out = {"same": work / "hf", "parent": work, "inside": work / "hf" / "ckpt"}[where]
+    with pytest.raises(ValueError, match="input directory"):
+        mj.convert_hf_checkpoint(work / "hf", out, overwrite=True)
+    r = _cli("convert", "--hf_dir", work / "hf", "--out", out, "--overwrite")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --out") and "input directory" in r.stderr
+    assert _listing(work) == before
+
+
+def test_overwrite_replaces_only_a_checkpoint(hf_dir, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not a mixtral_jax checkpoint"):
+        mj.convert_hf_checkpoint(hf_dir, precious, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    model = mj.init_random(mj.load_config("tiny"), seed=0)
+    with pytest.raises(FileExistsError, match="not a mixtral_jax checkpoint"):
+        mj.save(model, precious, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["precious"]
+
+
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_one_is_complete(hf_dir, good_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    shutil.copytree(good_ckpt, out)
+    before = _listing(out)
+    read = convert.HFCheckpoint.read
+
+    def failing_read(self, tensor, rows=slice(None)):
+        if tensor.startswith("model.layers.1."):
+            raise OSError("disk full")
+        return read(self, tensor, rows)
+
+    monkeypatch.setattr(convert.HFCheckpoint, "read", failing_read)
+    with pytest.raises(OSError, match="disk full"):
+        mj.convert_hf_checkpoint(hf_dir, out, dtype="bfloat16", overwrite=True)
+    assert _listing(out) == before and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_a_killed_conversion_is_cleaned_up_by_the_next(hf_dir, tmp_path):
+    """kill -9 mid-conversion leaves a marked staging directory; the next run into the same place removes it."""
+    out = tmp_path / "ckpt"
+    slow = ("import time, sys\n"
+            "from absl import app\n"
+            "from mixtral_jax import convert\n"
+            "read = convert.HFCheckpoint.read\n"
+            "def slow_read(self, tensor, rows=slice(None)):\n"
+            "    time.sleep(0.2)\n"
+            "    return read(self, tensor, rows)\n"
+            "convert.HFCheckpoint.read = slow_read\n"
+            "convert._define_flags()\n"
+            f"sys.argv = ['convert', '--hf_dir', {str(hf_dir)!r}, '--out', {str(out)!r}]\n"
+            "app.run(convert.main)\n")
+    proc = subprocess.Popen([sys.executable, "-c", slow], env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        staging = []
+        while time.time() < deadline and proc.poll() is None:
+            staging = [n for n in os.listdir(tmp_path) if n.startswith("ckpt.tmp-")]
+            if staging and os.path.isdir(tmp_path / staging[0] / "checkpoint" / "d"):
+                break
+            time.sleep(0.1)
+        assert staging and proc.poll() is None, "the conversion should still be writing"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert os.listdir(tmp_path) == staging and not out.exists()
+    r = _cli("convert", "--hf_dir", hf_dir, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "removing" in r.stderr and "interrupted" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    mj.load(out)
+
+
+def test_staging_of_a_running_writer_is_left_alone(tmp_path):
+    out = str(tmp_path / "ckpt")
+    live = ckpt_files._marked_dir(str(tmp_path), "ckpt.tmp-")  # this process: alive
+    (tmp_path / "ckpt.tmp-notours").mkdir()  # no marker: not ours, never touched
+    ckpt_files.clean_stale(out)
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), "ckpt.tmp-notours"])
+
+
+# --- checkpoints are verified ----------------------------------------------------------------------
+
+def _flip_byte(path, offset_fraction=0.5):
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(int(size * offset_fraction))
+        b = f.read(1)
+        f.seek(int(size * offset_fraction))
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.fstat(f.fileno()).st_size // 2)
+
+
+def _biggest_data_file(root):
+    d = os.path.join(root, "d")
+    return os.path.join("d", max(os.listdir(d), key=lambda n: os.path.getsize(os.path.join(d, n))))
+
+
+KINDS = ["config.json", "_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt",
+         os.path.join("array_metadatas", "process_0"), "data", "digests.json"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_any_damage_is_one_error_naming_the_file(kind, damage, good_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(good_ckpt, ckpt)
+    rel = _biggest_data_file(ckpt) if kind == "data" else kind
+    {"flip": _flip_byte, "truncate": _truncate, "delete": os.remove}[damage](ckpt / rel)
+    with pytest.raises(mj.CheckpointError) as e:
+        mj.load(ckpt, dtype="float32")
+    assert os.path.basename(rel) in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_flipped_data_byte_is_caught_that_orbax_alone_would_load(good_ckpt, tmp_path):
+    """The damage the issue found: Orbax restores a flipped byte in a data file without a word."""
+    ckpt = tmp_path / "ckpt"
+    good = [np.asarray(a) for a in jax.tree.leaves(mj.load(good_ckpt, dtype="float32", layout="stacked").params())]
+    rel = _biggest_data_file(good_ckpt)
+    shutil.copytree(good_ckpt, ckpt)
+    _flip_byte(ckpt / rel, 0.6)
+    damaged = [np.asarray(a) for a in
+               jax.tree.leaves(mj.load(ckpt, dtype="float32", layout="stacked", verify=False).params())]
+    assert sum(not np.array_equal(a, b) for a, b in zip(good, damaged)) == 1  # loaded, silently wrong
+    with pytest.raises(mj.CheckpointError, match=f"{os.path.basename(rel)} does not match its digest"):
+        mj.load(ckpt, dtype="float32")
+
+
+def test_unverified_load_of_a_damaged_checkpoint_is_still_one_sentence(good_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(good_ckpt, ckpt)
+    os.remove(ckpt / "manifest.ocdbt")
+    with pytest.raises(mj.CheckpointError, match="could not be read"):
+        mj.load(ckpt, dtype="float32", verify=False)
+    shutil.rmtree(ckpt)
+    shutil.copytree(good_ckpt, ckpt)
+    os.remove(ckpt / _biggest_data_file(ckpt))
+    with pytest.raises(mj.CheckpointError, match="could not be read"):
+        mj.load(ckpt, dtype="float32", verify=False)
+
+
+def test_save_writes_digests_that_load_verifies(tmp_path):
+    model = mj.init_random(mj.load_config("tiny"), seed=5, layout="stacked")
+    path = mj.save(model, tmp_path / "ckpt")
+    listing = json.load(open(os.path.join(path, ckpt_files.DIGESTS_FILE)))["files"]
+    on_disk = {os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns}
+    assert set(listing) == on_disk - {ckpt_files.DIGESTS_FILE}
+    _flip_byte(os.path.join(path, _biggest_data_file(path)))
+    with pytest.raises(mj.CheckpointError, match="does not match its digest"):
+        mj.load(path)
+
+
+def test_sample_cli_names_the_damaged_file(good_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(good_ckpt, ckpt)
+    rel = _biggest_data_file(ckpt)
+    _flip_byte(ckpt / rel)
+    r = _cli("sample", "--checkpoint", ckpt, "--max_new_tokens", "2")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")
+    assert os.path.basename(rel) in r.stderr
+
+
+def test_load_and_convert_report_progress_on_stderr_only(hf_dir, good_ckpt, tmp_path):
+    r = _cli("convert", "--hf_dir", hf_dir, "--out", tmp_path / "ckpt")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    assert "layer 2/2 written:" in r.stderr and "GB/s" in r.stderr and "s left" in r.stderr
+    r = _cli("sample", "--checkpoint", good_ckpt, "--prompt_ids", "1,2,3", "--max_new_tokens", "1")
+    assert r.returncode == 0 and "restoring" in r.stderr and "restored" in r.stderr, r.stderr
+    r = _cli("sample", "--checkpoint", good_ckpt, "--prompt_ids", "1,2,3", "--max_new_tokens", "1", "--json")
+    assert r.returncode == 0 and "restor" not in r.stderr + r.stdout, r.stderr
+    json.loads(r.stdout.strip().splitlines()[-1])
