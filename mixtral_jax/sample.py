@@ -307,7 +307,6 @@ def run() -> int:
     _computing = multi_process
     t_build = time.perf_counter()
     if FLAGS.checkpoint:
-        progress(f"loading {FLAGS.checkpoint} ...")
         model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype,
                         verify=FLAGS.verify_checkpoint)
         source = f"weights from {FLAGS.checkpoint}"
@@ -396,7 +395,9 @@ def main(argv):
     try:
         status = run()
     except (UsageError, ValueError, FileNotFoundError) as e:
-        maybe_lost = _computing and not isinstance(e, UsageError)
+        from mixtral_jax import CheckpointError
+
+        maybe_lost = _computing and not isinstance(e, (UsageError, CheckpointError, FileNotFoundError))
         message, status = f"error: {e}", 1 if maybe_lost else 2
     except KeyboardInterrupt:
         print("interrupted.", file=sys.stderr)
