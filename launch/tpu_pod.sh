@@ -35,6 +35,24 @@ if [[ ${SETUP:-0} == 1 ]]; then
     --command "cd ${repo_dir} && python3 -m pip install -q -e . 'jax[tpu]'"
 fi
 
+# Every worker runs the command in the foreground of its ssh session and records its pid, so that an
+# interrupted launch (Ctrl-C, SIGTERM, SIGHUP) can stop it: without a terminal, a remote process would
+# outlive a closed ssh connection.
+pid_file="/tmp/mixtral_jax-${USER:-user}-$$-$(date +%s).pid"
+ssh_pid=
+stop_workers() {
+  trap '' INT TERM HUP
+  kill -TERM "$ssh_pid" 2> /dev/null || true
+  echo "stopping mixtral_jax on every worker of ${tpu} ..." >&2
+  gcloud "${gcloud_args[@]}" ssh "${target[@]}" \
+    --command "if [ -f ${pid_file} ]; then kill -TERM \$(cat ${pid_file}); rm -f ${pid_file}; fi" || true
+}
+trap 'stop_workers; exit 130' INT
+trap 'stop_workers; exit 143' TERM
+trap 'stop_workers; exit 129' HUP
+
 # printf %q keeps prompts with spaces and quotes intact through ssh.
 gcloud "${gcloud_args[@]}" ssh "${target[@]}" \
-  --command "cd ${repo_dir} && python3 -m mixtral_jax.sample $(printf '%q ' "$@")"
+  --command "cd ${repo_dir} && echo \$\$ > ${pid_file} && exec python3 -m mixtral_jax.sample $(printf '%q ' "$@")" &
+ssh_pid=$!
+wait "$ssh_pid"  # in the background, so that a signal runs the traps at once

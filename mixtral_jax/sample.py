@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -37,8 +38,9 @@ flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data,
 flags.DEFINE_boolean("dry_run", False, "Plan memory per device for --config on --mesh; allocate nothing.")
 flags.DEFINE_integer("batch", 1, "Dry run: batch size.")
 flags.DEFINE_integer("max_seq_len", None, "Dry run: KV-cache length (default: the model's positions).")
-flags.DEFINE_float("device_memory_gb", None, "Dry run: memory per device to check the plan against.")
-flags.DEFINE_boolean("json", False, "End the output with one JSON line of tokens, text and timings.")
+flags.DEFINE_float("device_memory_gb", None, "Dry run: GiB per device to check the plan against (exit 2 if it does "
+                   "not fit); default: this host's devices (on CPU, the available memory over the mesh's devices).")
+flags.DEFINE_boolean("json", False, "Print one JSON line of tokens, text and timings, and nothing else on stdout.")
 flags.DEFINE_float("capacity_factor", None, "Expert-parallel capacity per expert (tokens x k / E x factor); "
                    "unset is dropless. Only on a --mesh of more than one device.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
@@ -61,6 +63,86 @@ def _host_bytes_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# Host memory each virtual CPU device takes beyond the model (XLA:CPU's per-device runtime state, rounded up
+# from a measurement on the tiny preset); a one-process mesh may use half of the available memory for them.
+VIRTUAL_DEVICE_BYTES = 64 * 2**20
+
+
+def _check_flags() -> None:
+    """Checks every flag that needs no config, device or model; raises UsageError."""
+    from mixtral_jax import distributed, sharding
+
+    if FLAGS.max_new_tokens < 0:
+        raise UsageError(f"--max_new_tokens must be >= 0, got {FLAGS.max_new_tokens}.")
+    if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
+        raise UsageError(f"--temperature must be a number >= 0 (0 is greedy), got {FLAGS.temperature}.")
+    if not 0 < FLAGS.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1] (1 disables it), got {FLAGS.top_p}.")
+    if FLAGS.top_k < 0:
+        raise UsageError(f"--top_k must be >= 0 (0 disables it), got {FLAGS.top_k}.")
+    if FLAGS.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {FLAGS.batch}.")
+    if FLAGS.max_seq_len is not None and FLAGS.max_seq_len < 1:
+        raise UsageError(f"--max_seq_len must be >= 1, got {FLAGS.max_seq_len}.")
+    for name in ("device_memory_gb", "capacity_factor"):
+        value = FLAGS[name].value
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} must be a number > 0, got {value}.")
+    for name in ("dtype", "expert_dtype"):
+        if FLAGS[name].value is not None:
+            _float_dtype(name)
+    if FLAGS.checkpoint is not None and not os.path.isdir(FLAGS.checkpoint):
+        raise UsageError(f"--checkpoint {FLAGS.checkpoint} is not a directory; convert HF weights with "
+                         "`python -m mixtral_jax.convert --hf_dir DIR --out DIR` first.")
+    try:
+        sizes = sharding.parse_mesh_spec(FLAGS.mesh)
+        distributed.requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if FLAGS.dry_run and not FLAGS.mesh:
+        raise UsageError("--dry_run needs --mesh, e.g. --mesh expert=8,tensor=8.")
+    if FLAGS.capacity_factor is not None and math.prod(sizes.values()) == 1:
+        raise UsageError("--capacity_factor applies to expert-parallel dispatch; give a --mesh of more than one "
+                         "device, e.g. --mesh expert=4.")
+
+
+def _float_dtype(name: str) -> None:
+    import jax.numpy as jnp
+
+    value = FLAGS[name].value
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise UsageError(f"--{name} {value!r} is not a dtype; use float32 or bfloat16.") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise UsageError(f"--{name} must be a floating-point dtype (float32 or bfloat16), got {value!r}.")
+
+
+def _check_mesh(cfg) -> None:
+    """The mesh must divide the config's experts, heads and expert hidden size."""
+    import jax
+
+    from mixtral_jax import sharding
+
+    sizes = sharding.parse_mesh_spec(FLAGS.mesh)
+    try:
+        sharding.check_mesh(cfg, jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes)))
+    except ValueError as e:
+        raise UsageError(f"--mesh {FLAGS.mesh}: {e}") from None
+
+
+def _check_virtual_devices(n: int) -> None:
+    """Refuses a one-process mesh larger than this host can emulate with virtual CPU devices."""
+    have = _host_bytes_available()
+    limit = max(int(0.5 * have // VIRTUAL_DEVICE_BYTES), 8)
+    if n > limit:
+        raise UsageError(
+            f"--mesh {FLAGS.mesh} needs {n} devices, more than one process here can emulate: each virtual CPU device "
+            f"takes about {VIRTUAL_DEVICE_BYTES >> 20} MiB of host memory, so this host ({have / 1e9:.1f} GB "
+            f"available) runs at most {limit}; use a smaller mesh, plan this one with --dry_run, or run it on a "
+            "TPU/GPU slice with one process per host.")
 
 
 def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None) -> None:
@@ -104,6 +186,10 @@ def _prompts(tok, cfg) -> list[list[int]]:
             raise UsageError(f"--prompt_ids {spec!r} is not a comma-separated list of integers.") from None
         if not ids:
             raise UsageError("--prompt_ids is empty; give at least one token id.")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise UsageError(f"--prompt_ids {spec!r} has token ids {bad[:5]} outside {cfg.name}'s vocabulary "
+                             f"[0, {cfg.vocab_size}).")
         prompts.append(ids)
     texts = FLAGS.prompt if FLAGS.prompt is not None else ([] if prompts else [DEFAULT_PROMPT])
     for text in texts:
@@ -113,40 +199,84 @@ def _prompts(tok, cfg) -> list[list[int]]:
             prompts.append(tok.encode_chat([{"role": "user", "content": text}]))
         else:
             prompts.append(tok.encode(text, bos=True))
+    longest = max(len(p) for p in prompts)
+    if longest + FLAGS.max_new_tokens > cfg.max_position_embeddings:
+        raise UsageError(f"the prompt ({longest} tokens) + --max_new_tokens {FLAGS.max_new_tokens} exceeds {cfg.name}'s "
+                         f"{cfg.max_position_embeddings} positions; shorten the prompt or ask for fewer tokens.")
     return prompts
 
 
+def _device_memory_gb(n: int) -> tuple[float, str]:
+    """Memory per device of this host's default platform, for a dry run without --device_memory_gb."""
+    import jax
+
+    dev = jax.devices()[0]
+    limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform != "cpu" else None
+    if limit:
+        return limit / 2**30, f"checked against this host's {dev.platform.upper()} memory ({limit / 2**30:.1f} GiB)"
+    have = _host_bytes_available()
+    return (have / n / 2**30, f"checked against this host's {have / 2**30:.1f} GiB of available memory over {n} "
+            "virtual CPU devices; pass --device_memory_gb for your TPU/GPU (e.g. 16 for v5e, 95 for v5p, 80 for H100)")
+
+
 def dry_run() -> int:
-    """--dry_run: per-device memory of --config on --mesh, from an AOT compile on abstract arrays."""
+    """--dry_run: per-device memory of --config on --mesh, from an AOT compile on abstract arrays.
+
+    Returns 2 (after printing the plan) when the plan does not fit the device memory.
+    """
     from mixtral_jax import plan
 
-    if not FLAGS.mesh:
-        raise UsageError("--dry_run needs --mesh, e.g. --mesh expert=8,tensor=8.")
-    plan.ensure_virtual_devices(plan.mesh_size(FLAGS.mesh))
+    n = plan.mesh_size(FLAGS.mesh)
+    plan.ensure_virtual_devices(n)
+    memory_gb, memory_note = FLAGS.device_memory_gb, None
+    if memory_gb is None:
+        memory_gb, memory_note = _device_memory_gb(n)
     result = plan.dry_run(FLAGS.checkpoint or FLAGS.config, FLAGS.mesh, batch=FLAGS.batch,
                           max_seq_len=FLAGS.max_seq_len, dtype=FLAGS.dtype or "bfloat16",
-                          device_memory_gb=FLAGS.device_memory_gb, capacity_factor=FLAGS.capacity_factor)
-    print(json.dumps(result) if FLAGS.json else plan.summary(result))
+                          device_memory_gb=memory_gb, capacity_factor=FLAGS.capacity_factor)
+    print(json.dumps(result) if FLAGS.json else plan.summary(result), flush=True)
+    if memory_note:
+        print(f"[dry run] {memory_note}.", file=sys.stderr)
+    if result["fits"] is False:
+        print(f"error: {result['config']} on --mesh {FLAGS.mesh} needs {result['total_bytes_per_device'] / 2**30:.4g} "
+              f"GiB per device, more than {memory_gb:.4g} GiB; use a mesh of more devices or a smaller --batch or "
+              "--max_seq_len.", file=sys.stderr)
+        return 2
     return 0
 
 
+# Multi-process runs: set once this process joined the others, and once they compute together (an
+# error from then on may be a lost peer's doing).
+_joined = _computing = False
+
+
 def run() -> int:
-    """The CLI body; returns the exit status."""
-    if FLAGS.max_new_tokens < 0:
-        raise UsageError(f"--max_new_tokens must be >= 0, got {FLAGS.max_new_tokens}.")
-    if FLAGS.checkpoint is not None and not os.path.isdir(FLAGS.checkpoint):
-        raise UsageError(f"--checkpoint {FLAGS.checkpoint} is not a directory; convert HF weights with "
-                         "`python -m mixtral_jax.convert --hf_dir DIR --out DIR` first.")
+    """The CLI body; returns the exit status. Every flag is checked before any device or model exists."""
+    global _joined, _computing
+    from mixtral_jax import distributed, plan
+
+    _check_flags()
+    try:
+        from mixtral_jax.config import load_config
+
+        cfg = load_config(FLAGS.checkpoint or FLAGS.config)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    if FLAGS.mesh:
+        _check_mesh(cfg)
     if FLAGS.dry_run:
         return dry_run()
-
-    from mixtral_jax import plan, sharding
-
-    multi_process = sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                                    FLAGS.process_id)
-    if FLAGS.mesh and not multi_process:
+    tok = _tokenizer_for(cfg.vocab_size)
+    prompts = _prompts(tok, cfg)
+    n = plan.mesh_size(FLAGS.mesh)
+    multi_process = distributed.requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if multi_process:
+        distributed.supervise(FLAGS.process_id, FLAGS.num_processes)  # returns in the supervised child only
+        _joined = distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif n > 1:
+        _check_virtual_devices(n)
         # On a CPU host, a mesh larger than one device runs on virtual devices (a no-op on TPU/GPU).
-        plan.ensure_virtual_devices(plan.mesh_size(FLAGS.mesh))
+        plan.ensure_virtual_devices(n)
 
     import jax
     import numpy as np
@@ -154,18 +284,18 @@ def run() -> int:
     import mixtral_jax as mj
     from mixtral_jax import cpu_kernel
 
-    for name in ("dtype", "expert_dtype"):
-        if FLAGS[name].value is not None:
-            try:
-                np.dtype(FLAGS[name].value)
-            except TypeError:
-                raise UsageError(f"--{name} {FLAGS[name].value!r} is not a dtype; use float32 or bfloat16.") from None
-    cfg = mj.load_config(FLAGS.checkpoint or FLAGS.config)
+    if FLAGS.mesh and n != jax.device_count():
+        raise UsageError(f"--mesh {FLAGS.mesh} needs {n} devices but this run has {jax.device_count()} "
+                         f"({jax.process_count()} process(es) x {jax.local_device_count()} "
+                         f"{jax.default_backend()} devices); make the axis sizes multiply to {jax.device_count()}.")
     on_cpu = jax.default_backend() == "cpu"
     dtype = FLAGS.dtype or ("float32" if on_cpu else "bfloat16")
     mesh = mj.make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     is_main = jax.process_index() == 0
-    say = print if is_main else (lambda *a, **k: None)
+    # --json: stdout carries the one JSON line only; the header goes to stderr and progress is quiet.
+    say = print if is_main and not FLAGS.json else (lambda *a, **k: None)
+    progress = ((lambda msg: print(f"[mixtral_jax] {msg}", file=sys.stderr, flush=True))
+                if is_main and not FLAGS.json else (lambda msg: None))
 
     expert_dtype = FLAGS.expert_dtype
     if (expert_dtype is None and FLAGS.checkpoint and on_cpu and mesh is None and dtype == "float32"
@@ -174,20 +304,24 @@ def run() -> int:
         # kernel reads half the bytes (without it XLA would widen them at every step, slowly).
         expert_dtype = "bfloat16"
     _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)
+    _computing = multi_process
+    t_build = time.perf_counter()
     if FLAGS.checkpoint:
         model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype,
                         verify=FLAGS.verify_checkpoint)
         source = f"weights from {FLAGS.checkpoint}"
     else:
+        progress(f"initialising random {cfg.name} weights ...")
         model = mj.init_random(cfg, seed=FLAGS.seed, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype)
         source = "RANDOM weights (no --checkpoint): the text below is noise, not a real model's output"
-    tok = _tokenizer_for(cfg.vocab_size)
-    prompts = _prompts(tok, cfg)
     if on_cpu and mesh is None:
         cpu_kernel.available()  # builds the CPU kernel now (once), or says here why it cannot
     experts_note = "" if model.expert_dtype == model.dtype else f" (experts kept in {np.dtype(model.expert_dtype).name})"
-    say(f"[mixtral_jax] {cfg.name}: {source}; {dtype}{experts_note} on {jax.device_count()} {jax.default_backend()} "
-        f"device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.", flush=True)
+    header = (f"[mixtral_jax] {cfg.name}: {source}; {dtype}{experts_note} on {jax.device_count()} "
+              f"{jax.default_backend()} device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.")
+    if is_main:
+        print(header, file=sys.stderr if FLAGS.json else sys.stdout, flush=True)
+    progress(f"weights ready in {time.perf_counter() - t_build:.1f} s; compiling and generating ...")
 
     outs = [[] for _ in prompts]
     stream = len(prompts) == 1 and not FLAGS.json
@@ -224,26 +358,63 @@ def run() -> int:
     say(f"[summary] prompt tokens {sum(len(p) for p in prompts)}, new tokens {new_tokens}, "
         f"time to first token {ttft if ttft is None else round(ttft, 3)} s (includes compilation), "
         f"decode {'n/a' if rate is None else f'{rate:.1f}'} tokens/s")
-    if FLAGS.json:
-        say(json.dumps({"tokens": outs, "text": texts, "prompt_tokens": [len(p) for p in prompts],
-                        "new_tokens": new_tokens, "time_to_first_token_s": ttft, "decode_tokens_per_s": rate,
-                        "random_weights": FLAGS.checkpoint is None}))
+    if FLAGS.json and is_main:
+        print(json.dumps({"tokens": outs, "text": texts, "prompt_tokens": [len(p) for p in prompts],
+                          "new_tokens": new_tokens, "time_to_first_token_s": ttft, "decode_tokens_per_s": rate,
+                          "random_weights": FLAGS.checkpoint is None}), flush=True)
     return 0
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with --help exiting 0 and a bad flag as one sentence with exit status 2."""
+    argv = [a if a != "-h" else "--help" for a in argv]
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}; see --help.", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as e:
+        # absl's --help/--helpshort/--helpfull print the usage, then exit with status 1.
+        if e.code == 1 and any(a.lstrip("-").split("=")[0] in ("help", "helpshort", "helpfull", "?")
+                               for a in argv[1:] if a.startswith("-")):
+            sys.exit(0)
+        raise
+
+
 def main(argv):
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" noise on CPU
+    from mixtral_jax import distributed
+
+    # No "no TPU found" or distributed start-up chatter on stderr.
+    for name in ("jax._src.xla_bridge", "jax._src.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; flags look like --prompt 'text'.", file=sys.stderr)
         sys.exit(2)
     if FLAGS.json:
         absl_logging.set_verbosity(absl_logging.WARNING)  # progress lines stay out of machine-read runs
     try:
-        sys.exit(run())
+        status = run()
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        from mixtral_jax import CheckpointError
+
+        maybe_lost = _computing and not isinstance(e, (UsageError, CheckpointError, FileNotFoundError))
+        message, status = f"error: {e}", 1 if maybe_lost else 2
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        os._exit(130)
+    except Exception:
+        if not _joined:
+            raise
+        import traceback
+
+        message, status, maybe_lost = traceback.format_exc().rstrip(), 1, _computing
+    else:
+        sys.exit(status)
+    if _joined:  # a multi-process run: skip JAX's shutdown, which would wait for the other processes
+        distributed.exit_after_error(message, status, maybe_lost)
+    print(message, file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

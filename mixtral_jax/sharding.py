@@ -1,4 +1,4 @@
-"""Mesh axes, the one logical-axis rule table, mesh helpers and multi-host start-up.
+"""Mesh axes, the one logical-axis rule table and mesh helpers (multi-process start-up: distributed.py).
 
 Every weight, activation and cache dimension is named by a logical axis (the
 dimension legend of DESIGN.md); `RULES` maps each logical axis to mesh axes
@@ -23,7 +23,6 @@ Sizes the mesh does not divide:
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 
@@ -176,47 +175,3 @@ def check_mesh(cfg: MixtralConfig, mesh: Mesh) -> None:
                        ("ffn", cfg.intermediate_size)):
         logical_to_spec((name,), mesh, (size,))
 
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, initialization_timeout: int = 300) -> bool:
-    """Joins this process to a multi-process JAX run, if there is one; call before any other JAX call.
-
-    With `coordinator_address` ("host:port" of process 0), `num_processes` and
-    `process_id` must be given too. With none of them, `jax.distributed.initialize()`
-    auto-detects the cluster when the environment shows one with more than one
-    process (SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, or TPU_WORKER_HOSTNAMES /
-    TPU_PROCESS_ADDRESSES listing several hosts); otherwise this is a single-process
-    run and nothing happens. (Multi-host TPU VMs without those variables work as
-    well: the TPU runtime connects the hosts itself.) On CPU the cross-process
-    collectives go over gloo.
-
-    Args:
-      coordinator_address: host:port of process 0, or None.
-      num_processes: total number of processes.
-      process_id: this process's index in [0, num_processes).
-      initialization_timeout: seconds to wait for every process to join.
-
-    Returns:
-      Whether jax.distributed was initialised.
-    """
-    if coordinator_address is not None and (num_processes is None or process_id is None):
-        raise ValueError("--coordinator_address needs --num_processes and --process_id too; give all three "
-                         "(or none, to auto-detect a SLURM job or TPU pod).")
-    if coordinator_address is None and (num_processes is not None or process_id is not None):
-        raise ValueError("--num_processes/--process_id need --coordinator_address (host:port of process 0).")
-    if process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"--process_id {process_id} must be in [0, {num_processes}).")
-    if coordinator_address is None and not _multi_process_cluster(os.environ):
-        return False
-    # CPU computations spanning processes need a collectives backend; TPU/GPU ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=initialization_timeout)
-    return True
-
-
-def _multi_process_cluster(env) -> bool:
-    """Whether a launcher started several processes that jax.distributed can find on its own."""
-    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
-    return (int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-            or len([h for h in hosts.split(",") if h]) > 1)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 import mixtral_jax as mj
-from mixtral_jax import sharding, testing
+from mixtral_jax import distributed, testing
 from mixtral_jax.config import from_hf_dict
 
 parser = argparse.ArgumentParser()
@@ -24,8 +24,8 @@ parser.add_argument("--num_processes", type=int)
 parser.add_argument("--process_id", type=int)
 args = parser.parse_args()
 
-sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                                initialization_timeout=60)
+distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                       initialization_timeout=60)
 mesh = mj.make_mesh(args.mesh)
 model = mj.init_random(from_hf_dict(testing.TINY_HF), seed=0, dtype="float32", mesh=mesh)
 prompts = [[1, 17, 300, 42, 9], [1, 5], [1, 400, 401, 402, 403, 404, 405, 406]]

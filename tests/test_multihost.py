@@ -1,10 +1,12 @@
-"""Two processes × 4 CPU devices joined by jax.distributed over 127.0.0.1 give one process's tokens."""
+"""Multi-process runs over 127.0.0.1: two processes × 4 CPU devices give one process's tokens, a lost
+process ends the others with one line, and the launchers leave no process behind."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -57,7 +59,7 @@ def test_launcher_stops_everyone_when_a_process_fails(tmp_path):
                       "if [[ $id == 1 ]]; then exit 3; fi\n"
                       "sleep 600\n")
     script.chmod(0o755)
-    with pytest.raises(AssertionError, match=r"a process failed \(exit 3\)"):
+    with pytest.raises(AssertionError, match=r"process 1 failed \(exit 3\)"):
         _run([LAUNCHER, "2", "1", str(script)], devices=1)
 
 
@@ -65,23 +67,42 @@ def test_launcher_stops_everyone_when_a_process_fails(tmp_path):
     (dict(coordinator_address="127.0.0.1:1234", num_processes=2), "needs --num_processes and --process_id"),
     (dict(num_processes=2, process_id=0), "need --coordinator_address"),
     (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), r"must be in \[0, 2\)"),
+    (dict(coordinator_address="127.0.0.1", num_processes=2, process_id=0), "is not host:port"),
+    (dict(coordinator_address="10.0.0.2:1234", num_processes=0, process_id=0), "--num_processes must be >= 1"),
 ])
-def test_initialize_distributed_bad_arguments(kwargs, match):
-    from mixtral_jax import sharding
+def test_initialize_bad_arguments(kwargs, match):
+    from mixtral_jax import distributed
 
     with pytest.raises(ValueError, match=match):
-        sharding.initialize_distributed(**kwargs)
+        distributed.initialize(**kwargs)
 
 
 def test_single_process_without_cluster_is_a_no_op(monkeypatch):
-    from mixtral_jax import sharding
+    from mixtral_jax import distributed
 
     for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(var, raising=False)
-    assert sharding.initialize_distributed() is False
-    assert sharding._multi_process_cluster({"SLURM_NTASKS": "16"})
-    assert sharding._multi_process_cluster({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"})
-    assert not sharding._multi_process_cluster({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+    assert distributed.initialize() is False
+    assert distributed.requested(env={"SLURM_NTASKS": "16"})
+    assert distributed.requested(env={"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"})
+    assert not distributed.requested(env={"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+
+
+@pytest.mark.parametrize("address,bind", [("127.0.0.1:1234", "127.0.0.1:1234"), ("localhost:99", "localhost:99"),
+                                          ("10.0.0.2:1234", None)])
+def test_coordinator_on_loopback_listens_on_loopback_only(address, bind, monkeypatch):
+    import jax
+
+    from mixtral_jax import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(distributed, "_cxx_stdout_to_stderr", lambda: None)
+    monkeypatch.delenv("JAX_COORDINATOR_BIND_ADDRESS", raising=False)
+    assert distributed.initialize(address, 2, 0) is True
+    (args, kwargs), = calls
+    assert args == (address, 2, 0) and kwargs.get("coordinator_bind_address") == bind  # None: JAX's [::]:port
+    assert kwargs["heartbeat_timeout_seconds"] <= 20
 
 
 def _fake_tool(directory, name):
@@ -101,11 +122,39 @@ def test_tpu_pod_script_runs_sample_on_every_worker(tmp_path):
     assert args[:7] == ["compute", "tpus", "tpu-vm", "ssh", "my-v4-32", "--zone", "us-central2-b"]
     assert "--worker=all" in args and args[args.index("--project") + 1] == "p1"
     command = args[args.index("--command") + 1]
-    assert command.startswith("cd mixtral_jax && python3 -m mixtral_jax.sample ")
+    assert command.startswith("cd mixtral_jax && echo $$ > /tmp/mixtral_jax-")
+    assert " && exec python3 -m mixtral_jax.sample " in command
     # The remote shell gets the prompt back as one argument.
     remote = subprocess.run(["bash", "-c", "printf '%s\\n' " + command.split("mixtral_jax.sample ", 1)[1]],
                             capture_output=True, text=True, check=True).stdout.splitlines()
     assert remote == ["--mesh", "expert=8,tensor=2", "--prompt", "it's a test"]
+
+
+def test_tpu_pod_script_stops_the_workers_when_interrupted(tmp_path):
+    # A fake gcloud: the run's ssh "hangs" like a long generation; every call is logged.
+    log = tmp_path / "calls.log"
+    tool = tmp_path / "gcloud"
+    tool.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> ' + str(log) + '\n'
+                    'if [[ "$*" == *"exec python3"* ]]; then exec sleep 300; fi\n')
+    tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([os.path.join(REPO, "launch", "tpu_pod.sh"), "my-v4-32", "us-central2-b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for _ in range(100):
+            if log.exists() and "exec python3" in log.read_text():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        run, stop = log.read_text().splitlines()
+        pid_file = run.split("echo $$ > ")[1].split()[0]
+        assert stop.startswith("compute tpus tpu-vm ssh my-v4-32 --zone us-central2-b --worker=all --command")
+        assert f"kill -TERM $(cat {pid_file})" in stop
+        assert proc.returncode == 143 and not _session_pids(proc.pid)  # the ssh (fake gcloud) is gone too
+    finally:
+        _kill_session(proc)
 
 
 def test_gpu_slurm_script_runs_one_process_per_gpu(tmp_path):
@@ -123,8 +172,116 @@ def test_gpu_slurm_script_runs_one_process_per_gpu(tmp_path):
 def test_sample_cli_two_processes_equal_one(tmp_path):
     args = ["-m", "mixtral_jax.sample", "--mesh", "expert=4,tensor=2", "--prompt_ids", "1,17,300,42",
             "--prompt_ids", "1,5", "--max_new_tokens", "5", "--json"]
-    two = json.loads(_run([LAUNCHER, "2", "4", sys.executable, *args], devices=4, log_dir=tmp_path)
-                     .strip().splitlines()[-1])
+    stdout = _run([LAUNCHER, "2", "4", sys.executable, *args], devices=4, log_dir=tmp_path)
+    # --json: stdout is the JSON line only. Gloo's "Rank N is connected" lines, printed from C++ onto file
+    # descriptor 1, land on stderr instead.
+    assert len(stdout.strip().splitlines()) == 1
+    two = json.loads(stdout)
     one = json.loads(_run([sys.executable, *args], devices=8).strip().splitlines()[-1])
     assert two["tokens"] == one["tokens"] and len(two["tokens"]) == 2
-    assert "tokens" not in (tmp_path / "process_1.log").read_text()  # process 0 alone prints results
+    log_1 = (tmp_path / "process_1.log").read_text()
+    assert "tokens" not in log_1 and "Gloo" in log_1  # process 0 alone prints results; the chatter is on stderr
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_session(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _gone(sids, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_session_pids(s) for s in sids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_lost_process_ends_the_others_with_one_line(victim):
+    """kill -9 of one process mid-run: the other exits 1 within 30 s with one line naming it; nothing is left."""
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); "
+                           "print(s.getsockname()[1])"], capture_output=True, text=True, check=True).stdout.strip()
+    procs = [subprocess.Popen([sys.executable, "-m", "mixtral_jax.sample", "--mesh", "expert=2", "--max_new_tokens",
+                               "4000", "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                               "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, start_new_session=True) for i in range(2)]
+    try:
+        for line in procs[0].stderr:  # process 0 says when both have joined and start building the model
+            if "initialising random" in line:
+                break
+        assert _session_pids(procs[1].pid), "process 1 ended before the test could kill a process"
+        procs[victim].kill()
+        procs[victim].wait()
+        t0 = time.monotonic()
+        survivor = procs[1 - victim]
+        _, err = survivor.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert survivor.returncode == 1 and elapsed < 30, (survivor.returncode, elapsed, err[-2000:])
+        assert len(errors) == 1 and "Traceback" not in err and "Check failure" not in err, err[-2000:]
+        lost = "process 1 of 2 stopped responding" if victim == 1 else "lost the coordinator, process 0 of 2"
+        assert lost in errors[0] and f"process {1 - victim} stopped too" in errors[0]
+        assert _gone([p.pid for p in procs])  # no orphan: the killed process's supervised child died with it
+    finally:
+        for p in procs:
+            _kill_session(p)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_process_outlives_the_launcher(sig, tmp_path):
+    # Each process records its pid and waits; the launcher is then stopped (SIGTERM) or killed outright.
+    script = tmp_path / "wait.sh"
+    script.write_text('#!/usr/bin/env bash\nfor a in "$@"; do [[ $prev == --process_id ]] && id=$a; prev=$a; done\n'
+                      f'echo $$ > {tmp_path}/pid_$id\nexec sleep 300\n')
+    script.chmod(0o755)
+    launcher = subprocess.Popen([LAUNCHER, "2", "1", str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env={**os.environ, "LOG_DIR": str(tmp_path)})
+    pid_files = [tmp_path / "pid_0", tmp_path / "pid_1"]
+    try:
+        for _ in range(100):
+            if all(f.exists() and f.read_text().strip() for f in pid_files):
+                break
+            time.sleep(0.1)
+        pids = [int(f.read_text()) for f in pid_files]
+        launcher.send_signal(sig)
+        launcher.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+        assert launcher.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+    finally:
+        for f in pid_files:
+            if f.exists() and f.read_text().strip() and _alive(int(f.read_text())):
+                os.kill(int(f.read_text()), signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
