@@ -325,9 +325,7 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, stra
     if collect_routing:
         w, e = moe.route(x.reshape(-1, x.shape[-1]), lp["router"], cfg.num_experts_per_tok)
         routing = (w.reshape(*x.shape[:-1], -1), e.reshape(*x.shape[:-1], -1))
-    # A prompt (more than one position per row) runs once: moe favours compile time there.
-    one_shot = x.shape[1] > 1 or last_only
-    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor, one_shot=one_shot)
+    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor)
     return sharding.constrain(h, mesh, ACT_BTD), new_cache, routing
 
 
@@ -341,7 +339,7 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       tokens: [B, T] int ids.
       positions: [B, T] absolute positions.
       cfg: model config (static).
-      strategy: MoE dispatch strategy.
+      strategy: "sparse" (the chosen experts) or "dense" (every expert on every token).
       cache: optional (k, v): each [L, B, K, S, Dh] for stacked params, a list
         of L [B, K, S, Dh] for per_expert; updated in place at slots
         [cache_index, cache_index + T).
