@@ -284,7 +284,8 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
     with jax.named_scope("route"):
         weights, chosen = route(x, router, k)  # [n, k]
         valid_a = jnp.repeat(valid, k)  # [A]
-        keep = within_capacity(chosen.reshape(-1), valid_a, num_experts, capacity)
+        # A token chooses an expert once, so a capacity of n rows (dropless) keeps every valid one.
+        keep = valid_a if capacity >= n else within_capacity(chosen.reshape(-1), valid_a, num_experts, capacity)
         flat = jnp.where(keep, chosen.reshape(-1), num_experts)  # drops and padding sort last, sent nowhere
     with jax.named_scope("sort"):
         order, counts = sort_by_expert(flat, num_experts)  # counts [E]: rows for each global expert

@@ -140,6 +140,7 @@ def main():
         # The cost analysis counts a scan body once: the FLOPs of the same prefill with the layers unrolled.
         scan = jax.lax.scan
         jax.lax.scan = functools.partial(scan, unroll=True)
+        jax.clear_caches()  # else prefill's cached trace (with the scan) is reused
         try:
             results["prefill 2 layers v5e:1x1 (layers unrolled, for FLOPs)"] = prefill(cfg2, mesh, 8, 2048, 4096)
         finally:
