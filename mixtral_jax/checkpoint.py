@@ -31,6 +31,7 @@ from absl import logging as absl_logging
 from jax.sharding import SingleDeviceSharding
 
 from mixtral_jax.config import CONFIG_FILE, MixtralConfig, load_config
+from mixtral_jax import layout as layout_lib
 from mixtral_jax import model as model_lib
 from mixtral_jax.model import Mixtral, abstract_params
 
@@ -254,15 +255,15 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
     writer = ArrayWriter(directory, target_arrays(cfg, dtype, expert_dtype))
     try:
         for name in ("embed", "final_norm", "lm_head"):
-            writer.write((name,), (), np.asarray(model_lib.stacked_global(params, name)))
+            writer.write((name,), (), np.asarray(layout_lib.stacked_global(params, name)))
         layer_names = list(model_lib.param_specs(cfg)["layers"])
         for l in range(cfg.num_hidden_layers):
             for name in layer_names:
                 if name in model_lib.EXPERT_PARAMS:
                     for e in range(cfg.num_local_experts):
-                        writer.write(("layers", name), (l, e), np.asarray(model_lib.layer_slice(params, cfg, name, l, e)))
+                        writer.write(("layers", name), (l, e), np.asarray(layout_lib.layer_slice(params, cfg, name, l, e)))
                 else:
-                    writer.write(("layers", name), (l,), np.asarray(model_lib.layer_slice(params, cfg, name, l)))
+                    writer.write(("layers", name), (l,), np.asarray(layout_lib.layer_slice(params, cfg, name, l)))
         writer.close()
     except BaseException:
         writer.abort()
@@ -300,7 +301,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         raise FileNotFoundError(
             f"{path} has no Orbax {_METADATA_FILE}; is it a directory written by convert or save "
             "(an unfinished conversion leaves none)?")
-    layout = model_lib.check_layout(layout, mesh)
+    layout = layout_lib.check(layout, mesh)
     cfg = load_config(path)
     target = abstract_params(cfg, dtype, mesh, expert_dtype)
     if mesh is None:
@@ -310,8 +311,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         checkpointer = ocp.StandardCheckpointer()
         _check_stored_shapes(checkpointer.metadata(path).item_metadata.tree, target, path)
         params = checkpointer.restore(path, target)
-    if layout == "per_expert":
-        params = model_lib.unstack_params(params)
+    params = layout_lib.get(layout).from_stacked(params)
     return Mixtral(cfg, params, mesh)
 
 

@@ -18,6 +18,7 @@ from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
 import mixtral_jax as mj
 from mixtral_jax import attention, convert, cpu_kernel, layers, model as model_lib, moe, testing
+from mixtral_jax import layout as layout_lib
 from mixtral_jax.model import Mixtral
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -470,7 +471,7 @@ MODEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
+@pytest.mark.parametrize("layout", layout_lib.LAYOUTS)
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_logits_match_transformers(case, layout):
     hf = testing.hf_model(seed=1, **MODEL_CASES[case])
@@ -485,7 +486,7 @@ def test_logits_match_transformers(case, layout):
         assert testing.rel_err(logits, ref) <= 1e-4, strategy
 
 
-@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
+@pytest.mark.parametrize("layout", layout_lib.LAYOUTS)
 @pytest.mark.parametrize("window", [None, 100])
 def test_long_prompt_chunked_attention_matches_transformers(layout, window):
     # 300 tokens: prefill attention runs in causal query chunks of attention.QUERY_CHUNK (128).
