@@ -8,7 +8,7 @@ One algorithm on every platform, as small pure functions:
   grouped FFN  each group through its expert's SwiGLU: `grouped_ffn`, the one
                platform seam. Stacked weights [E, D, F] (TPU/GPU, any mesh):
                `jax.lax.ragged_dot`, a grouped matmul over exactly the rows
-               given. per_expert weights (one CPU device, see model.py): the
+               given. per_expert weights (one CPU device, layout.py): the
                C++ kernel of `cpu_kernel`. `grouped_ffn_reference`: every row
                through every expert, masked (tests; and where the kernel
                cannot run).
