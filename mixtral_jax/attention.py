@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax import layers
+from mixtral_jax.layout import Stacked
 
 # Prefill splits the queries into chunks of this many tokens; chunk i attends
 # only to the slots up to its own end (causal), which skips about half of the
@@ -74,13 +75,12 @@ def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool):
 
 
 def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None,
-                   last_query=False):
+                   last_query=False, layout=Stacked):
     """One attention block (no residual) on normalised input.
 
     Args:
       x: [B, T, D] normalised hidden states.
-      p: this layer's weights: wq [D, H, Dh], wk / wv [D, K, Dh], wo [H, Dh, D]
-        (stacked), or wqkv [(H + 2K) * Dh, D], wo [D, H * Dh] (per_expert).
+      p: this layer's weights in `layout` (layout.py), which does the projections.
       positions: [B, T] absolute positions of x's tokens.
       k_pos: [B, S] positions of the keys attended to (the cache's slots after
         this update, or `positions` without a cache); negative marks empty slots.
@@ -93,25 +93,13 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
       layer: scalar layer index into a stacked cache, or None.
       last_query: keys and values for all T positions (and the cache), but
         the output for the last position only: out [B, 1, D].
+      layout: the weights' layout (layout.Stacked or layout.PerExpert).
 
     Returns:
       (out [B, T, D], updated (k, v) or None).
     """
     b, t, d = x.shape
-    dh = cos.shape[-1]
-    fused = "wqkv" in p  # the per_expert layout
-    if fused:
-        # per_expert: one [(H + 2K) * Dh, D] buffer in HF's [out, in] orientation, one product.
-        q_dim = p["wo"].shape[1]
-        kv_dim = (p["wqkv"].shape[0] - q_dim) // 2
-        qkv = layers.linear_t(x.reshape(b * t, d), p["wqkv"]).reshape(b, t, -1)
-        q = qkv[..., :q_dim].reshape(b, t, -1, dh)
-        k = qkv[..., q_dim:q_dim + kv_dim].reshape(b, t, -1, dh)
-        v = qkv[..., q_dim + kv_dim:].reshape(b, t, -1, dh)
-    else:
-        q = jnp.einsum("BTD,DNH->BTNH", x, p["wq"])  # [B, T, H, Dh]
-        k = jnp.einsum("BTD,DKH->BTKH", x, p["wk"])  # [B, T, K, Dh]
-        v = jnp.einsum("BTD,DKH->BTKH", x, p["wv"])  # [B, T, K, Dh]
+    q, k, v = layout.qkv(x, p, cos.shape[-1])  # [B, T, H, Dh], [B, T, K, Dh], [B, T, K, Dh]
     q = layers.apply_rope(q, cos, sin)
     k = layers.apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]: the cache's order
@@ -140,8 +128,4 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), attention_mask(positions, k_pos, sliding_window))
     else:
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix)
-    out = out.reshape(b, t, -1)
-    if fused:  # wo [D, H * Dh]
-        return layers.linear_t(out.reshape(b * t, -1), p["wo"]).reshape(b, t, -1), new_cache
-    # As one [H*Dh, D] matrix: XLA:CPU copies a 3-D [H, Dh, D] weight before the dot.
-    return jnp.einsum("BTF,FD->BTD", out, p["wo"].reshape(out.shape[-1], -1)), new_cache
+    return layout.out(out.reshape(b, t, -1), p), new_cache

@@ -30,7 +30,7 @@ import tensorstore as ts
 from absl import logging as absl_logging
 from jax.sharding import SingleDeviceSharding
 
-from mixtral_jax import ckpt_files, model as model_lib
+from mixtral_jax import ckpt_files, layout as layout_lib, model as model_lib
 from mixtral_jax.ckpt_files import CheckpointError
 from mixtral_jax.config import CONFIG_FILE, MixtralConfig, load_config
 from mixtral_jax.model import Mixtral, abstract_params
@@ -291,15 +291,15 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
     writer = ArrayWriter(directory, target_arrays(cfg, dtype, expert_dtype))
     try:
         for name in ("embed", "final_norm", "lm_head"):
-            writer.write((name,), (), np.asarray(model_lib.stacked_global(params, name)))
+            writer.write((name,), (), np.asarray(layout_lib.stacked_global(params, name)))
         layer_names = list(model_lib.param_specs(cfg)["layers"])
         for l in range(cfg.num_hidden_layers):
             for name in layer_names:
                 if name in model_lib.EXPERT_PARAMS:
                     for e in range(cfg.num_local_experts):
-                        writer.write(("layers", name), (l, e), np.asarray(model_lib.layer_slice(params, cfg, name, l, e)))
+                        writer.write(("layers", name), (l, e), np.asarray(layout_lib.layer_slice(params, cfg, name, l, e)))
                 else:
-                    writer.write(("layers", name), (l,), np.asarray(model_lib.layer_slice(params, cfg, name, l)))
+                    writer.write(("layers", name), (l,), np.asarray(layout_lib.layer_slice(params, cfg, name, l)))
         writer.close()
     except BaseException:
         writer.abort()
@@ -338,7 +338,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
     path = os.path.abspath(os.fspath(ckpt_dir))
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist.")
-    layout = model_lib.check_layout(layout, mesh)
+    layout = layout_lib.check(layout, mesh)
     if verify:
         _verify(path)
     for name in (CONFIG_FILE, _METADATA_FILE):
@@ -369,8 +369,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
             raise _unreadable(path, e) from None
     seconds = time.perf_counter() - start
     absl_logging.info("restored %s in %.1f s (%.2f GB/s)", path, seconds, nbytes / 1e9 / max(seconds, 1e-9))
-    if layout == "per_expert":
-        params = model_lib.unstack_params(params)
+    params = layout_lib.get(layout).from_stacked(params)
     return Mixtral(cfg, params, mesh)
 
 

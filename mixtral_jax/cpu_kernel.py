@@ -1,10 +1,11 @@
 """The CPU kernels: XLA FFI custom calls built from `csrc/moe_cpu.cc`.
 
-`moe_cpu` computes one MoE block reading only the chosen experts' weights, in
-place, with both cores taking chunks of work from one counter. For a decode
-step's few rows it computes row-dot products (XLA:CPU's own matrix-vector
+`moe_cpu` is the MoE's grouped FFN on the CPU (`moe.grouped_ffn`): rows sorted
+by expert, each group through its expert, reading only the weights of experts
+that have rows, in place, with both cores taking chunks of work from one
+counter. For a decode step's few rows it computes row-dot products (XLA:CPU's own matrix-vector
 products split each matrix in fixed halves and left a core idle 9% of a
-batch-1 step, docs/cpu_probe/results/decode_profile.txt); from PANEL_MIN_ROWS
+batch-1 step, docs/performance.md#why-a-kernel-for-decode); from PANEL_MIN_ROWS
 rows, register tiles over packed panels of each expert's rows, as fast as
 XLA's grouped matmuls and with nothing to compile per expert. `linear_cpu` is
 the row-dot product for one row times an [out, in] weight.
@@ -13,7 +14,7 @@ They are compiled at first use with the host's g++ (4-5 s) into a cache
 folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
 the compiler flags and jaxlib's version. Without a compiler, or with
 MIXTRAL_JAX_CPU_KERNEL=0, `available()` is False and callers run XLA ops
-(`moe.moe_per_expert_masked`, `layers.linear_t`), equal to float32 rounding.
+(`moe.grouped_ffn_reference`, `layers.linear_t`), equal to float32 rounding.
 """
 from __future__ import annotations
 
@@ -36,25 +37,18 @@ import jaxlib
 TARGET = "mixtral_jax_moe_cpu"
 LINEAR_TARGET = "mixtral_jax_linear_cpu"
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
-# Weight bytes per chunk of work that a core takes (one matrix's rows in the
-# first phase, all chosen experts' rows in the second). Long contiguous runs
-# stream faster: 8 layers of two bench-model experts at one row took 23.1,
-# 25.1 and 27.3 ms in 16 KB chunks, 20.9, 22.6 and 24.2 ms in 1 MB ones, in
-# three runs; at 8x7B's size 256 KB to 4 MB tie (45.1-45.8 ms)
-# (docs/cpu_probe/results/cpu_kernel.txt).
+# Weight bytes per chunk of work a core takes: long contiguous runs stream faster
+# (docs/performance.md#thresholds-and-chunk-sizes).
 CHUNK_BYTES = 1 << 20
-# From this many token rows `moe_cpu` runs its panel path (tiles of weight rows
-# times packed panels of token columns, compute-bound) instead of row-dot
-# products (bandwidth-bound, for a decode step's few rows). 8 layers of the
-# bench model's experts: 16 rows 131 ms row-dot vs 153 ms panels, 32 rows 184
-# vs 151 ms (docs/cpu_probe/results/cpu_kernel_panel.txt).
-PANEL_MIN_ROWS = 17
-# The same for bfloat16 expert weights: each chunk of weight rows is widened to
-# float32 before its tiles run, a pass that does not overlap the arithmetic,
-# while row-dot products read half the bytes. Same 8 layers: 64 rows 188 ms
-# row-dot vs 211 ms panels, 80 rows 230 vs 238, 96 rows 279 vs 244
-# (docs/cpu_probe/results/bf16_experts.txt).
-PANEL_MIN_ROWS_BF16 = 88
+# From this many rows (assignments: tokens × k) `moe_cpu` runs its panel path
+# (tiles of weight rows times packed panels of token columns, compute-bound)
+# instead of row-dot products (bandwidth-bound, for a decode step's few rows):
+# from 17 tokens at Mixtral's k = 2 (docs/performance.md#thresholds-and-chunk-sizes).
+PANEL_MIN_ROWS = 34
+# The same for bfloat16 expert weights (widened before the tiles run, while
+# row-dot products read half the bytes): from 88 tokens at k = 2
+# (docs/performance.md#bfloat16-experts-widened-inside-the-kernel).
+PANEL_MIN_ROWS_BF16 = 176
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -123,25 +117,25 @@ def moe_usable(x: jax.Array, weights: list[jax.Array]) -> bool:
     return {w.dtype for w in weights} in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}) and usable(x)
 
 
-def moe_cpu(x: jax.Array, gates: jax.Array, experts: list[dict], all_experts: bool = False,
-            chunk_bytes: int = CHUNK_BYTES, panel_min_rows: int | None = None) -> jax.Array:
-    """sum_e gates[:, e] * expert_e(x) over the experts some row chose (every one with `all_experts`).
+def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: list[dict], chunk_bytes: int = CHUNK_BYTES,
+            panel_min_rows: int | None = None) -> jax.Array:
+    """The grouped FFN: each contiguous group of rows through its expert's SwiGLU.
 
-    x [N, D] float32; gates [N, E] float32, zero where a row did not choose the
-    expert; experts: E dicts of HF-layout w1, w3 [F, D] and w2 [D, F], all
-    float32 or all bfloat16 (widened to float32 as they are read: the result
-    equals float32 products with the widened weights). → [N, D] float32.
-    Row-dot products below `panel_min_rows` rows (default PANEL_MIN_ROWS, or
-    PANEL_MIN_ROWS_BF16 for bfloat16 weights), packed panels from there.
+    xs [M, D] float32, rows sorted by expert; group_sizes [E] int32 (rows past
+    their sum come out zero); experts: E dicts of HF-layout w1, w3 [F, D] and
+    w2 [D, F], all float32 or all bfloat16 (widened to float32 as they are
+    read: the result equals float32 products with the widened weights).
+    → [M, D] float32. Row-dot products below `panel_min_rows` rows (default
+    PANEL_MIN_ROWS, or PANEL_MIN_ROWS_BF16 for bfloat16 weights), packed panels from there.
     """
     if not available():
         raise RuntimeError("the CPU MoE kernel is not available (see the warning above, or "
-                           "MIXTRAL_JAX_CPU_KERNEL=0); use moe.moe, which falls back to XLA ops.")
+                           "MIXTRAL_JAX_CPU_KERNEL=0); use moe.grouped_ffn, which falls back to XLA ops.")
     weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
     if panel_min_rows is None:
         panel_min_rows = PANEL_MIN_ROWS_BF16 if weights[0].dtype == jnp.bfloat16 else PANEL_MIN_ROWS
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
-    return call(x, gates, *weights, all_experts=all_experts, chunk_bytes=int(chunk_bytes),
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(xs.shape, jnp.float32), vmap_method="sequential")
+    return call(xs, group_sizes.astype(jnp.int32), *weights, chunk_bytes=int(chunk_bytes),
                 panel_min_rows=int(panel_min_rows))
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax import layout as layout_lib
 from mixtral_jax import model as model_lib
 from mixtral_jax import sharding
 from mixtral_jax.config import MixtralConfig
@@ -53,23 +54,15 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None,
                layout: str = "stacked") -> dict[str, jax.Array]:
-    """An empty KV cache: k, v [L, B, K, S, Dh] in `dtype`; pos [B, S] int32, -1 = empty slot.
+    """An empty KV cache: k, v [L, B, K, S, Dh] in `dtype` (or in the per_expert layout, lists of L
+    [B, K, S, Dh]); pos [B, S] int32, -1 = empty slot.
 
     With `mesh`, created directly in `sharding.cache_shardings` (never whole on one device).
-    With layout "per_expert" (the params' layout), k and v are lists of L
-    [B, K, S, Dh] buffers instead, one per unrolled layer.
     """
     shapes = sharding.cache_shapes(cfg, batch, max_len)
-    if layout == "per_expert":
-        per_layer = shapes["k"][1:]
-        return {"k": [jnp.zeros(per_layer, dtype) for _ in range(cfg.num_hidden_layers)],
-                "v": [jnp.zeros(per_layer, dtype) for _ in range(cfg.num_hidden_layers)],
-                "pos": jnp.full(shapes["pos"], -1, jnp.int32)}
-    make = lambda: {"k": jnp.zeros(shapes["k"], dtype), "v": jnp.zeros(shapes["v"], dtype),
-                    "pos": jnp.full(shapes["pos"], -1, jnp.int32)}
-    if mesh is None:
-        return make()
-    return jax.jit(make, out_shardings=sharding.cache_shardings(cfg, batch, max_len, mesh))()
+    make = ((lambda f: f()) if mesh is None else
+            (lambda f: jax.jit(f, out_shardings=sharding.cache_shardings(cfg, batch, max_len, mesh))()))
+    return layout_lib.get(layout).init_cache(shapes, dtype, make)
 
 
 def sample_logits(logits: jax.Array, keys: jax.Array, sampling: SamplingParams) -> jax.Array:

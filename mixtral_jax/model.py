@@ -1,19 +1,10 @@
 """The Mixtral decoder: parameter table, NNX module, and the forward pass.
 
 Parameters are described abstractly first (`param_specs`: shape + logical
-axes), then initialised or restored. Two layouts of the same weights:
-
-  stacked     (TPU/GPU, any mesh; the checkpoint layout) layers stacked on a
-              leading L axis and run with `jax.lax.scan`, so compile time does
-              not grow with depth.
-  per_expert  (one CPU device, the default there) one buffer per layer and per
-              (layer, expert), experts in HF's [out, in] layout, layers
-              unrolled. XLA:CPU copies any slice of a stacked weight before a
-              dot (docs/cpu_probe/FINDINGS.md): a decode step over stacked
-              weights moves each chosen expert three times. Whole buffers are
-              read in place, so decode streams the weights once.
-
-Stacked parameter tree (the Orbax checkpoint has exactly this layout):
+axes), then initialised or restored. This is the stacked layout (TPU/GPU,
+any mesh; the Orbax checkpoint has exactly this tree); one CPU device runs
+the same weights in the per_expert layout (layout.py, the one seam that
+knows the difference):
 
     embed       [V, D]
     layers/
@@ -24,20 +15,6 @@ Stacked parameter tree (the Orbax checkpoint has exactly this layout):
       w1, w3    [L, E, D, F]     w2 [L, E, F, D]
     final_norm  [D]
     lm_head     [D, V]
-
-The per_expert tree keeps every matrix in HF's [out, in] orientation, since
-XLA:CPU multiplies a few rows by it faster than by [in, out] (at 4 rows: 21.6
-vs 13.4 GB/s for an lm_head-sized weight, docs/cpu_probe/results/lm_head_layout.txt):
-
-    embed       [V, D]
-    layers      list of L dicts:
-      attn_norm [D]
-      wqkv      [(H + 2K) * Dh, D]   (wq, wk, wv concatenated)    wo [D, H * Dh]
-      mlp_norm  [D]
-      router    [D, E]
-      experts   list of E dicts: w1, w3 [F, D], w2 [D, F]
-    final_norm  [D]
-    lm_head     [V, D]
 """
 
 from __future__ import annotations
@@ -51,12 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import attention, layers, moe, sharding
+from mixtral_jax import attention, layers, layout as layout_lib, moe, sharding
 from mixtral_jax.config import MixtralConfig
 
 Params = dict[str, Any]
-EXPERT_PARAMS = ("w1", "w3", "w2")
-LAYOUTS = ("stacked", "per_expert")
+EXPERT_PARAMS = layout_lib.EXPERT_PARAMS
 ACT_BTD = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 
 
@@ -166,88 +142,6 @@ def _total_and_active(cfg: MixtralConfig, shapes: Params, size) -> dict[str, int
     return {"total": total, "active": total - inactive}
 
 
-def default_layout(mesh=None) -> str:
-    """per_expert on a single CPU device (decode reads weights in place), else stacked."""
-    single = mesh is None or mesh.size == 1
-    return "per_expert" if single and jax.default_backend() == "cpu" else "stacked"
-
-
-def layout_of(params: Params) -> str:
-    return "per_expert" if isinstance(params["layers"], list) else "stacked"
-
-
-def _unstack_fn(name: str, num_layers: int):
-    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
-    wo [L, H, Dh, D] -> L [D, H * Dh]."""
-    if name in EXPERT_PARAMS:
-        return jax.jit(lambda w: [[w[l, e].T for e in range(w.shape[1])] for l in range(num_layers)])
-    if name == "wo":
-        return jax.jit(lambda w: [w[l].reshape(-1, w.shape[-1]).T for l in range(num_layers)])
-    return jax.jit(lambda w: [w[l] for l in range(num_layers)])
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _fuse_qkv(wq, wk, wv, num_layers: int):
-    """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> L [(H + 2K) * Dh, D] buffers."""
-    d = wq.shape[1]
-    return [jnp.concatenate([w[l].reshape(d, -1) for w in (wq, wk, wv)], axis=1).T for l in range(num_layers)]
-
-
-def unstack_params(params: Params) -> Params:
-    """Stacked -> per_expert layout, one parameter at a time (wq, wk, wv together: they are fused).
-
-    Each stacked array is deleted once split, so the peak is the model plus
-    its largest parameter (an expert tensor, bigger than wq, wk and wv
-    together), not two models.
-    """
-    layers = dict(params["layers"])
-    num_layers = layers["wq"].shape[0]
-    out_layers = [{"experts": [{} for _ in range(layers["w1"].shape[1])]} for _ in range(num_layers)]
-    qkv = [layers.pop(name) for name in ("wq", "wk", "wv")]
-    for l, w in enumerate(_fuse_qkv(*qkv, num_layers)):
-        out_layers[l]["wqkv"] = w
-    for w in qkv:
-        w.delete()
-    for name in list(layers):
-        stacked = layers.pop(name)
-        split = _unstack_fn(name, num_layers)(stacked)
-        stacked.delete()
-        for l in range(num_layers):
-            if name in EXPERT_PARAMS:
-                for e, w in enumerate(split[l]):
-                    out_layers[l]["experts"][e][name] = w
-            else:
-                out_layers[l][name] = split[l]
-    lm_head = params["lm_head"]
-    lm_head_t = jax.jit(jnp.transpose)(lm_head)  # [V, D]
-    lm_head.delete()
-    return {**{k: v for k, v in params.items() if k not in ("layers", "lm_head")},
-            "layers": out_layers, "lm_head": lm_head_t}
-
-
-def stacked_global(params: Params, name: str):
-    """Per_expert params: the non-layer parameter `name` in the stacked orientation (lm_head [D, V])."""
-    return params[name].T if name == "lm_head" else params[name]
-
-
-def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | None = None):
-    """Per_expert params: layer l's (and expert e's) `name`, as that slice of the stacked array.
-
-    Matrices are transposed back from HF's [out, in] orientation; wq, wk, wv
-    are cut out of wqkv.
-    """
-    lp = params["layers"][l]
-    if name in EXPERT_PARAMS:
-        return lp["experts"][e][name].T
-    d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    if name == "wo":
-        return lp["wo"].T.reshape(h, dh, d)
-    if name in ("wq", "wk", "wv"):
-        start, heads = {"wq": (0, h), "wk": (h * dh, kv), "wv": ((h + kv) * dh, kv)}[name]
-        return lp["wqkv"][start:start + heads * dh].T.reshape(d, heads, dh)
-    return lp[name]
-
-
 def _to_nnx(tree):
     if isinstance(tree, dict):
         return nnx.Dict({k: _to_nnx(v) for k, v in tree.items()})
@@ -270,13 +164,13 @@ class Mixtral(nnx.Module):
     Build with `init_random` or `load`. `model(tokens)` equals `forward(model, tokens)`.
     `mesh` is the mesh the parameters are sharded over (None: one device); on a
     mesh of more than one device the MoE blocks run expert-parallel. `layout`
-    is "stacked" or "per_expert" (see the module docstring).
+    is "stacked" or "per_expert" (layout.py).
     """
 
     def __init__(self, cfg: MixtralConfig, params: Params, mesh=None):
         self.cfg = cfg
         self.mesh = mesh
-        self.layout = check_layout(layout_of(params), mesh)
+        self.layout = layout_lib.check(layout_lib.of(params).name, mesh)
         self.embed = nnx.Param(params["embed"])
         self.layers = _to_nnx(params["layers"])
         self.final_norm = nnx.Param(params["final_norm"])
@@ -290,8 +184,8 @@ class Mixtral(nnx.Module):
     @property
     def expert_dtype(self):
         """The dtype the expert weights are stored in (`dtype` unless loaded with another)."""
-        w1 = self.layers[0]["experts"][0]["w1"] if isinstance(self.layers, nnx.List) else self.layers["w1"]
-        return w1[...].dtype
+        return next(a for path, a in jax.tree_util.tree_leaves_with_path(self.params())
+                    if getattr(path[-1], "key", None) == "w1").dtype
 
     def params(self) -> Params:
         """The parameters as a plain pytree of arrays (in this model's layout)."""
@@ -302,12 +196,12 @@ class Mixtral(nnx.Module):
         return forward(self, tokens)
 
 
-def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, strategy, cache=None,
+def decoder_layer(h, lp, *, cfg: MixtralConfig, layout, positions, k_pos, cos, sin, strategy, cache=None,
                   cache_index=None, layer=None, collect_routing=False, mesh=None, capacity_factor=None,
                   last_only=False):
     """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D].
 
-    `lp` is one layer's weights in either layout; `cache` and `layer` as in
+    `lp` is one layer's weights in `layout` (layout.py); `cache` and `layer` as in
     `attention.self_attention`. With `last_only`, keys and values (and the
     cache) cover all T positions, and the rest only the last: h [B, 1, D] out.
 
@@ -316,7 +210,8 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, stra
     """
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
-        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, layer=layer, last_query=last_only)
+        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, layer=layer, last_query=last_only,
+        layout=layout)
     if last_only:
         h = h[:, -1:]
     h = sharding.constrain(h + a, mesh, ACT_BTD)
@@ -325,9 +220,7 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, positions, k_pos, cos, sin, stra
     if collect_routing:
         w, e = moe.route(x.reshape(-1, x.shape[-1]), lp["router"], cfg.num_experts_per_tok)
         routing = (w.reshape(*x.shape[:-1], -1), e.reshape(*x.shape[:-1], -1))
-    # A prompt (more than one position per row) runs once: moe favours compile time there.
-    one_shot = x.shape[1] > 1 or last_only
-    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor, one_shot=one_shot)
+    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor)
     return sharding.constrain(h, mesh, ACT_BTD), new_cache, routing
 
 
@@ -337,20 +230,19 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     """The decoder on token ids; the pure function behind forward, prefill and decode.
 
     Args:
-      params: the parameter tree, stacked (layers scanned) or per_expert (layers unrolled).
+      params: the parameter tree in either layout (layout.py).
       tokens: [B, T] int ids.
       positions: [B, T] absolute positions.
       cfg: model config (static).
-      strategy: MoE dispatch strategy.
-      cache: optional (k, v): each [L, B, K, S, Dh] for stacked params, a list
-        of L [B, K, S, Dh] for per_expert; updated in place at slots
+      strategy: "sparse" (the chosen experts) or "dense" (every expert on every token).
+      cache: optional (k, v) in the params' layout (`layout.Stacked.init_cache`,
+        `layout.PerExpert.init_cache`); updated in place at slots
         [cache_index, cache_index + T).
       cache_index: scalar slot of the first token when `cache` is given.
       k_pos: [B, S] key positions (negative: empty) when `cache` is given.
       collect_routing: also return every layer's router choices.
       last_only: logits for the last position only ([B, 1, V]; prefill needs no more).
-        With per_expert params (and no `collect_routing`) the last layer's
-        attention output and MoE then run for the last position only.
+        The layout may then skip the last layer's MoE for the other positions.
       mesh: the mesh `params` are sharded over (static), or None; activations
         are pinned to it and the MoE runs expert-parallel on it.
       capacity_factor: expert-parallel capacity (static); None is dropless.
@@ -361,48 +253,16 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     """
     x = sharding.constrain(layers.embed(tokens, params["embed"]), mesh, ACT_BTD)
     cos, sin = layers.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-    body = functools.partial(decoder_layer, cfg=cfg, positions=positions,
+    layout = layout_lib.of(params)
+    body = functools.partial(decoder_layer, cfg=cfg, layout=layout, positions=positions,
                              k_pos=positions if cache is None else k_pos, cos=cos, sin=sin,
                              strategy=strategy, cache_index=cache_index, collect_routing=collect_routing,
                              mesh=mesh, capacity_factor=capacity_factor)
-    h = x
-    per_expert = layout_of(params) == "per_expert"
-    if per_expert:
-        # Unrolled: every weight and cache entry is its own buffer, read and updated in place.
-        new_k, new_v, routings = [], [], []
-        num_layers = len(params["layers"])
-        for l, lp in enumerate(params["layers"]):
-            # With last_only, the last layer needs its keys and values (the cache) at every
-            # position but its attention output and MoE only at the last one: 1/L of the
-            # prompt's MoE work skipped, with equal logits and cache.
-            last = last_only and l == num_layers - 1 and not collect_routing
-            h, layer_cache, routing = body(h, lp, cache=None if cache is None else (cache[0][l], cache[1][l]),
-                                           last_only=last)
-            routings.append(routing)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
-        new_cache = None if cache is None else (new_k, new_v)
-        routing = jax.tree.map(lambda *r: jnp.stack(r), *routings) if collect_routing else None
-    else:
-        # Scanned: the whole cache rides in the carry and each layer updates its slots in place.
-        def step(carry, xs):
-            h, kv = carry
-            lp, l = xs
-            h, kv, routing = body(h, lp, cache=kv, layer=l)
-            return (h, kv), routing
-
-        num_layers = params["layers"]["wq"].shape[0]
-        (h, new_cache), routing = jax.lax.scan(step, (h, cache), (params["layers"], jnp.arange(num_layers)))
+    h, new_cache, routing = layout.layers(params, x, cache, body, last_only=last_only and not collect_routing)
     if last_only:
         h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if per_expert:
-        # lm_head [V, D]: feature-major for a few rows (layers.linear_t).
-        rows = layers.linear_t(h.reshape(-1, h.shape[-1]), params["lm_head"], preferred_element_type=jnp.float32)
-        logits = rows.reshape(*h.shape[:-1], -1)
-    else:
-        logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+    logits = layout.lm_head(h, params)
     return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
 
 
@@ -432,16 +292,6 @@ def forward(model: Mixtral, tokens, strategy: str = "sparse", capacity_factor: f
                     capacity_factor=capacity_factor)
 
 
-def check_layout(layout: str | None, mesh=None) -> str:
-    """Resolves `layout` (None: `default_layout`) and rejects per_expert on a multi-device mesh."""
-    layout = default_layout(mesh) if layout is None else layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS} (or None for the default).")
-    if layout == "per_expert" and mesh is not None and mesh.size > 1:
-        raise ValueError("layout='per_expert' runs on one device; use layout='stacked' (the default) with a mesh.")
-    return layout
-
-
 def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, layout: str | None = None,
                 expert_dtype=None) -> Mixtral:
     """A model with random weights, created already sharded when `mesh` is given.
@@ -453,16 +303,16 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
       mesh: optional `jax.sharding.Mesh` (see `make_mesh`); parameters are
         created directly in their shardings, never whole on one device.
       layout: "stacked", "per_expert", or None: per_expert on one CPU device,
-        stacked otherwise (see the module docstring).
+        stacked otherwise (layout.py).
       expert_dtype: the experts' weights in this dtype instead (see `param_dtypes`).
 
     Returns:
       A `Mixtral`.
     """
-    layout = check_layout(layout, mesh)
+    layout = layout_lib.check(layout, mesh)
     dtype = jnp.dtype(dtype)
     shardings = None if mesh is None else param_shardings(cfg, mesh)
     init = jax.jit(functools.partial(init_params, cfg, dtype=dtype, expert_dtype=expert_dtype),
                    out_shardings=shardings)
     params = init(jax.random.key(seed))
-    return Mixtral(cfg, unstack_params(params) if layout == "per_expert" else params, mesh)
+    return Mixtral(cfg, layout_lib.get(layout).from_stacked(params), mesh)

@@ -70,13 +70,11 @@ def our_model(hf, layout: str = "stacked"):
     import jax
     import jax.numpy as jnp
 
-    from mixtral_jax import convert, model as model_lib
+    from mixtral_jax import convert, layout as layout_lib, model as model_lib
 
     cfg = config_of(hf)
     params = jax.tree.map(jnp.asarray, convert.params_from_state_dict(state_dict_numpy(hf), cfg))
-    if layout == "per_expert":
-        params = model_lib.unstack_params(params)
-    return model_lib.Mixtral(cfg, params)
+    return model_lib.Mixtral(cfg, layout_lib.get(layout).from_stacked(params))
 
 
 def hf_logits(model, tokens) -> np.ndarray:

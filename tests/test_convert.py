@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 import mixtral_jax as mj
 from mixtral_jax import checkpoint, convert, model as model_lib, testing
+from mixtral_jax import layout as layout_lib
 from mixtral_jax.model import param_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +104,7 @@ def test_bf16_checkpoint_loads_as_float32_and_float32_as_bf16(tiny_hf, tmp_path)
         np.testing.assert_array_equal(np.asarray(as_bf16[name]), rounded, err_msg=str(name))
 
 
-@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
+@pytest.mark.parametrize("layout", layout_lib.LAYOUTS)
 def test_bfloat16_experts_float32_compute_match_transformers(layout, tmp_path):
     # A bf16 checkpoint (as Mixtral ships) loaded with float32 compute and the experts kept in
     # bf16: logits and greedy tokens equal transformers' float32 run of the same checkpoint.
@@ -304,7 +305,7 @@ def test_save_load_round_trip(tmp_path, saved_layout):
     for layout in ("stacked", "per_expert"):
         loaded = mj.load(tmp_path / "ckpt", dtype="float32", layout=layout)
         assert loaded.layout == layout and loaded.cfg.num_hidden_layers == cfg.num_hidden_layers
-        want = stacked if layout == "stacked" else model_lib.unstack_params(jax.tree.map(jnp.array, stacked))
+        want = stacked if layout == "stacked" else layout_lib.unstack_params(jax.tree.map(jnp.array, stacked))
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(loaded.params()), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError, match="overwrite"):

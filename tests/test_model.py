@@ -1,11 +1,13 @@
 """Model numerics: configs, parameter counts, layers vs transformers, MoE vs a loop, logits vs transformers."""
 
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
 import warnings
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
 import mixtral_jax as mj
 from mixtral_jax import attention, convert, cpu_kernel, layers, model as model_lib, moe, testing
+from mixtral_jax import layout as layout_lib
 from mixtral_jax.model import Mixtral
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,32 +175,6 @@ def _moe_params(e, d=32, f=48, seed=0):
             "w2": rs.randn(e, f, d).astype(np.float32) * 0.2}
 
 
-@pytest.mark.parametrize("strategy", moe.STRATEGIES)
-@pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 3), (8, 2, 64), (4, 1, 17), (6, 3, 40), (8, 8, 5)])
-def test_moe_matches_loop_reference(strategy, e, k, n):
-    p = _moe_params(e)
-    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
-    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, p)
-    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("block", [1, 2, 8, 32])
-def test_sparse_blocks_any_size(block):
-    p = _moe_params(8)
-    x = np.random.RandomState(0).randn(50, 32).astype(np.float32)
-    ours = jax.jit(lambda x, p: moe.moe_sparse(x, p, 2, block=block))(x, p)
-    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
-
-
-def test_sparse_skewed_routing():
-    # Every token prefers expert 3: one group holds all assignments.
-    p = _moe_params(8)
-    x = np.random.RandomState(0).randn(40, 32).astype(np.float32)
-    x += 5 * p["router"][:, 3] / np.linalg.norm(p["router"][:, 3])
-    ours = jax.jit(lambda x, p: moe.moe_sparse(x, p, 2))(x, p)
-    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
-
-
 @pytest.fixture(params=["kernel", "xla"])
 def cpu_path(request, monkeypatch):
     """Runs a per_expert MoE test twice: with the C++ CPU kernel, and with it off (XLA ops only)."""
@@ -215,44 +192,81 @@ def _per_expert(p, dtype="float32"):
             "experts": [{n: cast(p[n][e]) for n in ("w1", "w3", "w2")} for e in range(len(p["w1"]))]}
 
 
+def _steer(x, p, toward=(), away=(), strength=8.0):
+    """x pushed along the router columns of `toward` experts and away from those of `away`."""
+    x = x.copy()
+    for e in toward:
+        x += strength * p["router"][:, e] / np.linalg.norm(p["router"][:, e])
+    for e in away:
+        x -= strength * p["router"][:, e] / np.linalg.norm(p["router"][:, e])
+    return x
+
+
+def _counts(x, p, k):
+    return np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :k].ravel(), minlength=p["router"].shape[1])
+
+
 @pytest.mark.parametrize("strategy", moe.STRATEGIES)
-@pytest.mark.parametrize("e,k,n,one_shot", [(8, 2, 1, False), (8, 2, 16, False), (8, 2, 16, True), (8, 2, 17, True),
-                                            (4, 1, 300, True), (6, 3, 40, False), (8, 8, 5, False)])
-def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, one_shot, cpu_path):
+@pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 3), (8, 2, 64), (4, 1, 17), (6, 3, 40), (8, 8, 5)])
+def test_moe_matches_loop_reference(strategy, e, k, n):
     p = _moe_params(e)
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
-    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy, one_shot=one_shot))(x, _per_expert(p))
+    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, p)
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
-def test_moe_per_expert_grouped_skewed_loop_switch_and_empty_groups():
-    # Most tokens prefer one expert: its group runs whole GROUP_MAX blocks in the loop, then a
-    # rounded-up remainder block whose padding rows must point at the zero row, not at the next
-    # group's tokens; another expert gets no token at all (the switch's empty branch).
-    p = _moe_params(8)
-    x = np.random.RandomState(0).randn(600, 32).astype(np.float32)
-    x[:560] += 4 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
-    x -= 6 * p["router"][:, 2] / np.linalg.norm(p["router"][:, 2])
-    routed = testing.moe_loop_reference(x, p, 2)
-    ours = jax.jit(lambda x, p: moe.moe_per_expert_grouped(x, p, 2))(x, _per_expert(p))
-    np.testing.assert_allclose(ours, routed, rtol=1e-4, atol=1e-5)
-    counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
-    assert counts.max() > moe.GROUP_MAX and counts.max() % moe.GROUP_STEP  # loop + partial block
-    assert counts.min() == 0  # an expert nobody chose
+@pytest.mark.parametrize("strategy", moe.STRATEGIES)
+@pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 16), (8, 2, 17), (4, 1, 300), (6, 3, 40), (8, 8, 5)])
+def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, cpu_path):
+    p = _moe_params(e)
+    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
+    ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, _per_expert(p))
+    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,seed", [(2, 3), (4, 0), (8, 0)])
-def test_sparse_decode_single_row_experts(n, seed, monkeypatch):
-    # A decode step of 2-8 rows on XLA ops: an expert that exactly one row chose runs on that row
-    # alone, the others on all rows. Both kinds must occur here, and each result must land on its
-    # own rows.
-    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+@pytest.mark.parametrize("layout", ["stacked", "per_expert"])
+@pytest.mark.parametrize("n", [5, 40, 600])
+def test_moe_skewed_routing_and_empty_experts(layout, n, cpu_path):
+    # Every token chooses expert 5 (one group holds a third or half of all rows) and nobody
+    # chooses experts 0 or 2: empty groups between full ones.
     p = _moe_params(8)
-    x = np.random.RandomState(seed).randn(n, 32).astype(np.float32)
-    counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
-    assert (counts == 1).any() and (counts >= 2).any()
-    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, _per_expert(p))
+    x = _steer(np.random.RandomState(n).randn(n, 32).astype(np.float32), p, toward=[5], away=[0, 2], strength=12)
+    counts = _counts(x, p, 2)
+    assert counts[5] == n and counts[0] == counts[2] == 0, counts
+    weights = p if layout == "stacked" else _per_expert(p)
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, weights)
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+def _grouped_ffn_numpy(xs, sizes, p):
+    """float64 loop: row r through the expert whose group holds it; rows past the groups zero."""
+    out = np.zeros(xs.shape, np.float64)
+    ends = np.cumsum(sizes)
+    for r in range(min(len(xs), ends[-1])):
+        e = int(np.searchsorted(ends, r, side="right"))
+        a, b = xs[r].astype(np.float64) @ p["w1"][e], xs[r].astype(np.float64) @ p["w3"][e]
+        out[r] = ((a / (1 + np.exp(-a))) * b) @ p["w2"][e]
+    return out
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "reference", "cpu_kernel"])
+@pytest.mark.parametrize("sizes,m", [([3, 0, 5, 1], 9), ([0, 0, 7, 0], 12), ([2, 2, 2, 2], 8), ([0, 0, 0, 0], 3),
+                                     ([20, 0, 1, 30], 60)])
+def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
+    # The platform seam on its own: groups of any size (empty ones too), rows past the groups zero.
+    p = _moe_params(4, seed=m)
+    xs = np.random.RandomState(m).randn(m, 32).astype(np.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    experts = {n: p[n] for n in ("w1", "w3", "w2")} if impl == "ragged_dot" else _per_expert(p)["experts"]
+    if impl == "reference":
+        fn = moe.grouped_ffn_reference
+    elif impl == "cpu_kernel":
+        assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
+        fn = cpu_kernel.moe_cpu
+    else:
+        fn = moe.grouped_ffn
+    ours = jax.jit(fn)(xs, gs, experts)
+    np.testing.assert_allclose(ours, _grouped_ffn_numpy(xs, sizes, p), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -272,17 +286,17 @@ def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     # The row-dot path (a decode step's few rows).
     (32, 48, 8, 2, 1, None),    # batch-1 decode
     (37, 53, 8, 2, 3, None),    # rows and columns that fill no 16-float vector nor 4-row group
-    (64, 96, 8, 8, 16, None),   # every expert on 16 rows: four blocks of 4 rows each
+    (64, 96, 8, 8, 4, None),    # every expert on 4 rows: 32 rows in groups of 4
     (48, 40, 4, 1, 9, None),    # top-1
     (16, 17, 6, 3, 5, None),    # top-3, a single vector per row
     # The panel path (a prompt, a big batch): each expert's rows packed into panels of token columns.
-    (32, 48, 8, 2, 40, None),   # 40 rows: panels of 32 and 16 columns
+    (32, 48, 8, 2, 40, None),   # 80 rows: panels of 32 and 16 columns
     (37, 53, 8, 2, 100, None),  # D, F that fill no 12-row tile (tails of 3 and 1 rows), 16-float vector
     (64, 200, 8, 8, 70, None),  # every expert on all 70 rows: 32 + 32 + 16 columns, 6 of them padding
-    (48, 40, 4, 1, 33, None),   # top-1
-    (16, 17, 6, 3, 5, 1),       # the panel path forced for 5 rows: one 16-column panel, mostly padding
+    (48, 40, 4, 1, 40, None),   # top-1
+    (16, 17, 6, 3, 5, 1),       # the panel path forced for 15 rows: one 16-column panel per expert, mostly padding
     (24, 36, 2, 1, 1, 1),       # one row, one expert chosen, the other skipped
-    (16, 24, 8, 2, 2049, None),  # a long prompt: two blocks of 1025 and 1024 rows (kPanelBlockRows)
+    (16, 24, 8, 2, 2100, None),  # a long prompt: 4200 rows in three blocks (kPanelBlockRows), groups across them
 ])
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows, weights):
@@ -290,12 +304,16 @@ def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows, weight
     if weights == "bfloat16":
         # Weights stored in bfloat16, arithmetic in float32: the reference runs on the same rounded values.
         p = _bf16_experts(p)
-        if panel_min_rows is None and n > 16:
-            panel_min_rows = 17  # the float32 threshold, so these cases run the panel path here too
+        if panel_min_rows is None and n * k >= cpu_kernel.PANEL_MIN_ROWS:
+            panel_min_rows = cpu_kernel.PANEL_MIN_ROWS  # the float32 threshold, so these run the panel path too
     x = np.random.RandomState(n).randn(n, d).astype(np.float32)
     assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
-    kw = {} if panel_min_rows is None else {"panel_min_rows": panel_min_rows}
-    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, k, **kw))(x, _per_expert(p, weights))
+    if panel_min_rows is not None:
+        moe_cpu = functools.partial(cpu_kernel.moe_cpu, panel_min_rows=panel_min_rows)
+        with mock.patch.object(cpu_kernel, "moe_cpu", moe_cpu):
+            ours = jax.jit(lambda x, p: moe.moe(x, p, k))(x, _per_expert(p, weights))
+    else:
+        ours = jax.jit(lambda x, p: moe.moe(x, p, k))(x, _per_expert(p, weights))
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
@@ -307,7 +325,8 @@ def test_cpu_kernel_silu_saturates(n):
     x = 60 * np.random.RandomState(n).randn(n, 32).astype(np.float32)
     a = np.einsum("nd,edf->enf", x, p["w1"])
     assert a.max() > 150 and a.min() < -150
-    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(x, _per_expert(p))
+    assert cpu_kernel.available()
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, _per_expert(p))
     assert testing.rel_err(ours, testing.moe_loop_reference(x, p, 2)) < 1e-5
 
 
@@ -344,10 +363,10 @@ def test_moe_bfloat16_experts_float32_compute(strategy, n, cpu_path):
 def test_cpu_kernel_panel_path_skewed_and_empty_groups():
     # 300 rows that mostly choose expert 5 (ten 32-column panels) while expert 0 gets none.
     p = _moe_params(8)
-    x = np.random.RandomState(2).randn(300, 32).astype(np.float32)
-    x += 3 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5]) - 3 * p["router"][:, 0] / np.linalg.norm(p["router"][:, 0])
-    counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
+    x = _steer(np.random.RandomState(2).randn(300, 32).astype(np.float32), p, toward=[5], away=[0], strength=3)
+    counts = _counts(x, p, 2)
     assert counts[5] > 9 * 32 and counts[5] % 32 and counts[0] == 0, counts
+    assert cpu_kernel.available()
     ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, _per_expert(p))
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
@@ -364,23 +383,23 @@ def test_cpu_linear_matches_numpy(n, i, o):
 def test_cpu_kernel_skewed_rows():
     # Expert 5 gets all 11 tokens (three row blocks, the last of 3 rows); the rest share the others.
     p = _moe_params(8)
-    x = np.random.RandomState(1).randn(11, 32).astype(np.float32)
-    x += 8 * p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
+    x = _steer(np.random.RandomState(1).randn(11, 32).astype(np.float32), p, toward=[5])
     assert (np.argsort(-(x @ p["router"]), axis=1)[:, :2] == 5).any(axis=1).all()
-    ours = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(x, _per_expert(p))
+    assert cpu_kernel.available()
+    ours = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, _per_expert(p))
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_kernel_dense_runs_every_expert():
+def test_dense_strategy_runs_every_expert(cpu_path):
     # "dense" must do all experts' work (the sparse gain compares against it): an unchosen
-    # expert's NaN weights reach the output through its zero gate, 0 * NaN, only when it runs.
+    # expert's NaN weights reach the output through its zero weight, 0 * NaN, only when it runs.
     p = _moe_params(8)
     x = np.random.RandomState(0).randn(1, 32).astype(np.float32)
     unused = next(e for e in range(8) if e not in set(np.argsort(-(x @ p["router"]), axis=1)[0, :2]))
     pe = _per_expert(p)
     pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
-    sparse = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(x, pe)
-    dense = jax.jit(lambda x, p: moe.moe_kernel(x, p, 2, all_experts=True))(x, pe)
+    sparse = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
+    dense = jax.jit(lambda x, p: moe.moe(x, p, 2, "dense"))(x, pe)
     np.testing.assert_allclose(sparse, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
     assert np.isnan(dense).all()
 
@@ -390,7 +409,7 @@ def test_cpu_kernel_registers_itself_on_first_use():
     code = ("import jax, numpy as np; from mixtral_jax import moe, testing; "
             "p = {'router': np.eye(8, 8, dtype=np.float32), 'experts': [{'w1': np.ones((4, 8), np.float32), "
             "'w3': np.ones((4, 8), np.float32), 'w2': np.ones((8, 4), np.float32)}] * 8}; "
-            "print(float(jax.jit(lambda x, p: moe.moe_kernel(x, p, 2))(np.ones((1, 8), np.float32), p).sum()))")
+            "print(float(jax.jit(lambda x, p: moe.moe(x, p, 2))(np.ones((1, 8), np.float32), p).sum()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     h = 8 / (1 + np.exp(-8)) * 8  # silu(1 . ones(8)) * (1 . ones(8)) on each of 4 rows of F
@@ -417,34 +436,12 @@ def test_cpu_kernel_not_used_for_bfloat16_activations(monkeypatch):
     assert testing.rel_err(np.asarray(ours, np.float32), ref) < 0.02
 
 
-@pytest.mark.parametrize("n,count", [(4, 4), (20, 3), (20, 9), (300, 256), (600, 257), (600, 512)])
-def test_moe_per_expert_grouped_block_boundaries(n, count):
-    # Expert 5 gets exactly `count` of the n tokens: a group that fills the largest block exactly
-    # (count == n, count == GROUP_MAX), one just past it, two whole blocks, and small groups
-    # that round up to an 8- or 16-row block.
-    p = _moe_params(8)
-    x = np.random.RandomState(n + count).randn(n, 32).astype(np.float32)
-    r5 = p["router"][:, 5] / np.linalg.norm(p["router"][:, 5])
-    x += np.where(np.arange(n)[:, None] < count, 8.0, -8.0) * r5
-    assert (np.argsort(-(x @ p["router"]), axis=1)[:, :2] == 5).sum() == count
-    ours = jax.jit(lambda x, p: moe.moe_per_expert_grouped(x, p, 2))(x, _per_expert(p))
-    np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("n", [1, 3, layers.FEATURE_MAJOR_MAX_ROWS + 1])  # 1: the CPU kernel
 def test_linear_t_feature_and_token_major(n):
     rs = np.random.RandomState(n)
     x, w = rs.randn(n, 32).astype(np.float32), rs.randn(48, 32).astype(np.float32)
     np.testing.assert_allclose(jax.jit(layers.linear_t)(x, w), x.astype(np.float64) @ w.T.astype(np.float64),
                                rtol=1e-5, atol=1e-5)
-
-
-def test_group_block_sizes():
-    assert moe.group_block_sizes(4, 2, 8) == (4,)
-    assert moe.group_block_sizes(16, 2, 8) == (8, 16)  # mean group 4 rows: an 8-row block too
-    assert moe.group_block_sizes(40, 2, 8) == (8, 16, 32, 40)
-    assert moe.group_block_sizes(64, 2, 8) == (16, 32, 48, 64)  # mean group 16: no 8-row block
-    assert moe.group_block_sizes(512, 2, 8) == tuple(range(16, 257, 16))
 
 
 def test_moe_block_matches_transformers():
@@ -474,7 +471,7 @@ MODEL_CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
+@pytest.mark.parametrize("layout", layout_lib.LAYOUTS)
 @pytest.mark.parametrize("case", MODEL_CASES)
 def test_logits_match_transformers(case, layout):
     hf = testing.hf_model(seed=1, **MODEL_CASES[case])
@@ -489,7 +486,7 @@ def test_logits_match_transformers(case, layout):
         assert testing.rel_err(logits, ref) <= 1e-4, strategy
 
 
-@pytest.mark.parametrize("layout", model_lib.LAYOUTS)
+@pytest.mark.parametrize("layout", layout_lib.LAYOUTS)
 @pytest.mark.parametrize("window", [None, 100])
 def test_long_prompt_chunked_attention_matches_transformers(layout, window):
     # 300 tokens: prefill attention runs in causal query chunks of attention.QUERY_CHUNK (128).

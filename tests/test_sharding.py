@@ -3,6 +3,8 @@ expert-parallel MoE vs a loop reference (with and without drops), and sharded
 logits and greedy tokens vs one device and vs transformers."""
 
 import functools
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -207,6 +209,37 @@ def test_expert_parallel_matches_loop_reference(spec, n, k):
     np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", MESHES)
+def test_expert_parallel_skewed_routing_and_empty_experts(spec):
+    # Every token chooses expert 6 (one device receives every source's rows: the receive
+    # buffer's worst case, dropless) and nobody chooses experts 0, 1 or 2 (empty shards).
+    p = _moe_params(8, seed=3)
+    x = np.random.RandomState(3).randn(48, 32).astype(np.float32)
+    for e, sign in ((6, 12.0), (0, -12.0), (1, -12.0), (2, -12.0)):
+        x += sign * p["router"][:, e] / np.linalg.norm(p["router"][:, e])
+    counts = np.bincount(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel(), minlength=8)
+    assert counts[6] == 48 and counts[:3].sum() == 0, counts
+    out, dropped = _ep(x, p, 2, mj.make_mesh(spec))
+    assert dropped == 0
+    np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_exchange_plan_hand_arithmetic():
+    # 8x7B on expert=8, batch 8 x 2048: 2048 tokens per device, 4096 assignments; balanced, each
+    # expert gets 2048 x 2 / 8 = 512 rows from each of the 8 sources; the worst case is every
+    # source's 2048 tokens choosing this device's one expert.
+    plan = moe.exchange_plan(8 * 2048, 8, 2, expert=8)
+    assert plan == {"tokens_per_device": 2048, "buffer_rows": 8 * 2048, "rows_balanced": 4096,
+                    "rows_sent_balanced": 7 * 512}
+    # Capacity 1.25: ceil(1.25 x 512) = 640 rows per (source, expert), so 8 x 640 buffer rows.
+    assert moe.exchange_plan(8 * 2048, 8, 2, expert=8, capacity_factor=1.25)["buffer_rows"] == 8 * 640
+    # expert=4, tensor=2: 2 experts per shard; each row goes to both tensor peers of its shard.
+    plan = moe.exchange_plan(64, 8, 2, expert=4, tensor=2)
+    assert plan["tokens_per_device"] == 8 and plan["buffer_rows"] == 8 * 8 * 2
+    assert plan["rows_balanced"] == 2 * 8 * 2  # tensor x tokens x k
+    assert plan["rows_sent_balanced"] == 2 * (6 * 2 + 2 * 1)  # 2 rows per expert: 6 experts x 2 peers + 2 x 1
+
+
 def test_expert_parallel_exact_drops_constructed():
     # 8 devices × 4 tokens, top-1, capacity factor 1 → one slot per (device, expert).
     # Token i is steered to expert route[i]; device 0 sends 3 tokens to expert 0 (2 drop),
@@ -337,3 +370,64 @@ def test_model_capacity_factor_drops_are_counted_and_change_the_output():
     # Capacity factor E / k gives every expert the whole device: nothing drops, output as dropless.
     assert moe.count_dropped(mj.expert_routing(model, tokens, 4.0).experts, 8, 8, 4.0).tolist() == [0, 0]
     assert testing.rel_err(mj.forward(model, tokens, capacity_factor=4.0), dropless) <= 1e-6
+
+
+# ---------------------------------------------------------------- the MoE compiled for TPU (libtpu, no TPU needed)
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def _tpu_mesh(topology, spec, bounds):
+    pytest.importorskip("libtpu", reason="needs the tpu extra (pip install -e '.[tpu]')")
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name="default",
+                                           chips_per_host_bounds=bounds, num_slices=1,
+                                           wrap=(False, False, False)).devices
+    return mj.make_mesh(spec, list(devices))
+
+
+def _tpu_moe(mesh, tokens, capacity_factor=None, d=256, f=512, e=8, k=2):
+    """The MoE block compiled for `mesh`'s TPU devices, bf16: (cost analysis, optimized HLO)."""
+    def spec(shape, axes):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding.named_sharding(mesh, axes, shape))
+    p = {"router": spec((d, e), ("embed", None)), "w1": spec((e, d, f), ("experts", "embed", "ffn")),
+         "w3": spec((e, d, f), ("experts", "embed", "ffn")), "w2": spec((e, f, d), ("experts", "ffn", "embed"))}
+    x = jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16,
+                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.MESH_AXES)))
+    compiled = jax.jit(lambda x, p: moe.moe(x, p, k, mesh=mesh, capacity_factor=capacity_factor)).lower(x, p).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost), compiled.as_text()
+
+
+def test_tpu_single_device_moe_flops_are_the_ideal():
+    # One chip: the grouped matmul runs over exactly tokens x k rows (no capacity padding), so
+    # the compiler's FLOPs are 2 x tokens x k x 3 x D x F plus the router and small change.
+    mesh = _tpu_mesh("v5e:1x1", "", (1, 1, 1))
+    cost, hlo = _tpu_moe(mesh, 1024)
+    ideal = 2 * 1024 * 2 * 3 * 256 * 512
+    assert ideal <= cost["flops"] <= 1.05 * ideal, cost["flops"] / ideal
+
+
+@pytest.mark.parametrize("spec,capacity_factor", [("expert=8", None), ("expert=4,tensor=2", None),
+                                                  ("expert=8", 1.0)])
+def test_tpu_expert_parallel_compiles_with_ragged_all_to_all(spec, capacity_factor):
+    # The exchange is the real ragged-all-to-all (no dense all-to-all, no all-gather of tokens),
+    # and the grouped matmul runs over the receive buffer that exchange_plan sizes: dropless,
+    # the worst case; at capacity 1.0, within 1.1x of the ideal FLOPs.
+    mesh = _tpu_mesh("v5e:2x4", spec, (2, 2, 1))
+    tokens, d, f = 2048, 256, 512
+    cost, hlo = _tpu_moe(mesh, tokens, capacity_factor)
+    assert "ragged-all-to-all" in hlo and not re.search(r"(?<!ragged-)all-to-all\(", hlo)
+    # Any other collective carries the per-expert row counts (int32 [devices, E]) and the drop
+    # count, never token rows.
+    other = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?:all-gather|all-reduce|reduce-scatter|collective-permute)", hlo)
+    assert other and all(t == "s32" and np.prod([int(n) for n in dims.split(",")]) <= 8 * 8 + 1
+                         for t, dims in other), other
+    sizes = dict(mesh.shape)
+    plan = moe.exchange_plan(tokens, 8, 2, sizes["expert"], sizes["tensor"], sizes["data"], capacity_factor)
+    grouped = 2 * plan["buffer_rows"] * 3 * d * (f // sizes["tensor"])
+    assert grouped <= cost["flops"] <= 1.1 * grouped, cost["flops"] / grouped
+    ideal = 2 * tokens * 2 * 3 * d * f / mesh.size
+    if capacity_factor == 1.0:
+        assert cost["flops"] <= 1.1 * ideal

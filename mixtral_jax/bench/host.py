@@ -132,7 +132,7 @@ class HostProbe:
                       for i, (name, shape) in enumerate((("w1", (f, 1024)), ("w3", (f, 1024)), ("w2", (1024, f))))}
             self.kernel_bytes = 3 * f * 1024 * 4
             self.kernel = jax.jit(lambda x, g, e: cpu_kernel.moe_cpu(x, g, [e]))
-            self.kernel_args = (self.x, jnp.ones((1, 1), jnp.float32), expert)
+            self.kernel_args = (self.x, jnp.ones((1,), jnp.int32), expert)  # one group: the one row
         self.sample()  # compiles every shape
 
     def _time(self, fn, *args) -> float:

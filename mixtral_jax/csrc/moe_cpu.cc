@@ -1,13 +1,13 @@
-// XLA:CPU FFI kernel: one MoE block, reading only the chosen experts'
-// weights, in place, with every core working.
+// XLA:CPU FFI kernel: the MoE's grouped FFN, reading only the experts that
+// have rows, in place, with every core working.
 //
-//   y[r] = sum_e gate[r, e] * w2_e @ (silu(w1_e @ x[r]) * (w3_e @ x[r]))
+//   y[r] = w2_e @ (silu(w1_e @ x[r]) * (w3_e @ x[r]))   for r in expert e's group
 //
-// over the experts e with gate[r, e] != 0 (every expert with `all_experts`:
-// the dense reference's work). Weights are HF [out, in] matrices, one buffer
-// each: w1_e, w3_e [F, D], w2_e [D, F], all float32 or all bfloat16; x, the
-// gates, y and all arithmetic are float32 (a bfloat16 weight is widened
-// exactly as it is read).
+// where the rows x are sorted by expert and group_sizes[e] says how many of
+// them, from the previous group's end, are expert e's; rows past the last
+// group come out zero. Weights are HF [out, in] matrices, one buffer each:
+// w1_e, w3_e [F, D], w2_e [D, F], all float32 or all bfloat16; x, y and all
+// arithmetic are float32 (a bfloat16 weight is widened exactly as it is read).
 //
 // A decode step's few rows (Call): every output element is a dot product of
 // one contiguous weight row with one activation row, so the work splits into
@@ -226,8 +226,7 @@ void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call) {
 template <typename W>
 struct Expert {
   const W *w1, *w3, *w2;
-  std::vector<int> rows;    // the token rows that run this expert
-  std::vector<float> gate;  // and their gates for it
+  std::vector<int> rows;  // the rows that run this expert
 };
 
 template <typename W>
@@ -235,16 +234,16 @@ struct Call {
   int64_t n, d, f;
   const float* x;  // [n, d]
   float* y;        // [n, d]
-  std::vector<Expert<W>> experts;  // the chosen ones
-  float* h;                     // [chosen, n, f]: the calling thread's scratch
+  std::vector<Expert<W>> experts;  // the ones with rows
+  float* h;                     // [n, f]: the calling thread's scratch (each row is one expert's)
   int64_t rows1, rows2;  // weight rows per chunk in phase 1 and 2
   Chunks phase1, phase2;
 
-  // Phase 1: h[i, r, f] = silu(w1 . x[r]) * (w3 . x[r]) for a chunk of F rows of expert i.
+  // Phase 1: h[r, f] = silu(w1 . x[r]) * (w3 . x[r]) for a chunk of F rows of expert i.
   void Phase1(int64_t c) {
     const int64_t per = (f + rows1 - 1) / rows1;
     const Expert<W>& e = experts[c / per];
-    float* hi = h + (c / per) * n * f;
+    float* hi = h;
     const int64_t lo = (c % per) * rows1, up = std::min(f, lo + rows1);
     for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
       const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
@@ -268,20 +267,20 @@ struct Call {
     }
   }
 
-  // Phase 2: y[r, chunk of D] = sum_i gate[r, e_i] * (w2_i . h[i, r]) over the chosen experts.
+  // Phase 2: y[r, chunk of D] = w2_i . h[r] for each expert i's rows (other rows zero).
   void Phase2(int64_t c) {
     const int64_t lo = c * rows2, up = std::min(d, lo + rows2);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
     for (size_t i = 0; i < experts.size(); ++i) {
       const Expert<W>& e = experts[i];
-      const float* hi = h + i * n * f;
+      const float* hi = h;
       for (size_t r0 = 0; r0 < e.rows.size(); r0 += 4) {
         const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
         const float* hs[4];
         for (int r = 0; r < nr; ++r) hs[r] = hi + e.rows[r0 + r] * f;
         RowDots(e.w2, f, lo, up, hs, nr, f, [&](int64_t j0, int nf, float (*out)[4]) {
           for (int j = 0; j < nf; ++j)
-            for (int r = 0; r < nr; ++r) y[e.rows[r0 + r] * d + j0 + j] += e.gate[r0 + r] * out[j][r];
+            for (int r = 0; r < nr; ++r) y[e.rows[r0 + r] * d + j0 + j] = out[j][r];
         });
       }
     }
@@ -305,11 +304,11 @@ struct Call {
 // zero-padded: panel [K][w], w = 32 or 16. A tile of MR weight rows times one
 // panel is MR x w outputs held in registers, summed over all K (one broadcast
 // weight value times one or two 16-float panel vectors per step), so
-// silu(w1 . x) * (w3 . x) and the gated scatter into y are done on the tile.
+// silu(w1 . x) * (w3 . x) and the scatter into y are done on the tile.
 // Compute-bound, about as fast as XLA's own dot, with nothing to compile per
 // expert (docs/performance.md#why-a-kernel-for-prompts-the-panel-path).
 constexpr int kTileRows = 12;  // MR: 12 x 2 accumulators of 16 floats, of 32 registers
-constexpr int64_t kPanelBlockRows = 1024;  // longer prompts run in blocks (RunMoe)
+constexpr int64_t kPanelBlockRows = 2048;  // more rows (1024 tokens at k = 2) run in blocks (RunMoe)
 
 template <int MR, int NV, typename Fn>
 inline void Tile(const float* a, int64_t lda, const float* b, int64_t K, Fn epilogue) {
@@ -418,7 +417,7 @@ struct PanelCall {
     }
   }
 
-  // Phase 2: y[:, chunk of D] = sum_i gate_i * (w2_i . h_i), scattered to each expert's token rows.
+  // Phase 2: y[:, chunk of D] = w2_i . h_i, scattered to each expert i's rows.
   void Phase2(int64_t c) {
     const int64_t lo = c * rows2, up = std::min(d, lo + rows2);
     for (int64_t r = 0; r < n; ++r) std::fill(y + r * d + lo, y + r * d + up, 0.f);
@@ -434,7 +433,7 @@ struct PanelCall {
           r += lo;
           for (int l = 0; l < 16 && 16 * v + l < valid; ++l) {
             const int64_t t = 32 * p + 16 * v + l;
-            y[rows[t] * d + r] += experts[i].gate[t] * acc[l];
+            y[rows[t] * d + r] = acc[l];
           }
         });
       }
@@ -542,22 +541,27 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call<W>& c) {
   return ffi::Error::Success();
 }
 
-// The block for float32 (W = float) or bfloat16 (W = bf16) expert weights,
-// after MoeCpuImpl checked every weight's shape and dtype; weights: w1, w3, w2 per expert.
+// The grouped FFN for float32 (W = float) or bfloat16 (W = bf16) expert weights, after
+// MoeCpuImpl checked every weight's shape and dtype; weights: w1, w3, w2 per expert;
+// sizes: rows per expert, in order from row 0 (rows past their sum come out zero).
 template <typename W>
-ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* y, int64_t n, int64_t d, int64_t f,
-                  const std::vector<const void*>& weights, bool all_experts, int64_t chunk_bytes,
+ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, int64_t d, int64_t f,
+                  const std::vector<const void*>& weights, const std::vector<int64_t>& sizes, int64_t chunk_bytes,
                   int64_t panel_min_rows) {
-  const int64_t num_experts = static_cast<int64_t>(weights.size()) / 3;
-  // A long prompt runs in blocks of at most kPanelBlockRows rows, of equal size, each a
-  // whole panel-path call: beyond that, phase 2's passes over all of h (every chunk of
-  // D rows reads it) run from L3 instead of mostly L2
+  const int64_t num_experts = static_cast<int64_t>(sizes.size());
+  // Many rows run in blocks of at most kPanelBlockRows, of equal size, each a whole
+  // panel-path call: beyond that, phase 2's passes over all of h (every chunk of D
+  // rows reads it) run from L3 instead of mostly L2
   // (docs/performance.md#thresholds-and-chunk-sizes).
   if (n > kPanelBlockRows && n >= panel_min_rows) {
     const int64_t blocks = (n + kPanelBlockRows - 1) / kPanelBlockRows, rows = (n + blocks - 1) / blocks;
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
-      const ffi::Error err = RunMoe<W>(pool, x + r0 * d, g + r0 * num_experts, y + r0 * d, std::min(rows, n - r0),
-                                       d, f, weights, all_experts, chunk_bytes, panel_min_rows);
+      const int64_t r1 = std::min(n, r0 + rows);
+      std::vector<int64_t> part(num_experts);  // each group's rows inside [r0, r1)
+      for (int64_t e = 0, start = 0; e < num_experts; start += sizes[e], ++e)
+        part[e] = std::max<int64_t>(0, std::min(r1, start + sizes[e]) - std::max(r0, start));
+      const ffi::Error err = RunMoe<W>(pool, x + r0 * d, y + r0 * d, r1 - r0, d, f, weights, part, chunk_bytes,
+                                       panel_min_rows);
       if (err.failure()) return err;
     }
     return ffi::Error::Success();
@@ -570,13 +574,9 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* 
   c.x = x;
   c.y = y;
   auto data = [&](int64_t i) { return static_cast<const W*>(weights[i]); };
-  for (int64_t e = 0; e < num_experts; ++e) {
-    Expert<W> ex{data(3 * e), data(3 * e + 1), data(3 * e + 2), {}, {}};
-    for (int64_t r = 0; r < n; ++r)
-      if (all_experts || g[r * num_experts + e] != 0.f) {
-        ex.rows.push_back(static_cast<int>(r));
-        ex.gate.push_back(g[r * num_experts + e]);
-      }
+  for (int64_t e = 0, start = 0; e < num_experts; start += sizes[e], ++e) {
+    Expert<W> ex{data(3 * e), data(3 * e + 1), data(3 * e + 2), {}};
+    for (int64_t r = start; r < std::min(n, start + sizes[e]); ++r) ex.rows.push_back(static_cast<int>(r));
     if (!ex.rows.empty()) c.experts.push_back(std::move(ex));
   }
   if (c.experts.empty()) {
@@ -584,11 +584,11 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* 
     return ffi::Error::Success();
   }
   if (n >= panel_min_rows) return RunPanels(pool, c);
-  // Reused across calls: a fresh [chosen, n, f] buffer of more than 128 KB
-  // would be a new mmap, zero-filled page by page, at every call. Helpers only
-  // touch it while the calling thread waits for them.
+  // Reused across calls: a fresh [n, f] buffer of more than 128 KB would be a
+  // new mmap, zero-filled page by page, at every call. Helpers only touch it
+  // while the calling thread waits for them.
   static thread_local std::vector<float> scratch;
-  const size_t need = c.experts.size() * n * f;
+  const size_t need = n * f;
   if (scratch.size() < need) scratch.resize(need);
   c.h = scratch.data();
   // Chunks hold chunk_bytes of weights, whatever their dtype.
@@ -601,15 +601,17 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, const float* g, float* 
   return ffi::Error::Success();
 }
 
-ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gates,
-                      ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, bool all_experts,
-                      int64_t chunk_bytes, int64_t panel_min_rows) {
-  auto xd = x.dimensions(), gd = gates.dimensions();
-  if (xd.size() != 2 || gd.size() != 2 || gd[0] != xd[0])
-    return ffi::Error::InvalidArgument("moe_cpu: x must be [N, D] and gates [N, E]");
-  const int64_t n = xd[0], d = xd[1], num_experts = gd[1];
+ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_sizes,
+                      ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, int64_t chunk_bytes,
+                      int64_t panel_min_rows) {
+  auto xd = x.dimensions(), gd = group_sizes.dimensions();
+  if (xd.size() != 2 || gd.size() != 1)
+    return ffi::Error::InvalidArgument("moe_cpu: x must be [M, D] and group_sizes [E]");
+  const int64_t n = xd[0], d = xd[1], num_experts = gd[0];
   if (static_cast<int64_t>(weights.size()) != 3 * num_experts)
     return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 for each expert");
+  std::vector<int64_t> sizes(group_sizes.typed_data(), group_sizes.typed_data() + num_experts);
+  for (int64_t& s : sizes) s = std::max<int64_t>(0, s);
   int64_t f = -1;
   ffi::DataType dtype = ffi::DataType::INVALID;
   std::vector<const void*> data;
@@ -627,8 +629,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     data.push_back(w->untyped_data());
   }
   auto run = dtype == ffi::DataType::BF16 ? RunMoe<bf16> : RunMoe<float>;
-  return run(pool, x.typed_data(), gates.typed_data(), y->typed_data(), n, d, f, data, all_experts, chunk_bytes,
-             panel_min_rows);
+  return run(pool, x.typed_data(), y->typed_data(), n, d, f, data, sizes, chunk_bytes, panel_min_rows);
 }
 
 }  // namespace
@@ -636,11 +637,10 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, D]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // gates [N, E]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D], rows sorted by expert
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // group_sizes [E]
                                   .RemainingArgs()               // w1, w3, w2 per expert
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [N, D]
-                                  .Attr<bool>("all_experts")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, D]
                                   .Attr<int64_t>("chunk_bytes")    // weight bytes per chunk of work
                                   .Attr<int64_t>("panel_min_rows"));  // from this many rows: panels
 
