@@ -1,37 +1,48 @@
-"""One process of the multi-host test: random tiny model on a mesh, greedy tokens and logits as JSON.
+"""One process of the multi-host test: the sample CLI, then the last-position logits of the model it built.
 
-    launch/local_multiprocess.sh 2 4 python tests/multihost_worker.py --mesh data=2,expert=2,tensor=2
+    LOGITS_FILE=/tmp/logits.json launch/local_multiprocess.sh 2 4 python tests/multihost_worker.py \
+        --mesh data=2,expert=2,tensor=2 --prompt_ids 1,2,3 --json
 
-adds --coordinator_address/--num_processes/--process_id and the device count
-(XLA_FLAGS). Without them it runs alone: the single-process reference.
-Process 0 prints one JSON line.
+takes the CLI's flags (the launcher adds --coordinator_address/--num_processes/--process_id and
+the device count) and runs `python -m mixtral_jax.sample` as it is, supervisor process included.
+Once it has finished, every process computes the logits of the first --prompt_ids prompt on the
+CLI's own model, and process 0 writes them to $LOGITS_FILE: one launch checks both the CLI's
+tokens and the logits of the forward pass across processes.
 """
 
-import argparse
 import json
+import os
 
 import jax
 import numpy as np
+from absl import app
 
 import mixtral_jax as mj
-from mixtral_jax import distributed, testing
-from mixtral_jax.config import from_hf_dict
+from mixtral_jax import sample
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--mesh", required=True)
-parser.add_argument("--coordinator_address")
-parser.add_argument("--num_processes", type=int)
-parser.add_argument("--process_id", type=int)
-args = parser.parse_args()
+built = []
+_init_random = mj.init_random
 
-distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                       initialization_timeout=60)
-mesh = mj.make_mesh(args.mesh)
-model = mj.init_random(from_hf_dict(testing.TINY_HF), seed=0, dtype="float32", mesh=mesh)
-prompts = [[1, 17, 300, 42, 9], [1, 5], [1, 400, 401, 402, 403, 404, 405, 406]]
-tokens = mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[])
-replicate = jax.jit(lambda x: x, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-logits = np.asarray(replicate(mj.forward(model, np.array([prompts[0]]))))
-if jax.process_index() == 0:
-    print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(), "tokens": tokens,
-                      "logits": logits[0, -1].tolist()}))
+
+def _keep(*args, **kwargs):
+    built.append(_init_random(*args, **kwargs))
+    return built[-1]
+
+
+def last_logits(model, prompt: list[int]) -> list[float]:
+    """The logits at the prompt's last position, gathered on every process (the test's reference too)."""
+    replicate = jax.jit(lambda x: x, out_shardings=jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec()))
+    return np.asarray(replicate(mj.forward(model, np.array([prompt]))))[0, -1].tolist()
+
+
+if __name__ == "__main__":
+    mj.init_random = _keep  # sample.run() calls mj.init_random: the model it builds is kept
+    try:
+        app.run(sample.main, flags_parser=sample._parse_flags)
+    except SystemExit as e:
+        if e.code or not built:  # a failure, or the supervisor process (it never builds a model)
+            raise
+    logits = last_logits(built[0], [int(t) for t in sample.FLAGS.prompt_ids[0].split(",")])
+    if jax.process_index() == 0:
+        with open(os.environ["LOGITS_FILE"], "w") as f:
+            json.dump({"processes": jax.process_count(), "devices": jax.device_count(), "logits": logits}, f)

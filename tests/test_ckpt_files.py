@@ -5,6 +5,7 @@ checkpoint) and `save`; the reference for "undamaged" is the byte-for-byte copy
 made before the damage.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -21,6 +22,17 @@ import mixtral_jax as mj
 from mixtral_jax import ckpt_files, convert, testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A failed Orbax restore (an unverified load of a damaged checkpoint, below) leaves its other reads pending.
+# When the garbage collector closes them, Orbax's `except BaseException` turns their GeneratorExit into an
+# exception; when TensorStore completes one, its callback finds Orbax's event loop closed. Python can only
+# report either as "Exception ignored", as a pytest warning in whichever test runs then. Orbax's, not ours.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
+                               ":pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings(r"ignore:Exception ignored in. None[\s\S]*call_soon_threadsafe[\s\S]*Event loop is closed"
+                               ":pytest.PytestUnraisableExceptionWarning"),
+]
 
 
 def _env():
@@ -59,30 +71,43 @@ def good_ckpt(hf_dir, tmp_path_factory):
 
 # --- convert never deletes what it did not write -------------------------------------------------
 
-@pytest.mark.parametrize("where", ["same", "parent", "inside"])
-def test_convert_refuses_out_that_is_around_or_inside_the_input(where, hf_dir, tmp_path):
+def _work_dir_with_input(hf_dir, tmp_path):
+    """tmp_path/work holding a copy of the HF checkpoint and someone's other project."""
     work = tmp_path / "work"
     shutil.copytree(hf_dir, work / "hf")
     (work / "other_project").mkdir()
     (work / "other_project" / "notes.txt").write_text("keep me")
+    return work
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_convert_refuses_out_that_is_around_or_inside_the_input(where, hf_dir, tmp_path):
+    work = _work_dir_with_input(hf_dir, tmp_path)
     before = _listing(work)
     out = {"same": work / "hf", "parent": work, "inside": work / "hf" / "ckpt"}[where]
     with pytest.raises(ValueError, match="input directory"):
         mj.convert_hf_checkpoint(work / "hf", out, overwrite=True)
-    r = _cli("convert", "--hf_dir", work / "hf", "--out", out, "--overwrite")
+    assert _listing(work) == before
+
+
+def test_convert_cli_refuses_out_around_the_input(hf_dir, tmp_path):
+    # The CLI's path from that ValueError to one line and exit 2 is the same for all three cases above.
+    work = _work_dir_with_input(hf_dir, tmp_path)
+    before = _listing(work)
+    r = _cli("convert", "--hf_dir", work / "hf", "--out", work, "--overwrite")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --out") and "input directory" in r.stderr
     assert _listing(work) == before
 
 
-def test_overwrite_replaces_only_a_checkpoint(hf_dir, tmp_path):
+def test_overwrite_replaces_only_a_checkpoint(hf_dir, good_ckpt, tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
     with pytest.raises(FileExistsError, match="not a mixtral_jax checkpoint"):
         mj.convert_hf_checkpoint(hf_dir, precious, overwrite=True)
     assert (precious / "thesis.tex").read_text() == "years of work"
-    model = mj.init_random(mj.load_config("tiny"), seed=0)
+    model = mj.load(good_ckpt, dtype="float32", layout="stacked")  # any model will do: no init_random compile
     with pytest.raises(FileExistsError, match="not a mixtral_jax checkpoint"):
         mj.save(model, precious, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["precious"]
@@ -136,10 +161,14 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next(hf_dir, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert os.listdir(tmp_path) == staging and not out.exists()
-    r = _cli("convert", "--hf_dir", hf_dir, "--out", out)
-    assert r.returncode == 0, r.stderr
+    # The next run, a plain CLI conversion: cleans up, reports progress on stderr only, honours --dtype.
+    r = _cli("convert", "--hf_dir", hf_dir, "--out", out, "--dtype", "float32")
+    assert r.returncode == 0 and r.stdout == "", r.stderr
     assert "removing" in r.stderr and "interrupted" in r.stderr
+    assert "layer 2/2 written:" in r.stderr and "GB/s" in r.stderr and "s left" in r.stderr
+    assert "RuntimeWarning" not in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert json.load(open(out / "config.json"))["torch_dtype"] == "float32"
     mj.load(out)
 
 
@@ -214,10 +243,11 @@ def test_unverified_load_of_a_damaged_checkpoint_is_still_one_sentence(good_ckpt
     os.remove(ckpt / _biggest_data_file(ckpt))
     with pytest.raises(mj.CheckpointError, match="could not be read"):
         mj.load(ckpt, dtype="float32", verify=False)
+    gc.collect()  # the abandoned reads end here, in the test that made them
 
 
-def test_save_writes_digests_that_load_verifies(tmp_path):
-    model = mj.init_random(mj.load_config("tiny"), seed=5, layout="stacked")
+def test_save_writes_digests_that_load_verifies(good_ckpt, tmp_path):
+    model = mj.load(good_ckpt, dtype="float32", layout="stacked")
     path = mj.save(model, tmp_path / "ckpt")
     listing = json.load(open(os.path.join(path, ckpt_files.DIGESTS_FILE)))["files"]
     on_disk = {os.path.relpath(os.path.join(d, n), path) for d, _, ns in os.walk(path) for n in ns}
@@ -236,14 +266,3 @@ def test_sample_cli_names_the_damaged_file(good_ckpt, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")
     assert os.path.basename(rel) in r.stderr
-
-
-def test_load_and_convert_report_progress_on_stderr_only(hf_dir, good_ckpt, tmp_path):
-    r = _cli("convert", "--hf_dir", hf_dir, "--out", tmp_path / "ckpt")
-    assert r.returncode == 0 and r.stdout == "", r.stderr
-    assert "layer 2/2 written:" in r.stderr and "GB/s" in r.stderr and "s left" in r.stderr
-    r = _cli("sample", "--checkpoint", good_ckpt, "--prompt_ids", "1,2,3", "--max_new_tokens", "1")
-    assert r.returncode == 0 and "restoring" in r.stderr and "restored" in r.stderr, r.stderr
-    r = _cli("sample", "--checkpoint", good_ckpt, "--prompt_ids", "1,2,3", "--max_new_tokens", "1", "--json")
-    assert r.returncode == 0 and "restor" not in r.stderr + r.stdout, r.stderr
-    json.loads(r.stdout.strip().splitlines()[-1])

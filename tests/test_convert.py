@@ -67,6 +67,12 @@ def tiny_hf(tmp_path_factory):
     return path, hf
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_hf, tmp_path_factory):
+    """The tiny HF checkpoint converted to float32, for tests that only read it."""
+    return mj.convert_hf_checkpoint(tiny_hf[0], tmp_path_factory.mktemp("tiny_ckpt") / "ckpt", dtype="float32")
+
+
 @pytest.fixture
 def hf_copy(tiny_hf, tmp_path):
     """A private copy of the tiny HF checkpoint that a test may damage."""
@@ -87,16 +93,15 @@ def test_convert_load_forward_matches_transformers(case, tmp_path):
     assert err <= 1e-4, f"{case}: max relative logit error {err:.2e}"
 
 
-def test_bf16_checkpoint_loads_as_float32_and_float32_as_bf16(tiny_hf, tmp_path):
+def test_bf16_checkpoint_loads_as_float32_and_float32_as_bf16(tiny_hf, tiny_ckpt, tmp_path):
     path, hf = tiny_hf
     cfg = testing.config_of(hf)
     expected = checkpoint.flatten(convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg))
     mj.convert_hf_checkpoint(path, tmp_path / "bf16", dtype="bfloat16")
-    mj.convert_hf_checkpoint(path, tmp_path / "f32", dtype="float32")
     with open(tmp_path / "bf16" / "config.json") as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
     as_f32 = checkpoint.flatten(mj.load(tmp_path / "bf16", dtype="float32", layout="stacked").params())
-    as_bf16 = checkpoint.flatten(mj.load(tmp_path / "f32", dtype="bfloat16", layout="stacked").params())
+    as_bf16 = checkpoint.flatten(mj.load(tiny_ckpt, dtype="bfloat16", layout="stacked").params())
     for name, want in expected.items():
         rounded = want.astype(ml_dtypes.bfloat16)
         assert as_f32[name].dtype == np.float32 and as_bf16[name].dtype == ml_dtypes.bfloat16
@@ -104,13 +109,25 @@ def test_bf16_checkpoint_loads_as_float32_and_float32_as_bf16(tiny_hf, tmp_path)
         np.testing.assert_array_equal(np.asarray(as_bf16[name]), rounded, err_msg=str(name))
 
 
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """A bf16 checkpoint (as Mixtral ships), converted, with transformers' float32 logits and greedy tokens."""
+    path = tmp_path_factory.mktemp("bf16")
+    ref = _write(testing.hf_model(seed=2), str(path / "hf"), bf16=True)
+    mj.convert_hf_checkpoint(path / "hf", path / "ckpt", dtype="bfloat16")
+    tokens = _tokens(ref.config.vocab_size)
+    prompts = [tokens[0].tolist(), tokens[1, :5].tolist()]
+    want = [ref.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return path / "ckpt", tokens, testing.hf_logits(ref, tokens), prompts, want
+
+
 @pytest.mark.parametrize("layout", layout_lib.LAYOUTS)
-def test_bfloat16_experts_float32_compute_match_transformers(layout, tmp_path):
-    # A bf16 checkpoint (as Mixtral ships) loaded with float32 compute and the experts kept in
-    # bf16: logits and greedy tokens equal transformers' float32 run of the same checkpoint.
-    ref = _write(testing.hf_model(seed=2), str(tmp_path / "hf"), bf16=True)
-    mj.convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16")
-    model = mj.load(tmp_path / "ckpt", dtype="float32", layout=layout, expert_dtype="bfloat16")
+def test_bfloat16_experts_float32_compute_match_transformers(layout, bf16_checkpoint, tmp_path):
+    # A bf16 checkpoint loaded with float32 compute and the experts kept in bf16: logits and greedy
+    # tokens equal transformers' float32 run of the same checkpoint.
+    ckpt, tokens, want_logits, prompts, want_tokens = bf16_checkpoint
+    model = mj.load(ckpt, dtype="float32", layout=layout, expert_dtype="bfloat16")
     assert model.dtype == jnp.float32 and model.expert_dtype == jnp.bfloat16
     experts = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(model.params()):
@@ -118,8 +135,6 @@ def test_bfloat16_experts_float32_compute_match_transformers(layout, tmp_path):
         assert leaf.dtype == (jnp.bfloat16 if expert else jnp.float32), path
         experts += expert
     assert experts == (3 if layout == "stacked" else 3 * 8 * model.cfg.num_hidden_layers)
-    tokens = _tokens(model.cfg.vocab_size)
-    prompts = [tokens[0].tolist(), tokens[1, :5].tolist()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         logits = mj.forward(model, tokens)
@@ -128,11 +143,9 @@ def test_bfloat16_experts_float32_compute_match_transformers(layout, tmp_path):
     # widen every call (slow on the CPU) and say so.
     widened = [w for w in caught if "widen every expert" in str(w.message)]
     assert bool(widened) == (layout == "stacked"), [str(w.message) for w in caught]
-    err = testing.rel_err(logits, testing.hf_logits(ref, tokens))
+    err = testing.rel_err(logits, want_logits)
     assert err <= 1e-4, f"max relative logit error {err:.2e}"
-    want = [ref.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                         pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    assert ours == want
+    assert ours == want_tokens
     # Saved as loaded (experts in bf16, the rest float32) and restored unchanged.
     mj.save(model, tmp_path / "mixed")
     again = mj.load(tmp_path / "mixed", dtype="float32", layout=layout, expert_dtype="bfloat16")
@@ -141,10 +154,9 @@ def test_bfloat16_experts_float32_compute_match_transformers(layout, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_expert_dtype_must_be_a_float_dtype(tiny_hf, tmp_path):
-    mj.convert_hf_checkpoint(tiny_hf[0], tmp_path / "ckpt", dtype="float32")
+def test_expert_dtype_must_be_a_float_dtype(tiny_ckpt):
     with pytest.raises(ValueError, match="expert_dtype must be a floating-point dtype"):
-        mj.load(tmp_path / "ckpt", dtype="float32", expert_dtype="int8")
+        mj.load(tiny_ckpt, dtype="float32", expert_dtype="int8")
 
 
 def _remove_from_shard(path, tensor):
@@ -223,7 +235,9 @@ def test_failure_while_writing_leaves_no_output(hf_copy, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
-def test_cli_converts_with_progress_and_fails_with_exit_2(hf_copy, tmp_path):
+def test_cli_fails_with_exit_2(hf_copy, tmp_path):
+    # A successful CLI conversion (progress, --dtype, nothing on stdout) is in test_ckpt_files.py's
+    # test_a_killed_conversion_is_cleaned_up_by_the_next.
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
 
@@ -231,11 +245,7 @@ def test_cli_converts_with_progress_and_fails_with_exit_2(hf_copy, tmp_path):
         return subprocess.run([sys.executable, "-m", "mixtral_jax.convert", *args], capture_output=True,
                               text=True, env=env, timeout=120)
 
-    r = run("--hf_dir", hf_copy, "--out", str(tmp_path / "ok"), "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
-    assert "layer 2/2 written" in r.stderr and "RuntimeWarning" not in r.stderr
-    assert os.path.isfile(tmp_path / "ok" / "config.json")
-
+    mj.convert_hf_checkpoint(hf_copy, tmp_path / "ok", dtype="float32")
     r = run("--hf_dir", hf_copy, "--out", str(tmp_path / "ok"))
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
 
@@ -283,9 +293,9 @@ def test_conversion_streams(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(got[name]), want[name], err_msg=str(name))
 
 
-def test_load_into_mesh_shardings(tiny_hf, tmp_path):
+def test_load_into_mesh_shardings(tiny_ckpt):
     assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
-    out = mj.convert_hf_checkpoint(tiny_hf[0], tmp_path / "ckpt", dtype="float32")
+    out = tiny_ckpt
     mesh = mj.make_mesh("expert=4,tensor=2")
     sharded = mj.load(out, dtype="float32", mesh=mesh)
     single = checkpoint.flatten(mj.load(out, dtype="float32", layout="stacked").params())
@@ -296,16 +306,25 @@ def test_load_into_mesh_shardings(tiny_hf, tmp_path):
     assert len(sharded.params()["layers"]["w1"].addressable_shards) == 8
 
 
+@pytest.fixture(scope="module")
+def models_and_expected(tiny_hf):
+    """layout -> (a Mixtral of the tiny transformers model's weights, its params in that layout)."""
+    hf = tiny_hf[1]
+    cfg = testing.config_of(hf)
+    stacked = convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg)  # numpy: nothing else holds it
+    per_expert = layout_lib.unstack_params(jax.tree.map(jnp.array, stacked))
+    return {"stacked": (testing.our_model(hf, "stacked"), stacked),
+            "per_expert": (testing.our_model(hf, "per_expert"), per_expert)}
+
+
 @pytest.mark.parametrize("saved_layout", ["stacked", "per_expert"])
-def test_save_load_round_trip(tmp_path, saved_layout):
-    cfg = mj.load_config("tiny")
-    model = mj.init_random(cfg, seed=3, dtype="float32", layout=saved_layout)
+def test_save_load_round_trip(models_and_expected, tmp_path, saved_layout):
+    model = models_and_expected[saved_layout][0]
     mj.save(model, tmp_path / "ckpt")
-    stacked = mj.init_random(cfg, seed=3, dtype="float32", layout="stacked").params()
     for layout in ("stacked", "per_expert"):
         loaded = mj.load(tmp_path / "ckpt", dtype="float32", layout=layout)
-        assert loaded.layout == layout and loaded.cfg.num_hidden_layers == cfg.num_hidden_layers
-        want = stacked if layout == "stacked" else layout_lib.unstack_params(jax.tree.map(jnp.array, stacked))
+        assert loaded.layout == layout and loaded.cfg.num_hidden_layers == model.cfg.num_hidden_layers
+        want = models_and_expected[layout][1]
         for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(loaded.params()), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileExistsError, match="overwrite"):

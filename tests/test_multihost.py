@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,12 +18,10 @@ LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
 TIMEOUT_S = 240
 
 
-def _run(argv, devices: int, log_dir=None) -> str:
-    """Runs argv in its own process group; on timeout or failure the whole group is killed."""
+def _run(argv, devices: int, env=None) -> tuple[str, str]:
+    """Runs argv in its own process group; returns (stdout, stderr). On timeout or failure the group is killed."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    if log_dir is not None:
-        env["LOG_DIR"] = str(log_dir)
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -32,23 +31,40 @@ def _run(argv, devices: int, log_dir=None) -> str:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, f"exit {proc.returncode}: {err[-3000:]}"
-    return out
+    return out, err
 
 
-def _result(stdout: str) -> dict:
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, stdout
-    return json.loads(lines[0])
+# One launch across all three mesh axes (test_sharding.py covers expert=4,tensor=2 in one process).
+MESH = "data=2,expert=2,tensor=2"
+PROMPTS = [[1, 17, 300, 42, 9], [1, 5], [1, 400, 401, 402, 403, 404, 405, 406]]
 
 
-@pytest.mark.parametrize("mesh", ["data=2,expert=2,tensor=2", "expert=4,tensor=2"])
-def test_two_processes_equal_one(mesh, tmp_path):
-    two = _result(_run([LAUNCHER, "2", "4", *WORKER, "--mesh", mesh], devices=4, log_dir=tmp_path))
-    one = _result(_run([*WORKER, "--mesh", mesh], devices=8))
-    assert "{" not in (tmp_path / "process_1.log").read_text()  # only process 0 prints results
-    assert (two["processes"], two["devices"], one["processes"], one["devices"]) == (2, 8, 1, 8)
-    assert two["tokens"] == one["tokens"]
-    np.testing.assert_allclose(two["logits"], one["logits"], rtol=1e-5, atol=1e-6)
+def test_sample_cli_on_two_processes_equals_one(tmp_path):
+    """The sample CLI on 2 processes x 4 devices: its tokens, and the logits of the model it built, equal
+    those of the same model on this process's 8 devices."""
+    import mixtral_jax as mj
+    import multihost_worker
+
+    args = ["--mesh", MESH, *[f"--prompt_ids={','.join(map(str, p))}" for p in PROMPTS], "--max_new_tokens", "6",
+            "--json"]
+    stdout, stderr = _run([LAUNCHER, "2", "4", *WORKER, *args], devices=4,
+                          env={"LOG_DIR": str(tmp_path), "LOGITS_FILE": str(tmp_path / "logits.json")})
+    # --json: stdout is the JSON line only; Gloo's "Rank N is connected" lines, printed from C++ onto file
+    # descriptor 1, land on stderr instead. The header (random weights!) is on stderr; progress is quiet.
+    assert len(stdout.strip().splitlines()) == 1
+    assert "RANDOM weights" in stderr and "[mixtral_jax] initialising" not in stderr
+    two = json.loads(stdout)
+    log_1 = (tmp_path / "process_1.log").read_text()
+    assert "tokens" not in log_1 and "Gloo" in log_1  # process 0 alone prints results; the chatter is on stderr
+    two_logits = json.loads((tmp_path / "logits.json").read_text())
+    assert (two_logits["processes"], two_logits["devices"]) == (2, 8)
+
+    assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
+    model = mj.init_random(mj.load_config("tiny"), seed=0, dtype="float32", mesh=mj.make_mesh(MESH))
+    assert two["tokens"] == mj.generate(model, PROMPTS, max_new_tokens=6) and two["random_weights"] is True
+    assert len(two["tokens"]) == 3 and two["prompt_tokens"] == [len(p) for p in PROMPTS]
+    np.testing.assert_allclose(two_logits["logits"], multihost_worker.last_logits(model, PROMPTS[0]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_launcher_stops_everyone_when_a_process_fails(tmp_path):
@@ -167,20 +183,6 @@ def test_gpu_slurm_script_runs_one_process_per_gpu(tmp_path):
         "--kill-on-bad-exit=1", "python", "-m", "mixtral_jax.sample", "--mesh", "data=2,expert=4,tensor=2"]
     directives = [line for line in open(script) if line.startswith("#SBATCH")]
     assert "#SBATCH --ntasks-per-node=8\n" in directives and "#SBATCH --gpus-per-node=8\n" in directives
-
-
-def test_sample_cli_two_processes_equal_one(tmp_path):
-    args = ["-m", "mixtral_jax.sample", "--mesh", "expert=4,tensor=2", "--prompt_ids", "1,17,300,42",
-            "--prompt_ids", "1,5", "--max_new_tokens", "5", "--json"]
-    stdout = _run([LAUNCHER, "2", "4", sys.executable, *args], devices=4, log_dir=tmp_path)
-    # --json: stdout is the JSON line only. Gloo's "Rank N is connected" lines, printed from C++ onto file
-    # descriptor 1, land on stderr instead.
-    assert len(stdout.strip().splitlines()) == 1
-    two = json.loads(stdout)
-    one = json.loads(_run([sys.executable, *args], devices=8).strip().splitlines()[-1])
-    assert two["tokens"] == one["tokens"] and len(two["tokens"]) == 2
-    log_1 = (tmp_path / "process_1.log").read_text()
-    assert "tokens" not in log_1 and "Gloo" in log_1  # process 0 alone prints results; the chatter is on stderr
 
 
 def _session_pids(sid: int) -> list[int]:

@@ -29,60 +29,92 @@ def test_default_run_streams_text_and_summary():
     assert "tokens/s" in lines[-1]
 
 
-def test_json_batch_chat_and_ids():
-    r = _run("--prompt", "Hello", "--prompt", "A longer second prompt", "--prompt_ids", "1,22,333",
-             "--chat", "--max_new_tokens", "4", "--json", "--temperature", "0.7", "--top_k", "50", "--seed", "3")
-    assert r.returncode == 0, r.stderr
-    # --json: stdout is the JSON line alone; the header (random weights!) goes to stderr, progress is quiet.
-    assert len(r.stdout.strip().splitlines()) == 1 and "RANDOM weights" in r.stderr
-    assert "[mixtral_jax] initialising" not in r.stderr
-    out = json.loads(r.stdout)
-    assert len(out["tokens"]) == len(out["text"]) == 3
-    assert all(len(t) == 4 for t in out["tokens"])
-    # --prompt_ids come first, then the chat-wrapped texts: [INST] ... [/INST] in v1 plain text.
-    assert out["prompt_tokens"][0] == 3 and out["prompt_tokens"][1] > 5
-    assert out["random_weights"] is True and out["time_to_first_token_s"] > 0
+def _fail_if_called(monkeypatch, *where):
+    for owner, name in where:
+        def called(*args, _name=name, **kwargs):
+            raise AssertionError(f"{_name} was called before the input was checked")
+
+        monkeypatch.setattr(owner, name, called)
 
 
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Creating a device or model fails the test: flag errors come first. This host has 16 GB available."""
+    import jax
+
+    import mixtral_jax as mj
+    from mixtral_jax import distributed, plan, sample
+
+    _fail_if_called(monkeypatch, (mj, "init_random"), (mj, "load"), (plan, "ensure_virtual_devices"),
+                    (plan, "dry_run"), (distributed, "supervise"), (distributed, "initialize"), (jax, "devices"),
+                    (jax, "device_count"), (jax, "default_backend"))
+    # 16 GB available: at most 0.5 x 16e9 / 64 MiB = 119 virtual CPU devices.
+    monkeypatch.setattr(sample, "_host_bytes_available", lambda: 16 * 10**9)
+
+
+def _cli_in_process(capsys, *args) -> tuple[int, list[str]]:
+    """The CLI's entry point (its flag parser, then main) in this process: exit status and stderr lines."""
+    from mixtral_jax import sample
+
+    try:
+        with pytest.raises(SystemExit) as e:
+            sample.main(sample._parse_flags(["sample", *args]))
+    finally:
+        sample.FLAGS.unparse_flags()
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+# A traceback would leave main() as an exception rather than SystemExit, failing _cli_in_process.
 @pytest.mark.parametrize("args,message", [
     (["--config", "8x9b"], "unknown config '8x9b': use a preset (8x22b, 8x7b, tiny)"),
     (["--checkpoint", "/no/such/dir"], "--checkpoint /no/such/dir is not a directory"),
     (["--prompt", "  "], "--prompt is empty"),
     (["--max_new_tokens", "-1"], "--max_new_tokens must be >= 0"),
     (["--prompt_ids", "1,x"], "is not a comma-separated list of integers"),
-    (["--config", "8x22b"], "8x22b needs 562.5 GB for its weights in float32"),
-    (["--config", "8x22b", "--expert_dtype", "bfloat16"],
-     "8x22b needs 291.9 GB for its weights in float32 (experts in bfloat16)"),
     (["--expert_dtype", "bf15"], "--expert_dtype 'bf15' is not a dtype; use float32 or bfloat16"),
     (["--expert_dtype", "int8"], "expert_dtype must be a floating-point dtype"),
     (["--temprature", "0.5"], "Unknown command line flag 'temprature'. Did you mean: temperature"),
     (["--top_k", "many"], "flag --top_k=many"),
     (["extra"], "unexpected arguments ['extra']"),
 ])
-def test_bad_input_one_sentence_exit_2(args, message):
+def test_bad_input_one_sentence_exit_2(nothing_built, capsys, args, message):
+    status, err = _cli_in_process(capsys, *args)
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "8x22b"], "8x22b needs 562.5 GB for its weights in float32 but this host has 16.0 GB; run it on "
+                            "a pod with a mesh"),
+    (["--config", "8x22b", "--expert_dtype", "bfloat16"],
+     "8x22b needs 291.9 GB for its weights in float32 (experts in bfloat16) but this host has 16.0 GB"),
+])
+def test_too_big_for_this_host_one_sentence_exit_2(monkeypatch, capsys, args, message):
+    import mixtral_jax as mj
+    from mixtral_jax import sample
+
+    _fail_if_called(monkeypatch, (mj, "init_random"), (mj, "load"))
+    monkeypatch.setattr(sample, "_host_bytes_available", lambda: 16 * 10**9)
+    status, err = _cli_in_process(capsys, *args)
+    assert status == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temprature", "0.5"], "Unknown command line flag 'temprature'"),  # absl's parser
+    (["extra"], "unexpected arguments ['extra']"),  # main(), before any flag is checked
+    (["--config", "8x22b"], "8x22b needs 562.5 GB for its weights in float32"),  # run(), with JAX started
+])
+def test_bad_input_in_a_process_of_its_own(args, message):
+    # The real thing, one case per way out: only the one line reaches stderr (no JAX start-up chatter).
     r = _run(*args)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and "Traceback" not in r.stderr
+    assert len(err) == 1 and message in err[0] and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.fixture
-def checked_before_building(monkeypatch):
-    """Runs sample.run() in-process with a device or model creation failing the test: flag errors come first."""
-    import jax
-
-    import mixtral_jax as mj
-    from mixtral_jax import distributed, plan, sample
-
-    def created(*args, **kwargs):
-        raise AssertionError("a device or model was created before the flags were checked")
-
-    for owner, name in ((mj, "init_random"), (mj, "load"), (plan, "ensure_virtual_devices"), (plan, "dry_run"),
-                        (distributed, "supervise"), (distributed, "initialize"), (jax, "devices"),
-                        (jax, "device_count"), (jax, "default_backend")):
-        monkeypatch.setattr(owner, name, created)
-    # 16 GB available: at most 0.5 x 16e9 / 64 MiB = 119 virtual CPU devices.
-    monkeypatch.setattr(sample, "_host_bytes_available", lambda: 16 * 10**9)
+def checked_before_building(nothing_built):
+    """Runs sample.run() in-process; returns its UsageError's message."""
+    from mixtral_jax import sample
 
     def usage_error(*args) -> str:
         sample.FLAGS(["sample", *args])
@@ -134,7 +166,7 @@ def test_flags_are_checked_before_any_device_or_model(checked_before_building, a
     assert message in checked_before_building(*args)
 
 
-@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+@pytest.mark.parametrize("flag", ["-h", "--helpfull"])  # -h is rewritten to --help: it runs --help's path
 def test_help_exits_0(flag):
     r = _run(flag, timeout=60)
     assert r.returncode == 0 and "--temperature" in r.stdout and "--mesh" in r.stdout, r.stderr
@@ -146,8 +178,7 @@ def test_dry_run_that_does_not_fit_exits_2_with_the_plan():
     assert "total" in r.stdout and "does NOT fit in 0.001 GiB per device" in r.stdout
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "tiny on --mesh expert=2 needs" in errors[0] and "more than 0.001 GiB" in errors[0]
-    r = _run("--dry_run", "--mesh", "expert=2", "--max_seq_len", "64", "--device_memory_gb", "0.001", "--json")
-    assert r.returncode == 2 and json.loads(r.stdout)["fits"] is False
+    # The plan as JSON (--json) is the next test's; exit 2 does not depend on the format.
 
 
 def test_dry_run_without_device_memory_checks_this_host():
@@ -164,47 +195,76 @@ def _meminfo_gib(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) * 1024 / 2**30
 
 
-def test_checkpoint_greedy_equals_transformers(tmp_path):
+def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens, up to and including its first EOS (where the CLI stops)."""
     import torch
 
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    ref, eos = ref.tolist(), hf.config.eos_token_id
+    return ref[:ref.index(eos) + 1] if eos in ref else ref
+
+
+def test_checkpoint_greedy_equals_transformers(tmp_path):
     import mixtral_jax as mj
     from mixtral_jax import testing
 
     hf = testing.hf_model(seed=5, vocab_size=32000)
     testing.write_hf_checkpoint(hf, tmp_path / "hf")
     mj.convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="float32")
-    prompt = [1, 415, 2936, 9060]
-    r = _run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", ",".join(map(str, prompt)),
+    prompts = [[1, 415, 2936, 9060], [1, 22, 333]]
+    r = _run("--checkpoint", str(tmp_path / "ckpt"), *[f"--prompt_ids={','.join(map(str, p))}" for p in prompts],
              "--max_new_tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 4:].tolist()
-    eos = hf.config.eos_token_id
-    ref = ref[:ref.index(eos) + 1] if eos in ref else ref
-    assert out["tokens"] == [ref] and out["random_weights"] is False
+    # --json: stdout is the JSON line alone; the header goes to stderr, and progress is quiet.
+    assert len(r.stdout.strip().splitlines()) == 1 and f"weights from {tmp_path / 'ckpt'}" in r.stderr
+    assert "restor" not in r.stderr and "[mixtral_jax] weights ready" not in r.stderr
+    out = json.loads(r.stdout)
+    assert out["tokens"] == [_hf_greedy(hf, p, 6) for p in prompts] and len(out["text"]) == 2
+    assert out["prompt_tokens"] == [4, 3] and out["new_tokens"] == sum(len(t) for t in out["tokens"])
+    assert out["random_weights"] is False and out["time_to_first_token_s"] > 0
 
 
-def test_bfloat16_checkpoint_keeps_experts_in_bfloat16_and_equals_transformers(tmp_path):
-    # On the CPU a bf16 checkpoint runs in float32 with its experts kept in bf16 (the default there),
-    # and the tokens equal transformers' float32 run of the same checkpoint.
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    """A bf16 checkpoint converted from transformers, and transformers' float32 model of it."""
     import torch
     import transformers
 
     import mixtral_jax as mj
     from mixtral_jax import testing
 
-    testing.write_hf_checkpoint(testing.hf_model(seed=6, vocab_size=32000).to(torch.bfloat16), tmp_path / "hf")
-    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    mj.convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", dtype="bfloat16")
+    path = tmp_path_factory.mktemp("bf16")
+    testing.write_hf_checkpoint(testing.hf_model(seed=6, vocab_size=32000).to(torch.bfloat16), path / "hf")
+    hf = transformers.MixtralForCausalLM.from_pretrained(path / "hf", dtype=torch.float32).eval()
+    return mj.convert_hf_checkpoint(path / "hf", path / "ckpt", dtype="bfloat16"), hf
+
+
+def test_bfloat16_checkpoint_keeps_experts_in_bfloat16_and_equals_transformers(bf16_checkpoint):
+    # On the CPU a bf16 checkpoint runs in float32 with its experts kept in bf16 (the default there),
+    # and the tokens equal transformers' float32 run of the same checkpoint.
+    ckpt, hf = bf16_checkpoint
     prompt = [1, 415, 2936, 9060]
-    r = _run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", ",".join(map(str, prompt)),
-             "--max_new_tokens", "6", "--json")
+    r = _run("--checkpoint", ckpt, "--prompt_ids", ",".join(map(str, prompt)), "--max_new_tokens", "6", "--json")
     assert r.returncode == 0, r.stderr
     assert "float32 (experts kept in bfloat16)" in r.stderr
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 4:].tolist()
-    eos = hf.config.eos_token_id
-    ref = ref[:ref.index(eos) + 1] if eos in ref else ref
-    assert json.loads(r.stdout.strip().splitlines()[-1])["tokens"] == [ref]
-    r = _run("--checkpoint", str(tmp_path / "ckpt"), "--prompt_ids", "1,2", "--max_new_tokens", "1",
-             "--expert_dtype", "float32")
-    assert r.returncode == 0 and "float32 on 1 cpu" in r.stdout, r.stderr
+    assert json.loads(r.stdout)["tokens"] == [_hf_greedy(hf, prompt, 6)]
+
+
+def test_batch_of_ids_and_chat_texts_sampled_with_progress(bf16_checkpoint):
+    """Without --json: progress on stderr; the header, each row under its prompt, and the summary on stdout."""
+    import mixtral_jax as mj
+
+    texts = ["Hello", "A longer second prompt"]
+    r = _run("--checkpoint", bf16_checkpoint[0], "--expert_dtype", "float32", "--prompt_ids", "1,22,333",
+             "--prompt", texts[0], "--prompt", texts[1], "--chat", "--max_new_tokens", "4", "--temperature", "0.7",
+             "--top_k", "50", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "restoring" in r.stderr and "restored" in r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "float32 on 1 cpu" in lines[0] and "experts kept" not in lines[0]  # --expert_dtype float32 is honoured
+    # --prompt_ids first, then the texts wrapped as user turns ([INST] ... [/INST] in v1 plain text).
+    rows = [line for line in lines if line.startswith("--- ")]
+    assert len(rows) == 3 and all(f"[INST] {t} [/INST]" in row for t, row in zip(texts, rows[1:], strict=True))
+    tok = mj.load_tokenizer("8x7b")
+    chat = sum(len(tok.encode_chat([{"role": "user", "content": t}])) for t in texts)
+    assert lines[-1].startswith(f"[summary] prompt tokens {3 + chat}, new tokens 12, time to first token")
