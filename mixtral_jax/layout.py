@@ -185,6 +185,7 @@ def check(layout: str | None, mesh=None) -> str:
 # ---------------------------------------------------------------- conversions (load, save)
 
 
+@functools.cache  # one jit per (name, depth): a fresh one per load would compile every time
 def _unstack_fn(name: str, num_layers: int):
     """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
     wo [L, H, Dh, D] -> L [D, H * Dh]."""

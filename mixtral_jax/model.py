@@ -310,9 +310,14 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
       A `Mixtral`.
     """
     layout = layout_lib.check(layout, mesh)
-    dtype = jnp.dtype(dtype)
-    shardings = None if mesh is None else param_shardings(cfg, mesh)
-    init = jax.jit(functools.partial(init_params, cfg, dtype=dtype, expert_dtype=expert_dtype),
-                   out_shardings=shardings)
-    params = init(jax.random.key(seed))
+    params = _jitted_init(cfg, jnp.dtype(dtype), None if expert_dtype is None else jnp.dtype(expert_dtype),
+                          mesh)(jax.random.key(seed))
     return Mixtral(cfg, layout_lib.get(layout).from_stacked(params), mesh)
+
+
+@functools.cache
+def _jitted_init(cfg: MixtralConfig, dtype, expert_dtype, mesh):
+    # One jitted function per model, dtypes and mesh: a fresh jit per call would compile every time.
+    shardings = None if mesh is None else param_shardings(cfg, mesh)
+    return jax.jit(functools.partial(init_params, cfg, dtype=dtype, expert_dtype=expert_dtype),
+                   out_shardings=shardings)
