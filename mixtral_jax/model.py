@@ -58,6 +58,7 @@ Params = dict[str, Any]
 EXPERT_PARAMS = ("w1", "w3", "w2")
 LAYOUTS = ("stacked", "per_expert")
 ACT_BTD = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
+ACT_BTV = ("batch", "seq", "vocab")  # logits [B, T, V], split over vocab like the lm_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,7 +403,11 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
         rows = layers.linear_t(h.reshape(-1, h.shape[-1]), params["lm_head"], preferred_element_type=jnp.float32)
         logits = rows.reshape(*h.shape[:-1], -1)
     else:
+        # Vocab-sharded logits: each tensor shard multiplies its rows by its own columns of the
+        # lm_head, so only activations and logits travel, never the [D, V] weight.
+        h = sharding.constrain(h, mesh, ACT_BTD)
         logits = jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, mesh, ACT_BTV)
     return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
 
 

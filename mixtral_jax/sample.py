@@ -31,10 +31,16 @@ flags.DEFINE_string("expert_dtype", None, "Keep the expert weights in this dtype
                     "bfloat16 for a bfloat16 checkpoint run in float32 on one CPU device with the C++ kernel (exact, half the memory and "
                     "decode bytes), else --dtype.")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
-flags.DEFINE_boolean("dry_run", False, "Plan memory per device for --config on --mesh; allocate nothing.")
+flags.DEFINE_boolean("dry_run", False, "Plan memory (and, with --topology, speed) per device for --config on --mesh; "
+                     "allocate nothing. Exit status 2 when the plan does not fit.")
+flags.DEFINE_string("topology", None, "Dry run: compile for this TPU slice with the TPU compiler (libtpu, no TPU "
+                    "needed), e.g. v5e:1x1, v5e:2x4, v5e:8x8, v6e:4x4, v4:2x2x1, v5p:4x4x4; unset: virtual CPU "
+                    "devices, float32 (an upper bound).")
 flags.DEFINE_integer("batch", 1, "Dry run: batch size.")
 flags.DEFINE_integer("max_seq_len", None, "Dry run: KV-cache length (default: the model's positions).")
-flags.DEFINE_float("device_memory_gb", None, "Dry run: memory per device to check the plan against.")
+flags.DEFINE_integer("prompt_len", None, "Dry run: prefill length (default: min(max_seq_len, 2048)).")
+flags.DEFINE_float("device_memory_gb", None, "Dry run: memory per device in GiB to check the plan against "
+                   "(default with --topology: the chip's HBM).")
 flags.DEFINE_boolean("json", False, "End the output with one JSON line of tokens, text and timings.")
 flags.DEFINE_float("capacity_factor", None, "Expert-parallel capacity per expert (tokens x k / E x factor); "
                    "unset is dropless. Only on a --mesh of more than one device.")
@@ -114,17 +120,19 @@ def _prompts(tok, cfg) -> list[list[int]]:
 
 
 def dry_run() -> int:
-    """--dry_run: per-device memory of --config on --mesh, from an AOT compile on abstract arrays."""
+    """--dry_run: the plan of --config on --mesh, from an AOT compile on abstract arrays; 2 if it does not fit."""
     from mixtral_jax import plan
 
     if not FLAGS.mesh:
         raise UsageError("--dry_run needs --mesh, e.g. --mesh expert=8,tensor=8.")
-    plan.ensure_virtual_devices(plan.mesh_size(FLAGS.mesh))
+    if FLAGS.topology is None:
+        plan.ensure_virtual_devices(plan.mesh_size(FLAGS.mesh))
     result = plan.dry_run(FLAGS.checkpoint or FLAGS.config, FLAGS.mesh, batch=FLAGS.batch,
-                          max_seq_len=FLAGS.max_seq_len, dtype=FLAGS.dtype or "bfloat16",
-                          device_memory_gb=FLAGS.device_memory_gb, capacity_factor=FLAGS.capacity_factor)
+                          max_seq_len=FLAGS.max_seq_len, prompt_len=FLAGS.prompt_len, dtype=FLAGS.dtype or "bfloat16",
+                          device_memory_gb=FLAGS.device_memory_gb, capacity_factor=FLAGS.capacity_factor,
+                          topology=FLAGS.topology)
     print(json.dumps(result) if FLAGS.json else plan.summary(result))
-    return 0
+    return 2 if result["fits"] is False else 0
 
 
 def run() -> int:
@@ -229,6 +237,9 @@ def run() -> int:
 
 def main(argv):
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" noise on CPU
+    from mixtral_jax import topology
+
+    topology.quiet_libtpu_without_tpu()  # the tpu extra on a host without TPUs: no libtpu start-up warnings
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; flags look like --prompt 'text'.", file=sys.stderr)
         sys.exit(2)
