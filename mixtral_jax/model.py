@@ -393,7 +393,8 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
             h, kv, routing = body(h, lp, cache=kv, layer=l)
             # The carried cache keeps its own sharding: left to propagation, XLA may pick another
             # inside the loop and all-gather the whole cache after it.
-            kv = tuple(sharding.constrain(c, mesh, sharding.CACHE_AXES["k"]) for c in kv)
+            if kv is not None:
+                kv = tuple(sharding.constrain(c, mesh, sharding.CACHE_AXES["k"]) for c in kv)
             return (h, kv), routing
 
         num_layers = params["layers"]["wq"].shape[0]
