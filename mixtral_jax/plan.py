@@ -321,13 +321,16 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
     if plan["fits"] is not None:
         lines.append(f"  {'fits' if plan['fits'] else 'does NOT fit'} in {plan['device_memory_gb']} GiB per device")
     if plan["platform"] == "tpu":
-        for step, unit in (("prefill", "tokens/s"), ("decode", "steps/s")):
+        lines.append(f"  roofline on {plan['chip']} (published peak FLOP/s, HBM and ICI bandwidth; the slowest "
+                     "of the three), per step and device:")
+        for step in ("prefill", "decode"):
             r = plan[step]
-            rate = r.get("est_tokens_per_s") if step == "prefill" else 1 / r["est_step_s"]
+            tokens = plan["batch"] * (plan["prompt_len"] if step == "prefill" else 1)
             lines.append(
                 f"  {step:<8} {_si(r['flops_per_device'], 'FLOP')}, HBM {_si(r['hbm_bytes_per_device'], 'B')}, "
-                f"collectives {_si(r['collective_bytes_per_device'], 'B')} per device; roofline "
-                f"{r['est_step_s'] * 1e3:.2f} ms ({r['bound']}-bound), {rate:,.0f} {unit}")
+                f"collectives {_si(r['collective_bytes_per_device'], 'B')}: {r['est_step_s'] * 1e3:.2f} ms "
+                f"({r['bound']}-bound), {tokens / r['est_step_s']:,.0f} tokens/s"
+                + ("" if r["costs_exact"] else " (other loops counted once: FLOPs and bytes are lower bounds)"))
             for c in r["collectives"][:max_collectives]:
                 lines.append(f"      {c['op']:<18} {c['shape']:<24} {_si(c['bytes'], 'B'):>10} x {c['count']:<3} "
                              f"{c['op_name'].split('/', 1)[-1][-60:]}")

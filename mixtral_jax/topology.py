@@ -122,8 +122,6 @@ def quiet_libtpu_without_tpu(env=os.environ) -> None:
     env.setdefault("TPU_SKIP_MDS_QUERY", "1")
     env.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    # Compile-only clients in several processes at once (tests, a planner next to a notebook).
-    env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def libtpu_installed() -> bool:
@@ -145,6 +143,8 @@ def tpu_devices(topology: Topology | str):
         raise ValueError(f"--topology {topo.name} compiles with the TPU compiler, which comes with libtpu; "
                          "install it with pip install -e \".[tpu]\" (or plan on CPU devices without --topology).")
     quiet_libtpu_without_tpu()
+    # A compile-only client may share the host with others (tests in parallel, a notebook holding the TPU).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topo.name,
