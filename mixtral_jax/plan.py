@@ -19,15 +19,16 @@ targets:
 
 XLA's cost analysis counts a loop body once, and the layers run as one
 `lax.scan`: the full model's figures hold embedding + head + ONE layer. The
-per-layer share comes from a second compile of the same step and model with
-the vocabulary cut to one row per tensor shard, so that embedding, lm_head
-and sampling cost next to nothing and its figures are one layer's: whole
-model = full compile + (L - 1) × that compile. The second model keeps all L
-layers because the body's code depends on them: with one layer XLA drops the
-loop, and with two it prefetches whole stacked weights into on-chip memory,
-each changing the body's bytes by 1.5-2.7x (8x7B decode on v5e:2x4; see
-docs/planning.md). Collectives need no such step: `hlo.collectives`
-multiplies each by the trip count of the loops around it.
+per-layer share comes from compiles of the same step and model with the
+vocabulary cut to one row per tensor shard, so that embedding, lm_head and
+sampling cost next to nothing and their figures are one layer's: whole model
+= full compile + (L - 1) × that share. The cut model keeps all L layers
+because the body's code depends on them (with one layer XLA drops the loop,
+with two it prefetches whole stacked weights on chip), and is compiled again
+at L/2: the cost model charges an in-place KV-cache update in the loop with
+the whole [L, ...] cache, a term that grows with L and is dropped
+(docs/planning.md has the figures). Collectives need no such step:
+`hlo.collectives` multiplies each by the trip count of the loops around it.
 
 The virtual CPU devices must exist before JAX starts its CPU backend: a CLI
 calls `ensure_virtual_devices(n)` first; `dry_run` called later in a process
@@ -123,18 +124,35 @@ def _short_shape(shape: str) -> str:
     return re.sub(r"\{[^{}]*\}", "", shape)
 
 
-def _step_report(compiled, layer_compiled, num_layers: int, chip, tokens: int | None) -> dict[str, Any]:
+def _whole_model_costs(compiled, cut, cut_half, num_layers: int):
+    """(FLOPs, HBM bytes, HBM bytes per layer dropped as whole-buffer charges) of a whole step.
+
+    `cut` and `cut_half` compile the same step with the vocabulary cut, at the full depth L and at
+    L // 2 (None when L < 4): their figures are one layer's (the scan body, counted once). A term
+    of that share growing with L is the cost model charging an in-place update of the carried KV
+    cache with the whole [L, ...] buffer; it is dropped, so one layer costs what does not grow.
+    """
+    full = _cost(compiled)
+    per_layer = _cost(cut)
+    growth = (0.0, 0.0)
+    if cut_half is not None:
+        half = _cost(cut_half)
+        growth = tuple(max((a - b) / (num_layers - num_layers // 2), 0.0) for a, b in zip(per_layer, half))
+        per_layer = tuple(a - g * num_layers for a, g in zip(per_layer, growth))
+    flops, hbm = (f - g * num_layers + (num_layers - 1) * p for f, g, p in zip(full, growth, per_layer))
+    return flops, hbm, growth[1] * num_layers
+
+
+def _step_report(compiled, cut, cut_half, num_layers: int, chip, tokens: int) -> dict[str, Any]:
     """Memory, scan-corrected costs, collectives and roofline estimate of one compiled step."""
     m = compiled.memory_analysis()
-    flops, hbm = _cost(compiled)
-    layer_flops, layer_hbm = _cost(layer_compiled)
-    flops += (num_layers - 1) * layer_flops
-    hbm += (num_layers - 1) * layer_hbm
+    flops, hbm, dropped = _whole_model_costs(compiled, cut, cut_half, num_layers)
     text = compiled.as_text()
     found = hlo.collectives(text)
     # Loops other than the layer scan (trip count num_layers; none left when it is 1) have their bodies
     # counted once by the cost analysis, which then undercounts.
-    extra_loops = [l for l in hlo.loops(text) + hlo.loops(layer_compiled.as_text()) if l.trips != num_layers]
+    extra_loops = [l for c in (compiled, cut, cut_half) if c is not None for l in hlo.loops(c.as_text())
+                   if l.trips not in (num_layers, num_layers // 2)]
     coll = hlo.total_bytes(found)
     times = {"compute": flops / chip.bf16_flops, "hbm": hbm / chip.hbm_bytes_per_s, "ici": coll / chip.ici_bytes_per_s}
     step_s = max(times.values())
@@ -143,6 +161,7 @@ def _step_report(compiled, layer_compiled, num_layers: int, chip, tokens: int | 
         "peak_bytes_per_device": _peak(compiled),
         "flops_per_device": flops,
         "hbm_bytes_per_device": hbm,
+        "hbm_whole_buffer_bytes_dropped_per_layer": dropped,
         "collective_bytes_per_device": coll,
         "collectives": [{"op": c.op, "shape": _short_shape(c.shape), "bytes": c.bytes, "count": c.count,
                          "group_size": c.group_size, "op_name": c.op_name}
@@ -151,9 +170,8 @@ def _step_report(compiled, layer_compiled, num_layers: int, chip, tokens: int | 
         "est_step_s": step_s,
         "bound": max(times, key=times.get),
         "roofline_s": times,
+        "est_tokens_per_s": tokens / step_s,
     }
-    if tokens is not None:
-        out["est_tokens_per_s"] = tokens / step_s
     return out
 
 
@@ -206,13 +224,20 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
     mesh = sharding.make_mesh(mesh_spec, topology_lib.tpu_devices(topo))
     prefill_c, decode_c, seconds = _compile_steps(cfg, mesh, batch, prompt_len, max_seq_len, dtype, capacity_factor)
     # One vocabulary row per tensor shard: what is left outside the layer scan costs next to nothing,
-    # so the cost analysis (which counts the scan body once) gives one layer's share of each step.
-    layer_cfg = dataclasses.replace(cfg, vocab_size=mesh.shape["tensor"])
-    prefill_1, decode_1, layer_seconds = _compile_steps(layer_cfg, mesh, batch, prompt_len, max_seq_len, dtype,
-                                                        capacity_factor)
-    chip, num_layers = topo.chip, cfg.num_hidden_layers
-    pre = _step_report(prefill_c, prefill_1, num_layers, chip, batch * prompt_len)
-    dec = _step_report(decode_c, decode_1, num_layers, chip, batch)
+    # so the cost analysis (which counts the scan body once) gives one layer's share of each step;
+    # at full and at half depth, to tell a share that grows with the depth (_whole_model_costs).
+    num_layers, chip = cfg.num_hidden_layers, topo.chip
+    cut = dataclasses.replace(cfg, vocab_size=mesh.shape["tensor"])
+    prefill_cut, decode_cut, cut_seconds = _compile_steps(cut, mesh, batch, prompt_len, max_seq_len, dtype,
+                                                          capacity_factor)
+    prefill_half = decode_half = None
+    if num_layers >= 4:
+        prefill_half, decode_half, half_seconds = _compile_steps(
+            dataclasses.replace(cut, num_hidden_layers=num_layers // 2), mesh, batch, prompt_len, max_seq_len,
+            dtype, capacity_factor)
+        cut_seconds = tuple(a + b for a, b in zip(cut_seconds, half_seconds))
+    pre = _step_report(prefill_c, prefill_cut, prefill_half, num_layers, chip, batch * prompt_len)
+    dec = _step_report(decode_c, decode_cut, decode_half, num_layers, chip, batch)
     params = model_lib.abstract_params(cfg, dtype, mesh)
     peak = max(pre["peak_bytes_per_device"], dec["peak_bytes_per_device"])
     memory_gb = chip.hbm_gib if device_memory_gb is None else device_memory_gb
@@ -231,7 +256,7 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
         "est_prefill_tokens_per_s": pre["est_tokens_per_s"],
         "prefill": pre, "decode": dec,
         "compile_seconds": {"prefill": round(seconds[0], 1), "decode": round(seconds[1], 1),
-                            "per_layer_share": round(sum(layer_seconds), 1)},
+                            "per_layer_share": round(sum(cut_seconds), 1)},
     }
 
 
