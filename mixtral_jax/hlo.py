@@ -208,6 +208,20 @@ def collectives(hlo_text: str) -> list[Collective]:
     return found
 
 
+def entry_copy_bytes(hlo_text: str) -> int:
+    """Bytes the top level of the program moves in layout copies (each read once and written once),
+    e.g. a loop-carried buffer whose layout inside the loop differs from the program's arguments."""
+    comps, _, _, _, _ = _parse(hlo_text)
+    entry = list(comps)[-1]  # the text ends with ENTRY
+    total = 0
+    for _, shape, op, _ in comps[entry]:
+        if op == "copy":
+            total += 2 * sum(_array_bytes(shape))
+        elif op == "copy-start":  # (destination, source, context): one array's worth
+            total += 2 * max(_array_bytes(shape), default=0)
+    return total
+
+
 def total_bytes(found: list[Collective]) -> int:
     """Bytes every device sends or receives through collectives in one call of the program."""
     return sum(c.bytes_per_call for c in found)

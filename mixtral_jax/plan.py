@@ -24,10 +24,11 @@ vocabulary cut to one row per tensor shard, so that embedding, lm_head and
 sampling cost next to nothing and their figures are one layer's: whole model
 = full compile + (L - 1) × that share. The cut model keeps all L layers
 because the body's code depends on them (with one layer XLA drops the loop,
-with two it prefetches whole stacked weights on chip), and is compiled again
-at L/2: the cost model charges an in-place KV-cache update in the loop with
-the whole [L, ...] cache, a term that grows with L and is dropped
-(docs/planning.md has the figures). Collectives need no such step:
+with two it prefetches whole stacked weights on chip). The cost model also
+charges the in-place KV-cache update inside the loop with the whole
+[L, ..., S, ...] cache, so a layer's bytes come from compiles with a short
+cache plus the real read of S slots (see `_whole_model_costs`;
+docs/planning.md has the figures). Collectives need no such step:
 `hlo.collectives` multiplies each by the trip count of the loops around it.
 
 The virtual CPU devices must exist before JAX starts its CPU backend: a CLI
@@ -82,13 +83,13 @@ def _bytes_per_device(abstract_tree) -> int:
     return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract_tree))
 
 
-def _compile_steps(cfg: MixtralConfig, mesh, batch: int, prompt_len: int, max_seq_len: int, dtype,
-                   capacity_factor: float | None):
-    """Compiled (prefill, decode_step) for abstract params and cache in `dtype` on `mesh`, and their seconds."""
-    cache_shardings = sharding.cache_shardings(cfg, batch, max_seq_len, mesh)
+def _compile(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
+             capacity_factor: float | None):
+    """`generate.prefill` or `generate.decode_step` compiled for abstract params and a `cache_len`-slot cache."""
+    cache_shardings = sharding.cache_shardings(cfg, batch, cache_len, mesh)
     params = model_lib.abstract_params(cfg, dtype, mesh)
     cache = {name: jax.ShapeDtypeStruct(shape, jnp.int32 if name == "pos" else dtype, sharding=cache_shardings[name])
-             for name, shape in sharding.cache_shapes(cfg, batch, max_seq_len).items()}
+             for name, shape in sharding.cache_shapes(cfg, batch, cache_len).items()}
 
     def ids(shape):
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.named_sharding(
@@ -97,13 +98,10 @@ def _compile_steps(cfg: MixtralConfig, mesh, batch: int, prompt_len: int, max_se
     key = jax.eval_shape(lambda: jax.random.key(0))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     static = dict(cfg=cfg, strategy="sparse", sampling=SamplingParams(), mesh=mesh, capacity_factor=capacity_factor)
-    t0 = time.perf_counter()
-    prefill_c = prefill.lower(params, ids((batch, prompt_len)), ids((batch, prompt_len)), cache, key,
-                              **static).compile()
-    t1 = time.perf_counter()
-    decode_c = decode_step.lower(params, ids((batch,)), ids((batch,)), scalar, cache, key, scalar, **static).compile()
-    t2 = time.perf_counter()
-    return prefill_c, decode_c, (t1 - t0, t2 - t1)
+    if step == "prefill":
+        return prefill.lower(params, ids((batch, prompt_len)), ids((batch, prompt_len)), cache, key,
+                             **static).compile()
+    return decode_step.lower(params, ids((batch,)), ids((batch,)), scalar, cache, key, scalar, **static).compile()
 
 
 def _peak(compiled) -> int:
@@ -124,36 +122,63 @@ def _short_shape(shape: str) -> str:
     return re.sub(r"\{[^{}]*\}", "", shape)
 
 
-def _whole_model_costs(compiled, cut, cut_half, num_layers: int):
-    """(FLOPs, HBM bytes, HBM bytes per layer dropped as whole-buffer charges) of a whole step.
+def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
+                       capacity_factor: float | None, full) -> tuple[float, float, list]:
+    """(FLOPs, HBM bytes, of which top-level layout copies) of a whole `step` (`full`, its compile,
+    counts the layer scan's body once), and the extra compiles made for it.
 
-    `cut` and `cut_half` compile the same step with the vocabulary cut, at the full depth L and at
-    L // 2 (None when L < 4): their figures are one layer's (the scan body, counted once). A term
-    of that share growing with L is the cost model charging an in-place update of the carried KV
-    cache with the whole [L, ...] buffer; it is dropped, so one layer costs what does not grow.
+    Compiles of the same step with the vocabulary cut to one row per tensor shard hold one layer
+    (embedding, lm_head and sampling then cost next to nothing). FLOPs: full + (L - 1) x the cut
+    compile's. Bytes: the cost model charges the in-place KV-cache update in the loop with the
+    whole [L, ..., S, ...] cache, so the layer's bytes come from cut compiles with a short cache:
+    decode at 16 and 32 slots, whose difference per slot less the cache's own bytes per slot is
+    that charge (removed), plus the real read of S slots; prefill at the prompt's T slots (it reads
+    no others), the charge for those left in.
     """
-    full = _cost(compiled)
-    per_layer = _cost(cut)
-    growth = (0.0, 0.0)
-    if cut_half is not None:
-        half = _cost(cut_half)
-        growth = tuple(max((a - b) / (num_layers - num_layers // 2), 0.0) for a, b in zip(per_layer, half))
-        per_layer = tuple(a - g * num_layers for a, g in zip(per_layer, growth))
-    flops, hbm = (f - g * num_layers + (num_layers - 1) * p for f, g, p in zip(full, growth, per_layer))
-    return flops, hbm, growth[1] * num_layers
+    num_layers = cfg.num_hidden_layers
+    cut = dataclasses.replace(cfg, vocab_size=mesh.shape["tensor"])
+    copies = hlo.entry_copy_bytes(full.as_text())
+    compile_cut = lambda slots: _compile(step, cut, mesh, batch, prompt_len, slots, dtype, capacity_factor)
+    cut_full_cache = compile_cut(cache_len)
+    (flops, hbm), (layer_flops, cut_hbm) = _cost(full), _cost(cut_full_cache)
+    # The vocabulary's part (embedding, lm_head, sampling), and the program's top-level layout copies
+    # (which both compiles make, e.g. of the whole cache around the loop).
+    outside_hbm = hbm - cut_hbm + copies
+    extra = [cut_full_cache]
+    if step == "prefill":
+        short = compile_cut(prompt_len) if prompt_len < cache_len else cut_full_cache
+        layer_hbm = _cost(short)[1]
+        extra.append(short)
+    elif cache_len > 32:
+        c16, c32 = compile_cut(16), compile_cut(32)
+        slope = (_cost(c32)[1] - _cost(c16)[1]) / 16
+        shard = sharding.cache_shardings(cfg, batch, cache_len, mesh)["k"].shard_shape(
+            sharding.cache_shapes(cfg, batch, cache_len)["k"])  # [L, B, K, S, Dh] on one device
+        slot = 2 * shard[1] * shard[2] * shard[4] * jnp.dtype(dtype).itemsize  # k and v, one layer
+        layer_hbm = _cost(c16)[1] - 16 * slope + slot * cache_len
+        extra += [c16, c32]
+    else:
+        layer_hbm = cut_hbm
+    return flops + (num_layers - 1) * layer_flops, outside_hbm + num_layers * layer_hbm, copies, extra
 
 
-def _step_report(compiled, cut, cut_half, num_layers: int, chip, tokens: int) -> dict[str, Any]:
-    """Memory, scan-corrected costs, collectives and roofline estimate of one compiled step."""
+def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
+                 capacity_factor: float | None, chip) -> dict[str, Any]:
+    """Memory, whole-model costs, collectives and roofline estimate of one step on a TPU mesh."""
+    t0 = time.perf_counter()
+    compiled = _compile(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor)
+    t1 = time.perf_counter()
+    flops, hbm, copies, extra = _whole_model_costs(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor,
+                                           compiled)
+    t2 = time.perf_counter()
     m = compiled.memory_analysis()
-    flops, hbm, dropped = _whole_model_costs(compiled, cut, cut_half, num_layers)
     text = compiled.as_text()
     found = hlo.collectives(text)
-    # Loops other than the layer scan (trip count num_layers; none left when it is 1) have their bodies
-    # counted once by the cost analysis, which then undercounts.
-    extra_loops = [l for c in (compiled, cut, cut_half) if c is not None for l in hlo.loops(c.as_text())
-                   if l.trips not in (num_layers, num_layers // 2)]
+    # Loops other than the layer scan (trip count L; none left when L is 1) have their bodies counted
+    # once by the cost analysis, which then undercounts.
+    extra_loops = [l for c in [compiled] + extra for l in hlo.loops(c.as_text()) if l.trips != cfg.num_hidden_layers]
     coll = hlo.total_bytes(found)
+    tokens = batch * (prompt_len if step == "prefill" else 1)
     times = {"compute": flops / chip.bf16_flops, "hbm": hbm / chip.hbm_bytes_per_s, "ici": coll / chip.ici_bytes_per_s}
     step_s = max(times.values())
     out = {
@@ -161,7 +186,7 @@ def _step_report(compiled, cut, cut_half, num_layers: int, chip, tokens: int) ->
         "peak_bytes_per_device": _peak(compiled),
         "flops_per_device": flops,
         "hbm_bytes_per_device": hbm,
-        "hbm_whole_buffer_bytes_dropped_per_layer": dropped,
+        "layout_copy_bytes_per_device": copies,
         "collective_bytes_per_device": coll,
         "collectives": [{"op": c.op, "shape": _short_shape(c.shape), "bytes": c.bytes, "count": c.count,
                          "group_size": c.group_size, "op_name": c.op_name}
@@ -171,6 +196,7 @@ def _step_report(compiled, cut, cut_half, num_layers: int, chip, tokens: int) ->
         "bound": max(times, key=times.get),
         "roofline_s": times,
         "est_tokens_per_s": tokens / step_s,
+        "compile_seconds": {"step": round(t1 - t0, 1), "per_layer_share": round(t2 - t1, 1)},
     }
     return out
 
@@ -222,22 +248,9 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
 
     topo = topology_lib.parse_topology(topology)
     mesh = sharding.make_mesh(mesh_spec, topology_lib.tpu_devices(topo))
-    prefill_c, decode_c, seconds = _compile_steps(cfg, mesh, batch, prompt_len, max_seq_len, dtype, capacity_factor)
-    # One vocabulary row per tensor shard: what is left outside the layer scan costs next to nothing,
-    # so the cost analysis (which counts the scan body once) gives one layer's share of each step;
-    # at full and at half depth, to tell a share that grows with the depth (_whole_model_costs).
-    num_layers, chip = cfg.num_hidden_layers, topo.chip
-    cut = dataclasses.replace(cfg, vocab_size=mesh.shape["tensor"])
-    prefill_cut, decode_cut, cut_seconds = _compile_steps(cut, mesh, batch, prompt_len, max_seq_len, dtype,
-                                                          capacity_factor)
-    prefill_half = decode_half = None
-    if num_layers >= 4:
-        prefill_half, decode_half, half_seconds = _compile_steps(
-            dataclasses.replace(cut, num_hidden_layers=num_layers // 2), mesh, batch, prompt_len, max_seq_len,
-            dtype, capacity_factor)
-        cut_seconds = tuple(a + b for a, b in zip(cut_seconds, half_seconds))
-    pre = _step_report(prefill_c, prefill_cut, prefill_half, num_layers, chip, batch * prompt_len)
-    dec = _step_report(decode_c, decode_cut, decode_half, num_layers, chip, batch)
+    chip = topo.chip
+    run = (cfg, mesh, batch, prompt_len, max_seq_len, dtype, capacity_factor, chip)
+    pre, dec = _step_report("prefill", *run), _step_report("decode", *run)
     params = model_lib.abstract_params(cfg, dtype, mesh)
     peak = max(pre["peak_bytes_per_device"], dec["peak_bytes_per_device"])
     memory_gb = chip.hbm_gib if device_memory_gb is None else device_memory_gb
@@ -255,8 +268,6 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
         "est_decode_step_s": dec["est_step_s"],
         "est_prefill_tokens_per_s": pre["est_tokens_per_s"],
         "prefill": pre, "decode": dec,
-        "compile_seconds": {"prefill": round(seconds[0], 1), "decode": round(seconds[1], 1),
-                            "per_layer_share": round(sum(cut_seconds), 1)},
     }
 
 
@@ -281,8 +292,11 @@ def _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_m
                                       dtype=dtype.name, device_memory_gb=device_memory_gb,
                                       capacity_factor=capacity_factor)
     mesh = sharding.make_mesh(mesh_spec, jax.devices("cpu")[:n])
-    prefill_c, decode_c, seconds = _compile_steps(cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32,
-                                                  capacity_factor)
+    t0 = time.perf_counter()
+    prefill_c = _compile("prefill", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor)
+    t1 = time.perf_counter()
+    decode_c = _compile("decode", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor)
+    seconds = (t1 - t0, time.perf_counter() - t1)
     common = _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor,
                      model_lib.abstract_params(cfg, dtype, mesh))
     temps = {"prefill": prefill_c.memory_analysis().temp_size_in_bytes,

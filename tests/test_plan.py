@@ -191,9 +191,11 @@ def test_tpu_plan_bytes_and_costs_against_hand_arithmetic():
     ideal = tokens * cfg.num_hidden_layers * (attn + moe_ideal) + 2 * b * d * cfg.vocab_size
     total = r["prefill_flops_per_device"] * r["devices"]
     assert ideal <= total <= tokens * cfg.num_hidden_layers * (attn + moe_ideal * e / k) * 1.5 + 2 * b * d * cfg.vocab_size
-    # A decode step reads every weight it holds at least once (the embedding only in the rows it looks up).
+    # A decode step reads every weight it holds at least once (the embedding only in the rows it looks up);
+    # the cost model also counts copies into on-chip memory, which for weights this small hold all of them.
     embed_bytes = cfg.vocab_size * d * 2 // 2
-    assert r["decode_hbm_bytes_per_device"] >= r["params_bytes_per_device"] - embed_bytes
+    held = r["params_bytes_per_device"] + r["kv_cache_bytes_per_device"]
+    assert held - embed_bytes <= r["decode_hbm_bytes_per_device"] <= 4 * held
     assert r["prefill"]["costs_exact"] and r["decode"]["costs_exact"]
     # The roofline: the slowest of compute, memory and collectives at the chip's published rates.
     chip = topology.CHIPS["v5e"]
