@@ -57,6 +57,9 @@ from mixtral_jax.generate import SamplingParams, decode_step, prefill
 
 DEFAULT_PROMPT_LEN = 2048
 GIB = 2**30
+# The TPU compiler's refusal of a program larger than HBM (sizes in binary units).
+_OUT_OF_HBM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def mesh_size(mesh_spec: str) -> int:
@@ -164,12 +167,25 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
 
 def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
                  capacity_factor: float | None, chip) -> dict[str, Any]:
-    """Memory, whole-model costs, collectives and roofline estimate of one step on a TPU mesh."""
+    """Memory, whole-model costs, collectives and roofline estimate of one step on a TPU mesh.
+
+    A step that does not fit the chip's HBM does not compile: then only what the compiler says
+    (`does_not_fit`: bytes needed and available per device) is reported.
+    """
     t0 = time.perf_counter()
-    compiled = _compile(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor)
+    try:
+        compiled = _compile(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor)
+    except jax.errors.JaxRuntimeError as e:
+        m = _OUT_OF_HBM.search(str(e))
+        if not m:
+            raise
+        need, have = (float(x) * _UNITS[u] for x, u in (m.group(1, 2), m.group(3, 4)))
+        return {"does_not_fit": {"needed_bytes_per_device": int(need), "available_bytes_per_device": int(have),
+                                 "message": m.group(0)},
+                "peak_bytes_per_device": int(need), "temp_bytes_per_device": None}
     t1 = time.perf_counter()
-    flops, hbm, copies, extra = _whole_model_costs(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor,
-                                           compiled)
+    flops, hbm, copies, extra = _whole_model_costs(step, cfg, mesh, batch, prompt_len, cache_len, dtype,
+                                                   capacity_factor, compiled)
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
     text = compiled.as_text()
@@ -254,19 +270,21 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
     params = model_lib.abstract_params(cfg, dtype, mesh)
     peak = max(pre["peak_bytes_per_device"], dec["peak_bytes_per_device"])
     memory_gb = chip.hbm_gib if device_memory_gb is None else device_memory_gb
+    compiled = "does_not_fit" not in pre and "does_not_fit" not in dec
+    get = lambda r, key: r[key] if compiled else None
     return {
         **_common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, params),
         "platform": "tpu", "topology": topo.name, "chip": chip.name,
         "compiled_as": f"{dtype.name} by the TPU compiler (libtpu) for {topo.name}",
         "peak_bytes_per_device": peak,
         "device_memory_gb": memory_gb,
-        "fits": peak <= memory_gb * GIB,
-        "prefill_flops_per_device": pre["flops_per_device"],
-        "decode_hbm_bytes_per_device": dec["hbm_bytes_per_device"],
-        "decode_collective_bytes_per_device": dec["collective_bytes_per_device"],
-        "prefill_collective_bytes_per_device": pre["collective_bytes_per_device"],
-        "est_decode_step_s": dec["est_step_s"],
-        "est_prefill_tokens_per_s": pre["est_tokens_per_s"],
+        "fits": compiled and peak <= memory_gb * GIB,
+        "prefill_flops_per_device": get(pre, "flops_per_device"),
+        "decode_hbm_bytes_per_device": get(dec, "hbm_bytes_per_device"),
+        "decode_collective_bytes_per_device": get(dec, "collective_bytes_per_device"),
+        "prefill_collective_bytes_per_device": get(pre, "collective_bytes_per_device"),
+        "est_decode_step_s": get(dec, "est_step_s"),
+        "est_prefill_tokens_per_s": get(pre, "est_tokens_per_s"),
         "prefill": pre, "decode": dec,
     }
 
@@ -353,13 +371,19 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
         f"KV cache {plan['max_seq_len']} tokens, prefill {plan['prompt_len']} tokens; compiled as {plan['compiled_as']}:",
         f"  params      {gib(plan['params_bytes_per_device'])} per device",
         f"  KV cache    {gib(plan['kv_cache_bytes_per_device'])} per device",
-        f"  temporaries prefill {gib(plan['prefill']['temp_bytes_per_device'])}, "
-        f"decode {gib(plan['decode']['temp_bytes_per_device'])} per device",
-        f"  peak        {gib(plan['peak_bytes_per_device'])} per device",
     ]
+    refused = [s for s in ("prefill", "decode") if "does_not_fit" in plan[s]]
+    for step in refused:
+        r = plan[step]["does_not_fit"]
+        lines.append(f"  {step}: the TPU compiler needs {gib(r['needed_bytes_per_device'])} per device, "
+                     f"{gib(r['available_bytes_per_device'])} are available")
+    if not refused:
+        lines += [f"  temporaries prefill {gib(plan['prefill']['temp_bytes_per_device'])}, "
+                  f"decode {gib(plan['decode']['temp_bytes_per_device'])} per device",
+                  f"  peak        {gib(plan['peak_bytes_per_device'])} per device"]
     if plan["fits"] is not None:
         lines.append(f"  {'fits' if plan['fits'] else 'does NOT fit'} in {plan['device_memory_gb']} GiB per device")
-    if plan["platform"] == "tpu":
+    if plan["platform"] == "tpu" and not refused:
         lines.append(f"  roofline on {plan['chip']} (published peak FLOP/s, HBM and ICI bandwidth; the slowest "
                      "of the three), per step and device:")
         for step in ("prefill", "decode"):

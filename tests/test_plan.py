@@ -218,6 +218,19 @@ def test_tpu_prefill_and_decode_move_no_parameter(topology_name, spec):
         assert _parameter_sized_gathers(r[step]["collectives"]) == [], step
 
 
+def test_tpu_plan_too_big_for_the_chip_reports_what_the_compiler_needs():
+    # Experts of 6 GiB per layer and device: the TPU compiler refuses a program larger than HBM.
+    cfg = dataclasses.replace(TPU_TEST, intermediate_size=4 * 1024 * 1024, num_hidden_layers=4)
+    r = plan.dry_run(cfg, "expert=8", topology="v5e:2x4", **TPU_WORKLOAD)
+    assert r["fits"] is False and r["est_decode_step_s"] is None and r["prefill_flops_per_device"] is None
+    assert r["params_bytes_per_device"] == _hand_params_bytes(cfg, 8, 1, 2)  # 24 GiB
+    for step in ("prefill", "decode"):
+        refused = r[step]["does_not_fit"]
+        assert refused["needed_bytes_per_device"] >= r["params_bytes_per_device"] - 2**30 // 100  # 2 decimals of GiB
+        assert refused["available_bytes_per_device"] < 16 * 2**30
+    assert "the TPU compiler needs" in plan.summary(r)
+
+
 def test_parameter_gather_check_can_fail():
     # The check above catches a gathered weight: replicate the vocab-sharded lm_head on purpose.
     mesh = sharding.make_mesh("expert=4,tensor=2", topology.tpu_devices("v5e:2x4"))
