@@ -22,7 +22,6 @@ Nothing here is judged about speed; the float32 logits check exits 1 when it fai
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 

@@ -126,9 +126,9 @@ def _short_shape(shape: str) -> str:
 
 
 def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
-                       capacity_factor: float | None, full) -> tuple[float, float, list]:
-    """(FLOPs, HBM bytes, of which top-level layout copies) of a whole `step` (`full`, its compile,
-    counts the layer scan's body once), and the extra compiles made for it.
+                       capacity_factor: float | None, full) -> tuple[float, float, int, list]:
+    """(FLOPs, HBM bytes, the part of those in top-level layout copies, the extra compiles made) of
+    a whole `step`; `full` is its compile, whose cost analysis counts the layer scan's body once.
 
     Compiles of the same step with the vocabulary cut to one row per tensor shard hold one layer
     (embedding, lm_head and sampling then cost next to nothing). FLOPs: full + (L - 1) x the cut
@@ -151,7 +151,7 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
     if step == "prefill":
         short = compile_cut(prompt_len) if prompt_len < cache_len else cut_full_cache
         layer_hbm = _cost(short)[1]
-        extra.append(short)
+        extra += [short] if short is not cut_full_cache else []
     elif cache_len > 32:
         c16, c32 = compile_cut(16), compile_cut(32)
         slope = (_cost(c32)[1] - _cost(c16)[1]) / 16
@@ -197,7 +197,7 @@ def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: in
     tokens = batch * (prompt_len if step == "prefill" else 1)
     times = {"compute": flops / chip.bf16_flops, "hbm": hbm / chip.hbm_bytes_per_s, "ici": coll / chip.ici_bytes_per_s}
     step_s = max(times.values())
-    out = {
+    return {
         "temp_bytes_per_device": m.temp_size_in_bytes,
         "peak_bytes_per_device": _peak(compiled),
         "flops_per_device": flops,
@@ -214,7 +214,6 @@ def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: in
         "est_tokens_per_s": tokens / step_s,
         "compile_seconds": {"step": round(t1 - t0, 1), "per_layer_share": round(t2 - t1, 1)},
     }
-    return out
 
 
 def _validate(cfg: MixtralConfig, mesh_spec: str, batch: int, max_seq_len: int | None, prompt_len: int | None):
