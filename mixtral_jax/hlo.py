@@ -1,11 +1,14 @@
-"""Collectives in a compiled program's optimized HLO text, counted as often as they run.
+"""Reading a compiled program's optimized HLO text (`compiled.as_text()`) for the planner.
 
-XLA's cost analysis counts a loop body once, so a collective inside the
-layer scan appears once per program but runs once per layer. Here every
-computation gets a multiplicity (how many times one call of the program runs
-it): a while loop's body runs its trip count times (XLA's `known_trip_count`
-annotation, or the constant its condition compares the counter against),
-everything else as often as its caller.
+`collectives`: every collective, with its bytes per device and how often it
+runs per call. XLA's cost analysis counts a loop body once, so a collective
+inside the layer scan appears once per program but runs once per layer. Here
+every computation gets a multiplicity (how many times one call of the program
+runs it): a while loop's body runs its trip count times (XLA's
+`known_trip_count` annotation, or the constant its condition compares the
+counter against), everything else as often as its caller.
+`loops`: the while loops and their trip counts. `entry_copy_bytes`: the
+bytes of the program's top-level layout copies.
 """
 
 from __future__ import annotations
