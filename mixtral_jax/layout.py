@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import functools
 from typing import Any
 
-from mixtral_jax import layers
+from mixtral_jax import layers, sharding
 from mixtral_jax.config import MixtralConfig
 
 Params = dict[str, Any]
@@ -70,7 +70,7 @@ class Stacked:
         return jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
 
     @staticmethod
-    def layers(params, h, cache, body, last_only: bool):
+    def layers(params, h, cache, body, last_only: bool, mesh=None):
         """Runs `body(h, lp, cache=, layer=)` over the layers under a scan: (h, cache, routing [L, ...])."""
         del last_only  # the scan runs every layer on all positions; apply keeps the last
 
@@ -78,6 +78,10 @@ class Stacked:
             h, kv = carry
             lp, l = xs
             h, kv, routing = body(h, lp, cache=kv, layer=l)
+            if kv is not None:
+                # The carried cache keeps its own sharding: left to propagation, XLA may pick another
+                # inside the loop and all-gather the whole cache after it.
+                kv = tuple(sharding.constrain(c, mesh, sharding.CACHE_AXES["k"]) for c in kv)
             return (h, kv), routing
 
         num_layers = params["layers"]["wq"].shape[0]
@@ -123,8 +127,8 @@ class PerExpert:
         return rows.reshape(*h.shape[:-1], -1)
 
     @staticmethod
-    def layers(params, h, cache, body, last_only: bool):
-        """Unrolled: every weight and cache entry is its own buffer, read and updated in place.
+    def layers(params, h, cache, body, last_only: bool, mesh=None):
+        """Unrolled (one device, so `mesh` has nothing to pin): every weight and cache entry is its own buffer, read and updated in place.
 
         With `last_only`, the last layer needs its keys and values (the cache)
         at every position but its attention output and MoE only at the last

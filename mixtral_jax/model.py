@@ -34,6 +34,7 @@ from mixtral_jax.config import MixtralConfig
 Params = dict[str, Any]
 EXPERT_PARAMS = layout_lib.EXPERT_PARAMS
 ACT_BTD = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
+ACT_BTV = ("batch", "seq", "vocab")  # logits [B, T, V], split over vocab like the lm_head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,11 +259,14 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
                              k_pos=positions if cache is None else k_pos, cos=cos, sin=sin,
                              strategy=strategy, cache_index=cache_index, collect_routing=collect_routing,
                              mesh=mesh, capacity_factor=capacity_factor)
-    h, new_cache, routing = layout.layers(params, x, cache, body, last_only=last_only and not collect_routing)
+    h, new_cache, routing = layout.layers(params, x, cache, body, last_only=last_only and not collect_routing,
+                                          mesh=mesh)
     if last_only:
         h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    logits = layout.lm_head(h, params)
+    # Vocab-sharded logits: each tensor shard multiplies by its own columns of the lm_head,
+    # so only activations and logits travel, never the [D, V] weight.
+    logits = sharding.constrain(layout.lm_head(sharding.constrain(h, mesh, ACT_BTD), params), mesh, ACT_BTV)
     return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
 
 

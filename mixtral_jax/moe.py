@@ -83,6 +83,14 @@ def combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
 # ---------------------------------------------------------------- the grouped FFN (the platform seam)
 
 
+# Up to this many rows, stacked experts run as one batched product of every local expert on every
+# row: it reads each weight once, in place from the layer scan's stacked buffer, while
+# `ragged_dot` (a custom call) first copies the layer's experts out of it, three times the weight
+# bytes of a decode step; its extra FLOPs (2·M per weight element) stay below what the weight
+# reads cost at TPU ridge points of ~240 FLOP/byte (docs/performance.md#few-rows-one-batched-product).
+DENSE_MAX_ROWS = 128
+
+
 def grouped_ffn(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:
     """SwiGLU of each contiguous group of rows with its expert: w2(silu(x w1) * (x w3)).
 
@@ -104,7 +112,9 @@ def grouped_ffn(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:
         if not stacked and cpu_kernel.moe_usable(xs, weights):
             return cpu_kernel.moe_cpu(xs, group_sizes, experts)
         _warn_if_widened(xs, weights)
-        return (_grouped_ffn_ragged if stacked else grouped_ffn_reference)(xs, group_sizes, experts)
+        if stacked and xs.shape[0] > DENSE_MAX_ROWS:
+            return _grouped_ffn_ragged(xs, group_sizes, experts)
+        return grouped_ffn_reference(xs, group_sizes, experts)
 
 
 def _grouped_ffn_ragged(xs, group_sizes, w):
@@ -114,21 +124,34 @@ def _grouped_ffn_ragged(xs, group_sizes, w):
     return jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=jnp.float32)
 
 
+def _f32_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with a float32 result; XLA:CPU has no bfloat16 x bfloat16 -> float32 dot, so there it widens first
+    (chosen when lowering, so a TPU compile from a CPU host gets the TPU form)."""
+    return jax.lax.platform_dependent(
+        a, b, cpu=lambda a, b: jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32)),
+        default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32))
+
+
 def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:
-    """`grouped_ffn` as every row through every expert, each row keeping its own expert's result."""
-    if isinstance(experts, dict):
-        experts = [{n: experts[n][e] for n in EXPERT_PARAMS} for e in range(experts["w1"].shape[0])]
-        transpose = False
-    else:
-        transpose = True  # per_expert: HF's [out, in]
+    """`grouped_ffn` as every row through every expert, each row keeping its own expert's result.
+
+    Stacked weights run as one batched product over the experts (reading each weight once);
+    per_expert ones (HF's [out, in]) one expert at a time.
+    """
     ends = jnp.cumsum(group_sizes)
-    row = jnp.arange(xs.shape[0])
+    expert_of_row = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right", method="compare_all")  # [M]
+    if isinstance(experts, dict):
+        w1, w3, w2 = (experts[n].astype(xs.dtype) for n in EXPERT_PARAMS)
+        h = jax.nn.silu(jnp.einsum("MD,EDF->EMF", xs, w1)) * jnp.einsum("MD,EDF->EMF", xs, w3)
+        y = _f32_product("EMF,EFD->EMD", h, w2)  # [E, M, D]
+        mine = expert_of_row[None, :] == jnp.arange(w1.shape[0])[:, None]  # [E, M]
+        # where, not a product: an unused expert's NaN stays out.
+        return jnp.sum(jnp.where(mine[:, :, None], y, 0.0), axis=0)
     out = jnp.zeros(xs.shape, jnp.float32)
     for e, w in enumerate(experts):
-        w1, w3, w2 = ((w[n].T if transpose else w[n]).astype(xs.dtype) for n in EXPERT_PARAMS)
+        w1, w3, w2 = (w[n].T.astype(xs.dtype) for n in EXPERT_PARAMS)
         y = jnp.dot(jax.nn.silu(xs @ w1) * (xs @ w3), w2, preferred_element_type=jnp.float32)
-        mine = (row >= ends[e] - group_sizes[e]) & (row < ends[e])
-        out = jnp.where(mine[:, None], y, out)  # where, not a product: an unused expert's NaN stays out
+        out = jnp.where((expert_of_row == e)[:, None], y, out)
     return out
 
 
@@ -304,7 +327,7 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
                                   land[me][dest], recv_sizes, axis_name=group, emulate=emulate)
         # Received rows come by source, then local expert: regroup them by local expert.
         mine = jax.lax.dynamic_slice_in_dim(all_counts, shard * e_loc, e_loc, axis=1).reshape(-1)  # [G·E_loc]
-        seg = jnp.searchsorted(jnp.cumsum(mine), jnp.arange(buffer_rows), side="right")
+        seg = jnp.searchsorted(jnp.cumsum(mine), jnp.arange(buffer_rows), side="right", method="compare_all")
         local = jnp.where(seg < mine.shape[0], seg % e_loc, e_loc)  # e_loc: an unused row
         order2, group_sizes = sort_by_expert(local, e_loc)
     ys = grouped_ffn(jnp.take(recv, order2, axis=0), group_sizes, {"w1": w1, "w3": w3, "w2": w2})

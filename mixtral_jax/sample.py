@@ -35,11 +35,17 @@ flags.DEFINE_string("expert_dtype", None, "Keep the expert weights in this dtype
                     "bfloat16 for a bfloat16 checkpoint run in float32 on one CPU device with the C++ kernel (exact, half the memory and "
                     "decode bytes), else --dtype.")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
-flags.DEFINE_boolean("dry_run", False, "Plan memory per device for --config on --mesh; allocate nothing.")
+flags.DEFINE_boolean("dry_run", False, "Plan memory (and, with --topology, speed) per device for --config on --mesh; "
+                     "allocate nothing. Exit status 2 when the plan does not fit.")
+flags.DEFINE_string("topology", None, "Dry run: compile for this TPU slice with the TPU compiler (libtpu, no TPU "
+                    "needed), e.g. v5e:1x1, v5e:2x4, v5e:8x8, v6e:4x4, v4:2x2x1, v5p:4x4x4; unset: virtual CPU "
+                    "devices, float32 (an upper bound).")
 flags.DEFINE_integer("batch", 1, "Dry run: batch size.")
 flags.DEFINE_integer("max_seq_len", None, "Dry run: KV-cache length (default: the model's positions).")
+flags.DEFINE_integer("prompt_len", None, "Dry run: prefill length (default: min(max_seq_len, 2048)).")
 flags.DEFINE_float("device_memory_gb", None, "Dry run: GiB per device to check the plan against (exit 2 if it does "
-                   "not fit); default: this host's devices (on CPU, the available memory over the mesh's devices).")
+                   "not fit); default: with --topology the chip's HBM, else this host's devices (on CPU, the "
+                   "available memory over the mesh's devices).")
 flags.DEFINE_boolean("json", False, "Print one JSON line of tokens, text and timings, and nothing else on stdout.")
 flags.DEFINE_float("capacity_factor", None, "Expert-parallel capacity per expert (tokens x k / E x factor); "
                    "unset is dropless. Only on a --mesh of more than one device.")
@@ -220,27 +226,29 @@ def _device_memory_gb(n: int) -> tuple[float, str]:
 
 
 def dry_run() -> int:
-    """--dry_run: per-device memory of --config on --mesh, from an AOT compile on abstract arrays.
+    """--dry_run: the plan of --config on --mesh, from an AOT compile on abstract arrays.
 
     Returns 2 (after printing the plan) when the plan does not fit the device memory.
     """
     from mixtral_jax import plan
 
-    n = plan.mesh_size(FLAGS.mesh)
-    plan.ensure_virtual_devices(n)
     memory_gb, memory_note = FLAGS.device_memory_gb, None
-    if memory_gb is None:
-        memory_gb, memory_note = _device_memory_gb(n)
+    if FLAGS.topology is None:
+        n = plan.mesh_size(FLAGS.mesh)
+        plan.ensure_virtual_devices(n)
+        if memory_gb is None:
+            memory_gb, memory_note = _device_memory_gb(n)
     result = plan.dry_run(FLAGS.checkpoint or FLAGS.config, FLAGS.mesh, batch=FLAGS.batch,
-                          max_seq_len=FLAGS.max_seq_len, dtype=FLAGS.dtype or "bfloat16",
-                          device_memory_gb=memory_gb, capacity_factor=FLAGS.capacity_factor)
+                          max_seq_len=FLAGS.max_seq_len, prompt_len=FLAGS.prompt_len, dtype=FLAGS.dtype or "bfloat16",
+                          device_memory_gb=memory_gb, capacity_factor=FLAGS.capacity_factor,
+                          topology=FLAGS.topology)
     print(json.dumps(result) if FLAGS.json else plan.summary(result), flush=True)
     if memory_note:
         print(f"[dry run] {memory_note}.", file=sys.stderr)
     if result["fits"] is False:
-        print(f"error: {result['config']} on --mesh {FLAGS.mesh} needs {result['total_bytes_per_device'] / 2**30:.4g} "
-              f"GiB per device, more than {memory_gb:.4g} GiB; use a mesh of more devices or a smaller --batch or "
-              "--max_seq_len.", file=sys.stderr)
+        print(f"error: {result['config']} on --mesh {FLAGS.mesh} needs {result['peak_bytes_per_device'] / 2**30:.4g} "
+              f"GiB per device, more than {result['device_memory_gb']:.4g} GiB; use a mesh of more devices or a "
+              "smaller --batch or --max_seq_len.", file=sys.stderr)
         return 2
     return 0
 
@@ -382,11 +390,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
-    from mixtral_jax import distributed
+    from mixtral_jax import distributed, topology
 
     # No "no TPU found" or distributed start-up chatter on stderr.
     for name in ("jax._src.xla_bridge", "jax._src.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    topology.quiet_libtpu_without_tpu()  # the tpu extra on a host without TPUs: no libtpu start-up warnings
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; flags look like --prompt 'text'.", file=sys.stderr)
         sys.exit(2)

@@ -90,8 +90,8 @@ def logical_to_spec(axes: Sequence[str | None], mesh=None, shape: Sequence[int] 
                     size = mesh.shape[axis]
                     what = f"{CONFIG_FIELDS[name]}={shape[i]}" if name in CONFIG_FIELDS else f"{name} of size {shape[i]}"
                     raise ValueError(
-                        f"the mesh's {axis}={size} does not divide {what}; choose a mesh whose {axis} "
-                        f"size divides {shape[i]} (e.g. {axis}={math.gcd(size, shape[i])}).")
+                        f"the mesh's {axis}={size} does not divide {what}; choose {axis} from "
+                        f"{_sizes_dividing(shape[i])}.")
                 while mesh_axes and shape[i] % math.prod(mesh.shape[a] for a in mesh_axes):
                     mesh_axes = mesh_axes[:-1]
         for a in mesh_axes:
@@ -146,6 +146,12 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
     return sizes
 
 
+def _sizes_dividing(n: int) -> str:
+    """"1, 2, 4 or 8": every size that divides n."""
+    sizes = [str(d) for d in range(1, n + 1) if n % d == 0]
+    return sizes[0] if len(sizes) == 1 else f"{', '.join(sizes[:-1])} or {sizes[-1]}"
+
+
 def make_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a Mesh with axes (data, expert, tensor) from a spec like "expert=4,tensor=2".
 
@@ -156,7 +162,10 @@ def make_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Me
     Returns:
       A `jax.sharding.Mesh` whose axis sizes multiply to the device count.
       `tensor` is the fastest-varying axis, so tensor-parallel peers are
-      neighbours (same host); `data` the slowest (across hosts).
+      neighbours (same host); `data` the slowest (across hosts). On TPU
+      slices the axes follow the physical torus (jax's mesh_utils), `tensor`
+      getting the most links; a mesh axis that no set of whole physical axes
+      matches (expert=8,tensor=8 on a 4x4x4 torus) splits a physical axis.
     """
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
@@ -164,9 +173,9 @@ def make_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Me
     if n != len(devices):
         raise ValueError(
             f"mesh {spec!r} has {n} devices but {len(devices)} are available; make the product of "
-            f"the axis sizes equal {len(devices)}.")
+            f"the axis sizes equal {len(devices)}, each from {_sizes_dividing(len(devices))}.")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(mesh_utils.create_device_mesh(shape, devices=devices), MESH_AXES)
+    return Mesh(mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True), MESH_AXES)
 
 
 def check_mesh(cfg: MixtralConfig, mesh: Mesh) -> None:

@@ -249,7 +249,7 @@ def _grouped_ffn_numpy(xs, sizes, p):
     return out
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "reference", "cpu_kernel"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "reference_stacked", "reference_per_expert", "cpu_kernel"])
 @pytest.mark.parametrize("sizes,m", [([3, 0, 5, 1], 9), ([0, 0, 7, 0], 12), ([2, 2, 2, 2], 8), ([0, 0, 0, 0], 3),
                                      ([20, 0, 1, 30], 60)])
 def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
@@ -257,14 +257,15 @@ def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
     p = _moe_params(4, seed=m)
     xs = np.random.RandomState(m).randn(m, 32).astype(np.float32)
     gs = jnp.asarray(sizes, jnp.int32)
-    experts = {n: p[n] for n in ("w1", "w3", "w2")} if impl == "ragged_dot" else _per_expert(p)["experts"]
-    if impl == "reference":
+    stacked = impl in ("ragged_dot", "reference_stacked")
+    experts = {n: p[n] for n in ("w1", "w3", "w2")} if stacked else _per_expert(p)["experts"]
+    if impl == "ragged_dot":
+        fn = moe._grouped_ffn_ragged  # grouped_ffn takes it beyond DENSE_MAX_ROWS rows
+    elif impl.startswith("reference"):
         fn = moe.grouped_ffn_reference
-    elif impl == "cpu_kernel":
+    else:
         assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
         fn = cpu_kernel.moe_cpu
-    else:
-        fn = moe.grouped_ffn
     ours = jax.jit(fn)(xs, gs, experts)
     np.testing.assert_allclose(ours, _grouped_ffn_numpy(xs, sizes, p), rtol=1e-4, atol=1e-5)
 

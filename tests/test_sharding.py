@@ -1,4 +1,4 @@
-"""Sharding on 8 virtual CPU devices: meshes, parameter and cache placement, the
+"""Sharding on 8 virtual CPU devices (meshes also on abstract TPU slices): meshes, parameter and cache placement, the
 expert-parallel MoE vs a loop reference (with and without drops), and sharded
 logits and greedy tokens vs one device and vs transformers."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mixtral_jax as mj
-from mixtral_jax import convert, model as model_lib, moe, sharding, testing
+from mixtral_jax import convert, model as model_lib, moe, sharding, testing, topology
 from mixtral_jax.config import from_hf_dict
 from mixtral_jax.generate import init_cache
 from mixtral_jax.model import Mixtral
@@ -33,6 +33,38 @@ def test_make_mesh_axes_and_defaults():
     assert dict(mj.make_mesh(" tensor = 4 , expert=2").shape) == {"data": 1, "expert": 2, "tensor": 4}
     assert dict(mj.make_mesh("expert=1", jax.devices()[:1]).shape) == {"data": 1, "expert": 1, "tensor": 1}
     assert mesh.devices.size == 8 and len(set(mesh.devices.flat)) == 8
+
+
+def _meshes_of(n):
+    """Every (data, expert, tensor) spec whose sizes multiply to n."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return [f"data={d},expert={e},tensor={n // (d * e)}" for d in divisors for e in divisors if (n // d) % e == 0]
+
+
+@pytest.mark.parametrize("name", ["v5p:4x4x4", "v4:2x2x1", "v5e:8x8", "v6e:2x4"])
+def test_make_mesh_every_mesh_dividing_a_tpu_slice(name):
+    # Abstract TPU devices from libtpu carry their torus coordinates; jax's mesh_utils maps mesh
+    # axes onto physical axes and splits a physical axis where no whole set of them fits.
+    devices = topology.tpu_devices(name)
+    specs = _meshes_of(len(devices))
+    assert len(specs) == {64: 28, 4: 6, 8: 10}[len(devices)]
+    for spec in specs:
+        mesh = mj.make_mesh(spec, devices)
+        assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices), spec
+
+
+def test_make_mesh_follows_the_torus():
+    # tensor=4 on a 4x4x4 torus: each tensor group is one line of 4 chips along one physical axis.
+    mesh = mj.make_mesh("data=4,expert=4,tensor=4", topology.tpu_devices("v5p:4x4x4"))
+    for group in mesh.devices.reshape(-1, 4):
+        coords = np.array([d.coords for d in group])
+        assert (coords.max(axis=0) != coords.min(axis=0)).sum() == 1
+
+
+def test_make_mesh_error_lists_the_sizes_that_divide():
+    with pytest.raises(ValueError, match=r"has 8 devices but 64 are available; make the product of the axis sizes "
+                                         r"equal 64, each from 1, 2, 4, 8, 16, 32 or 64\."):
+        mj.make_mesh("expert=8", topology.tpu_devices("v5e:8x8"))
 
 
 @pytest.mark.parametrize("spec,match", [
