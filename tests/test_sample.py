@@ -175,7 +175,7 @@ def test_help_exits_0(flag):
 def test_dry_run_that_does_not_fit_exits_2_with_the_plan():
     r = _run("--dry_run", "--mesh", "expert=2", "--max_seq_len", "64", "--device_memory_gb", "0.001")
     assert r.returncode == 2, r.stderr
-    assert "total" in r.stdout and "does NOT fit in 0.001 GiB per device" in r.stdout
+    assert "peak" in r.stdout and "does NOT fit in 0.001 GiB per device" in r.stdout
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "tiny on --mesh expert=2 needs" in errors[0] and "more than 0.001 GiB" in errors[0]
     # The plan as JSON (--json) is the next test's; exit 2 does not depend on the format.
