@@ -39,7 +39,8 @@ class Collective:
 
     op: str             # e.g. "all-gather" ("-start" of an async pair folded in)
     shape: str          # its result, as written in the HLO
-    bytes: int          # bytes per device per run: the larger of its operands and its result
+    bytes: int          # bytes per device per run: the larger of its operands and its result (for a
+                        # ragged-all-to-all: of its input and its output buffer, a static worst case)
     group_size: int | None  # devices per group, when the HLO says
     count: int          # runs per program call (the trip counts of the loops around it)
     op_name: str        # the jax source op it came from (metadata op_name)
@@ -204,7 +205,11 @@ def collectives(hlo_text: str) -> list[Collective]:
             out = _array_bytes(shape)
             # An async start's result is a tuple (operands, result[, contexts]): take the result alone.
             out_bytes = max(out, default=0) if op.endswith("-start") else sum(out)
-            in_bytes = sum(b for o in re.findall(r"%([\w.\-]+)", _operands(rest)) for b in _array_bytes(shapes.get(o, "")))
+            operands = re.findall(r"%([\w.\-]+)", _operands(rest))
+            # ragged-all-to-all(input, output, offsets and sizes...): its output operand is the result's
+            # buffer, so the rows a device may send are the input's alone.
+            operands = operands[:1] if base == "ragged-all-to-all" else operands
+            in_bytes = sum(b for o in operands for b in _array_bytes(shapes.get(o, "")))
             op_name = _OP_NAME.search(rest)
             found.append(Collective(base, shape, max(out_bytes, in_bytes), _group_size(rest), runs[name],
                                     op_name.group(1) if op_name else ""))

@@ -16,11 +16,13 @@ One algorithm on every platform, as small pure functions:
 
 Three paths run it: `moe_grouped` (one device), `moe_expert_parallel` (a
 mesh: each device exchanges only the rows each expert shard needs, with
-`ragged_all_to_all`, and runs the same grouped FFN on what it received), and
-`moe_grouped(..., all_experts=True)` (strategy "dense": every expert on every
-token, the work a sparse MoE saves). Dropless everywhere; on a mesh,
-`capacity_factor` optionally bounds the rows per (device, expert), with exact
-drop counts (`count_dropped`). Figures: docs/performance.md, section "MoE".
+`ragged_all_to_all` (where the compiler lacks it, XLA:CPU and v5e slices of
+more than 16 chips: an all_to_all of fixed slots, the same result), and runs
+the same grouped FFN on what it received), and `moe_grouped(...,
+all_experts=True)` (strategy "dense": every expert on every token, the work a
+sparse MoE saves). Dropless everywhere; on a mesh, `capacity_factor`
+optionally bounds the rows per (device, expert), with exact drop counts
+(`count_dropped`). Figures: docs/performance.md, section "MoE".
 """
 
 from __future__ import annotations
@@ -225,6 +227,11 @@ def within_capacity(experts: jax.Array, valid: jax.Array, num_experts: int, capa
     return valid & (rank < capacity)
 
 
+def _rows_per_source(tokens_per_device: int, e_loc: int, k: int, capacity: int) -> int:
+    """The most rows one device sends one expert shard (a token chooses an expert once)."""
+    return min(tokens_per_device * min(k, e_loc), e_loc * capacity)
+
+
 def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: int = 1, data: int = 1,
                   capacity_factor: float | None = None) -> dict[str, int]:
     """Rows of the expert-parallel MoE per device and layer, from the design's arithmetic.
@@ -232,9 +239,10 @@ def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: in
     Each device routes its `tokens / devices` tokens and sends every kept
     assignment to the `tensor` devices that hold its expert (each holds a
     slice of F), which return F-partial results. The receive buffer is
-    static, sized for the worst case (every token of the exchange group
-    choosing that device's experts); the grouped matmul computes only the
-    rows received.
+    static, sized for the worst case (every real token of the exchange group
+    choosing that device's experts; padding rows, where the devices outnumber
+    the tokens, are never sent); the grouped matmul computes only the rows
+    received.
 
     Args:
       tokens: tokens in the batch (B × T); the mesh sizes `data`, `expert`, `tensor`.
@@ -246,43 +254,51 @@ def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: in
       rows_balanced: rows it receives and computes when routing is balanced
         (each expert chosen by tokens × k / E assignments): tokens × k /
         (data × expert) for every device, i.e. tokens × k over the mesh (ideal).
-      rows_sent_balanced: rows it sends to other devices, and gets back, when balanced.
+      rows_sent_balanced: rows a device holding tokens_per_device real tokens
+        sends to other devices, and gets back, when balanced.
     """
     devices = data * expert * tensor
     n = -(-tokens // devices)
     e_loc = num_experts // expert
     capacity = expert_capacity(n, num_experts, k, capacity_factor)
     group = expert * tensor  # the devices one exchange spans
-    per_source = min(n * min(k, e_loc), e_loc * capacity)  # rows one source can send to one expert shard
-    balanced = min(n * k / num_experts, capacity)  # rows one source sends to one expert at balanced routing
+    real = min(tokens, group * n)  # real tokens of the fullest exchange group
+    balanced = min(n * k / num_experts, capacity)  # rows one full source sends to one expert at balanced routing
     return {
         "tokens_per_device": n,
-        "buffer_rows": group * per_source,
-        "rows_balanced": round(group * e_loc * balanced),
+        "buffer_rows": min(group * _rows_per_source(n, e_loc, k, capacity), real * min(k, e_loc)),
+        "rows_balanced": round(e_loc * min(real * k / num_experts, group * capacity)),
         "rows_sent_balanced": round(balanced * (num_experts - e_loc) * tensor + balanced * e_loc * (tensor - 1)),
     }
 
 
+def has_ragged_all_to_all(devices) -> bool:
+    """Whether the compiler for these devices has ragged-all-to-all: XLA:CPU has none, and libtpu
+    (0.0.42.1) refuses it on v5e slices of more than 16 chips ("not supported in limited ICI
+    routing settings"; v5e:4x4 compiles, v5e:4x8 and v5e:8x8 do not; v6e, v5p and v4 compile)."""
+    first = devices.flat[0]
+    return first.platform != "cpu" and not (first.device_kind == "TPU v5 lite" and devices.size > 16)
+
+
 def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name,
-                       emulate: bool):
-    """lax.ragged_all_to_all, or on XLA:CPU (which lacks it) the same result from all_gathers."""
-    if not emulate:
+                       slot_rows: int | None):
+    """lax.ragged_all_to_all; or, where the compiler lacks it (`slot_rows` given), the same result
+    from a plain all_to_all of `slot_rows` rows per (source, destination) pair, at least as many as
+    any source sends any destination: it moves that static worst case whatever the sizes."""
+    if slot_rows is None:
         return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                          axis_name=axis_name)
-    me = jax.lax.axis_index(axis_name)
-    operands = jax.lax.all_gather(operand, axis_name)  # [G, A, D]: every source's rows
-    start = jax.lax.all_gather(input_offsets, axis_name)[:, me]  # [G]: where each source's slice for me starts
-    size = jax.lax.all_gather(send_sizes, axis_name)[:, me]
-    at = jax.lax.all_gather(output_offsets, axis_name)[:, me]  # where it lands here
-    r = jnp.arange(output.shape[0])
-    inside = (r >= at[:, None]) & (r < (at + size)[:, None])  # [G, R]
-    src = jnp.argmax(inside, axis=0)
-    rows = operands[src, jnp.clip(start[src] + r - at[src], 0, operand.shape[0] - 1)]
-    return jnp.where(jnp.any(inside, axis=0)[:, None], rows, output)
+    r = jnp.arange(slot_rows)
+    rows = jnp.clip(input_offsets[:, None] + r, 0, operand.shape[0] - 1)  # [G, slot]
+    send = jnp.where((r < send_sizes[:, None])[..., None], operand[rows], 0)  # [G, slot, D]: one per destination
+    recv = jax.lax.all_to_all(send, axis_name, 0, 0)  # [G, slot, D]: each source's slice for me
+    at = jax.lax.all_to_all(output_offsets, axis_name, 0, 0)  # [G]: where each source's slice lands here
+    dest = jnp.where(r < recv_sizes[:, None], at[:, None] + r, output.shape[0])  # past the end: dropped
+    return output.at[dest.reshape(-1)].set(recv.reshape(-1, operand.shape[1]), mode="drop")
 
 
 def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: int, buffer_rows: int,
-                           emulate: bool):
+                           slot_rows: int | None):
     """Per-device body of `moe_expert_parallel` (inside shard_map over data, expert, tensor).
 
     Args:
@@ -324,7 +340,7 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
         recv_start = jnp.cumsum(recv_sizes) - recv_sizes
     with jax.named_scope("dispatch"):
         recv = _ragged_all_to_all(xs, jnp.zeros((buffer_rows, d), x.dtype), shard_start[dest], to_shard[dest],
-                                  land[me][dest], recv_sizes, axis_name=group, emulate=emulate)
+                                  land[me][dest], recv_sizes, axis_name=group, slot_rows=slot_rows)
         # Received rows come by source, then local expert: regroup them by local expert.
         mine = jax.lax.dynamic_slice_in_dim(all_counts, shard * e_loc, e_loc, axis=1).reshape(-1)  # [G·E_loc]
         seg = jnp.searchsorted(jnp.cumsum(mine), jnp.arange(buffer_rows), side="right", method="compare_all")
@@ -338,7 +354,7 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
         t = me % tp
         src_start = (jnp.cumsum(sent, axis=1) - sent)[:, shard]  # [G]: where each source's rows for me began
         back = _ragged_all_to_all(y, jnp.zeros((tp * a, d), y.dtype), recv_start, recv_sizes, t * a + src_start,
-                                  to_shard[dest], axis_name=group, emulate=emulate)
+                                  to_shard[dest], axis_name=group, slot_rows=slot_rows)
         back = back.reshape(tp, a, d).sum(axis=0) if tp > 1 else back
     with jax.named_scope("combine"):
         y_rows = jnp.take(back, inverse(order), axis=0).reshape(n, k, d)
@@ -381,10 +397,13 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
     w_in = sharding.logical_to_spec(("experts", "embed", "ffn"), mesh, p["w1"].shape)
     w_out = sharding.logical_to_spec(("experts", "ffn", "embed"), mesh, p["w2"].shape)
     tokens = P(sharding.MESH_AXES)  # rows split over every device
-    emulate = mesh.devices.flat[0].platform == "cpu"  # XLA:CPU has no ragged-all-to-all
+    # Without ragged-all-to-all, a fixed slot per (source, destination): the most one source sends one
+    # expert shard, which is also the most a device returns to one source.
+    slot_rows = None if has_ragged_all_to_all(mesh.devices) else _rows_per_source(
+        per_device, num_experts // sizes["expert"], k, capacity)
     body = jax.shard_map(
         functools.partial(_expert_parallel_local, k=k, capacity=capacity, buffer_rows=plan["buffer_rows"],
-                          emulate=emulate),
+                          slot_rows=slot_rows),
         mesh=mesh, in_specs=(tokens, tokens, P(), w_in, w_in, w_out), out_specs=(tokens, P()))
     out, dropped = body(x_pad, valid, p["router"], p["w1"], p["w3"], p["w2"])
     return out[:n], dropped
