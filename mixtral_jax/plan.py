@@ -51,7 +51,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax import hlo, model as model_lib, sharding, topology as topology_lib
+from mixtral_jax import hlo, model as model_lib, moe, sharding, topology as topology_lib
 from mixtral_jax.config import MixtralConfig, load_config
 from mixtral_jax.generate import SamplingParams, decode_step, prefill
 
@@ -253,7 +253,8 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
       prefill_flops_per_device, decode_hbm_bytes_per_device,
       decode_collective_bytes_per_device, prefill_collective_bytes_per_device,
       est_decode_step_s, est_prefill_tokens_per_s (the last six None on CPU),
-      and per-step details under "prefill" and "decode".
+      per-step details under "prefill" and "decode", and the MoE's rows and
+      exchange per layer for each step under "moe" (`moe_rows`).
     """
     cfg = cfg if isinstance(cfg, MixtralConfig) else load_config(cfg)
     max_seq_len, prompt_len = _validate(cfg, mesh_spec, batch, max_seq_len, prompt_len)
@@ -288,6 +289,43 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
     }
 
 
+def moe_rows(cfg: MixtralConfig, mesh, tokens: int, capacity_factor: float | None, dtype) -> dict[str, Any]:
+    """The MoE block's rows and exchange per device and layer for `tokens` tokens, from the design's
+    arithmetic (`moe.exchange_plan`), against the ideal: the tokens × k assignments split over the
+    data × expert shards (each of a shard's `tensor` devices computes its slice of F for them).
+
+    Returns:
+      exchange_plan's tokens_per_device, buffer_rows (the static worst case, which the compiler's
+      FLOPs count), rows_balanced (rows received at balanced routing) and rows_sent_balanced; and
+      ideal_rows; buffer_ratio, balanced_ratio (to the ideal); grouped_ffn ("batched product" up to
+      moe.DENSE_MAX_ROWS rows: every local expert on every row of the buffer, whatever the routing;
+      else "ragged_dot": the rows received); rows_computed_balanced and computed_ratio; exchange
+      (the collective: "ragged-all-to-all", "all-to-all" of fixed slots where the compiler lacks
+      it, None on one device); buffer_bytes (buffer_rows × D × itemsize); and at balanced routing
+      sent_bytes_balanced and returned_bytes_balanced (F-partials come back in float32 when
+      tensor > 1), what a ragged exchange moves (an all-to-all moves its whole slots).
+    """
+    sizes = dict(mesh.shape)
+    num_experts, k, d = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    rows = moe.exchange_plan(tokens, num_experts, k, sizes["expert"], sizes["tensor"], sizes["data"], capacity_factor)
+    ideal = tokens * k / (sizes["data"] * sizes["expert"])
+    batched = rows["buffer_rows"] <= moe.DENSE_MAX_ROWS
+    computed = rows["buffer_rows"] * num_experts // sizes["expert"] if batched else rows["rows_balanced"]
+    itemsize = jnp.dtype(dtype).itemsize
+    exchange = None if mesh.size == 1 else (
+        "ragged-all-to-all" if moe.has_ragged_all_to_all(mesh.devices) else "all-to-all")
+    return {
+        **rows, "ideal_rows": ideal,
+        "buffer_ratio": rows["buffer_rows"] / ideal, "balanced_ratio": rows["rows_balanced"] / ideal,
+        "grouped_ffn": "batched product" if batched else "ragged_dot",
+        "rows_computed_balanced": computed, "computed_ratio": computed / ideal,
+        "exchange": exchange,
+        "buffer_bytes": rows["buffer_rows"] * d * itemsize,
+        "sent_bytes_balanced": rows["rows_sent_balanced"] * d * itemsize,
+        "returned_bytes_balanced": rows["rows_sent_balanced"] * d * (itemsize if sizes["tensor"] == 1 else 4),
+    }
+
+
 def _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, params) -> dict[str, Any]:
     cache_shardings = sharding.cache_shardings(cfg, batch, max_seq_len, mesh)
     cache = {name: jax.ShapeDtypeStruct(shape, jnp.int32 if name == "pos" else dtype, sharding=cache_shardings[name])
@@ -298,6 +336,8 @@ def _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, p
         "params_bytes_per_device": _bytes_per_device(params),
         "params_bytes_total": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params)),
         "kv_cache_bytes_per_device": _bytes_per_device(cache),
+        "moe": {"prefill": moe_rows(cfg, mesh, batch * prompt_len, capacity_factor, dtype),
+                "decode": moe_rows(cfg, mesh, batch, capacity_factor, dtype)},
     }
 
 
@@ -382,6 +422,16 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
                   f"  peak        {gib(plan['peak_bytes_per_device'])} per device"]
     if plan["fits"] is not None:
         lines.append(f"  {'fits' if plan['fits'] else 'does NOT fit'} in {plan['device_memory_gb']} GiB per device")
+    lines.append("  MoE per layer and device (moe.exchange_plan; ideal: tokens x k / (data x expert) rows):")
+    for step in ("prefill", "decode"):
+        m = plan["moe"][step]
+        moved = ("" if m["exchange"] is None else
+                 f"; {m['exchange']}" + (f", at balanced routing {_si(m['sent_bytes_balanced'], 'B')} out and "
+                                         f"{_si(m['returned_bytes_balanced'], 'B')} back"
+                                         if m["exchange"] == "ragged-all-to-all" else " of fixed slots"))
+        lines.append(f"  {step:<8} buffer {m['buffer_rows']:,} rows ({m['buffer_ratio']:.2f}x the ideal "
+                     f"{m['ideal_rows']:,.0f}), computed at balanced routing {m['rows_computed_balanced']:,} "
+                     f"({m['computed_ratio']:.2f}x, {m['grouped_ffn']}){moved}")
     if plan["platform"] == "tpu" and not refused:
         lines.append(f"  roofline on {plan['chip']} (published peak FLOP/s, HBM and ICI bandwidth; the slowest "
                      "of the three), per step and device:")

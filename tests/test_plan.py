@@ -104,6 +104,29 @@ def test_dry_run_kv_heads_replicated_when_tensor_exceeds_them():
     assert result["fits"] is None
 
 
+@pytest.mark.parametrize("spec,batch,prefill,decode", [
+    # prefill 8 x 32 tokens, 32 per device; dropless: a device may send one shard all its tokens x
+    # min(k, E_loc) = 64 rows, so a buffer of 8 sources x 64 = 512 rows against the ideal
+    # 256 x 2 / 4 = 128; balanced routing brings E_loc x 256 x 2 / 8 = 128 (ragged_dot computes those).
+    # Decode, 8 tokens: 8 x 2 = 16 rows, ideal 4; at most 128 rows: the batched product computes all
+    # 16 on both local experts, 32 rows.
+    ("expert=4,tensor=2", 8, (512, 128, 128, "ragged_dot", 128), (16, 4, 4, "batched product", 32)),
+    # One expert per device: a token sends a shard at most one row, so prefill's buffer is 8 sources x
+    # 8 tokens = 64 rows (ideal 64 x 2 / 8 = 16). Decode of 2 tokens on 8 devices: the 6 padding rows
+    # are never sent, so the buffer holds 2 rows, not 8 sources x 1.
+    ("expert=8", 2, (64, 16, 16, "batched product", 64), (2, 0.5, 0, "batched product", 2)),
+])
+def test_moe_rows_against_hand_arithmetic(spec, batch, prefill, decode):
+    mesh = mj.make_mesh(spec)
+    tokens = {"prefill": batch * 32, "decode": batch}
+    for step, (buffer, ideal, balanced, ffn, computed) in (("prefill", prefill), ("decode", decode)):
+        m = plan.moe_rows(TPU_TEST, mesh, tokens[step], None, jnp.bfloat16)
+        assert (m["buffer_rows"], m["ideal_rows"], m["rows_balanced"]) == (buffer, ideal, balanced), step
+        assert (m["grouped_ffn"], m["rows_computed_balanced"]) == (ffn, computed), step
+        assert m["buffer_ratio"] == buffer / ideal and m["buffer_bytes"] == buffer * 256 * 2, step
+        assert m["exchange"] == "all-to-all", step  # XLA:CPU has no ragged-all-to-all
+
+
 @pytest.mark.parametrize("spec,kwargs,match", [
     ("expert=16", {}, r"expert=16 does not divide num_local_experts=8; choose expert from 1, 2, 4 or 8\."),
     ("tensor=64", {}, "tensor=64 does not divide num_attention_heads=32"),
@@ -216,6 +239,20 @@ def test_tpu_prefill_and_decode_move_no_parameter(topology_name, spec):
     for step in ("prefill", "decode"):
         assert r[step]["collectives"], step
         assert _parameter_sized_gathers(r[step]["collectives"]) == [], step
+
+
+@pytest.mark.parametrize("topology_name,spec,exchange", [("v5e:2x4", "expert=4,tensor=2", "ragged-all-to-all"),
+                                                          ("v5e:8x8", "expert=8,tensor=8", "all-to-all")])
+def test_tpu_moe_exchange_is_what_the_compiler_has(topology_name, spec, exchange):
+    # libtpu refuses ragged-all-to-all on v5e slices of more than 16 chips: there the plan (and the
+    # program it compiled) exchange fixed slots with a plain all-to-all.
+    r = _tpu_plan(topology_name, spec)
+    for step in ("prefill", "decode"):
+        assert r["moe"][step]["exchange"] == exchange, step
+        ops = {c["op"] for c in r[step]["collectives"]}
+        assert exchange in ops, (step, ops)
+        assert exchange == "ragged-all-to-all" or "ragged-all-to-all" not in ops, (step, ops)
+    assert f"{exchange}" in plan.summary(r)
 
 
 def test_tpu_plan_too_big_for_the_chip_reports_what_the_compiler_needs():
