@@ -15,6 +15,7 @@ from absl import flags
 from nbclient import NotebookClient
 
 import mixtral_jax as mj
+from mixtral_jax import plan as plan_lib
 import mixtral_jax.sample  # noqa: F401 - defines the sample CLI's flags
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +74,15 @@ def test_sample_cli_flags_exist(name):
         if "mixtral_jax.sample" in source:
             for flag in re.findall(r"--([a-z_]+)", source):
                 assert flag in flags.FLAGS, f"{name} runs the sample CLI with --{flag}, which it does not define"
+
+
+def test_tpu_notebook_reads_only_keys_the_dry_run_returns():
+    # The notebook reads the dry run's JSON; a renamed key would fail there only on a TPU VM.
+    source = "\n".join(_code_cells(_read("tpu_8x7b.ipynb")))
+    used = set(re.findall(r"""plans?(?:\[\w+\])?\[["'](\w+)["']\]""", source))
+    assert used, "the TPU notebook reads no key of the dry run's plan"
+    keys = set(plan_lib.dry_run("tiny", "expert=2", max_seq_len=64, prompt_len=8))
+    assert used <= keys, f"tpu_8x7b.ipynb reads {sorted(used - keys)}, which the dry run does not return"
 
 
 def test_quickstart_runs_end_to_end(monkeypatch):
