@@ -54,10 +54,17 @@ def main():
             continue
         g = lambda b: f"{b / GIB:.2f}"
         fits = "" if r["fits"] is None else ("yes" if r["fits"] else "**no**")
+        refused = [r[s]["does_not_fit"] for s in ("prefill", "decode") if "does_not_fit" in r[s]]
+        temps = "—" if refused else (f"{g(r['prefill']['temp_bytes_per_device'])} / "
+                                     f"{g(r['decode']['temp_bytes_per_device'])}")
+        # A program over the chip's usable HBM does not compile: the compiler's need and what it has.
+        peak = g(r["peak_bytes_per_device"]) + (
+            f" (compiler: {g(refused[0]['available_bytes_per_device'])} usable)" if refused else "")
         row = (f"| `{spec}` | {g(r['params_bytes_per_device'])} | {g(r['kv_cache_bytes_per_device'])} | "
-               f"{g(r['prefill']['temp_bytes_per_device'])} / {g(r['decode']['temp_bytes_per_device'])} | "
-               f"{g(r['peak_bytes_per_device'])} | {fits} |")
-        if tpu:
+               f"{temps} | {peak} | {fits} |")
+        if tpu and refused:
+            row += " — | — | — |"
+        elif tpu:
             row += (f" {r['est_decode_step_s'] * 1e3:.1f} ({r['decode']['bound']}) | "
                     f"{r['decode_collective_bytes_per_device'] / 1e6:.1f} | {r['est_prefill_tokens_per_s']:,.0f} |")
         print(row, flush=True)
