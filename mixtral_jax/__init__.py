@@ -11,6 +11,11 @@ The public API (see README.md):
     model = mj.load(ckpt_dir, dtype="bfloat16", mesh=None)
 """
 
+from mixtral_jax import topology as _topology
+
+# With the tpu extra installed on a host without TPUs, libtpu would warn at backend start-up.
+_topology.quiet_libtpu_without_tpu()
+
 from mixtral_jax.checkpoint import load, save
 from mixtral_jax.ckpt_files import CheckpointError
 from mixtral_jax.config import MixtralConfig, load_config, presets

@@ -1,7 +1,7 @@
 """Mesh axes, the one logical-axis rule table and mesh helpers (multi-process start-up: distributed.py).
 
 Every weight, activation and cache dimension is named by a logical axis (the
-dimension legend of DESIGN.md); `RULES` maps each logical axis to mesh axes
+table in docs/sharding.md); `RULES` maps each logical axis to mesh axes
 (or to None: replicated). Nothing else in the library names mesh axes for
 arrays; only the expert-parallel dispatch in moe.py runs collectives over them.
 

@@ -86,6 +86,15 @@ def hf_logits(model, tokens) -> np.ndarray:
     return out.logits.float().numpy()
 
 
+def moe_params(e: int, d: int = 32, f: int = 48, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random stacked MoE weights (router [D, E], w1/w3 [E, D, F], w2 [E, F, D]), scaled so routing is decisive."""
+    rs = np.random.RandomState(seed)
+    return {"router": rs.randn(d, e).astype(np.float32) * 0.5,
+            "w1": rs.randn(e, d, f).astype(np.float32) * 0.2,
+            "w3": rs.randn(e, d, f).astype(np.float32) * 0.2,
+            "w2": rs.randn(e, f, d).astype(np.float32) * 0.2}
+
+
 def moe_loop_reference(x: np.ndarray, p: dict[str, np.ndarray], k: int) -> np.ndarray:
     """Per-token, per-expert loop in float64 numpy: the independent MoE reference.
 

@@ -167,14 +167,6 @@ def test_attention_matches_transformers(kv_heads, window):
 # ---------------------------------------------------------------- MoE vs loop reference
 
 
-def _moe_params(e, d=32, f=48, seed=0):
-    rs = np.random.RandomState(seed)
-    return {"router": rs.randn(d, e).astype(np.float32) * 0.5,
-            "w1": rs.randn(e, d, f).astype(np.float32) * 0.2,
-            "w3": rs.randn(e, d, f).astype(np.float32) * 0.2,
-            "w2": rs.randn(e, f, d).astype(np.float32) * 0.2}
-
-
 @pytest.fixture(params=["kernel", "xla"])
 def cpu_path(request, monkeypatch):
     """Runs a per_expert MoE test twice: with the C++ CPU kernel, and with it off (XLA ops only)."""
@@ -209,7 +201,7 @@ def _counts(x, p, k):
 @pytest.mark.parametrize("strategy", moe.STRATEGIES)
 @pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 3), (8, 2, 64), (4, 1, 17), (6, 3, 40), (8, 8, 5)])
 def test_moe_matches_loop_reference(strategy, e, k, n):
-    p = _moe_params(e)
+    p = testing.moe_params(e)
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
     ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, p)
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
@@ -218,7 +210,7 @@ def test_moe_matches_loop_reference(strategy, e, k, n):
 @pytest.mark.parametrize("strategy", moe.STRATEGIES)
 @pytest.mark.parametrize("e,k,n", [(8, 2, 1), (8, 2, 16), (8, 2, 17), (4, 1, 300), (6, 3, 40), (8, 8, 5)])
 def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, cpu_path):
-    p = _moe_params(e)
+    p = testing.moe_params(e)
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
     ours = jax.jit(lambda x, p: moe.moe(x, p, k, strategy))(x, _per_expert(p))
     np.testing.assert_allclose(ours, testing.moe_loop_reference(x, p, k), rtol=1e-4, atol=1e-5)
@@ -229,7 +221,7 @@ def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, cpu_path):
 def test_moe_skewed_routing_and_empty_experts(layout, n, cpu_path):
     # Every token chooses expert 5 (one group holds a third or half of all rows) and nobody
     # chooses experts 0 or 2: empty groups between full ones.
-    p = _moe_params(8)
+    p = testing.moe_params(8)
     x = _steer(np.random.RandomState(n).randn(n, 32).astype(np.float32), p, toward=[5], away=[0, 2], strength=12)
     counts = _counts(x, p, 2)
     assert counts[5] == n and counts[0] == counts[2] == 0, counts
@@ -254,7 +246,7 @@ def _grouped_ffn_numpy(xs, sizes, p):
                                      ([20, 0, 1, 30], 60)])
 def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
     # The platform seam on its own: groups of any size (empty ones too), rows past the groups zero.
-    p = _moe_params(4, seed=m)
+    p = testing.moe_params(4, seed=m)
     xs = np.random.RandomState(m).randn(m, 32).astype(np.float32)
     gs = jnp.asarray(sizes, jnp.int32)
     stacked = impl in ("ragged_dot", "reference_stacked")
@@ -273,7 +265,7 @@ def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
 @pytest.mark.parametrize("n", [1, 4])
 def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     # An expert whose weights are NaN must not touch the output when no token chose it.
-    p = _moe_params(8)
+    p = testing.moe_params(8)
     x = np.random.RandomState(0).randn(n, 32).astype(np.float32)
     chosen = set(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel())
     unused = next(e for e in range(8) if e not in chosen)
@@ -301,7 +293,7 @@ def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
 ])
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows, weights):
-    p = _moe_params(e, d=d, f=f, seed=d + f)
+    p = testing.moe_params(e, d=d, f=f, seed=d + f)
     if weights == "bfloat16":
         # Weights stored in bfloat16, arithmetic in float32: the reference runs on the same rounded values.
         p = _bf16_experts(p)
@@ -322,7 +314,7 @@ def test_cpu_kernel_matches_loop_reference(d, f, e, k, n, panel_min_rows, weight
 def test_cpu_kernel_silu_saturates(n):
     # Pre-activations far past +-88, where exp(-a) leaves the float range: silu(a) must still be
     # a for large a and 0 for very negative a (the kernel's 16-wide exp clamps its argument there).
-    p = _moe_params(8)
+    p = testing.moe_params(8)
     x = 60 * np.random.RandomState(n).randn(n, 32).astype(np.float32)
     a = np.einsum("nd,edf->enf", x, p["w1"])
     assert a.max() > 150 and a.min() < -150
@@ -344,7 +336,7 @@ def test_moe_bfloat16_experts_float32_compute(strategy, n, cpu_path):
     # Expert weights stored in bfloat16, activations float32 (load(..., expert_dtype="bfloat16")):
     # the kernel widens them as it reads (row-dot products up to PANEL_MIN_ROWS_BF16 rows, panels
     # from there), XLA ops promote them; both equal float32 arithmetic on the rounded weights.
-    p = _bf16_experts(_moe_params(8))
+    p = _bf16_experts(testing.moe_params(8))
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
     pe = _per_expert(p, "bfloat16")
     assert cpu_kernel.moe_usable(jnp.asarray(x), jax.tree.leaves(pe["experts"])) == (cpu_path == "kernel")
@@ -363,7 +355,7 @@ def test_moe_bfloat16_experts_float32_compute(strategy, n, cpu_path):
 
 def test_cpu_kernel_panel_path_skewed_and_empty_groups():
     # 300 rows that mostly choose expert 5 (ten 32-column panels) while expert 0 gets none.
-    p = _moe_params(8)
+    p = testing.moe_params(8)
     x = _steer(np.random.RandomState(2).randn(300, 32).astype(np.float32), p, toward=[5], away=[0], strength=3)
     counts = _counts(x, p, 2)
     assert counts[5] > 9 * 32 and counts[5] % 32 and counts[0] == 0, counts
@@ -383,7 +375,7 @@ def test_cpu_linear_matches_numpy(n, i, o):
 
 def test_cpu_kernel_skewed_rows():
     # Expert 5 gets all 11 tokens (three row blocks, the last of 3 rows); the rest share the others.
-    p = _moe_params(8)
+    p = testing.moe_params(8)
     x = _steer(np.random.RandomState(1).randn(11, 32).astype(np.float32), p, toward=[5])
     assert (np.argsort(-(x @ p["router"]), axis=1)[:, :2] == 5).any(axis=1).all()
     assert cpu_kernel.available()
@@ -394,7 +386,7 @@ def test_cpu_kernel_skewed_rows():
 def test_dense_strategy_runs_every_expert(cpu_path):
     # "dense" must do all experts' work (the sparse gain compares against it): an unchosen
     # expert's NaN weights reach the output through its zero weight, 0 * NaN, only when it runs.
-    p = _moe_params(8)
+    p = testing.moe_params(8)
     x = np.random.RandomState(0).randn(1, 32).astype(np.float32)
     unused = next(e for e in range(8) if e not in set(np.argsort(-(x @ p["router"]), axis=1)[0, :2]))
     pe = _per_expert(p)
@@ -427,7 +419,7 @@ def test_cpu_kernel_build_failure_is_one_clear_error(monkeypatch, tmp_path):
 
 def test_cpu_kernel_not_used_for_bfloat16_activations(monkeypatch):
     # A bfloat16 model stays on XLA ops (the kernel computes in float32 only), with the same results.
-    p = _moe_params(8)
+    p = testing.moe_params(8)
     x = np.random.RandomState(0).randn(2, 32).astype(np.float32)
     pe = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), _per_expert(p))
     assert not cpu_kernel.moe_usable(jnp.asarray(x, jnp.bfloat16), jax.tree.leaves(pe["experts"]))
@@ -459,7 +451,7 @@ def test_moe_block_matches_transformers():
 
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="unknown MoE strategy"):
-        moe.moe(jnp.zeros((1, 32)), _moe_params(8), 2, "ragged")
+        moe.moe(jnp.zeros((1, 32)), testing.moe_params(8), 2, "ragged")
 
 
 # ---------------------------------------------------------------- whole model vs transformers

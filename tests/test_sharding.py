@@ -187,14 +187,6 @@ def test_indivisible_mesh_is_a_clear_error(overrides, spec, match):
 # ---------------------------------------------------------------- expert-parallel MoE
 
 
-def _moe_params(e, d=32, f=48, seed=0):
-    rs = np.random.RandomState(seed)
-    return {"router": rs.randn(d, e).astype(np.float32) * 0.5,
-            "w1": rs.randn(e, d, f).astype(np.float32) * 0.2,
-            "w3": rs.randn(e, d, f).astype(np.float32) * 0.2,
-            "w2": rs.randn(e, f, d).astype(np.float32) * 0.2}
-
-
 def _ep(x, p, k, mesh, capacity_factor=None):
     """moe_expert_parallel on weights placed per the rule table."""
     axes = {"router": ("embed", None), "w1": ("experts", "embed", "ffn"), "w3": ("experts", "embed", "ffn"),
@@ -234,7 +226,7 @@ def _capacity_reference(x, p, k, num_devices, capacity):
 @pytest.mark.parametrize("spec", MESHES)
 @pytest.mark.parametrize("n,k", [(1, 2), (13, 2), (64, 3)])
 def test_expert_parallel_matches_loop_reference(spec, n, k):
-    p = _moe_params(8, seed=n)
+    p = testing.moe_params(8, seed=n)
     x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
     out, dropped = _ep(x, p, k, mj.make_mesh(spec))
     assert dropped == 0
@@ -245,7 +237,7 @@ def test_expert_parallel_matches_loop_reference(spec, n, k):
 def test_expert_parallel_skewed_routing_and_empty_experts(spec):
     # Every token chooses expert 6 (one device receives every source's rows: the receive
     # buffer's worst case, dropless) and nobody chooses experts 0, 1 or 2 (empty shards).
-    p = _moe_params(8, seed=3)
+    p = testing.moe_params(8, seed=3)
     x = np.random.RandomState(3).randn(48, 32).astype(np.float32)
     for e, sign in ((6, 12.0), (0, -12.0), (1, -12.0), (2, -12.0)):
         x += sign * p["router"][:, e] / np.linalg.norm(p["router"][:, e])
@@ -277,7 +269,7 @@ def test_expert_parallel_exact_drops_constructed():
     # Token i is steered to expert route[i]; device 0 sends 3 tokens to expert 0 (2 drop),
     # device 1 sends all 4 to expert 5 (3 drop), the others one token per expert (none drop).
     e, d = 8, 32
-    p = _moe_params(e, d=d)
+    p = testing.moe_params(e, d=d)
     p["router"] = np.eye(d, e, dtype=np.float32)
     route = [0, 0, 1, 0, 5, 5, 5, 5] + [0, 1, 2, 3] * 6
     x = np.random.RandomState(0).randn(32, d).astype(np.float32) * 0.1
@@ -299,7 +291,7 @@ def test_expert_parallel_exact_drops_constructed():
                                                   ("expert=8", 1.25)])
 def test_expert_parallel_capacity_matches_reference(spec, capacity_factor):
     # Skewed routing so that some (device, expert) pairs overflow.
-    p = _moe_params(8, seed=1)
+    p = testing.moe_params(8, seed=1)
     x = np.random.RandomState(2).randn(70, 32).astype(np.float32)
     x += 2 * p["router"][:, 3] / np.linalg.norm(p["router"][:, 3])
     mesh = mj.make_mesh(spec)
@@ -314,7 +306,7 @@ def test_expert_parallel_capacity_matches_reference(spec, capacity_factor):
 
 def test_capacity_factor_needs_a_mesh():
     with pytest.raises(ValueError, match="capacity_factor applies to expert-parallel"):
-        moe.moe(jnp.zeros((2, 32)), _moe_params(8), 2, capacity_factor=1.0)
+        moe.moe(jnp.zeros((2, 32)), testing.moe_params(8), 2, capacity_factor=1.0)
     with pytest.raises(ValueError, match="capacity_factor must be positive"):
         moe.expert_capacity(4, 8, 2, 0.0)
 
