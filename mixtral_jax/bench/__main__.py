@@ -29,7 +29,6 @@ import tempfile
 
 from absl import app, flags
 
-from mixtral_jax import topology
 from mixtral_jax.bench import host, measure, report
 from mixtral_jax.bench.settings import QUICK, UsageError, resolve
 
@@ -111,7 +110,6 @@ def run() -> int:
 
 def main(argv):
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # no "no TPU found" noise on CPU
-    topology.quiet_libtpu_without_tpu()  # the tpu extra on a host without TPUs: no libtpu start-up warnings
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; flags look like --batch_sizes 1,4.", file=sys.stderr)
         sys.exit(EXIT_USAGE)
