@@ -15,13 +15,15 @@ One algorithm on every platform, as small pure functions:
   unsort, combine  back to token order; the weighted sum over the k choices in float32.
 
 Three paths run it: `moe_grouped` (one device), `moe_expert_parallel` (a
-mesh: each device exchanges only the rows each expert shard needs, with
+mesh: tokens stay split over data × expert as they arrive; each device
+exchanges over `expert` only the rows each expert shard needs, with
 `ragged_all_to_all` (where the compiler lacks it, XLA:CPU and v5e slices of
-more than 16 chips: an all_to_all of fixed slots, the same result), and runs
-the same grouped FFN on what it received), and `moe_grouped(...,
-all_experts=True)` (strategy "dense": every expert on every token, the work a
-sparse MoE saves). Dropless everywhere; on a mesh, `capacity_factor`
-optionally bounds the rows per (device, expert), with exact drop counts
+more than 16 chips: an all_to_all of fixed slots, the same result), runs the
+same grouped FFN on its F slice of what it received, and the partials are
+summed over `tensor`), and `moe_grouped(..., all_experts=True)` (strategy
+"dense": every expert on every token, the work a sparse MoE saves). Dropless
+everywhere; on a mesh, `capacity_factor` optionally bounds the rows per
+(token shard, expert), with exact drop counts
 (`count_dropped`). Figures: docs/performance.md, section "MoE".
 """
 
@@ -199,9 +201,9 @@ def expert_weights(p):
 
 
 def expert_capacity(tokens_per_device: int, num_experts: int, k: int, capacity_factor: float | None) -> int:
-    """Rows each device may send to one expert.
+    """Rows each (data, expert) token shard may send to one expert.
 
-    Dropless (capacity_factor None): all of a device's tokens may choose the
+    Dropless (capacity_factor None): all of a shard's tokens may choose the
     same expert, so the capacity is `tokens_per_device`. Otherwise the usual
     ceil(capacity_factor × tokens_per_device × k / E), clipped to [1, tokens_per_device].
     """
@@ -232,50 +234,56 @@ def _rows_per_source(tokens_per_device: int, e_loc: int, k: int, capacity: int) 
     return min(tokens_per_device * min(k, e_loc), e_loc * capacity)
 
 
+def token_shards(mesh: Mesh) -> int:
+    """How many ways `moe_expert_parallel` splits tokens: data × expert (each shard's `tensor` devices share it)."""
+    return mesh.shape["data"] * mesh.shape["expert"]
+
+
 def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: int = 1, data: int = 1,
                   capacity_factor: float | None = None) -> dict[str, int]:
     """Rows of the expert-parallel MoE per device and layer, from the design's arithmetic.
 
-    Each device routes its `tokens / devices` tokens and sends every kept
-    assignment to the `tensor` devices that hold its expert (each holds a
-    slice of F), which return F-partial results. The receive buffer is
-    static, sized for the worst case (every real token of the exchange group
-    choosing that device's experts; padding rows, where the devices outnumber
-    the tokens, are never sent); the grouped matmul computes only the rows
-    received.
+    Each device routes its (data, expert) shard's `tokens / (data × expert)`
+    tokens (the same as its `tensor` peers) and sends every kept assignment to
+    the device of the same tensor rank holding its expert, which returns the
+    result of its F slice. The receive buffer is static, sized for the worst
+    case (every real token of the exchange group choosing that device's
+    experts; padding rows, where the shards outnumber the tokens, are never
+    sent); the grouped matmul computes only the rows received. `tensor`
+    changes no row count, only how F is split.
 
     Args:
       tokens: tokens in the batch (B × T); the mesh sizes `data`, `expert`, `tensor`.
 
     Returns (per device, one MoE layer):
-      tokens_per_device: tokens it routes (padded up to divide the mesh).
+      tokens_per_device: tokens it routes (padded up to divide data × expert).
       buffer_rows: rows of its receive buffer, which the grouped matmul's
         compiled cost counts (2 · rows · D · F / tensor per matmul).
       rows_balanced: rows it receives and computes when routing is balanced
         (each expert chosen by tokens × k / E assignments): tokens × k /
-        (data × expert) for every device, i.e. tokens × k over the mesh (ideal).
+        (data × expert) for every device (ideal).
       rows_sent_balanced: rows a device holding tokens_per_device real tokens
         sends to other devices, and gets back, when balanced.
     """
-    devices = data * expert * tensor
-    n = -(-tokens // devices)
+    del tensor  # tokens are replicated over it; it splits F only
+    n = -(-tokens // (data * expert))
     e_loc = num_experts // expert
     capacity = expert_capacity(n, num_experts, k, capacity_factor)
-    group = expert * tensor  # the devices one exchange spans
-    real = min(tokens, group * n)  # real tokens of the fullest exchange group
+    real = min(tokens, expert * n)  # real tokens of the fullest exchange group (one data slice)
     balanced = min(n * k / num_experts, capacity)  # rows one full source sends to one expert at balanced routing
     return {
         "tokens_per_device": n,
-        "buffer_rows": min(group * _rows_per_source(n, e_loc, k, capacity), real * min(k, e_loc)),
-        "rows_balanced": round(e_loc * min(real * k / num_experts, group * capacity)),
-        "rows_sent_balanced": round(balanced * (num_experts - e_loc) * tensor + balanced * e_loc * (tensor - 1)),
+        "buffer_rows": min(expert * _rows_per_source(n, e_loc, k, capacity), real * min(k, e_loc)),
+        "rows_balanced": round(e_loc * min(real * k / num_experts, expert * capacity)),
+        "rows_sent_balanced": round(balanced * (num_experts - e_loc)),
     }
 
 
 def has_ragged_all_to_all(devices) -> bool:
     """Whether the compiler for these devices has ragged-all-to-all: XLA:CPU has none, and libtpu
     (0.0.42.1) refuses it on v5e slices of more than 16 chips ("not supported in limited ICI
-    routing settings"; v5e:4x4 compiles, v5e:4x8 and v5e:8x8 do not; v6e, v5p and v4 compile)."""
+    routing settings"; v5e:4x4 compiles, v5e:4x8 and v5e:8x8 do not; v6e, v5p and v4 compile).
+    The slice decides, not the exchange group: v5e:8x8 refuses it over 8 or even 2 devices."""
     first = devices.flat[0]
     return first.platform != "cpu" and not (first.device_kind == "TPU v5 lite" and devices.size > 16)
 
@@ -302,24 +310,22 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
     """Per-device body of `moe_expert_parallel` (inside shard_map over data, expert, tensor).
 
     Args:
-      x: [n, D] this device's tokens; valid: [n] False on padding.
+      x: [n, D] this (data, expert) shard's tokens, the same on its tensor peers; valid: [n] False on padding.
       router: [D, E] (replicated).
       w1, w3: [E_loc, D, F_loc]; w2: [E_loc, F_loc, D]: this device's experts, its slice of F.
 
     Returns:
       (out [n, D], number of dropped assignments over the whole mesh).
 
-    The exchange spans the expert × tensor devices of one data slice; device
-    (s, t) holds experts [s·E_loc, (s+1)·E_loc) and F slice t, so an
-    assignment to expert e goes to the `tensor` devices (e // E_loc, ·).
+    The exchange spans the `expert` devices of one (data, tensor) pair: device
+    s holds experts [s·E_loc, (s+1)·E_loc), so an assignment to expert e goes
+    to device e // E_loc, which returns its F slice's partial result.
     """
     n, d = x.shape
     num_experts = router.shape[1]
     e_loc = w1.shape[0]
     ep, tp = jax.lax.axis_size("expert"), jax.lax.axis_size("tensor")
-    group = ("expert", "tensor")
-    me = jax.lax.axis_index(group)  # = shard · tp + t
-    shard = me // tp
+    shard = jax.lax.axis_index("expert")
     with jax.named_scope("route"):
         weights, chosen = route(x, router, k)  # [n, k]
         valid_a = jnp.repeat(valid, k)  # [A]
@@ -331,48 +337,50 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
         xs = jnp.take(x, order // k, axis=0)  # [A, D]
         to_shard = counts.reshape(ep, e_loc).sum(axis=1)  # [EP]
         shard_start = jnp.cumsum(to_shard) - to_shard
-        all_counts = jax.lax.all_gather(counts, group)  # [G, E]: every source's rows per expert
-        sent = all_counts.reshape(ep * tp, ep, e_loc).sum(axis=2)  # [G sources, EP shards]
-        # Each source's rows for shard s land on every (s, t) after those of earlier sources.
-        land = jnp.cumsum(sent, axis=0) - sent  # [G, EP]
-        dest = jnp.arange(ep * tp) // tp  # shard of each destination device
-        recv_sizes = sent[:, shard]  # [G]
+        all_counts = jax.lax.all_gather(counts, "expert")  # [EP, E]: every source's rows per expert
+        sent = all_counts.reshape(ep, ep, e_loc).sum(axis=2)  # [EP sources, EP shards]
+        # Each source's rows for shard s land on s after those of earlier sources.
+        land = jnp.cumsum(sent, axis=0) - sent  # [EP, EP]
+        recv_sizes = sent[:, shard]  # [EP]
         recv_start = jnp.cumsum(recv_sizes) - recv_sizes
     with jax.named_scope("dispatch"):
-        recv = _ragged_all_to_all(xs, jnp.zeros((buffer_rows, d), x.dtype), shard_start[dest], to_shard[dest],
-                                  land[me][dest], recv_sizes, axis_name=group, slot_rows=slot_rows)
+        recv = _ragged_all_to_all(xs, jnp.zeros((buffer_rows, d), x.dtype), shard_start, to_shard, land[shard],
+                                  recv_sizes, axis_name="expert", slot_rows=slot_rows)
         # Received rows come by source, then local expert: regroup them by local expert.
-        mine = jax.lax.dynamic_slice_in_dim(all_counts, shard * e_loc, e_loc, axis=1).reshape(-1)  # [G·E_loc]
+        mine = jax.lax.dynamic_slice_in_dim(all_counts, shard * e_loc, e_loc, axis=1).reshape(-1)  # [EP·E_loc]
         seg = jnp.searchsorted(jnp.cumsum(mine), jnp.arange(buffer_rows), side="right", method="compare_all")
         local = jnp.where(seg < mine.shape[0], seg % e_loc, e_loc)  # e_loc: an unused row
         order2, group_sizes = sort_by_expert(local, e_loc)
     ys = grouped_ffn(jnp.take(recv, order2, axis=0), group_sizes, {"w1": w1, "w3": w3, "w2": w2})
     with jax.named_scope("return"):
-        # F-partial results go back to their sources, each tensor peer's into its own segment there.
+        # F-partials stay float32 until summed over tensor, so sharding F does not round them early.
         y = jnp.take(ys.astype(x.dtype if tp == 1 else jnp.float32), inverse(order2), axis=0)
-        a = flat.shape[0]
-        t = me % tp
-        src_start = (jnp.cumsum(sent, axis=1) - sent)[:, shard]  # [G]: where each source's rows for me began
-        back = _ragged_all_to_all(y, jnp.zeros((tp * a, d), y.dtype), recv_start, recv_sizes, t * a + src_start,
-                                  to_shard[dest], axis_name=group, slot_rows=slot_rows)
-        back = back.reshape(tp, a, d).sum(axis=0) if tp > 1 else back
+        src_start = (jnp.cumsum(sent, axis=1) - sent)[:, shard]  # [EP]: where each source's rows for me began
+        back = _ragged_all_to_all(y, jnp.zeros((flat.shape[0], d), y.dtype), recv_start, recv_sizes, src_start,
+                                  to_shard, axis_name="expert", slot_rows=slot_rows)
     with jax.named_scope("combine"):
         y_rows = jnp.take(back, inverse(order), axis=0).reshape(n, k, d)
-        out = combine(y_rows, jnp.where(keep.reshape(n, k), weights, 0.0), x.dtype)
-    dropped = jax.lax.psum(jnp.sum(valid_a & ~keep, dtype=jnp.int32), sharding.MESH_AXES)
+        gates = jnp.where(keep.reshape(n, k), weights, 0.0)
+        if tp == 1:
+            out = combine(y_rows, gates, x.dtype)
+        else:
+            out = jax.lax.psum(combine(y_rows, gates, jnp.float32), "tensor").astype(x.dtype)
+    # Tensor peers route the same tokens, so each drop is counted once per (data, expert) shard.
+    dropped = jax.lax.psum(jnp.sum(valid_a & ~keep, dtype=jnp.int32), ("data", "expert"))
     return out, dropped
 
 
 def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: float | None = None):
     """Expert-parallel MoE over `mesh`: each device sends each expert shard only the rows it needs.
 
-    Tokens are split over every device of the mesh (padded to a multiple of
-    the device count, so a decode batch smaller than the mesh works). Each
-    device routes its tokens, sorts the assignments by expert, sends each
-    shard's rows to the `tensor` devices holding that shard's experts
-    (`ragged_all_to_all` over expert × tensor, sizes exchanged first), runs
-    the grouped FFN on the rows it received, sends the F-partial results back
-    and combines them.
+    Tokens are split over data × expert, as the activations arrive (padded to
+    a multiple of that, so a decode batch smaller than the mesh works), and
+    replicated over tensor. Each device routes its shard's tokens, sorts the
+    assignments by expert, sends each expert shard's rows to the device of
+    that shard with its own tensor rank (`ragged_all_to_all` over expert,
+    sizes exchanged first), runs the grouped FFN on its slice of F for the
+    rows it received, gets the float32 partial results back, combines them
+    and sums them over tensor.
 
     Args:
       x: [N, D] tokens.
@@ -380,7 +388,7 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
       k: experts per token.
       mesh: a mesh with axes (data, expert, tensor); expert must divide E and tensor F.
       capacity_factor: None for dropless, or the fraction of the even share
-        tokens × k / E of rows each device may send to one expert.
+        tokens × k / E of rows each (data, expert) shard may send to one expert.
 
     Returns:
       (out [N, D] in x's dtype, dropped: int32 scalar, the number of (token,
@@ -391,12 +399,13 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
     sizes = dict(mesh.shape)
     plan = exchange_plan(n, num_experts, k, sizes["expert"], sizes["tensor"], sizes["data"], capacity_factor)
     per_device = plan["tokens_per_device"]
+    padded = per_device * token_shards(mesh)
     capacity = expert_capacity(per_device, num_experts, k, capacity_factor)
-    x_pad = jnp.pad(x, ((0, per_device * mesh.size - n), (0, 0)))
-    valid = jnp.arange(per_device * mesh.size) < n
+    x_pad = jnp.pad(x, ((0, padded - n), (0, 0)))
+    valid = jnp.arange(padded) < n
     w_in = sharding.logical_to_spec(("experts", "embed", "ffn"), mesh, p["w1"].shape)
     w_out = sharding.logical_to_spec(("experts", "ffn", "embed"), mesh, p["w2"].shape)
-    tokens = P(sharding.MESH_AXES)  # rows split over every device
+    tokens = P(("data", "expert"))  # as sharding.RULES["batch"] splits activations; replicated over tensor
     # Without ragged-all-to-all, a fixed slot per (source, destination): the most one source sends one
     # expert shard, which is also the most a device returns to one source.
     slot_rows = None if has_ragged_all_to_all(mesh.devices) else _rows_per_source(
@@ -409,16 +418,17 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
     return out[:n], dropped
 
 
-def count_dropped(experts, num_devices: int, num_experts: int, capacity_factor: float | None):
+def count_dropped(experts, num_shards: int, num_experts: int, capacity_factor: float | None):
     """Assignments that `moe_expert_parallel` drops for given router choices, per layer.
 
-    Exact: the same split of tokens over devices and the same capacity rule
-    (`within_capacity`). With `routing.expert_routing(model, tokens,
-    capacity_factor=f)` it reports what a forward pass at capacity f drops.
+    Exact: the same split of tokens (contiguous, over the data × expert
+    shards) and the same capacity rule (`within_capacity`). With
+    `routing.expert_routing(model, tokens, capacity_factor=f)` it reports what
+    a forward pass at capacity f drops.
 
     Args:
       experts: int [L, B, T, k] (or [L, N, k]) expert ids, tokens in row-major order.
-      num_devices: devices of the mesh (its size).
+      num_shards: data × expert of the mesh (`token_shards(mesh)`); tensor peers share their tokens.
       num_experts: E.
       capacity_factor: as in `moe_expert_parallel` (None: dropless, all zeros).
 
@@ -429,16 +439,16 @@ def count_dropped(experts, num_devices: int, num_experts: int, capacity_factor: 
     num_layers, k = experts.shape[0], experts.shape[-1]
     experts = experts.reshape(num_layers, -1, k)  # [L, N, k]
     n = experts.shape[1]
-    per_device = -(-n // num_devices)
+    per_device = -(-n // num_shards)
     capacity = expert_capacity(per_device, num_experts, k, capacity_factor)
-    pad = per_device * num_devices - n
-    groups = jnp.pad(experts, ((0, 0), (0, pad), (0, 0))).reshape(num_layers, num_devices, per_device * k)
-    valid = jnp.repeat(jnp.arange(per_device * num_devices) < n, k).reshape(num_devices, per_device * k)
+    pad = per_device * num_shards - n
+    groups = jnp.pad(experts, ((0, 0), (0, pad), (0, 0))).reshape(num_layers, num_shards, per_device * k)
+    valid = jnp.repeat(jnp.arange(per_device * num_shards) < n, k).reshape(num_shards, per_device * k)
 
     def dropped(group, valid_group):
         return jnp.sum(valid_group & ~within_capacity(group, valid_group, num_experts, capacity))
 
-    per_group = jax.vmap(jax.vmap(dropped), in_axes=(0, None))(groups, valid)  # [L, devices]
+    per_group = jax.vmap(jax.vmap(dropped), in_axes=(0, None))(groups, valid)  # [L, shards]
     return jax.device_get(per_group.sum(axis=1))
 
 

@@ -8,7 +8,8 @@ arrays; only the expert-parallel dispatch in moe.py runs collectives over them.
 The batch is split over `data` and then `expert`: attention and the KV cache
 are data-parallel across the expert axis too, instead of being repeated on
 every expert shard (the attention weights are; they are small next to the
-experts). The MoE then splits the same tokens further over `tensor`.
+experts). The MoE keeps that split: each expert exchange runs over `expert`
+between devices of the same tensor rank, and the F-partials are summed over `tensor`.
 
 Sizes the mesh does not divide:
   experts, heads, ffn   a ValueError naming the axis and a mesh that works;

@@ -105,9 +105,10 @@ def test_dry_run_kv_heads_replicated_when_tensor_exceeds_them():
 
 
 @pytest.mark.parametrize("spec,batch,prefill,decode", [
-    # prefill 8 x 32 tokens, 32 per device; dropless: a device may send one shard all its tokens x
-    # min(k, E_loc) = 64 rows, so a buffer of 8 sources x 64 = 512 rows against the ideal
-    # 256 x 2 / 4 = 128; balanced routing brings E_loc x 256 x 2 / 8 = 128 (ragged_dot computes those).
+    # prefill 8 x 32 tokens, 64 per expert shard (shared by its 2 tensor peers); dropless: a device
+    # may send one shard all its tokens x min(k, E_loc) = 128 rows, so a buffer of 4 sources x 128 =
+    # 512 rows against the ideal 256 x 2 / 4 = 128; balanced routing brings E_loc x 256 x 2 / 8 = 128
+    # (ragged_dot computes those).
     # Decode, 8 tokens: 8 x 2 = 16 rows, ideal 4; at most 128 rows: the batched product computes all
     # 16 on both local experts, 32 rows.
     ("expert=4,tensor=2", 8, (512, 128, 128, "ragged_dot", 128), (16, 4, 4, "batched product", 32)),

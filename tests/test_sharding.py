@@ -197,16 +197,16 @@ def _ep(x, p, k, mesh, capacity_factor=None):
     return np.asarray(out), int(dropped)
 
 
-def _capacity_reference(x, p, k, num_devices, capacity):
-    """float64 loop reference of fixed-capacity dispatch: tokens split into `num_devices`
+def _capacity_reference(x, p, k, num_shards, capacity):
+    """float64 loop reference of fixed-capacity dispatch: tokens split into `num_shards`
     contiguous groups; in each group the first `capacity` assignments (token order) to an
     expert are kept, later ones dropped. Returns (out [N, D], dropped count)."""
     x64 = np.asarray(x, np.float64)
     n = x.shape[0]
-    per = -(-n // num_devices)
+    per = -(-n // num_shards)
     out = np.zeros_like(x64)
     dropped = 0
-    for g in range(num_devices):
+    for g in range(num_shards):
         used = {}
         for i in range(g * per, min(n, (g + 1) * per)):
             logits = x64[i] @ p["router"]
@@ -257,11 +257,12 @@ def test_exchange_plan_hand_arithmetic():
                     "rows_sent_balanced": 7 * 512}
     # Capacity 1.25: ceil(1.25 x 512) = 640 rows per (source, expert), so 8 x 640 buffer rows.
     assert moe.exchange_plan(8 * 2048, 8, 2, expert=8, capacity_factor=1.25)["buffer_rows"] == 8 * 640
-    # expert=4, tensor=2: 2 experts per shard; each row goes to both tensor peers of its shard.
+    # expert=4, tensor=2: tokens split over the 4 expert shards (16 each, shared by both tensor
+    # peers); 2 experts per shard, so a source sends a shard at most 16 x 2 rows: 4 x 32 buffer rows.
     plan = moe.exchange_plan(64, 8, 2, expert=4, tensor=2)
-    assert plan["tokens_per_device"] == 8 and plan["buffer_rows"] == 8 * 8 * 2
-    assert plan["rows_balanced"] == 2 * 8 * 2  # tensor x tokens x k
-    assert plan["rows_sent_balanced"] == 2 * (6 * 2 + 2 * 1)  # 2 rows per expert: 6 experts x 2 peers + 2 x 1
+    assert plan["tokens_per_device"] == 16 and plan["buffer_rows"] == 4 * 16 * 2
+    assert plan["rows_balanced"] == 2 * 64 * 2 / 8  # E_loc x tokens x k / E
+    assert plan["rows_sent_balanced"] == 6 * 16 * 2 / 8  # to the 6 experts of the other 3 shards, no tensor factor
 
 
 def test_expert_parallel_exact_drops_constructed():
@@ -296,12 +297,13 @@ def test_expert_parallel_capacity_matches_reference(spec, capacity_factor):
     x += 2 * p["router"][:, 3] / np.linalg.norm(p["router"][:, 3])
     mesh = mj.make_mesh(spec)
     out, dropped = _ep(x, p, 2, mesh, capacity_factor)
-    capacity = moe.expert_capacity(-(-70 // 8), 8, 2, capacity_factor)
-    ref, ref_dropped = _capacity_reference(x, p, 2, 8, capacity)
+    shards = moe.token_shards(mesh)  # tokens split over data x expert, shared by tensor peers
+    capacity = moe.expert_capacity(-(-70 // shards), 8, 2, capacity_factor)
+    ref, ref_dropped = _capacity_reference(x, p, 2, shards, capacity)
     assert dropped == ref_dropped > 0
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     experts = np.asarray(moe.route(jnp.asarray(x), jnp.asarray(p["router"]), 2)[1])
-    assert moe.count_dropped(experts[None], 8, 8, capacity_factor).tolist() == [dropped]
+    assert moe.count_dropped(experts[None], shards, 8, capacity_factor).tolist() == [dropped]
 
 
 def test_capacity_factor_needs_a_mesh():
@@ -371,15 +373,15 @@ def test_load_with_mesh_restores_shards_and_runs_expert_parallel(tmp_path):
     assert testing.rel_err(mj.forward(loaded, tokens), mj.forward(model, tokens)) <= 1e-5
 
 
-def _numpy_drops(experts, num_devices, capacity):
+def _numpy_drops(experts, num_shards, capacity):
     """Independent count of the capacity rule on router choices [L, B, T, k]: per layer, tokens
-    split into `num_devices` contiguous groups, the (capacity+1)-th and later assignments of a
+    split into `num_shards` contiguous groups, the (capacity+1)-th and later assignments of a
     group to one expert dropped."""
     out = []
     for layer in experts.reshape(experts.shape[0], -1, experts.shape[-1]):
-        per = -(-len(layer) // num_devices)
+        per = -(-len(layer) // num_shards)
         out.append(sum(max(0, np.sum(layer[g * per:(g + 1) * per] == e) - capacity)
-                       for g in range(num_devices) for e in range(8)))
+                       for g in range(num_shards) for e in range(8)))
     return out
 
 
@@ -388,11 +390,11 @@ def test_model_capacity_factor_drops_are_counted_and_change_the_output():
     tokens = np.random.RandomState(5).randint(0, model.cfg.vocab_size, (2, 12))
     dropless = np.asarray(mj.forward(model, tokens))
     routing = mj.expert_routing(model, tokens, capacity_factor=0.5)
-    drops = moe.count_dropped(routing.experts, 8, 8, 0.5)
-    assert drops.tolist() == _numpy_drops(routing.experts, 8, moe.expert_capacity(3, 8, 2, 0.5)) and drops.sum() > 0
+    drops = moe.count_dropped(routing.experts, 4, 8, 0.5)  # 24 tokens over the 4 expert shards
+    assert drops.tolist() == _numpy_drops(routing.experts, 4, moe.expert_capacity(6, 8, 2, 0.5)) and drops.sum() > 0
     assert testing.rel_err(mj.forward(model, tokens, capacity_factor=0.5), dropless) > 1e-3
     # Capacity factor E / k gives every expert the whole device: nothing drops, output as dropless.
-    assert moe.count_dropped(mj.expert_routing(model, tokens, 4.0).experts, 8, 8, 4.0).tolist() == [0, 0]
+    assert moe.count_dropped(mj.expert_routing(model, tokens, 4.0).experts, 4, 8, 4.0).tolist() == [0, 0]
     assert testing.rel_err(mj.forward(model, tokens, capacity_factor=4.0), dropless) <= 1e-6
 
 
@@ -417,8 +419,7 @@ def _tpu_moe(mesh, tokens, capacity_factor=None, d=256, f=512, e=8, k=2):
         return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding.named_sharding(mesh, axes, shape))
     p = {"router": spec((d, e), ("embed", None)), "w1": spec((e, d, f), ("experts", "embed", "ffn")),
          "w3": spec((e, d, f), ("experts", "embed", "ffn")), "w2": spec((e, f, d), ("experts", "ffn", "embed"))}
-    x = jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16,
-                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.MESH_AXES)))
+    x = spec((tokens, d), ("batch", "embed"))  # as activations arrive: split over data, expert
     compiled = jax.jit(lambda x, p: moe.moe(x, p, k, mesh=mesh, capacity_factor=capacity_factor)).lower(x, p).compile()
     cost = compiled.cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost), compiled.as_text()
@@ -444,14 +445,27 @@ def test_tpu_expert_parallel_compiles_with_ragged_all_to_all(spec, capacity_fact
     cost, hlo = _tpu_moe(mesh, tokens, capacity_factor)
     assert "ragged-all-to-all" in hlo and not re.search(r"(?<!ragged-)all-to-all\(", hlo)
     # Any other collective carries the per-expert row counts (int32 [devices, E]) and the drop
-    # count, never token rows.
-    other = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?:all-gather|all-reduce|reduce-scatter|collective-permute)", hlo)
-    assert other and all(t == "s32" and np.prod([int(n) for n in dims.split(",")]) <= 8 * 8 + 1
-                         for t, dims in other), other
+    # count, never token rows; with tensor > 1, but for the float32 sum of the output over tensor
+    # (the TPU compiler fuses the cast into it: a float32 operand and reduction, a bfloat16 result).
     sizes = dict(mesh.shape)
+    other = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?:all-gather|all-reduce|reduce-scatter|collective-permute)", hlo)
+    out_sum = [(t, dims) for t, dims in other if dims == f"{tokens // moe.token_shards(mesh)},{d}"]
+    assert len(out_sum) == (sizes["tensor"] > 1), other
+    assert other and all(t == "s32" and np.prod([int(n) for n in dims.split(",")]) <= 8 * 8 + 1
+                         for t, dims in other if (t, dims) not in out_sum), other
     plan = moe.exchange_plan(tokens, 8, 2, sizes["expert"], sizes["tensor"], sizes["data"], capacity_factor)
     grouped = 2 * plan["buffer_rows"] * 3 * d * (f // sizes["tensor"])
     assert grouped <= cost["flops"] <= 1.1 * grouped, cost["flops"] / grouped
     ideal = 2 * tokens * 2 * 3 * d * f / mesh.size
     if capacity_factor == 1.0:
         assert cost["flops"] <= 1.1 * ideal
+
+
+def test_tpu_v5e_over_16_chips_refuses_ragged_all_to_all_even_over_8_devices(monkeypatch):
+    # has_ragged_all_to_all judges the slice, not the exchange group: the group is `expert` only,
+    # yet libtpu refuses it on v5e:8x8. If this starts compiling, narrow has_ragged_all_to_all.
+    mesh = _tpu_mesh("v5e:8x8", "expert=8,tensor=8", (2, 2, 1))
+    assert not moe.has_ragged_all_to_all(mesh.devices)
+    monkeypatch.setattr(moe, "has_ragged_all_to_all", lambda devices: True)
+    with pytest.raises(Exception, match="not supported in limited ICI routing settings"):
+        _tpu_moe(mesh, 64)
