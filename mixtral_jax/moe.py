@@ -346,15 +346,19 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
     with jax.named_scope("dispatch"):
         recv = _ragged_all_to_all(xs, jnp.zeros((buffer_rows, d), x.dtype), shard_start, to_shard, land[shard],
                                   recv_sizes, axis_name="expert", slot_rows=slot_rows)
-        # Received rows come by source, then local expert: regroup them by local expert.
-        mine = jax.lax.dynamic_slice_in_dim(all_counts, shard * e_loc, e_loc, axis=1).reshape(-1)  # [EP·E_loc]
-        seg = jnp.searchsorted(jnp.cumsum(mine), jnp.arange(buffer_rows), side="right", method="compare_all")
-        local = jnp.where(seg < mine.shape[0], seg % e_loc, e_loc)  # e_loc: an unused row
-        order2, group_sizes = sort_by_expert(local, e_loc)
-    ys = grouped_ffn(jnp.take(recv, order2, axis=0), group_sizes, {"w1": w1, "w3": w3, "w2": w2})
+        if e_loc == 1:  # rows arrive packed at the front, all for the one local expert: no regrouping
+            order2, group_sizes, grouped = None, jnp.sum(recv_sizes, keepdims=True), recv
+        else:  # received rows come by source, then local expert: regroup them by local expert
+            mine = jax.lax.dynamic_slice_in_dim(all_counts, shard * e_loc, e_loc, axis=1).reshape(-1)  # [EP·E_loc]
+            seg = jnp.searchsorted(jnp.cumsum(mine), jnp.arange(buffer_rows), side="right", method="compare_all")
+            local = jnp.where(seg < mine.shape[0], seg % e_loc, e_loc)  # e_loc: an unused row
+            order2, group_sizes = sort_by_expert(local, e_loc)
+            grouped = jnp.take(recv, order2, axis=0)
+    ys = grouped_ffn(grouped, group_sizes, {"w1": w1, "w3": w3, "w2": w2})
     with jax.named_scope("return"):
         # F-partials stay float32 until summed over tensor, so sharding F does not round them early.
-        y = jnp.take(ys.astype(x.dtype if tp == 1 else jnp.float32), inverse(order2), axis=0)
+        y = ys.astype(x.dtype if tp == 1 else jnp.float32)
+        y = y if order2 is None else jnp.take(y, inverse(order2), axis=0)
         src_start = (jnp.cumsum(sent, axis=1) - sent)[:, shard]  # [EP]: where each source's rows for me began
         back = _ragged_all_to_all(y, jnp.zeros((flat.shape[0], d), y.dtype), recv_start, recv_sizes, src_start,
                                   to_shard, axis_name="expert", slot_rows=slot_rows)
