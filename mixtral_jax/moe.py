@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mixtral_jax import cpu_kernel, sharding
+from mixtral_jax.layout import EXPERT_PARAMS
 
 STRATEGIES = ("sparse", "dense")
-EXPERT_PARAMS = ("w1", "w3", "w2")
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -289,10 +289,12 @@ def has_ragged_all_to_all(devices) -> bool:
 
 
 def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name,
-                       slot_rows: int | None):
+                       slot_rows: int | None, recv_offsets):
     """lax.ragged_all_to_all; or, where the compiler lacks it (`slot_rows` given), the same result
     from a plain all_to_all of `slot_rows` rows per (source, destination) pair, at least as many as
-    any source sends any destination: it moves that static worst case whatever the sizes."""
+    any source sends any destination: it moves that static worst case whatever the sizes.
+    `recv_offsets` [G]: where each source's rows land here (the receiver's side of `output_offsets`,
+    which the callers already know, so the fallback exchanges no offsets)."""
     if slot_rows is None:
         return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                          axis_name=axis_name)
@@ -300,8 +302,7 @@ def _ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offset
     rows = jnp.clip(input_offsets[:, None] + r, 0, operand.shape[0] - 1)  # [G, slot]
     send = jnp.where((r < send_sizes[:, None])[..., None], operand[rows], 0)  # [G, slot, D]: one per destination
     recv = jax.lax.all_to_all(send, axis_name, 0, 0)  # [G, slot, D]: each source's slice for me
-    at = jax.lax.all_to_all(output_offsets, axis_name, 0, 0)  # [G]: where each source's slice lands here
-    dest = jnp.where(r < recv_sizes[:, None], at[:, None] + r, output.shape[0])  # past the end: dropped
+    dest = jnp.where(r < recv_sizes[:, None], recv_offsets[:, None] + r, output.shape[0])  # past the end: dropped
     return output.at[dest.reshape(-1)].set(recv.reshape(-1, operand.shape[1]), mode="drop")
 
 
@@ -345,7 +346,7 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
         recv_start = jnp.cumsum(recv_sizes) - recv_sizes
     with jax.named_scope("dispatch"):
         recv = _ragged_all_to_all(xs, jnp.zeros((buffer_rows, d), x.dtype), shard_start, to_shard, land[shard],
-                                  recv_sizes, axis_name="expert", slot_rows=slot_rows)
+                                  recv_sizes, axis_name="expert", slot_rows=slot_rows, recv_offsets=land[:, shard])
         if e_loc == 1:  # rows arrive packed at the front, all for the one local expert: no regrouping
             order2, group_sizes, grouped = None, jnp.sum(recv_sizes, keepdims=True), recv
         else:  # received rows come by source, then local expert: regroup them by local expert
@@ -361,7 +362,7 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
         y = y if order2 is None else jnp.take(y, inverse(order2), axis=0)
         src_start = (jnp.cumsum(sent, axis=1) - sent)[:, shard]  # [EP]: where each source's rows for me began
         back = _ragged_all_to_all(y, jnp.zeros((flat.shape[0], d), y.dtype), recv_start, recv_sizes, src_start,
-                                  to_shard, axis_name="expert", slot_rows=slot_rows)
+                                  to_shard, axis_name="expert", slot_rows=slot_rows, recv_offsets=shard_start)
     with jax.named_scope("combine"):
         y_rows = jnp.take(back, inverse(order), axis=0).reshape(n, k, d)
         gates = jnp.where(keep.reshape(n, k), weights, 0.0)
