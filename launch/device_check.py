@@ -166,7 +166,6 @@ def main():
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     args = parser.parse_args()
 
-    topology.quiet_libtpu_without_tpu()  # before JAX starts: no libtpu warnings on a GPU or CPU host
     device = jax.devices()[0]
     if device.platform == "cpu" and not args.allow_cpu:
         print("error: no GPU or TPU is visible to JAX; run this on an accelerator host (or pass --allow_cpu "

@@ -33,7 +33,6 @@ def main():
     parser.add_argument("--json", action="store_true", help="one JSON line per mesh instead of a table")
     args = parser.parse_args()
 
-    topology.quiet_libtpu_without_tpu()
     tpu = args.topology is not None
     if not args.json:
         if tpu:

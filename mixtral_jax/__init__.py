@@ -13,7 +13,8 @@ The public API (see README.md):
 
 from mixtral_jax import topology as _topology
 
-# With the tpu extra installed on a host without TPUs, libtpu would warn at backend start-up.
+# With the tpu extra installed on a host without TPUs, libtpu would warn at backend start-up; every
+# entry point (CLIs, launch/ scripts, notebooks) imports the package first, so this is the one call.
 _topology.quiet_libtpu_without_tpu()
 
 from mixtral_jax.checkpoint import load, save

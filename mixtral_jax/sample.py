@@ -390,12 +390,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
-    from mixtral_jax import distributed, topology
+    from mixtral_jax import distributed
 
     # No "no TPU found" or distributed start-up chatter on stderr.
     for name in ("jax._src.xla_bridge", "jax._src.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    topology.quiet_libtpu_without_tpu()  # the tpu extra on a host without TPUs: no libtpu start-up warnings
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}; flags look like --prompt 'text'.", file=sys.stderr)
         sys.exit(2)

@@ -142,7 +142,6 @@ def tpu_devices(topology: Topology | str):
     if not libtpu_installed():
         raise ValueError(f"--topology {topo.name} compiles with the TPU compiler, which comes with libtpu; "
                          "install it with pip install -e \".[tpu]\" (or plan on CPU devices without --topology).")
-    quiet_libtpu_without_tpu()
     # A compile-only client may share the host with others (tests in parallel, a notebook holding the TPU).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
