@@ -88,7 +88,7 @@ def moe_block(cfg, mesh, tokens: int, capacity_factor=None, dtype=jnp.bfloat16):
     out["ideal_flops"] = 2 * tokens * k * 3 * d * f / mesh.size
     if mesh.size > 1 and hasattr(moe, "exchange_plan"):  # absent before (the "before" figures)
         s = dict(mesh.shape)
-        out["plan"] = moe.exchange_plan(tokens, e, k, s["expert"], s["tensor"], s["data"], capacity_factor)
+        out["plan"] = moe.exchange_plan(tokens, e, k, s["expert"], s["data"], capacity_factor)
     return out
 
 

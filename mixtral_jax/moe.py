@@ -41,6 +41,7 @@ from mixtral_jax import cpu_kernel, sharding
 from mixtral_jax.layout import EXPERT_PARAMS
 
 STRATEGIES = ("sparse", "dense")
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def route(x: jax.Array, router: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -81,7 +82,8 @@ def inverse(order: jax.Array) -> jax.Array:
 
 def combine(y: jax.Array, weights: jax.Array, dtype) -> jax.Array:
     """Weighted sum over the k choices in float32. y [N, k, D]; weights [N, k] → [N, D] in `dtype`."""
-    return jnp.einsum("NKD,NK->ND", y.astype(jnp.float32), weights).astype(dtype)
+    # HIGHEST: TPUs otherwise multiply float32 in one bfloat16 pass.
+    return jnp.einsum("NKD,NK->ND", y.astype(jnp.float32), weights, precision=HIGHEST).astype(dtype)
 
 
 # ---------------------------------------------------------------- the grouped FFN (the platform seam)
@@ -136,6 +138,13 @@ def _f32_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
         default=lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32))
 
 
+def every_expert(xs: jax.Array, experts) -> jax.Array:
+    """Every stacked expert on every row, as one batched product: xs [M, D] → [E, M, D] float32."""
+    w1, w3, w2 = (experts[n].astype(xs.dtype) for n in EXPERT_PARAMS)
+    h = jax.nn.silu(jnp.einsum("MD,EDF->EMF", xs, w1)) * jnp.einsum("MD,EDF->EMF", xs, w3)
+    return _f32_product("EMF,EFD->EMD", h, w2)
+
+
 def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:
     """`grouped_ffn` as every row through every expert, each row keeping its own expert's result.
 
@@ -145,10 +154,8 @@ def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax
     ends = jnp.cumsum(group_sizes)
     expert_of_row = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right", method="compare_all")  # [M]
     if isinstance(experts, dict):
-        w1, w3, w2 = (experts[n].astype(xs.dtype) for n in EXPERT_PARAMS)
-        h = jax.nn.silu(jnp.einsum("MD,EDF->EMF", xs, w1)) * jnp.einsum("MD,EDF->EMF", xs, w3)
-        y = _f32_product("EMF,EFD->EMD", h, w2)  # [E, M, D]
-        mine = expert_of_row[None, :] == jnp.arange(w1.shape[0])[:, None]  # [E, M]
+        y = every_expert(xs, experts)  # [E, M, D]
+        mine = expert_of_row[None, :] == jnp.arange(y.shape[0])[:, None]  # [E, M]
         # where, not a product: an unused expert's NaN stays out.
         return jnp.sum(jnp.where(mine[:, :, None], y, 0.0), axis=0)
     out = jnp.zeros(xs.shape, jnp.float32)
@@ -166,13 +173,25 @@ def moe_grouped(x: jax.Array, p, k: int, all_experts: bool = False) -> jax.Array
     """The MoE block on one device: route, sort, grouped FFN, unsort, combine. x [N, D] → [N, D].
 
     With `all_experts` every token runs through every expert, the unchosen
-    ones weighted zero (the dense work, for comparisons).
+    ones weighted zero (the dense work, for comparisons). Stacked experts and
+    few tokens (decode), or `all_experts`, skip the sort: each expert runs
+    once on every token, not on each of its k sorted copies.
     """
     n, d = x.shape
     experts = expert_weights(p)
     num_experts = p["router"].shape[1]
     with jax.named_scope("route"):
         weights, chosen = route(x, p["router"], k)  # [N, k]
+    if isinstance(experts, dict) and (all_experts or n <= DENSE_MAX_ROWS):
+        with jax.named_scope("grouped_ffn"):
+            _warn_if_widened(x, list(experts.values()))
+            y = every_expert(x, experts)  # [E, N, D]
+        with jax.named_scope("combine"):
+            gates = dense_gates(weights, chosen, num_experts)  # [N, E]
+            if not all_experts:  # where, not a product: an unchosen expert's NaN stays out
+                y = jnp.where((gates > 0).T[:, :, None], y, 0.0)
+            return jnp.einsum("END,NE->ND", y, gates, precision=HIGHEST).astype(x.dtype)
+    with jax.named_scope("route"):
         if all_experts:
             weights = dense_gates(weights, chosen, num_experts)  # [N, E]
             chosen = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (n, num_experts))
@@ -239,7 +258,7 @@ def token_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["expert"]
 
 
-def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: int = 1, data: int = 1,
+def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, data: int = 1,
                   capacity_factor: float | None = None) -> dict[str, int]:
     """Rows of the expert-parallel MoE per device and layer, from the design's arithmetic.
 
@@ -249,14 +268,17 @@ def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: in
     result of its F slice. The receive buffer is static, sized for the worst
     case (every real token of the exchange group choosing that device's
     experts; padding rows, where the shards outnumber the tokens, are never
-    sent); the grouped matmul computes only the rows received. `tensor`
-    changes no row count, only how F is split.
+    sent); the grouped matmul computes only the rows received. The mesh's
+    `tensor` size changes no row count, only how F is split.
 
     Args:
-      tokens: tokens in the batch (B × T); the mesh sizes `data`, `expert`, `tensor`.
+      tokens: tokens in the batch (B × T); the mesh sizes `data` and `expert`.
 
     Returns (per device, one MoE layer):
       tokens_per_device: tokens it routes (padded up to divide data × expert).
+      capacity: rows it may send one expert (`expert_capacity`).
+      rows_per_source: the most rows it sends one expert shard: the slot of an all-to-all of
+        fixed slots, where the compiler has no ragged-all-to-all.
       buffer_rows: rows of its receive buffer, which the grouped matmul's
         compiled cost counts (2 · rows · D · F / tensor per matmul).
       rows_balanced: rows it receives and computes when routing is balanced
@@ -265,7 +287,6 @@ def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: in
       rows_sent_balanced: rows a device holding tokens_per_device real tokens
         sends to other devices, and gets back, when balanced.
     """
-    del tensor  # tokens are replicated over it; it splits F only
     n = -(-tokens // (data * expert))
     e_loc = num_experts // expert
     capacity = expert_capacity(n, num_experts, k, capacity_factor)
@@ -273,6 +294,8 @@ def exchange_plan(tokens: int, num_experts: int, k: int, expert: int, tensor: in
     balanced = min(n * k / num_experts, capacity)  # rows one full source sends to one expert at balanced routing
     return {
         "tokens_per_device": n,
+        "capacity": capacity,
+        "rows_per_source": _rows_per_source(n, e_loc, k, capacity),
         "buffer_rows": min(expert * _rows_per_source(n, e_loc, k, capacity), real * min(k, e_loc)),
         "rows_balanced": round(e_loc * min(real * k / num_experts, expert * capacity)),
         "rows_sent_balanced": round(balanced * (num_experts - e_loc)),
@@ -357,8 +380,9 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
             grouped = jnp.take(recv, order2, axis=0)
     ys = grouped_ffn(grouped, group_sizes, {"w1": w1, "w3": w3, "w2": w2})
     with jax.named_scope("return"):
-        # F-partials stay float32 until summed over tensor, so sharding F does not round them early.
-        y = ys.astype(x.dtype if tp == 1 else jnp.float32)
+        # Rows go back in the activation dtype, F-partials too: rounding each of tensor partials costs
+        # what rounding the whole expert output does at tensor=1 and halves the return (docs/planning.md).
+        y = ys.astype(x.dtype)
         y = y if order2 is None else jnp.take(y, inverse(order2), axis=0)
         src_start = (jnp.cumsum(sent, axis=1) - sent)[:, shard]  # [EP]: where each source's rows for me began
         back = _ragged_all_to_all(y, jnp.zeros((flat.shape[0], d), y.dtype), recv_start, recv_sizes, src_start,
@@ -384,8 +408,8 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
     assignments by expert, sends each expert shard's rows to the device of
     that shard with its own tensor rank (`ragged_all_to_all` over expert,
     sizes exchanged first), runs the grouped FFN on its slice of F for the
-    rows it received, gets the float32 partial results back, combines them
-    and sums them over tensor.
+    rows it received, gets the partial results back in x's dtype, combines
+    them in float32 and sums them over tensor.
 
     Args:
       x: [N, D] tokens.
@@ -402,10 +426,8 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
     n, d = x.shape
     num_experts = p["w1"].shape[0]
     sizes = dict(mesh.shape)
-    plan = exchange_plan(n, num_experts, k, sizes["expert"], sizes["tensor"], sizes["data"], capacity_factor)
-    per_device = plan["tokens_per_device"]
-    padded = per_device * token_shards(mesh)
-    capacity = expert_capacity(per_device, num_experts, k, capacity_factor)
+    plan = exchange_plan(n, num_experts, k, sizes["expert"], sizes["data"], capacity_factor)
+    padded = plan["tokens_per_device"] * token_shards(mesh)
     x_pad = jnp.pad(x, ((0, padded - n), (0, 0)))
     valid = jnp.arange(padded) < n
     w_in = sharding.logical_to_spec(("experts", "embed", "ffn"), mesh, p["w1"].shape)
@@ -413,10 +435,9 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
     tokens = P(("data", "expert"))  # as sharding.RULES["batch"] splits activations; replicated over tensor
     # Without ragged-all-to-all, a fixed slot per (source, destination): the most one source sends one
     # expert shard, which is also the most a device returns to one source.
-    slot_rows = None if has_ragged_all_to_all(mesh.devices) else _rows_per_source(
-        per_device, num_experts // sizes["expert"], k, capacity)
+    slot_rows = None if has_ragged_all_to_all(mesh.devices) else plan["rows_per_source"]
     body = jax.shard_map(
-        functools.partial(_expert_parallel_local, k=k, capacity=capacity, buffer_rows=plan["buffer_rows"],
+        functools.partial(_expert_parallel_local, k=k, capacity=plan["capacity"], buffer_rows=plan["buffer_rows"],
                           slot_rows=slot_rows),
         mesh=mesh, in_specs=(tokens, tokens, P(), w_in, w_in, w_out), out_specs=(tokens, P()))
     out, dropped = body(x_pad, valid, p["router"], p["w1"], p["w3"], p["w2"])

@@ -86,13 +86,17 @@ def _bytes_per_device(abstract_tree) -> int:
     return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract_tree))
 
 
+def _abstract_cache(cfg: MixtralConfig, batch: int, cache_len: int, mesh, dtype) -> dict[str, jax.ShapeDtypeStruct]:
+    shardings = sharding.cache_shardings(cfg, batch, cache_len, mesh)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.int32 if name == "pos" else dtype, sharding=shardings[name])
+            for name, shape in sharding.cache_shapes(cfg, batch, cache_len).items()}
+
+
 def _compile(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
              capacity_factor: float | None):
     """`generate.prefill` or `generate.decode_step` compiled for abstract params and a `cache_len`-slot cache."""
-    cache_shardings = sharding.cache_shardings(cfg, batch, cache_len, mesh)
     params = model_lib.abstract_params(cfg, dtype, mesh)
-    cache = {name: jax.ShapeDtypeStruct(shape, jnp.int32 if name == "pos" else dtype, sharding=cache_shardings[name])
-             for name, shape in sharding.cache_shapes(cfg, batch, cache_len).items()}
+    cache = _abstract_cache(cfg, batch, cache_len, mesh, dtype)
 
     def ids(shape):
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.named_sharding(
@@ -107,9 +111,9 @@ def _compile(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, c
     return decode_step.lower(params, ids((batch,)), ids((batch,)), scalar, cache, key, scalar, **static).compile()
 
 
-def _peak(compiled) -> int:
-    """Bytes live at once on a device: inputs, outputs not aliased to inputs (the donated cache is), temporaries."""
-    m = compiled.memory_analysis()
+def _peak(m) -> int:
+    """Bytes live at once on a device (from a compile's memory_analysis): inputs, outputs not aliased to
+    inputs (the donated cache is), temporaries."""
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
@@ -126,9 +130,10 @@ def _short_shape(shape: str) -> str:
 
 
 def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
-                       capacity_factor: float | None, full) -> tuple[float, float, int, list]:
+                       capacity_factor: float | None, full, full_text: str) -> tuple[float, float, int, list]:
     """(FLOPs, HBM bytes, the part of those in top-level layout copies, the extra compiles made) of
-    a whole `step`; `full` is its compile, whose cost analysis counts the layer scan's body once.
+    a whole `step`; `full` is its compile (`full_text` its HLO), whose cost analysis counts the layer
+    scan's body once.
 
     Compiles of the same step with the vocabulary cut to one row per tensor shard hold one layer
     (embedding, lm_head and sampling then cost next to nothing). FLOPs: full + (L - 1) x the cut
@@ -140,7 +145,7 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
     """
     num_layers = cfg.num_hidden_layers
     cut = dataclasses.replace(cfg, vocab_size=mesh.shape["tensor"])
-    copies = hlo.entry_copy_bytes(full.as_text())
+    copies = hlo.entry_copy_bytes(full_text)
     compile_cut = lambda slots: _compile(step, cut, mesh, batch, prompt_len, slots, dtype, capacity_factor)
     cut_full_cache = compile_cut(cache_len)
     (flops, hbm), (layer_flops, cut_hbm) = _cost(full), _cost(cut_full_cache)
@@ -184,22 +189,23 @@ def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: in
                                  "message": m.group(0)},
                 "peak_bytes_per_device": int(need), "temp_bytes_per_device": None}
     t1 = time.perf_counter()
+    text = compiled.as_text()
     flops, hbm, copies, extra = _whole_model_costs(step, cfg, mesh, batch, prompt_len, cache_len, dtype,
-                                                   capacity_factor, compiled)
+                                                   capacity_factor, compiled, text)
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
-    text = compiled.as_text()
     found = hlo.collectives(text)
     # Loops other than the layer scan (trip count L; none left when L is 1) have their bodies counted
     # once by the cost analysis, which then undercounts.
-    extra_loops = [l for c in [compiled] + extra for l in hlo.loops(c.as_text()) if l.trips != cfg.num_hidden_layers]
+    extra_loops = [l for t in [text] + [c.as_text() for c in extra] for l in hlo.loops(t)
+                   if l.trips != cfg.num_hidden_layers]
     coll = hlo.total_bytes(found)
     tokens = batch * (prompt_len if step == "prefill" else 1)
     times = {"compute": flops / chip.bf16_flops, "hbm": hbm / chip.hbm_bytes_per_s, "ici": coll / chip.ici_bytes_per_s}
     step_s = max(times.values())
     return {
         "temp_bytes_per_device": m.temp_size_in_bytes,
-        "peak_bytes_per_device": _peak(compiled),
+        "peak_bytes_per_device": _peak(m),
         "flops_per_device": flops,
         "hbm_bytes_per_device": hbm,
         "layout_copy_bytes_per_device": copies,
@@ -302,12 +308,12 @@ def moe_rows(cfg: MixtralConfig, mesh, tokens: int, capacity_factor: float | Non
       else "ragged_dot": the rows received); rows_computed_balanced and computed_ratio; exchange
       (the collective: "ragged-all-to-all", "all-to-all" of fixed slots where the compiler lacks
       it, None on one device); buffer_bytes (buffer_rows × D × itemsize); and at balanced routing
-      sent_bytes_balanced and returned_bytes_balanced (F-partials come back in float32 when
-      tensor > 1), what a ragged exchange moves (an all-to-all moves its whole slots).
+      sent_bytes_balanced and returned_bytes_balanced (rows, F-partials when tensor > 1, come
+      back in `dtype`), what a ragged exchange moves (an all-to-all moves its whole slots).
     """
     sizes = dict(mesh.shape)
     num_experts, k, d = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size
-    rows = moe.exchange_plan(tokens, num_experts, k, sizes["expert"], sizes["tensor"], sizes["data"], capacity_factor)
+    rows = moe.exchange_plan(tokens, num_experts, k, sizes["expert"], sizes["data"], capacity_factor)
     ideal = tokens * k / (sizes["data"] * sizes["expert"])
     batched = rows["buffer_rows"] <= moe.DENSE_MAX_ROWS
     computed = rows["buffer_rows"] * num_experts // sizes["expert"] if batched else rows["rows_balanced"]
@@ -322,14 +328,12 @@ def moe_rows(cfg: MixtralConfig, mesh, tokens: int, capacity_factor: float | Non
         "exchange": exchange,
         "buffer_bytes": rows["buffer_rows"] * d * itemsize,
         "sent_bytes_balanced": rows["rows_sent_balanced"] * d * itemsize,
-        "returned_bytes_balanced": rows["rows_sent_balanced"] * d * (itemsize if sizes["tensor"] == 1 else 4),
+        "returned_bytes_balanced": rows["rows_sent_balanced"] * d * itemsize,
     }
 
 
 def _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, params) -> dict[str, Any]:
-    cache_shardings = sharding.cache_shardings(cfg, batch, max_seq_len, mesh)
-    cache = {name: jax.ShapeDtypeStruct(shape, jnp.int32 if name == "pos" else dtype, sharding=cache_shardings[name])
-             for name, shape in sharding.cache_shapes(cfg, batch, max_seq_len).items()}
+    cache = _abstract_cache(cfg, batch, max_seq_len, mesh, dtype)
     return {
         "config": cfg.name, "mesh": dict(mesh.shape), "devices": mesh.size, "dtype": dtype.name, "batch": batch,
         "prompt_len": prompt_len, "max_seq_len": max_seq_len, "capacity_factor": capacity_factor,

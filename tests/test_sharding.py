@@ -253,13 +253,13 @@ def test_exchange_plan_hand_arithmetic():
     # expert gets 2048 x 2 / 8 = 512 rows from each of the 8 sources; the worst case is every
     # source's 2048 tokens choosing this device's one expert.
     plan = moe.exchange_plan(8 * 2048, 8, 2, expert=8)
-    assert plan == {"tokens_per_device": 2048, "buffer_rows": 8 * 2048, "rows_balanced": 4096,
-                    "rows_sent_balanced": 7 * 512}
+    assert plan == {"tokens_per_device": 2048, "capacity": 2048, "rows_per_source": 2048, "buffer_rows": 8 * 2048,
+                    "rows_balanced": 4096, "rows_sent_balanced": 7 * 512}
     # Capacity 1.25: ceil(1.25 x 512) = 640 rows per (source, expert), so 8 x 640 buffer rows.
     assert moe.exchange_plan(8 * 2048, 8, 2, expert=8, capacity_factor=1.25)["buffer_rows"] == 8 * 640
     # expert=4, tensor=2: tokens split over the 4 expert shards (16 each, shared by both tensor
     # peers); 2 experts per shard, so a source sends a shard at most 16 x 2 rows: 4 x 32 buffer rows.
-    plan = moe.exchange_plan(64, 8, 2, expert=4, tensor=2)
+    plan = moe.exchange_plan(64, 8, 2, expert=4)
     assert plan["tokens_per_device"] == 16 and plan["buffer_rows"] == 4 * 16 * 2
     assert plan["rows_balanced"] == 2 * 64 * 2 / 8  # E_loc x tokens x k / E
     assert plan["rows_sent_balanced"] == 6 * 16 * 2 / 8  # to the 6 experts of the other 3 shards, no tensor factor
@@ -434,6 +434,16 @@ def test_tpu_single_device_moe_flops_are_the_ideal():
     assert ideal <= cost["flops"] <= 1.05 * ideal, cost["flops"] / ideal
 
 
+def test_tpu_single_device_decode_runs_each_expert_once_per_token():
+    # Few tokens: every expert once on each token (one batched product, weights read once), not on
+    # each of its k sorted copies (2x the FLOPs) nor on every sorted row of every token (8x, dense).
+    mesh = _tpu_mesh("v5e:1x1", "", (1, 1, 1))
+    every_expert = 2 * 8 * 8 * 3 * 256 * 512  # tokens x E x 3 matmuls of D x F
+    cost, hlo = _tpu_moe(mesh, 8)
+    assert every_expert <= cost["flops"] <= 1.05 * every_expert, cost["flops"] / every_expert
+    assert not re.search(r'op_name="[^"]*/sort/', hlo)  # no by-expert sort (top_k's own sort is in route/)
+
+
 @pytest.mark.parametrize("spec,capacity_factor", [("expert=8", None), ("expert=4,tensor=2", None),
                                                   ("expert=8", 1.0)])
 def test_tpu_expert_parallel_compiles_with_ragged_all_to_all(spec, capacity_factor):
@@ -444,6 +454,8 @@ def test_tpu_expert_parallel_compiles_with_ragged_all_to_all(spec, capacity_fact
     tokens, d, f = 2048, 256, 512
     cost, hlo = _tpu_moe(mesh, tokens, capacity_factor)
     assert "ragged-all-to-all" in hlo and not re.search(r"(?<!ragged-)all-to-all\(", hlo)
+    # Rows travel in the activation dtype both ways, F-partials (tensor > 1) included.
+    assert set(re.findall(r"= (\w+)\[[\d,]*\]\S* ragged-all-to-all\(", hlo)) == {"bf16"}, hlo
     # Any other collective carries the per-expert row counts (int32 [devices, E]) and the drop
     # count, never token rows; with tensor > 1, but for the float32 sum of the output over tensor
     # (the TPU compiler fuses the cast into it: a float32 operand and reduction, a bfloat16 result).
@@ -453,7 +465,7 @@ def test_tpu_expert_parallel_compiles_with_ragged_all_to_all(spec, capacity_fact
     assert len(out_sum) == (sizes["tensor"] > 1), other
     assert other and all(t == "s32" and np.prod([int(n) for n in dims.split(",")]) <= 8 * 8 + 1
                          for t, dims in other if (t, dims) not in out_sum), other
-    plan = moe.exchange_plan(tokens, 8, 2, sizes["expert"], sizes["tensor"], sizes["data"], capacity_factor)
+    plan = moe.exchange_plan(tokens, 8, 2, sizes["expert"], sizes["data"], capacity_factor)
     grouped = 2 * plan["buffer_rows"] * 3 * d * (f // sizes["tensor"])
     assert grouped <= cost["flops"] <= 1.1 * grouped, cost["flops"] / grouped
     ideal = 2 * tokens * 2 * 3 * d * f / mesh.size
