@@ -1,0 +1,443 @@
+"""Continuous batching: requests come and go in a fixed set of slots that share one KV cache.
+
+Each of `max_batch` slots holds one request. Between decode steps, waiting
+requests take free slots and their prompts are prefilled in fixed-size chunks
+(one chunk per step while other slots decode, so running streams keep
+flowing); a finished, stopped or cancelled request frees its slot at once. A
+slot's tokens sit in its own cache row at cache index = position, so every
+row decodes at its own index and no request sees another's keys.
+
+All shapes are fixed (one prefill chunk [1, C], one decode step [max_batch]),
+so nothing compiles after `warmup()`; `compiles` counts what did compile on
+the engine's thread since.
+
+Exact: a request's tokens do not depend on what else runs. Greedy tokens equal
+`mj.generate(model, [prompt])`; a sampled request draws step i's token with
+the key generate gives row 0 at step i, so it equals `mj.generate(model,
+[prompt], seed=seed, ...)` too.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixtral_jax.generate import init_cache
+from mixtral_jax import model as model_lib
+
+# Per-thread count of XLA compiles: the engine's thread must compile nothing after warm-up.
+_compiles: collections.Counter = collections.Counter()
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiles[threading.get_ident()] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request produced in one step: `token` (None on a cancel), its `text` (the new text, which
+    may be empty while it could be part of a stop string), and `finish_reason` ("stop", "length",
+    "cancelled") on the last event."""
+
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    Args:
+      prompt: token ids (non-empty).
+      max_tokens: tokens to generate at most (>= 1).
+      temperature, top_p, top_k, seed: sampling, as in `mj.generate`.
+      stop_tokens: ids that end the request (the id is in `tokens`, its text is not); EOS always does.
+      stop: strings that end the request; the text ends before the first one.
+      emit: called on the engine's thread with each `Event`; default: put into `events`.
+    """
+
+    prompt: Sequence[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_tokens: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    emit: Callable[[Event], None] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: bool = False
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Asks the engine to drop this request; its slot is freed before the next step."""
+        self.cancelled = True
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
+def _prefill_chunk(params, tokens, start, length, slot, cache, key_data, temperature, top_k, top_p, *,
+                   cfg, strategy, mesh):
+    """Prefills tokens [1, C] of one slot at cache index (= position) `start`; `length` of them are real.
+
+    Returns (the token sampled after the chunk's last real token, int32 [1], cache); the token only
+    means something for a prompt's last chunk.
+    """
+    c = tokens.shape[1]
+    positions = jnp.where(jnp.arange(c) < length, start + jnp.arange(c), -1)[None].astype(jnp.int32)  # [1, C]
+    # A request's first chunk clears the slot's positions: the previous request's keys go invisible.
+    pos_row = jnp.where(start == 0, -1, jax.lax.dynamic_slice_in_dim(cache["pos"], slot, 1, axis=0))
+    k_pos = jax.lax.dynamic_update_slice(pos_row, positions, (jnp.int32(0), start))
+    row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=a.ndim - 4)  # batch axis: [(L,) B, K, S, Dh]
+    kv = jax.tree.map(row, (cache["k"], cache["v"]))
+    logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
+                                     cache_index=start, k_pos=k_pos, mesh=mesh)
+    last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0)  # [1, V]
+    nxt = sample_rows(last, key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
+    put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=a.ndim - 4)
+    k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
+    return nxt, {"k": k, "v": v, "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], k_pos, slot, axis=0)}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
+def _decode(params, tokens, positions, cache, key_data, step, temperature, top_k, top_p, *, cfg, strategy, mesh,
+            idle_index):
+    """One token for every slot: row r writes cache index positions[r]; an idle row (position -1)
+    writes the spare index `idle_index` with position -1, which no query ever sees.
+
+    Returns (next token int32 [B], cache).
+    """
+    b = tokens.shape[0]
+    index = jnp.where(positions >= 0, positions, idle_index)
+    k_pos = cache["pos"].at[jnp.arange(b), index].set(positions)
+    logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg, strategy=strategy,
+                                     cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, mesh=mesh)
+    nxt = sample_rows(logits[:, 0], key_data, step, temperature, top_k, top_p)
+    return nxt, {"k": k, "v": v, "pos": k_pos}
+
+
+def sample_rows(logits, key_data, step, temperature, top_k, top_p):
+    """Samples one token per row with per-row settings, as `generate.sample_logits` does for row 0.
+
+    Args:
+      logits: float32 [B, V].
+      key_data: uint32 [B, 2], each row's `jax.random.key(seed)` data.
+      step: int32 [B] the index of the token being drawn (0 for the first).
+      temperature, top_k, top_p: [B]; temperature 0 is greedy, top_k 0 and top_p 1 disable those filters.
+
+    Returns:
+      int32 [B].
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        # generate keys row r of a batch fold_in(fold_in(key, step), r); a request alone is row 0.
+        keys = jax.vmap(lambda kd, s: jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(kd), s), 0))(
+            key_data, step)
+        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+        def filtered(x):
+            desc = jnp.sort(x, axis=-1)[:, ::-1]
+            kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, x.shape[-1] - 1)[:, None], axis=-1)
+            drop_k = (top_k > 0)[:, None]
+            x = jnp.where(drop_k & (x < kth), -jnp.inf, x)
+            desc = jnp.where(drop_k & (desc < kth), -jnp.inf, desc)  # still sorted: the dropped are the smallest
+            probs = jax.nn.softmax(desc, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs
+            cutoff = jnp.min(jnp.where(before < top_p[:, None], desc, jnp.inf), axis=-1, keepdims=True)
+            return jnp.where((top_p < 1.0)[:, None] & (x < cutoff), -jnp.inf, x)
+
+        x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda x: x, x)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+class _Slot:
+    """A request in a slot: prefilled up to `done` prompt tokens, then decoding."""
+
+    def __init__(self, req: Request, key_data: np.ndarray, detok):
+        self.req, self.key_data, self.detok = req, key_data, detok
+        self.done = 0  # prompt tokens prefilled
+
+
+class _Detokenizer:
+    """A request's text so far, and how much of it can be sent without splitting a stop string."""
+
+    def __init__(self, tokenizer, prompt: Sequence[int], stop: Sequence[str]):
+        self.tok, self.stop = tokenizer, tuple(s for s in stop if s)
+        # Decoding after the prompt's last token keeps the first word's leading space.
+        self.prefix = list(prompt[-1:])
+        self.prefix_len = len(tokenizer.decode(self.prefix)) if tokenizer else 0
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def add(self, token: int | None) -> tuple[str, bool]:
+        """Adds a token (None: just flush); returns (text to send, whether a stop string ended it)."""
+        if self.tok is None:
+            return "", False
+        if token is not None:
+            self.ids.append(token)
+        text = self.tok.decode(self.prefix + self.ids)[self.prefix_len:]
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out = text[self.sent:min(hits)]
+            self.sent = min(hits)
+            return out, True
+        end = len(text)
+        if token is not None:
+            while end > self.sent and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
+                end -= 1
+            hold = max((n for s in self.stop for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
+            end -= hold
+        out, self.sent = text[self.sent:end], max(self.sent, end)
+        return out, False
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots; `submit` from any thread, `start` runs it in one.
+
+    Args:
+      model: a `Mixtral` (on one device or `model.mesh`).
+      max_batch: slots (requests decoding together).
+      max_seq_len: positions per slot (prompt + new tokens); default min(4096, the model's).
+      prefill_chunk: prompt tokens prefilled per chunk.
+      tokenizer: for text and stop strings (None: tokens only).
+      strategy: single-device MoE dispatch strategy.
+    """
+
+    def __init__(self, model: model_lib.Mixtral, max_batch: int = 16, max_seq_len: int | None = None,
+                 prefill_chunk: int = 64, tokenizer=None, strategy: str = "sparse"):
+        cfg = model.cfg
+        max_seq_len = max_seq_len or min(4096, cfg.max_position_embeddings)
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}.")
+        if not 1 < max_seq_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's positions), "
+                             f"got {max_seq_len}.")
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
+        # Chunks cover [0, ceil(T / C) * C); one more index past every position is where idle rows write.
+        length = -(-(max_seq_len + 1) // prefill_chunk) * prefill_chunk
+        self.idle_index = length - 1
+        self._params = model.params()
+        self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
+        self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
+        self._slots: list[_Slot | None] = [None] * max_batch
+        self._last = np.zeros((max_batch,), np.int32)  # each decoding slot's previous token
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: collections.deque[_Slot] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._compiles_at_warmup: int | None = None
+        self.error: BaseException | None = None
+
+    # --- the client side (any thread) ---
+
+    def check(self, prompt: Sequence[int], max_tokens: int) -> None:
+        """Raises ValueError, in one sentence, for a request this engine cannot serve."""
+        if not prompt:
+            raise ValueError("the prompt is empty; it needs at least one token.")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size}).")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
+        if len(prompt) + max_tokens > self.max_seq_len:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                             f"{self.max_seq_len} positions this server has per request; shorten the prompt or ask "
+                             "for fewer tokens.")
+
+    def submit(self, req: Request) -> Request:
+        """Queues a request (checked with `check`); its events arrive through `req.emit` / `req.events`."""
+        self.check(req.prompt, req.max_tokens)
+        req.submitted_at = time.perf_counter()
+        self._inbox.put(req)
+        return req
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for a slot."""
+        return self._inbox.qsize() + len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        """Slots holding a request."""
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def compiles(self) -> int | None:
+        """XLA compiles on the engine's thread since `warmup()` (None before it)."""
+        if self._compiles_at_warmup is None:
+            return None
+        return _compiles[self._thread_id()] - self._compiles_at_warmup
+
+    # --- the engine side (one thread) ---
+
+    def _thread_id(self) -> int:
+        return self._thread.ident if self._thread is not None else threading.get_ident()
+
+    def warmup(self) -> None:
+        """Compiles every step (on the calling thread, which then must run the engine)."""
+        self._admit(Request([1], 1))  # the per-request key
+        self._waiting.clear()
+        b = self.max_batch
+        one = lambda dtype, v: np.full((b,), v, dtype)
+        _, self._cache = _prefill_chunk(
+            self._params, np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(1), np.int32(0), self._cache,
+            np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1), **self._run)
+        nxt, self._cache = _decode(self._params, self._last, one(np.int32, -1), self._cache, np.zeros((b, 2), np.uint32),
+                                   one(np.int32, 0), one(np.float32, 0), one(np.int32, 0), one(np.float32, 1),
+                                   idle_index=np.int32(self.idle_index), **self._run)
+        np.asarray(nxt)
+        self._compiles_at_warmup = _compiles[threading.get_ident()]
+
+    def start(self) -> None:
+        """Warms up and runs the engine in a background thread until `stop()`."""
+        ready = threading.Event()
+
+        def loop():
+            try:
+                self.warmup()
+                ready.set()
+                while not self._stopping:
+                    if not self.step():
+                        self._wait_for_work()
+            except BaseException as e:  # the server reports it; the thread must not die silently
+                self.error = e
+                ready.set()
+
+        self._thread = threading.Thread(target=loop, name="mixtral-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """Stops the background thread (after its current step)."""
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _wait_for_work(self) -> None:
+        item = self._inbox.get()
+        if item is not None:
+            self._admit(item)
+
+    def _admit(self, req: Request) -> None:
+        key_data = np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
+        self._waiting.append(_Slot(req, key_data, _Detokenizer(self.tokenizer, req.prompt, req.stop)))
+
+    def step(self) -> bool:
+        """One scheduling round: admit, prefill (one chunk while others decode), decode. Returns whether it
+        did any work."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._admit(item)
+        for i, s in enumerate(self._slots):
+            if s is not None and s.req.cancelled:
+                self._finish(i, None, "cancelled")
+        while self._waiting and self._waiting[0].req.cancelled:
+            s = self._waiting.popleft()
+            self._emit(s.req, Event(None, "", "cancelled"))
+        for i in range(self.max_batch):
+            if self._slots[i] is None and self._waiting:
+                self._slots[i] = self._waiting.popleft()
+        prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.done < len(s.req.prompt)]
+        decoding = [i for i, s in enumerate(self._slots) if s is not None and s.done == len(s.req.prompt)]
+        # With streams running, one chunk per step keeps their inter-token latency bounded by one chunk;
+        # with none, prefill everything waiting first.
+        for i in prefilling[:1] if decoding else prefilling:
+            while self._slots[i] is not None and self._slots[i].done < len(self._slots[i].req.prompt):
+                self._prefill(i)
+                if decoding:
+                    break
+        if decoding:
+            self._decode_step(decoding)
+        return bool(prefilling or decoding)
+
+    def _prefill(self, i: int) -> None:
+        s = self._slots[i]
+        prompt = s.req.prompt
+        piece = list(prompt[s.done:s.done + self.chunk])
+        tokens = np.zeros((1, self.chunk), np.int32)
+        tokens[0, :len(piece)] = piece
+        r = s.req
+        nxt, self._cache = _prefill_chunk(
+            self._params, tokens, np.int32(s.done), np.int32(len(piece)), np.int32(i), self._cache, s.key_data,
+            np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), **self._run)
+        s.done += len(piece)
+        if s.done == len(prompt):
+            self._append(i, int(np.asarray(nxt)[0]))
+
+    def _decode_step(self, rows: list[int]) -> None:
+        b = self.max_batch
+        positions = np.full((b,), -1, np.int32)
+        key_data = np.zeros((b, 2), np.uint32)
+        step = np.zeros((b,), np.int32)
+        temperature, top_p, top_k = np.zeros((b,), np.float32), np.ones((b,), np.float32), np.zeros((b,), np.int32)
+        for i in rows:
+            s = self._slots[i]
+            r = s.req
+            positions[i] = len(r.prompt) + len(r.tokens) - 1
+            key_data[i], step[i] = s.key_data, len(r.tokens)
+            temperature[i], top_p[i], top_k[i] = r.temperature, r.top_p, r.top_k
+        nxt, self._cache = _decode(self._params, self._last, positions, self._cache, key_data, step, temperature,
+                                   top_k, top_p, idle_index=np.int32(self.idle_index), **self._run)
+        nxt = np.asarray(nxt)
+        for i in rows:
+            self._append(i, int(nxt[i]))
+
+    def _append(self, i: int, token: int) -> None:
+        """Records slot i's new token, sends its text, and frees the slot when the request is done."""
+        s = self._slots[i]
+        r = s.req
+        now = time.perf_counter()
+        r.first_token_at = r.first_token_at or now
+        r.tokens.append(token)
+        self._last[i] = token
+        if token == self.cfg.eos_token_id or token in r.stop_tokens:
+            self._finish(i, token, "stop", s.detok.add(None)[0])
+            return
+        text, hit = s.detok.add(token)
+        if hit:
+            self._finish(i, token, "stop", text)
+        elif len(r.tokens) == r.max_tokens:
+            self._finish(i, token, "length", text + s.detok.add(None)[0])
+        else:
+            r.text += text
+            self._emit(r, Event(token, text))
+
+    def _finish(self, i: int, token: int | None, reason: str, text: str = "") -> None:
+        s = self._slots[i]
+        self._slots[i] = None
+        s.req.text += text
+        s.req.finish_reason = reason
+        self._emit(s.req, Event(token, text, reason))
+
+    @staticmethod
+    def _emit(req: Request, event: Event) -> None:
+        (req.emit or req.events.put)(event)
