@@ -15,22 +15,12 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "tiny", "Preset (tiny, 8x7b, 8x22b) or a config.json path; ignored with --checkpoint.")
-flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (from mixtral_jax.convert).")
-flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
-flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
-flags.DEFINE_integer("port", 8000, "Port to listen on.")
-flags.DEFINE_integer("max_batch", 16, "Slots: requests decoding together.")
-flags.DEFINE_integer("max_seq_len", 4096, "Positions per request (prompt + new tokens); at most the model's.")
-flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens prefilled per chunk between decode steps.")
-flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
-flags.DEFINE_integer("seed", 0, "Seed of the random weights (without --checkpoint).")
-
 # Seconds between checks, while a request waits, that its client is still there.
 _DISCONNECT_POLL_S = 0.5
 
 
-def build_app(engine, tokenizer, model_name: str):  # no `from __future__ import annotations`: FastAPI reads the handlers' annotations
+# No `from __future__ import annotations` in this module: FastAPI reads the handlers' annotations as objects.
+def build_app(engine, tokenizer, model_name: str):
     """The FastAPI app over a started `engine.Engine`.
 
     Args:
@@ -274,5 +264,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def _define_flags() -> None:
+    # Defined when run as a program only: build_app is imported by the bench and tests, which have flags of
+    # their own.
+    flags.DEFINE_string("config", "tiny", "Preset (tiny, 8x7b, 8x22b) or a config.json path; ignored with "
+                        "--checkpoint.")
+    flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (from mixtral_jax.convert).")
+    flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+    flags.DEFINE_integer("port", 8000, "Port to listen on.")
+    flags.DEFINE_integer("max_batch", 16, "Slots: requests decoding together.")
+    flags.DEFINE_integer("max_seq_len", 4096, "Positions per request (prompt + new tokens); at most the model's.")
+    flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens prefilled per chunk between decode steps.")
+    flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random weights (without --checkpoint).")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=_parse_flags)
