@@ -93,12 +93,12 @@ class Request:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
-def _prefill_chunk(params, tokens, start, length, slot, cache, key_data, temperature, top_k, top_p, *,
-                   cfg, strategy, mesh):
+def _prefill_chunk(params, tokens, start, length, slot, cache, last_tokens, key_data, temperature, top_k, top_p,
+                   *, cfg, strategy, mesh):
     """Prefills tokens [1, C] of one slot at cache index (= position) `start`; `length` of them are real.
 
-    Returns (the token sampled after the chunk's last real token, int32 [1], cache); the token only
-    means something for a prompt's last chunk.
+    Returns (the token sampled after the chunk's last real token, int32 [1], last_tokens [B] with it in
+    row `slot`, cache); the token only means something for a prompt's last chunk.
     """
     c = tokens.shape[1]
     positions = jnp.where(jnp.arange(c) < length, start + jnp.arange(c), -1)[None].astype(jnp.int32)  # [1, C]
@@ -113,7 +113,8 @@ def _prefill_chunk(params, tokens, start, length, slot, cache, key_data, tempera
     nxt = sample_rows(last, key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
     put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=a.ndim - 4)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
-    return nxt, {"k": k, "v": v, "pos": jax.lax.dynamic_update_slice_in_dim(cache["pos"], k_pos, slot, axis=0)}
+    pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], k_pos, slot, axis=0)
+    return nxt, jax.lax.dynamic_update_slice(last_tokens, nxt, (slot,)), {"k": k, "v": v, "pos": pos}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
@@ -122,7 +123,7 @@ def _decode(params, tokens, positions, cache, key_data, step, temperature, top_k
     """One token for every slot: row r writes cache index positions[r]; an idle row (position -1)
     writes the spare index `idle_index` with position -1, which no query ever sees.
 
-    Returns (next token int32 [B], cache).
+    Returns (next token int32 [B] (an idle row's `tokens` entry), cache).
     """
     b = tokens.shape[0]
     index = jnp.where(positions >= 0, positions, idle_index)
@@ -130,7 +131,8 @@ def _decode(params, tokens, positions, cache, key_data, step, temperature, top_k
     logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg, strategy=strategy,
                                      cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, mesh=mesh)
     nxt = sample_rows(logits[:, 0], key_data, step, temperature, top_k, top_p)
-    return nxt, {"k": k, "v": v, "pos": k_pos}
+    # An idle row keeps its token: a prompt prefilled just before this step starts decoding from it.
+    return jnp.where(positions >= 0, nxt, tokens), {"k": k, "v": v, "pos": k_pos}
 
 
 def sample_rows(logits, key_data, step, temperature, top_k, top_p):
@@ -177,6 +179,7 @@ class _Slot:
     def __init__(self, req: Request, key_data: np.ndarray, detok):
         self.req, self.key_data, self.detok = req, key_data, detok
         self.done = 0  # prompt tokens prefilled
+        self.issued = 0  # tokens dispatched to the device (their values may not be on the host yet)
 
 
 class _Detokenizer:
@@ -242,7 +245,9 @@ class Engine:
         self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
         self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
         self._slots: list[_Slot | None] = [None] * max_batch
-        self._last = np.zeros((max_batch,), np.int32)  # each decoding slot's previous token
+        self._last = jnp.zeros((max_batch,), jnp.int32)  # each decoding slot's previous token, on device
+        # Dispatched steps whose tokens the host has not read yet: (tokens on device, [(row, slot)]).
+        self._pending: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: collections.deque[_Slot] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -301,13 +306,13 @@ class Engine:
         self._waiting.clear()
         b = self.max_batch
         one = lambda dtype, v: np.full((b,), v, dtype)
-        _, self._cache = _prefill_chunk(
+        _, self._last, self._cache = _prefill_chunk(
             self._params, np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(1), np.int32(0), self._cache,
-            np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1), **self._run)
-        nxt, self._cache = _decode(self._params, self._last, one(np.int32, -1), self._cache, np.zeros((b, 2), np.uint32),
-                                   one(np.int32, 0), one(np.float32, 0), one(np.int32, 0), one(np.float32, 1),
-                                   idle_index=np.int32(self.idle_index), **self._run)
-        np.asarray(nxt)
+            self._last, np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1), **self._run)
+        self._last, self._cache = _decode(
+            self._params, self._last, one(np.int32, -1), self._cache, np.zeros((b, 2), np.uint32), one(np.int32, 0),
+            one(np.float32, 0), one(np.int32, 0), one(np.float32, 1), idle_index=np.int32(self.idle_index), **self._run)
+        np.asarray(self._last)
         self._compiles_at_warmup = _compiles[threading.get_ident()]
 
     def start(self) -> None:
@@ -348,8 +353,8 @@ class Engine:
         self._waiting.append(_Slot(req, key_data, _Detokenizer(self.tokenizer, req.prompt, req.stop)))
 
     def step(self) -> bool:
-        """One scheduling round: admit, prefill (one chunk while others decode), decode. Returns whether it
-        did any work."""
+        """One scheduling round: admit, prefill (one chunk while others decode), dispatch a decode step, then
+        read the previous step's tokens while this one computes. Returns whether it did any work."""
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -367,31 +372,40 @@ class Engine:
             if self._slots[i] is None and self._waiting:
                 self._slots[i] = self._waiting.popleft()
         prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.done < len(s.req.prompt)]
-        decoding = [i for i, s in enumerate(self._slots) if s is not None and s.done == len(s.req.prompt)]
+        decoding = [i for i, s in enumerate(self._slots)
+                    if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
         # With streams running, one chunk per step keeps their inter-token latency bounded by one chunk;
         # with none, prefill everything waiting first.
         for i in prefilling[:1] if decoding else prefilling:
-            while self._slots[i] is not None and self._slots[i].done < len(self._slots[i].req.prompt):
+            while self._slots[i].done < len(self._slots[i].req.prompt):
                 self._prefill(i)
                 if decoding:
                     break
+        previous, self._pending = self._pending, []
         if decoding:
             self._decode_step(decoding)
-        return bool(prefilling or decoding)
+        # The host reads step N's tokens while the device computes step N + 1 (dispatched just above). A row
+        # that stops at step N has one step N + 1 computed for nothing; its token is dropped here.
+        for tokens, rows in previous:
+            tokens = np.asarray(tokens)
+            for r, s in rows:
+                if s.req.finish_reason is None:
+                    self._append(self._slots.index(s), int(tokens[r]))
+        return bool(prefilling or decoding or previous)
 
     def _prefill(self, i: int) -> None:
         s = self._slots[i]
-        prompt = s.req.prompt
-        piece = list(prompt[s.done:s.done + self.chunk])
+        r = s.req
+        piece = list(r.prompt[s.done:s.done + self.chunk])
         tokens = np.zeros((1, self.chunk), np.int32)
         tokens[0, :len(piece)] = piece
-        r = s.req
-        nxt, self._cache = _prefill_chunk(
-            self._params, tokens, np.int32(s.done), np.int32(len(piece)), np.int32(i), self._cache, s.key_data,
-            np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), **self._run)
+        nxt, self._last, self._cache = _prefill_chunk(
+            self._params, tokens, np.int32(s.done), np.int32(len(piece)), np.int32(i), self._cache, self._last,
+            s.key_data, np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), **self._run)
         s.done += len(piece)
-        if s.done == len(prompt):
-            self._append(i, int(np.asarray(nxt)[0]))
+        if s.done == len(r.prompt):
+            s.issued = 1
+            self._pending.append((nxt, [(0, s)]))
 
     def _decode_step(self, rows: list[int]) -> None:
         b = self.max_batch
@@ -402,14 +416,13 @@ class Engine:
         for i in rows:
             s = self._slots[i]
             r = s.req
-            positions[i] = len(r.prompt) + len(r.tokens) - 1
-            key_data[i], step[i] = s.key_data, len(r.tokens)
+            positions[i] = len(r.prompt) + s.issued - 1
+            key_data[i], step[i] = s.key_data, s.issued
             temperature[i], top_p[i], top_k[i] = r.temperature, r.top_p, r.top_k
-        nxt, self._cache = _decode(self._params, self._last, positions, self._cache, key_data, step, temperature,
-                                   top_k, top_p, idle_index=np.int32(self.idle_index), **self._run)
-        nxt = np.asarray(nxt)
-        for i in rows:
-            self._append(i, int(nxt[i]))
+            s.issued += 1
+        self._last, self._cache = _decode(self._params, self._last, positions, self._cache, key_data, step,
+                                          temperature, top_k, top_p, idle_index=np.int32(self.idle_index), **self._run)
+        self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
 
     def _append(self, i: int, token: int) -> None:
         """Records slot i's new token, sends its text, and frees the slot when the request is done."""
@@ -418,7 +431,6 @@ class Engine:
         now = time.perf_counter()
         r.first_token_at = r.first_token_at or now
         r.tokens.append(token)
-        self._last[i] = token
         if token == self.cfg.eos_token_id or token in r.stop_tokens:
             self._finish(i, token, "stop", s.detok.add(None)[0])
             return
