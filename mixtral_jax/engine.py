@@ -93,24 +93,26 @@ class Request:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
-def _prefill_chunk(params, tokens, start, length, slot, cache, last_tokens, key_data, temperature, top_k, top_p,
+def _prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_data, temperature, top_k, top_p,
                    *, cfg, strategy, mesh):
-    """Prefills tokens [1, C] of one slot at cache index (= position) `start`; `length` of them are real.
+    """Prefills tokens [1, C] of one slot at cache indices [start, start + C), position = index - offset
+    (negative: the padding in front of a prompt's first chunk).
 
-    Returns (the token sampled after the chunk's last real token, int32 [1], last_tokens [B] with it in
-    row `slot`, cache); the token only means something for a prompt's last chunk.
+    Returns (the token sampled after the chunk's last token, int32 [1], last_tokens [B] with it in row
+    `slot`, cache); the token only means something for a prompt's last chunk.
     """
     c = tokens.shape[1]
-    positions = jnp.where(jnp.arange(c) < length, start + jnp.arange(c), -1)[None].astype(jnp.int32)  # [1, C]
+    p = start - offset + jnp.arange(c, dtype=jnp.int32)
+    positions = jnp.where(p >= 0, p, -1)[None]  # [1, C]
     # A request's first chunk clears the slot's positions: the previous request's keys go invisible.
     pos_row = jnp.where(start == 0, -1, jax.lax.dynamic_slice_in_dim(cache["pos"], slot, 1, axis=0))
     k_pos = jax.lax.dynamic_update_slice(pos_row, positions, (jnp.int32(0), start))
     row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=a.ndim - 4)  # batch axis: [(L,) B, K, S, Dh]
     kv = jax.tree.map(row, (cache["k"], cache["v"]))
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
-                                     cache_index=start, k_pos=k_pos, mesh=mesh)
-    last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0)  # [1, V]
-    nxt = sample_rows(last, key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
+                                     cache_index=start, k_pos=k_pos, last_only=True, mesh=mesh)
+    nxt = sample_rows(logits[:, -1], key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None],
+                      top_p[None])
     put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=a.ndim - 4)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
     pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], k_pos, slot, axis=0)
@@ -118,15 +120,15 @@ def _prefill_chunk(params, tokens, start, length, slot, cache, last_tokens, key_
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
-def _decode(params, tokens, positions, cache, key_data, step, temperature, top_k, top_p, *, cfg, strategy, mesh,
-            idle_index):
-    """One token for every slot: row r writes cache index positions[r]; an idle row (position -1)
-    writes the spare index `idle_index` with position -1, which no query ever sees.
+def _decode(params, tokens, positions, offsets, cache, key_data, step, temperature, top_k, top_p, *, cfg, strategy,
+            mesh, idle_index):
+    """One token for every slot: row r writes cache index positions[r] + offsets[r]; an idle row
+    (position -1) writes the spare index `idle_index` with position -1, which no query ever sees.
 
     Returns (next token int32 [B] (an idle row's `tokens` entry), cache).
     """
     b = tokens.shape[0]
-    index = jnp.where(positions >= 0, positions, idle_index)
+    index = jnp.where(positions >= 0, positions + offsets, idle_index)
     k_pos = cache["pos"].at[jnp.arange(b), index].set(positions)
     logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg, strategy=strategy,
                                      cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, mesh=mesh)
@@ -179,6 +181,7 @@ class _Slot:
     def __init__(self, req: Request, key_data: np.ndarray, detok):
         self.req, self.key_data, self.detok = req, key_data, detok
         self.done = 0  # prompt tokens prefilled
+        self.offset = 0  # cache index - position (set when the slot is taken)
         self.issued = 0  # tokens dispatched to the device (their values may not be on the host yet)
 
 
@@ -238,9 +241,11 @@ class Engine:
                              f"got {max_seq_len}.")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
-        # Chunks cover [0, ceil(T / C) * C); one more index past every position is where idle rows write.
-        length = -(-(max_seq_len + 1) // prefill_chunk) * prefill_chunk
-        self.idle_index = length - 1
+        # A prompt of T tokens sits at cache indices [pad, pad + T), pad = -T mod C: its chunks are whole and
+        # its last chunk ends with its last token (prefill needs that position's logits only). Positions up
+        # to max_seq_len - 2 are written, at indices below max_seq_len + C - 2; the next is where idle rows write.
+        self.idle_index = max_seq_len + prefill_chunk - 2
+        length = self.idle_index + 1
         self._params = model.params()
         self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
         self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
@@ -307,10 +312,11 @@ class Engine:
         b = self.max_batch
         one = lambda dtype, v: np.full((b,), v, dtype)
         _, self._last, self._cache = _prefill_chunk(
-            self._params, np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(1), np.int32(0), self._cache,
+            self._params, np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0), self._cache,
             self._last, np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1), **self._run)
         self._last, self._cache = _decode(
-            self._params, self._last, one(np.int32, -1), self._cache, np.zeros((b, 2), np.uint32), one(np.int32, 0),
+            self._params, self._last, one(np.int32, -1), one(np.int32, 0), self._cache, np.zeros((b, 2), np.uint32),
+            one(np.int32, 0),
             one(np.float32, 0), one(np.int32, 0), one(np.float32, 1), idle_index=np.int32(self.idle_index), **self._run)
         np.asarray(self._last)
         self._compiles_at_warmup = _compiles[threading.get_ident()]
@@ -371,6 +377,7 @@ class Engine:
         for i in range(self.max_batch):
             if self._slots[i] is None and self._waiting:
                 self._slots[i] = self._waiting.popleft()
+                self._slots[i].offset = -len(self._slots[i].req.prompt) % self.chunk
         prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.done < len(s.req.prompt)]
         decoding = [i for i, s in enumerate(self._slots)
                     if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
@@ -396,11 +403,12 @@ class Engine:
     def _prefill(self, i: int) -> None:
         s = self._slots[i]
         r = s.req
-        piece = list(r.prompt[s.done:s.done + self.chunk])
+        start = s.done + s.offset if s.done else 0  # the cache index of this chunk: chunks are whole after the first
+        piece = list(r.prompt[s.done:s.done + self.chunk - (0 if s.done else s.offset)])
         tokens = np.zeros((1, self.chunk), np.int32)
-        tokens[0, :len(piece)] = piece
+        tokens[0, self.chunk - len(piece):] = piece
         nxt, self._last, self._cache = _prefill_chunk(
-            self._params, tokens, np.int32(s.done), np.int32(len(piece)), np.int32(i), self._cache, self._last,
+            self._params, tokens, np.int32(start), np.int32(s.offset), np.int32(i), self._cache, self._last,
             s.key_data, np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), **self._run)
         s.done += len(piece)
         if s.done == len(r.prompt):
@@ -409,18 +417,18 @@ class Engine:
 
     def _decode_step(self, rows: list[int]) -> None:
         b = self.max_batch
-        positions = np.full((b,), -1, np.int32)
+        positions, offsets = np.full((b,), -1, np.int32), np.zeros((b,), np.int32)
         key_data = np.zeros((b, 2), np.uint32)
         step = np.zeros((b,), np.int32)
         temperature, top_p, top_k = np.zeros((b,), np.float32), np.ones((b,), np.float32), np.zeros((b,), np.int32)
         for i in rows:
             s = self._slots[i]
             r = s.req
-            positions[i] = len(r.prompt) + s.issued - 1
+            positions[i], offsets[i] = len(r.prompt) + s.issued - 1, s.offset
             key_data[i], step[i] = s.key_data, s.issued
             temperature[i], top_p[i], top_k[i] = r.temperature, r.top_p, r.top_k
             s.issued += 1
-        self._last, self._cache = _decode(self._params, self._last, positions, self._cache, key_data, step,
+        self._last, self._cache = _decode(self._params, self._last, positions, offsets, self._cache, key_data, step,
                                           temperature, top_k, top_p, idle_index=np.int32(self.idle_index), **self._run)
         self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
 
