@@ -253,6 +253,7 @@ class Engine:
         self._last = jnp.zeros((max_batch,), jnp.int32)  # each decoding slot's previous token, on device
         # Dispatched steps whose tokens the host has not read yet: (tokens on device, [(row, slot)]).
         self._pending: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []
+        self._first: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []  # the same, from prefills
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: collections.deque[_Slot] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -392,13 +393,15 @@ class Engine:
         if decoding:
             self._decode_step(decoding)
         # The host reads step N's tokens while the device computes step N + 1 (dispatched just above). A row
-        # that stops at step N has one step N + 1 computed for nothing; its token is dropped here.
-        for tokens, rows in previous:
+        # that stops at step N has one step N + 1 computed for nothing; its token is dropped here. First
+        # tokens (from this step's prefill) are read now too: they wait for the prefill only, not the decode.
+        first, self._first = self._first, []
+        for tokens, rows in previous + first:
             tokens = np.asarray(tokens)
             for r, s in rows:
                 if s.req.finish_reason is None:
                     self._append(self._slots.index(s), int(tokens[r]))
-        return bool(prefilling or decoding or previous)
+        return bool(prefilling or decoding or previous or first)
 
     def _prefill(self, i: int) -> None:
         s = self._slots[i]
@@ -413,7 +416,7 @@ class Engine:
         s.done += len(piece)
         if s.done == len(r.prompt):
             s.issued = 1
-            self._pending.append((nxt, [(0, s)]))
+            self._first.append((nxt, [(0, s)]))
 
     def _decode_step(self, rows: list[int]) -> None:
         b = self.max_batch

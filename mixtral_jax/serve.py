@@ -150,13 +150,21 @@ def build_app(engine, tokenizer, model_name: str):
                 if chat:
                     yield f"data: {json.dumps(reply.chunk('', first=True))}\n\n"
                     first = False
-                while (event := await next_event()) is not None:
-                    if event.text or event.finish_reason:
-                        chunk = reply.chunk(event.text, event.finish_reason, first)
-                        yield f"data: {json.dumps(chunk)}\n\n"
-                        first = False
-                    if event.finish_reason is not None:
-                        break
+                finished = False
+                while not finished and (event := await next_event()) is not None:
+                    # Whatever else arrived meanwhile goes out in the same write: fewer wake-ups and sends
+                    # when the engine runs ahead of this event loop.
+                    batch = [event]
+                    while not events.empty() and batch[-1].finish_reason is None:
+                        batch.append(events.get_nowait())
+                    out = []
+                    for event in batch:
+                        if event.text or event.finish_reason:
+                            out.append(f"data: {json.dumps(reply.chunk(event.text, event.finish_reason, first))}\n\n")
+                            first = False
+                        finished = event.finish_reason is not None
+                    if out:
+                        yield "".join(out)
                 if opts["include_usage"]:
                     yield f"data: {json.dumps(reply.chunk(None))}\n\n"
                 yield "data: [DONE]\n\n"
