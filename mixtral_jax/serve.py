@@ -265,11 +265,14 @@ def main(argv):
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with --help exiting 0 and a bad flag as one sentence with exit status 2."""
     try:
         return FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}; see --help.", file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:  # absl's --help prints the usage, then exits with status 1
+        sys.exit(0 if e.code == 1 and any(a.lstrip("-") in ("help", "helpshort", "helpfull") for a in argv) else e.code)
 
 
 def _define_flags() -> None:
