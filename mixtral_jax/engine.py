@@ -312,13 +312,19 @@ class Engine:
         self._waiting.clear()
         b = self.max_batch
         one = lambda dtype, v: np.full((b,), v, dtype)
-        _, self._last, self._cache = _prefill_chunk(
-            self._params, np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0), self._cache,
-            self._last, np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1), **self._run)
-        self._last, self._cache = _decode(
-            self._params, self._last, one(np.int32, -1), one(np.int32, 0), self._cache, np.zeros((b, 2), np.uint32),
-            one(np.int32, 0),
-            one(np.float32, 0), one(np.int32, 0), one(np.float32, 1), idle_index=np.int32(self.idle_index), **self._run)
+        # Every order the steps come in (prefill or decode after either): on a mesh, `_last` and the cache
+        # come out of each with its own sharding, and each pairing is its own executable.
+        for kind in "ppddpd":
+            if kind == "p":
+                _, self._last, self._cache = _prefill_chunk(
+                    self._params, np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0),
+                    self._cache, self._last, np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1),
+                    **self._run)
+            else:
+                self._last, self._cache = _decode(
+                    self._params, self._last, one(np.int32, -1), one(np.int32, 0), self._cache,
+                    np.zeros((b, 2), np.uint32), one(np.int32, 0), one(np.float32, 0), one(np.int32, 0),
+                    one(np.float32, 1), idle_index=np.int32(self.idle_index), **self._run)
         np.asarray(self._last)
         self._compiles_at_warmup = _compiles[threading.get_ident()]
 
