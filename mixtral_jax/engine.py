@@ -30,9 +30,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from mixtral_jax.generate import init_cache
 from mixtral_jax import model as model_lib
+from mixtral_jax import sharding
+from mixtral_jax.generate import init_cache
 
 # Per-thread count of XLA compiles: the engine's thread must compile nothing after warm-up.
 _compiles: collections.Counter = collections.Counter()
@@ -44,6 +46,12 @@ def _count_compile(event: str, duration: float, **_) -> None:
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+# Device calls, as process 0 sends them to the others.
+_IDLE, _PREFILL, _DECODE, _STOP = range(4)
+# Seconds an idle multi-process engine waits before telling the other processes it is still there.
+_IDLE_S = 1.0
 
 
 @dataclasses.dataclass
@@ -111,12 +119,13 @@ def _prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_
     kv = jax.tree.map(row, (cache["k"], cache["v"]))
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
                                      cache_index=start, k_pos=k_pos, last_only=True, mesh=mesh)
-    nxt = sample_rows(logits[:, -1], key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None],
-                      top_p[None])
+    last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the token
+    nxt = sample_rows(last, key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
     put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=a.ndim - 4)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
     pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], k_pos, slot, axis=0)
-    return nxt, jax.lax.dynamic_update_slice(last_tokens, nxt, (slot,)), {"k": k, "v": v, "pos": pos}
+    last_tokens = sharding.constrain(jax.lax.dynamic_update_slice(last_tokens, nxt, (slot,)), mesh, (None,))
+    return sharding.constrain(nxt, mesh, (None,)), last_tokens, {"k": k, "v": v, "pos": pos}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
@@ -132,9 +141,9 @@ def _decode(params, tokens, positions, offsets, cache, key_data, step, temperatu
     k_pos = cache["pos"].at[jnp.arange(b), index].set(positions)
     logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg, strategy=strategy,
                                      cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, mesh=mesh)
-    nxt = sample_rows(logits[:, 0], key_data, step, temperature, top_k, top_p)
+    nxt = sample_rows(sharding.constrain(logits[:, 0], mesh, (None, None)), key_data, step, temperature, top_k, top_p)
     # An idle row keeps its token: a prompt prefilled just before this step starts decoding from it.
-    return jnp.where(positions >= 0, nxt, tokens), {"k": k, "v": v, "pos": k_pos}
+    return sharding.constrain(jnp.where(positions >= 0, nxt, tokens), mesh, (None,)), {"k": k, "v": v, "pos": k_pos}
 
 
 def sample_rows(logits, key_data, step, temperature, top_k, top_p):
@@ -173,6 +182,11 @@ def sample_rows(logits, key_data, step, temperature, top_k, top_p):
 
     drawn = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
     return jnp.where(temperature > 0, drawn, greedy)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value, on any process (np.asarray refuses one that spans other processes)."""
+    return np.asarray(x.addressable_data(0))
 
 
 class _Slot:
@@ -260,6 +274,16 @@ class Engine:
         self._stopping = False
         self._compiles_at_warmup: int | None = None
         self.error: BaseException | None = None
+        # Several processes: process 0 schedules and sends each device call's arguments to the others as one
+        # fixed-size int32 vector (`_call`, `follow`), so every process runs the same steps.
+        self._multi = jax.process_count() > 1
+        b, i32, u32, f32 = max_batch, np.int32, np.uint32, np.float32
+        self._specs = {
+            _PREFILL: [((1, prefill_chunk), i32), ((), i32), ((), i32), ((), i32), ((2,), u32), ((), f32), ((), i32),
+                       ((), f32)],
+            _DECODE: [((b,), i32), ((b,), i32), ((b, 2), u32), ((b,), i32), ((b,), f32), ((b,), i32), ((b,), f32)],
+            _IDLE: [], _STOP: []}
+        self._command_size = 1 + max(sum(int(np.prod(shape)) for shape, _ in spec) for spec in self._specs.values())
 
     # --- the client side (any thread) ---
 
@@ -316,16 +340,14 @@ class Engine:
         # come out of each with its own sharding, and each pairing is its own executable.
         for kind in "ppddpd":
             if kind == "p":
-                _, self._last, self._cache = _prefill_chunk(
-                    self._params, np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0),
-                    self._cache, self._last, np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1),
-                    **self._run)
+                self._call(_PREFILL, (np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0),
+                                      np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1)))
             else:
-                self._last, self._cache = _decode(
-                    self._params, self._last, one(np.int32, -1), one(np.int32, 0), self._cache,
-                    np.zeros((b, 2), np.uint32), one(np.int32, 0), one(np.float32, 0), one(np.int32, 0),
-                    one(np.float32, 1), idle_index=np.int32(self.idle_index), **self._run)
-        np.asarray(self._last)
+                self._call(_DECODE, (one(np.int32, -1), one(np.int32, 0), np.zeros((b, 2), np.uint32),
+                                     one(np.int32, 0), one(np.float32, 0), one(np.int32, 0), one(np.float32, 1)))
+        if self._multi:
+            self._call(_IDLE, ())
+        _host(self._last)
         self._compiles_at_warmup = _compiles[threading.get_ident()]
 
     def start(self) -> None:
@@ -339,6 +361,8 @@ class Engine:
                 while not self._stopping:
                     if not self.step():
                         self._wait_for_work()
+                if self._multi:
+                    self._call(_STOP, ())
             except BaseException as e:  # the server reports it; the thread must not die silently
                 self.error = e
                 ready.set()
@@ -350,16 +374,62 @@ class Engine:
             raise self.error
 
     def stop(self) -> None:
-        """Stops the background thread (after its current step)."""
+        """Stops the background thread (after its current step; other processes follow it out)."""
         self._stopping = True
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=60)
 
     def _wait_for_work(self) -> None:
-        item = self._inbox.get()
+        try:
+            # Other processes wait in a collective for the next call: tell them, now and then, that none
+            # is coming yet.
+            item = self._inbox.get(timeout=_IDLE_S if self._multi else None)
+        except queue.Empty:
+            self._call(_IDLE, ())
+            return
         if item is not None:
             self._admit(item)
+
+    # --- every process ---
+
+    def follow(self) -> None:
+        """On a process other than 0: runs the device calls process 0's engine makes, until it stops."""
+        while True:
+            vec = multihost_utils.broadcast_one_to_all(np.zeros((self._command_size,), np.int32))
+            kind = int(vec[0])
+            if kind == _STOP:
+                return
+            args, at = [], 1
+            for shape, dtype in self._specs[kind]:
+                n = int(np.prod(shape))
+                args.append(np.asarray(vec[at:at + n]).view(dtype).reshape(shape))
+                at += n
+            self._run_call(kind, tuple(args))
+
+    def _call(self, kind: int, args: tuple):
+        """Runs one device call; with several processes, first sends it to the others (`follow`)."""
+        if self._multi:
+            parts = [np.asarray(a).reshape(-1).view(np.int32) for a in args]
+            vec = np.zeros((self._command_size,), np.int32)
+            vec[0] = kind
+            if parts:
+                flat = np.concatenate(parts)
+                vec[1:1 + flat.size] = flat
+            multihost_utils.broadcast_one_to_all(vec)
+        return self._run_call(kind, args)
+
+    def _run_call(self, kind: int, args: tuple):
+        if kind == _PREFILL:
+            tokens, start, offset, slot, key_data, temperature, top_k, top_p = args
+            nxt, self._last, self._cache = _prefill_chunk(
+                self._params, tokens, start, offset, slot, self._cache, self._last, key_data, temperature, top_k,
+                top_p, **self._run)
+            return nxt
+        if kind == _DECODE:
+            self._last, self._cache = _decode(self._params, self._last, args[0], args[1], self._cache, *args[2:],
+                                              idle_index=np.int32(self.idle_index), **self._run)
+        return None
 
     def _admit(self, req: Request) -> None:
         key_data = np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
@@ -403,7 +473,7 @@ class Engine:
         # tokens (from this step's prefill) are read now too: they wait for the prefill only, not the decode.
         first, self._first = self._first, []
         for tokens, rows in previous + first:
-            tokens = np.asarray(tokens)
+            tokens = _host(tokens)
             for r, s in rows:
                 if s.req.finish_reason is None:
                     self._append(self._slots.index(s), int(tokens[r]))
@@ -416,9 +486,8 @@ class Engine:
         piece = list(r.prompt[s.done:s.done + self.chunk - (0 if s.done else s.offset)])
         tokens = np.zeros((1, self.chunk), np.int32)
         tokens[0, self.chunk - len(piece):] = piece
-        nxt, self._last, self._cache = _prefill_chunk(
-            self._params, tokens, np.int32(start), np.int32(s.offset), np.int32(i), self._cache, self._last,
-            s.key_data, np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), **self._run)
+        nxt = self._call(_PREFILL, (tokens, np.int32(start), np.int32(s.offset), np.int32(i), s.key_data,
+                                    np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p)))
         s.done += len(piece)
         if s.done == len(r.prompt):
             s.issued = 1
@@ -437,8 +506,7 @@ class Engine:
             key_data[i], step[i] = s.key_data, s.issued
             temperature[i], top_p[i], top_k[i] = r.temperature, r.top_p, r.top_k
             s.issued += 1
-        self._last, self._cache = _decode(self._params, self._last, positions, offsets, self._cache, key_data, step,
-                                          temperature, top_k, top_p, idle_index=np.int32(self.idle_index), **self._run)
+        self._call(_DECODE, (positions, offsets, key_data, step, temperature, top_k, top_p))
         self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
 
     def _append(self, i: int, token: int) -> None:
