@@ -189,7 +189,7 @@ class UsageError(Exception):
 
 
 def _check_flags() -> None:
-    from mixtral_jax import sharding
+    from mixtral_jax import distributed, sharding
 
     if FLAGS.max_batch < 1:
         raise UsageError(f"--max_batch must be >= 1, got {FLAGS.max_batch}.")
@@ -201,6 +201,7 @@ def _check_flags() -> None:
         raise UsageError(f"--port must be in [1, 65535], got {FLAGS.port}.")
     try:
         sharding.parse_mesh_spec(FLAGS.mesh)
+        distributed.requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -208,7 +209,7 @@ def _check_flags() -> None:
 def run() -> int:
     """The CLI body: loads the model, warms the engine up, serves until interrupted."""
     _check_flags()
-    from mixtral_jax import plan
+    from mixtral_jax import distributed, plan
     from mixtral_jax.config import load_config
 
     try:
@@ -219,7 +220,12 @@ def run() -> int:
         raise UsageError(f"--max_seq_len {FLAGS.max_seq_len} exceeds {cfg.name}'s {cfg.max_position_embeddings} "
                          "positions.")
     n = plan.mesh_size(FLAGS.mesh)
-    if n > 1:
+    if distributed.requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
+        # A lost peer ends every process with one line (the supervisor's); process 0 serves HTTP and the
+        # others run its engine's device calls (Engine.follow).
+        distributed.supervise(FLAGS.process_id, FLAGS.num_processes)  # returns in the supervised child only
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif n > 1:
         plan.ensure_virtual_devices(n)  # a no-op on TPU/GPU
 
     import jax
@@ -240,7 +246,11 @@ def run() -> int:
         source = "RANDOM weights (no --checkpoint): its text is noise, not a real model's output"
     tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
     engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer)
-    say(f"{cfg.name}: {source}; {dtype} on {jax.device_count()} {jax.default_backend()} device(s); warming up ...")
+    if jax.process_index() != 0:
+        engine.follow()
+        return 0
+    say(f"{cfg.name}: {source}; {dtype} on {jax.device_count()} {jax.default_backend()} device(s) in "
+        f"{jax.process_count()} process(es); warming up ...")
     engine.start()
     say(f"serving '{cfg.name}' on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.max_batch} slots, "
         f"{FLAGS.max_seq_len} positions each)")
@@ -289,6 +299,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens prefilled per chunk between decode steps.")
     flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
     flags.DEFINE_integer("seed", 0, "Seed of the random weights (without --checkpoint).")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (which serves HTTP).")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 if __name__ == "__main__":
