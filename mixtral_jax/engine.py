@@ -452,4 +452,7 @@ class Engine:
 
     @staticmethod
     def _emit(req: Request, event: Event) -> None:
-        (req.emit or req.events.put)(event)
+        try:
+            (req.emit or req.events.put)(event)
+        except Exception:  # a consumer that fails must not stop the engine: drop its request instead
+            req.cancel()

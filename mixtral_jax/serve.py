@@ -133,7 +133,7 @@ def build_app(engine, tokenizer, model_name: str):
                 try:
                     return await asyncio.wait_for(events.get(), _DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+                    if engine.error is not None or await request.is_disconnected():
                         return None
 
         if not opts["stream"]:
@@ -142,7 +142,10 @@ def build_app(engine, tokenizer, model_name: str):
                     pass
             finally:
                 req.cancel()  # a no-op once finished; frees the slot if the client left
-            return reply.body() if event is not None else Response(status_code=499)
+            if event is None:
+                return (error(503, f"the engine stopped: {engine.error}", kind="server_error")
+                        if engine.error is not None else Response(status_code=499))
+            return reply.body()
 
         async def sse():
             try:
