@@ -7,6 +7,7 @@ sentence in OpenAI's error body (HTTP 400) and never reaches the engine.
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import uuid
 
@@ -117,7 +118,9 @@ def parse(body, chat: bool, model_name: str, tokenizer, vocab_size: int) -> tupl
         raise BadRequest("'stream' must be a boolean and 'stream_options' an object.", "stream")
     limit_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, limit_name, None, 1, integer=True)
-    seed = _number(body, "seed", 0, -2**63, 2**63 - 1, integer=True)
+    # Without a seed, sampled requests differ from each other, as OpenAI's do.
+    seed = _number(body, "seed", None, -2**63, 2**63 - 1, integer=True)
+    seed = secrets.randbits(32) if seed is None else seed
     stop, stop_ids = _stops(body, vocab_size)
     req = Request(
         prompt=_prompt(body, chat, tokenizer), max_tokens=max_tokens or 0,
