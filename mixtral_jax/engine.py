@@ -4,12 +4,16 @@ Each of `max_batch` slots holds one request. Between decode steps, waiting
 requests take free slots and their prompts are prefilled in fixed-size chunks
 (one chunk per step while other slots decode, so running streams keep
 flowing); a finished, stopped or cancelled request frees its slot at once. A
-slot's tokens sit in its own cache row at cache index = position, so every
-row decodes at its own index and no request sees another's keys.
+slot's tokens sit in its own cache row (position p at index p + pad, the pad
+making the prompt's chunks whole), so every row decodes at its own index and
+no request sees another's keys. The host reads step N's tokens while the
+device computes step N + 1.
 
-All shapes are fixed (one prefill chunk [1, C], one decode step [max_batch]),
-so nothing compiles after `warmup()`; `compiles` counts what did compile on
-the engine's thread since.
+All shapes are fixed (one prefill chunk [1, C], one decode step [max_batch],
+in slot_steps.py), so nothing compiles after `warmup()`; `compiles` counts
+what did compile on the engine's thread since. With several processes,
+process 0 schedules and every other process runs the same device calls
+(`follow`).
 
 Exact: a request's tokens do not depend on what else runs. Greedy tokens equal
 `mj.generate(model, [prompt])`; a sampled request draws step i's token with
