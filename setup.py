@@ -29,6 +29,10 @@ setup(
         "xxhash>=3.4,<5",
         "mistral-common>=1.5,<2",
         "matplotlib>=3.8,<4",
+        # The server (python -m mixtral_jax.serve).
+        "fastapi>=0.110,<1",
+        "uvicorn>=0.29,<1",
+        "prometheus-client>=0.20,<1",
     ],
     extras_require={
         # The TPU runtime and compiler (libtpu) matching jax: runs on TPU VMs, and plans for any TPU
@@ -44,6 +48,7 @@ setup(
             "nbclient>=0.10,<0.12",
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
+            "openai>=1.30,<4",  # tests/test_serve.py talks to the server with the official client
         ],
     },
 )

@@ -74,6 +74,25 @@ def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def write_cache(c: jax.Array, new: jax.Array, index, layer=None) -> jax.Array:
+    """Writes new [B, K, T, Dh] into c [B, K, S, Dh] (or layer `layer` of c [L, B, K, S, Dh]) at slots
+    [index, index + T).
+
+    `index` is a scalar (every row at the same slot, as generate's left-padded batch) or int [B], each
+    row at its own slot (the serving engine's rows hold requests that started at different times).
+    """
+    new = new.astype(c.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    if jnp.ndim(index) == 0:
+        index = jnp.asarray(index, jnp.int32)
+        at = (zero, zero, index, zero) if layer is None else (layer, zero, zero, index, zero)
+        return jax.lax.dynamic_update_slice(c, new if layer is None else new[None], at)
+    if layer is None:
+        return jax.vmap(lambda c1, n1, i: jax.lax.dynamic_update_slice(c1, n1, (zero, i, zero)))(c, new, index)
+    return jax.vmap(lambda c1, n1, i: jax.lax.dynamic_update_slice(c1, n1[None], (layer, zero, i, zero)),
+                    in_axes=(1, 0, 0), out_axes=1)(c, new, index)
+
+
 def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None,
                    last_query=False, layout=Stacked):
     """One attention block (no residual) on normalised input.
@@ -89,7 +108,7 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
       cache: optional (k, v), each [B, K, S, Dh], or each [L, B, K, S, Dh]
         when `layer` is given; x's keys and values are written at slots
         [cache_index, cache_index + T) (of `layer`), in place.
-      cache_index: scalar int slot where x's first token goes.
+      cache_index: int slot where x's first token goes: a scalar, or [B], one per row.
       layer: scalar layer index into a stacked cache, or None.
       last_query: keys and values for all T positions (and the cache), but
         the output for the last position only: out [B, 1, D].
@@ -106,17 +125,8 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     if cache is None:
         new_cache = None
     else:
-        ck, cv = cache
-        if layer is None:
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=2)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=2)
-            k, v = ck, cv
-        else:
-            zero = jnp.zeros((), jnp.int32)
-            at = (layer, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            k, v = ck[layer], cv[layer]
+        ck, cv = write_cache(cache[0], k, cache_index, layer), write_cache(cache[1], v, cache_index, layer)
+        k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])
         new_cache = (ck, cv)
     # The prompt's own slots start at 0 when there is no cache or a prefill writes from slot 0:
     # then query i never sees a slot past i, and later slots (empty) need not be read at all.

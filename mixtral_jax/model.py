@@ -239,7 +239,7 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       cache: optional (k, v) in the params' layout (`layout.Stacked.init_cache`,
         `layout.PerExpert.init_cache`); updated in place at slots
         [cache_index, cache_index + T).
-      cache_index: scalar slot of the first token when `cache` is given.
+      cache_index: slot of the first token when `cache` is given: a scalar, or int [B], one per row.
       k_pos: [B, S] key positions (negative: empty) when `cache` is given.
       collect_routing: also return every layer's router choices.
       last_only: logits for the last position only ([B, 1, V]; prefill needs no more).

@@ -1,0 +1,462 @@
+"""Continuous batching: requests come and go in a fixed set of slots that share one KV cache.
+
+Each of `max_batch` slots holds one request. Between decode steps, waiting
+requests take free slots and their prompts are prefilled in fixed-size chunks
+(one chunk per step while other slots decode, so running streams keep
+flowing); a finished, stopped or cancelled request frees its slot at once. A
+slot's tokens sit in its own cache row (position p at index p + pad, the pad
+making the prompt's chunks whole), so every row decodes at its own index and
+no request sees another's keys. The host reads step N's tokens while the
+device computes step N + 1.
+
+All shapes are fixed (one prefill chunk [1, C], one decode step [max_batch],
+in slot_steps.py), so nothing compiles after `warmup()`; `compiles` counts
+what did compile on the engine's thread since. With several processes,
+process 0 schedules and every other process runs the same device calls
+(`follow`).
+
+Exact: a request's tokens do not depend on what else runs. Greedy tokens equal
+`mj.generate(model, [prompt])`; a sampled request draws step i's token with
+the key generate gives row 0 at step i, so it equals `mj.generate(model,
+[prompt], seed=seed, ...)` too.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mixtral_jax import model as model_lib
+from mixtral_jax import slot_steps
+from mixtral_jax.generate import init_cache
+
+# Per-thread count of XLA compiles: the engine's thread must compile nothing after warm-up.
+_compiles: collections.Counter = collections.Counter()
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _compiles[threading.get_ident()] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+# Device calls, as process 0 sends them to the others.
+_IDLE, _PREFILL, _DECODE, _STOP = range(4)
+# Seconds an idle multi-process engine waits before telling the other processes it is still there.
+_IDLE_S = 1.0
+
+
+@dataclasses.dataclass
+class Event:
+    """What a request produced in one step: `token` (None on a cancel), its `text` (the new text, which
+    may be empty while it could be part of a stop string), and `finish_reason` ("stop", "length",
+    "cancelled") on the last event."""
+
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request.
+
+    Args:
+      prompt: token ids (non-empty).
+      max_tokens: tokens to generate at most (>= 1).
+      temperature, top_p, top_k, seed: sampling, as in `mj.generate`.
+      stop_tokens: ids that end the request (the id is in `tokens`, its text is not); EOS always does.
+      stop: strings that end the request; the text ends before the first one.
+      emit: called on the engine's thread with each `Event`; default: put into `events`.
+    """
+
+    prompt: Sequence[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop_tokens: Sequence[int] = ()
+    stop: Sequence[str] = ()
+    emit: Callable[[Event], None] | None = None
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: bool = False
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Asks the engine to drop this request; its slot is freed before the next step."""
+        self.cancelled = True
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value, on any process (np.asarray refuses one that spans other processes)."""
+    return np.asarray(x.addressable_data(0))
+
+
+class _Slot:
+    """A request in a slot: prefilled up to `done` prompt tokens, then decoding."""
+
+    def __init__(self, req: Request, key_data: np.ndarray, detok):
+        self.req, self.key_data, self.detok = req, key_data, detok
+        self.done = 0  # prompt tokens prefilled
+        self.offset = 0  # cache index - position (set when the slot is taken)
+        self.issued = 0  # tokens dispatched to the device (their values may not be on the host yet)
+
+
+class _Detokenizer:
+    """A request's text so far, and how much of it can be sent without splitting a stop string."""
+
+    def __init__(self, tokenizer, prompt: Sequence[int], stop: Sequence[str]):
+        self.tok, self.stop = tokenizer, tuple(s for s in stop if s)
+        # Decoding after the prompt's last token keeps the first word's leading space.
+        self.prefix = list(prompt[-1:])
+        self.prefix_len = len(tokenizer.decode(self.prefix)) if tokenizer else 0
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def add(self, token: int | None) -> tuple[str, bool]:
+        """Adds a token (None: just flush); returns (text to send, whether a stop string ended it)."""
+        if self.tok is None:
+            return "", False
+        if token is not None:
+            self.ids.append(token)
+        text = self.tok.decode(self.prefix + self.ids)[self.prefix_len:]
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out = text[self.sent:min(hits)]
+            self.sent = min(hits)
+            return out, True
+        end = len(text)
+        if token is not None:
+            while end > self.sent and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
+                end -= 1
+            hold = max((n for s in self.stop for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
+            end -= hold
+        out, self.sent = text[self.sent:end], max(self.sent, end)
+        return out, False
+
+
+class Engine:
+    """Continuous batching over `max_batch` slots; `submit` from any thread, `start` runs it in one.
+
+    Args:
+      model: a `Mixtral` (on one device or `model.mesh`).
+      max_batch: slots (requests decoding together).
+      max_seq_len: positions per slot (prompt + new tokens); default min(4096, the model's).
+      prefill_chunk: prompt tokens prefilled per chunk.
+      tokenizer: for text and stop strings (None: tokens only).
+      strategy: single-device MoE dispatch strategy.
+    """
+
+    def __init__(self, model: model_lib.Mixtral, max_batch: int = 16, max_seq_len: int | None = None,
+                 prefill_chunk: int = 64, tokenizer=None, strategy: str = "sparse"):
+        cfg = model.cfg
+        max_seq_len = max_seq_len or min(4096, cfg.max_position_embeddings)
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}.")
+        if not 1 < max_seq_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's positions), "
+                             f"got {max_seq_len}.")
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
+        # A prompt of T tokens sits at cache indices [pad, pad + T), pad = -T mod C: its chunks are whole and
+        # its last chunk ends with its last token (prefill needs that position's logits only). Positions up
+        # to max_seq_len - 2 are written, at indices below max_seq_len + C - 2; the next is where idle rows write.
+        self.idle_index = max_seq_len + prefill_chunk - 2
+        length = self.idle_index + 1
+        self._params = model.params()
+        self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
+        self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
+        self._slots: list[_Slot | None] = [None] * max_batch
+        self._last = jnp.zeros((max_batch,), jnp.int32)  # each decoding slot's previous token, on device
+        # Dispatched steps whose tokens the host has not read yet: (tokens on device, [(row, slot)]).
+        self._pending: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []
+        self._first: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []  # the same, from prefills
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: collections.deque[_Slot] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._compiles_at_warmup: int | None = None
+        self.error: BaseException | None = None
+        # Several processes: process 0 schedules and sends each device call's arguments to the others as one
+        # fixed-size int32 vector (`_call`, `follow`), so every process runs the same steps.
+        self._multi = jax.process_count() > 1
+        b, i32, u32, f32 = max_batch, np.int32, np.uint32, np.float32
+        self._specs = {
+            _PREFILL: [((1, prefill_chunk), i32), ((), i32), ((), i32), ((), i32), ((2,), u32), ((), f32), ((), i32),
+                       ((), f32)],
+            _DECODE: [((b,), i32), ((b,), i32), ((b, 2), u32), ((b,), i32), ((b,), f32), ((b,), i32), ((b,), f32)],
+            _IDLE: [], _STOP: []}
+        self._command_size = 1 + max(sum(int(np.prod(shape)) for shape, _ in spec) for spec in self._specs.values())
+
+    # --- the client side (any thread) ---
+
+    def check(self, prompt: Sequence[int], max_tokens: int) -> None:
+        """Raises ValueError, in one sentence, for a request this engine cannot serve."""
+        if not prompt:
+            raise ValueError("the prompt is empty; it needs at least one token.")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"the prompt has token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size}).")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
+        if len(prompt) + max_tokens > self.max_seq_len:
+            raise ValueError(f"the prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                             f"{self.max_seq_len} positions this server has per request; shorten the prompt or ask "
+                             "for fewer tokens.")
+
+    def submit(self, req: Request) -> Request:
+        """Queues a request (checked with `check`); its events arrive through `req.emit` / `req.events`."""
+        self.check(req.prompt, req.max_tokens)
+        req.submitted_at = time.perf_counter()
+        self._inbox.put(req)
+        return req
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for a slot."""
+        return self._inbox.qsize() + len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        """Slots holding a request."""
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def compiles(self) -> int | None:
+        """XLA compiles on the engine's thread since `warmup()` (None before it)."""
+        if self._compiles_at_warmup is None:
+            return None
+        return _compiles[self._thread_id()] - self._compiles_at_warmup
+
+    # --- the engine side (one thread) ---
+
+    def _thread_id(self) -> int:
+        return self._thread.ident if self._thread is not None else threading.get_ident()
+
+    def warmup(self) -> None:
+        """Compiles every step (on the calling thread, which then must run the engine)."""
+        self._admit(Request([1], 1))  # the per-request key
+        self._waiting.clear()
+        b = self.max_batch
+        one = lambda dtype, v: np.full((b,), v, dtype)
+        # Every order the steps come in (prefill or decode after either): on a mesh, `_last` and the cache
+        # come out of each with its own sharding, and each pairing is its own executable.
+        for kind in "ppddpd":
+            if kind == "p":
+                self._call(_PREFILL, (np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0),
+                                      np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1)))
+            else:
+                self._call(_DECODE, (one(np.int32, -1), one(np.int32, 0), np.zeros((b, 2), np.uint32),
+                                     one(np.int32, 0), one(np.float32, 0), one(np.int32, 0), one(np.float32, 1)))
+        if self._multi:
+            self._call(_IDLE, ())
+        _host(self._last)
+        self._compiles_at_warmup = _compiles[threading.get_ident()]
+
+    def start(self) -> None:
+        """Warms up and runs the engine in a background thread until `stop()`."""
+        ready = threading.Event()
+
+        def loop():
+            try:
+                self.warmup()
+                ready.set()
+                while not self._stopping:
+                    if not self.step():
+                        self._wait_for_work()
+                if self._multi:
+                    self._call(_STOP, ())
+            except BaseException as e:  # the server reports it; the thread must not die silently
+                self.error = e
+                ready.set()
+
+        self._thread = threading.Thread(target=loop, name="mixtral-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """Stops the background thread (after its current step; other processes follow it out)."""
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _wait_for_work(self) -> None:
+        try:
+            # Other processes wait in a collective for the next call: tell them, now and then, that none
+            # is coming yet.
+            item = self._inbox.get(timeout=_IDLE_S if self._multi else None)
+        except queue.Empty:
+            self._call(_IDLE, ())
+            return
+        if item is not None:
+            self._admit(item)
+
+    # --- every process ---
+
+    def follow(self) -> None:
+        """On a process other than 0: runs the device calls process 0's engine makes, until it stops."""
+        while True:
+            vec = multihost_utils.broadcast_one_to_all(np.zeros((self._command_size,), np.int32))
+            kind = int(vec[0])
+            if kind == _STOP:
+                return
+            args, at = [], 1
+            for shape, dtype in self._specs[kind]:
+                n = int(np.prod(shape))
+                args.append(np.asarray(vec[at:at + n]).view(dtype).reshape(shape))
+                at += n
+            self._run_call(kind, tuple(args))
+
+    def _call(self, kind: int, args: tuple):
+        """Runs one device call; with several processes, first sends it to the others (`follow`)."""
+        if self._multi:
+            parts = [np.asarray(a).reshape(-1).view(np.int32) for a in args]
+            vec = np.zeros((self._command_size,), np.int32)
+            vec[0] = kind
+            if parts:
+                flat = np.concatenate(parts)
+                vec[1:1 + flat.size] = flat
+            multihost_utils.broadcast_one_to_all(vec)
+        return self._run_call(kind, args)
+
+    def _run_call(self, kind: int, args: tuple):
+        if kind == _PREFILL:
+            tokens, start, offset, slot, key_data, temperature, top_k, top_p = args
+            nxt, self._last, self._cache = slot_steps.prefill_chunk(
+                self._params, tokens, start, offset, slot, self._cache, self._last, key_data, temperature, top_k,
+                top_p, **self._run)
+            return nxt
+        if kind == _DECODE:
+            self._last, self._cache = slot_steps.decode(self._params, self._last, args[0], args[1], self._cache,
+                                                        *args[2:], idle_index=np.int32(self.idle_index), **self._run)
+        return None
+
+    def _admit(self, req: Request) -> None:
+        key_data = np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
+        self._waiting.append(_Slot(req, key_data, _Detokenizer(self.tokenizer, req.prompt, req.stop)))
+
+    def step(self) -> bool:
+        """One scheduling round: admit, prefill (one chunk while others decode), dispatch a decode step, then
+        read the previous step's tokens while this one computes. Returns whether it did any work."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._admit(item)
+        for i, s in enumerate(self._slots):
+            if s is not None and s.req.cancelled:
+                self._finish(i, None, "cancelled")
+        while self._waiting and self._waiting[0].req.cancelled:
+            s = self._waiting.popleft()
+            self._emit(s.req, Event(None, "", "cancelled"))
+        for i in range(self.max_batch):
+            if self._slots[i] is None and self._waiting:
+                self._slots[i] = self._waiting.popleft()
+                self._slots[i].offset = -len(self._slots[i].req.prompt) % self.chunk
+        prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.done < len(s.req.prompt)]
+        decoding = [i for i, s in enumerate(self._slots)
+                    if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
+        # With streams running, one chunk per step keeps their inter-token latency bounded by one chunk;
+        # with none, prefill everything waiting first.
+        for i in prefilling[:1] if decoding else prefilling:
+            while self._slots[i].done < len(self._slots[i].req.prompt):
+                self._prefill(i)
+                if decoding:
+                    break
+        previous, self._pending = self._pending, []
+        if decoding:
+            self._decode_step(decoding)
+        # The host reads step N's tokens while the device computes step N + 1 (dispatched just above). A row
+        # that stops at step N has one step N + 1 computed for nothing; its token is dropped here. First
+        # tokens (from this step's prefill) are read now too: they wait for the prefill only, not the decode.
+        first, self._first = self._first, []
+        for tokens, rows in previous + first:
+            tokens = _host(tokens)
+            for r, s in rows:
+                if s.req.finish_reason is None:
+                    self._append(self._slots.index(s), int(tokens[r]))
+        return bool(prefilling or decoding or previous or first)
+
+    def _prefill(self, i: int) -> None:
+        s = self._slots[i]
+        r = s.req
+        start = s.done + s.offset if s.done else 0  # the cache index of this chunk: chunks are whole after the first
+        piece = list(r.prompt[s.done:s.done + self.chunk - (0 if s.done else s.offset)])
+        tokens = np.zeros((1, self.chunk), np.int32)
+        tokens[0, self.chunk - len(piece):] = piece
+        nxt = self._call(_PREFILL, (tokens, np.int32(start), np.int32(s.offset), np.int32(i), s.key_data,
+                                    np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p)))
+        s.done += len(piece)
+        if s.done == len(r.prompt):
+            s.issued = 1
+            self._first.append((nxt, [(0, s)]))
+
+    def _decode_step(self, rows: list[int]) -> None:
+        b = self.max_batch
+        positions, offsets = np.full((b,), -1, np.int32), np.zeros((b,), np.int32)
+        key_data = np.zeros((b, 2), np.uint32)
+        step = np.zeros((b,), np.int32)
+        temperature, top_p, top_k = np.zeros((b,), np.float32), np.ones((b,), np.float32), np.zeros((b,), np.int32)
+        for i in rows:
+            s = self._slots[i]
+            r = s.req
+            positions[i], offsets[i] = len(r.prompt) + s.issued - 1, s.offset
+            key_data[i], step[i] = s.key_data, s.issued
+            temperature[i], top_p[i], top_k[i] = r.temperature, r.top_p, r.top_k
+            s.issued += 1
+        self._call(_DECODE, (positions, offsets, key_data, step, temperature, top_k, top_p))
+        self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
+
+    def _append(self, i: int, token: int) -> None:
+        """Records slot i's new token, sends its text, and frees the slot when the request is done."""
+        s = self._slots[i]
+        r = s.req
+        now = time.perf_counter()
+        r.first_token_at = r.first_token_at or now
+        r.tokens.append(token)
+        if token == self.cfg.eos_token_id or token in r.stop_tokens:
+            self._finish(i, token, "stop", s.detok.add(None)[0])
+            return
+        text, hit = s.detok.add(token)
+        if hit:
+            self._finish(i, token, "stop", text)
+        elif len(r.tokens) == r.max_tokens:
+            self._finish(i, token, "length", text + s.detok.add(None)[0])
+        else:
+            r.text += text
+            self._emit(r, Event(token, text))
+
+    def _finish(self, i: int, token: int | None, reason: str, text: str = "") -> None:
+        s = self._slots[i]
+        self._slots[i] = None
+        s.req.text += text
+        s.req.finish_reason = reason
+        self._emit(s.req, Event(token, text, reason))
+
+    @staticmethod
+    def _emit(req: Request, event: Event) -> None:
+        try:
+            (req.emit or req.events.put)(event)
+        except Exception:  # a consumer that fails must not stop the engine: drop its request instead
+            req.cancel()

@@ -1,0 +1,101 @@
+"""The serving engine's jitted steps over its slots: prefill one chunk of one slot, decode every slot,
+and per-row sampling (engine.py schedules them).
+
+Every row of the KV cache is one slot; a slot's position p sits at cache index
+p + offset (the offset makes a prompt's chunks whole, see `Engine`). Tokens come
+out replicated, so every process of a multi-process run can read them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax import model as model_lib
+from mixtral_jax import sharding
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
+def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_data, temperature, top_k, top_p,
+                   *, cfg, strategy, mesh):
+    """Prefills tokens [1, C] of one slot at cache indices [start, start + C), position = index - offset
+    (negative: the padding in front of a prompt's first chunk).
+
+    Returns (the token sampled after the chunk's last token, int32 [1], last_tokens [B] with it in row
+    `slot`, cache); the token only means something for a prompt's last chunk.
+    """
+    c = tokens.shape[1]
+    p = start - offset + jnp.arange(c, dtype=jnp.int32)
+    positions = jnp.where(p >= 0, p, -1)[None]  # [1, C]
+    # A request's first chunk clears the slot's positions: the previous request's keys go invisible.
+    pos_row = jnp.where(start == 0, -1, jax.lax.dynamic_slice_in_dim(cache["pos"], slot, 1, axis=0))
+    k_pos = jax.lax.dynamic_update_slice(pos_row, positions, (jnp.int32(0), start))
+    row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=a.ndim - 4)  # batch axis: [(L,) B, K, S, Dh]
+    kv = jax.tree.map(row, (cache["k"], cache["v"]))
+    logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
+                                     cache_index=start, k_pos=k_pos, last_only=True, mesh=mesh)
+    last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the token
+    nxt = sample_rows(last, key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
+    put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=a.ndim - 4)
+    k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
+    pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], k_pos, slot, axis=0)
+    last_tokens = sharding.constrain(jax.lax.dynamic_update_slice(last_tokens, nxt, (slot,)), mesh, (None,))
+    return sharding.constrain(nxt, mesh, (None,)), last_tokens, {"k": k, "v": v, "pos": pos}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
+def decode(params, tokens, positions, offsets, cache, key_data, step, temperature, top_k, top_p, *, cfg, strategy,
+            mesh, idle_index):
+    """One token for every slot: row r writes cache index positions[r] + offsets[r]; an idle row
+    (position -1) writes the spare index `idle_index` with position -1, which no query ever sees.
+
+    Returns (next token int32 [B] (an idle row's `tokens` entry), cache).
+    """
+    b = tokens.shape[0]
+    index = jnp.where(positions >= 0, positions + offsets, idle_index)
+    k_pos = cache["pos"].at[jnp.arange(b), index].set(positions)
+    logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg, strategy=strategy,
+                                     cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, mesh=mesh)
+    nxt = sample_rows(sharding.constrain(logits[:, 0], mesh, (None, None)), key_data, step, temperature, top_k, top_p)
+    # An idle row keeps its token: a prompt prefilled just before this step starts decoding from it.
+    return sharding.constrain(jnp.where(positions >= 0, nxt, tokens), mesh, (None,)), {"k": k, "v": v, "pos": k_pos}
+
+
+def sample_rows(logits, key_data, step, temperature, top_k, top_p):
+    """Samples one token per row with per-row settings, as `generate.sample_logits` does for row 0.
+
+    Args:
+      logits: float32 [B, V].
+      key_data: uint32 [B, 2], each row's `jax.random.key(seed)` data.
+      step: int32 [B] the index of the token being drawn (0 for the first).
+      temperature, top_k, top_p: [B]; temperature 0 is greedy, top_k 0 and top_p 1 disable those filters.
+
+    Returns:
+      int32 [B].
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        # generate keys row r of a batch fold_in(fold_in(key, step), r); a request alone is row 0.
+        keys = jax.vmap(lambda kd, s: jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(kd), s), 0))(
+            key_data, step)
+        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+        def filtered(x):
+            desc = jnp.sort(x, axis=-1)[:, ::-1]
+            kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, x.shape[-1] - 1)[:, None], axis=-1)
+            drop_k = (top_k > 0)[:, None]
+            x = jnp.where(drop_k & (x < kth), -jnp.inf, x)
+            desc = jnp.where(drop_k & (desc < kth), -jnp.inf, desc)  # still sorted: the dropped are the smallest
+            probs = jax.nn.softmax(desc, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs
+            cutoff = jnp.min(jnp.where(before < top_p[:, None], desc, jnp.inf), axis=-1, keepdims=True)
+            return jnp.where((top_p < 1.0)[:, None] & (x < cutoff), -jnp.inf, x)
+
+        x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda x: x, x)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    return jnp.where(temperature > 0, drawn, greedy)
