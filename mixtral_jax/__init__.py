@@ -9,6 +9,7 @@ The public API (see README.md):
     logits = mj.forward(model, tokens)
     mj.convert_hf_checkpoint(hf_dir, out_dir, dtype="bfloat16")
     model = mj.load(ckpt_dir, dtype="bfloat16", mesh=None)
+    loss, metrics = mj.lm_loss(model, tokens, loss_mask)
 """
 
 from mixtral_jax import topology as _topology
@@ -21,6 +22,7 @@ from mixtral_jax.checkpoint import load, save
 from mixtral_jax.ckpt_files import CheckpointError
 from mixtral_jax.config import MixtralConfig, load_config, presets
 from mixtral_jax.generate import generate, generate_stream
+from mixtral_jax.loss import lm_loss
 from mixtral_jax.model import Mixtral, forward, init_random, param_bytes, param_count
 from mixtral_jax.routing import Routing, expert_load, expert_routing, plot_routing
 from mixtral_jax.sharding import make_mesh
@@ -37,6 +39,7 @@ __all__ = [
     "generate",
     "generate_stream",
     "init_random",
+    "lm_loss",
     "load",
     "load_config",
     "load_tokenizer",

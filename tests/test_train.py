@@ -1,0 +1,162 @@
+"""Training: lm_loss and its gradients vs transformers and torch autograd (padding, packing), sharded vs one
+device, LoRA, the train step (resume, learning) and the train CLI."""
+
+import copy
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.mixtral import modeling_mixtral as hf_mixtral
+
+import mixtral_jax as mj
+from mixtral_jax import convert, loss as loss_lib, model as model_lib, testing
+from mixtral_jax.config import from_hf_dict
+
+Z_COEF = 0.1
+TINY = from_hf_dict(testing.TINY_HF)  # V 512, D 64, L 2, E 8, k 2
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return testing.hf_model(seed=0)
+
+
+def _hf_grads(hf, cfg):
+    """torch autograd's gradients of every parameter, converted to our stacked tree (through the hub key names)."""
+    grads = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p, g in zip(grads.parameters(), hf.parameters()):
+            p.data = g.grad.clone()
+    return convert.params_from_state_dict(testing.state_dict_numpy(grads), cfg)
+
+
+def _z_loss_torch(router_logits, real, num_layers):
+    """Router z-loss from transformers' router logits: mean over layers and real tokens of logsumexp²."""
+    lse = torch.logsumexp(torch.stack(router_logits).float(), dim=-1)  # [L, N]
+    return (lse ** 2 * real.reshape(-1)).sum() / (num_layers * real.sum())
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def _value_and_grad(params, tokens, loss_mask, segment_ids, *, cfg, mesh=None):
+    """(loss, metrics), grads of lm_loss's objective with remat, one compile per shape and mesh for every test."""
+    return jax.value_and_grad(functools.partial(loss_lib.loss_and_metrics, cfg=cfg, mesh=mesh,
+                                                aux_coef=cfg.router_aux_loss_coef, z_coef=Z_COEF, remat=True),
+                              has_aux=True)(params, tokens, loss_mask, segment_ids)
+
+
+def _assert_tree_close(ours, ref, rtol):
+    for path, a in jax.tree_util.tree_leaves_with_path(ours):
+        b = ref
+        for key in path:
+            b = b[key.key]
+        assert testing.rel_err(a, b) <= rtol, (jax.tree_util.keystr(path), testing.rel_err(a, b))
+
+
+def test_lm_loss_and_grads_match_transformers_with_padding(hf):
+    # 80 real tokens: the MoE's 2·k·N rows exceed moe.DENSE_MAX_ROWS, so its ragged_dot path is differentiated.
+    cfg = testing.config_of(hf)
+    ours = testing.our_model(hf)
+    rs = np.random.RandomState(0)
+    tokens = rs.randint(0, cfg.vocab_size, (2, 40))
+    real = np.ones((2, 40), np.int64)
+    real[1, 30:] = 0  # right padding
+    loss_mask = real.copy()
+    loss_mask[:, 0] = 0
+    loss_mask[0, 5:9] = 0  # a prompt span that is not a target
+    labels = np.where(loss_mask == 1, tokens, -100)
+
+    hf.zero_grad()
+    out = hf(torch.tensor(tokens), attention_mask=torch.tensor(real), labels=torch.tensor(labels),
+             output_router_logits=True)
+    z_ref = _z_loss_torch(out.router_logits, torch.tensor(real, dtype=torch.float32), cfg.num_hidden_layers)
+    ce_ref = out.loss - hf.config.router_aux_loss_coef * out.aux_loss
+    (out.loss + Z_COEF * z_ref).backward()
+
+    loss, metrics = mj.lm_loss(ours, tokens, loss_mask, router_z_loss_coef=Z_COEF, segment_ids=real)
+    assert testing.rel_err(metrics["ce"], ce_ref.item()) <= 1e-5
+    assert testing.rel_err(metrics["aux"], out.aux_loss.item()) <= 1e-5
+    assert testing.rel_err(metrics["z"], z_ref.item()) <= 1e-5
+    assert testing.rel_err(loss, (out.loss + Z_COEF * z_ref).item()) <= 1e-5
+    assert int(metrics["targets"]) == loss_mask[:, 1:].sum()
+    np.testing.assert_allclose(metrics["load"].sum(axis=1), 1.0, rtol=1e-6)
+
+    _, grads = _value_and_grad(ours.params(), tokens, jnp.asarray(loss_mask, jnp.float32), jnp.asarray(real, jnp.int32),
+                               cfg=cfg)
+    _assert_tree_close(grads, _hf_grads(hf, cfg), 1e-4)
+
+
+def test_packed_loss_and_grads_match_transformers_per_document(hf):
+    # Reference: each document run on its own through transformers; CE summed over all targets, and the aux
+    # and z losses over every document's router logits together (what one packed row must equal).
+    cfg = testing.config_of(hf)
+    ours = testing.our_model(hf)
+    rs = np.random.RandomState(1)
+    lengths = [(12, 17, 11), (25, 10)]  # documents per row; row 1 ends in 5 padding tokens
+    t = 40
+    tokens = rs.randint(0, cfg.vocab_size, (2, t))
+    segments = np.zeros((2, t), np.int32)
+    loss_mask = np.zeros((2, t), np.float32)
+    docs = []
+    for row, lens in enumerate(lengths):
+        start = 0
+        for i, n in enumerate(lens):
+            segments[row, start:start + n] = i + 1
+            loss_mask[row, start + 1:start + n] = 1  # a document's first token is no target
+            docs.append(tokens[row, start:start + n])
+            start += n
+
+    hf.zero_grad()
+    nll, logits_per_layer = 0.0, [[] for _ in range(cfg.num_hidden_layers)]
+    for doc in docs:
+        out = hf(torch.tensor(doc[None]), output_router_logits=True)
+        nll = nll + torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), torch.tensor(doc[1:]),
+                                                      reduction="sum")
+        for l, r in enumerate(out.router_logits):
+            logits_per_layer[l].append(r)
+    router = tuple(torch.cat(r) for r in logits_per_layer)
+    ce_ref = nll / loss_mask.sum()
+    aux_ref = hf_mixtral.load_balancing_loss_func(router, cfg.num_local_experts, cfg.num_experts_per_tok)
+    z_ref = _z_loss_torch(router, torch.ones(router[0].shape[0]), cfg.num_hidden_layers)
+    total = ce_ref + hf.config.router_aux_loss_coef * aux_ref + Z_COEF * z_ref
+    total.backward()
+
+    (loss, metrics), grads = _value_and_grad(ours.params(), tokens, jnp.asarray(loss_mask), jnp.asarray(segments),
+                                             cfg=cfg)
+    for ours_value, ref in ((metrics["ce"], ce_ref), (metrics["aux"], aux_ref), (metrics["z"], z_ref),
+                            (loss, total)):
+        assert testing.rel_err(ours_value, ref.item()) <= 1e-5
+    _assert_tree_close(grads, _hf_grads(hf, cfg), 1e-4)
+
+
+def test_segment_positions_restart_per_document():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(loss_lib.segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))])
+
+
+@pytest.fixture(scope="module")
+def sharded_case(hf):
+    """A padded, packed batch of the shape the transformers tests compile for, and its one-device result."""
+    rs = np.random.RandomState(2)
+    tokens = jnp.asarray(rs.randint(0, 512, (2, 40)))
+    seg = np.ones((2, 40), np.int32)
+    seg[0, 17:] = 2
+    seg[1, 31:] = 0
+    loss_mask = jnp.asarray(seg != 0, jnp.float32).at[:, 0].set(0)
+    cfg, params = testing.config_of(hf), testing.our_model(hf).params()
+    batch = (tokens, loss_mask, jnp.asarray(seg))
+    return cfg, params, batch, _value_and_grad(params, *batch, cfg=cfg)
+
+
+@pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=2,tensor=2"])
+def test_sharded_loss_and_grads_equal_one_device(sharded_case, spec):
+    # The expert-parallel MoE (shard_map, the exchange and its transpose) differentiated on a mesh.
+    cfg, params, batch, ((loss0, metrics0), grads0) = sharded_case
+    mesh = mj.make_mesh(spec)
+    params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
+    (loss, metrics), grads = _value_and_grad(params, *batch, cfg=cfg, mesh=mesh)
+    assert testing.rel_err(loss, loss0) <= 1e-6 and testing.rel_err(metrics["aux"], metrics0["aux"]) <= 1e-6
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+        assert testing.rel_err(g, g0) <= 1e-5
