@@ -62,7 +62,7 @@ def loss_and_metrics(params, tokens, loss_mask, segment_ids=None, *, cfg, mesh=N
     Args:
       params: the stacked parameter tree (layout.py), or per_expert for a forward value only.
       tokens: int [B, T].
-      loss_mask: [B, T] 1 where token t is a target (position 0 never is).
+      loss_mask: [B, T] 1 where token t is a target (position 0, and a segment's first token, never is).
       segment_ids: optional int [B, T] packed documents, numbered from 1 in each row;
         0 marks padding. None: one document per row, no padding.
       cfg, mesh, remat, adapt_layer: as `model.apply`.
@@ -84,6 +84,8 @@ def loss_and_metrics(params, tokens, loss_mask, segment_ids=None, *, cfg, mesh=N
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, T-1, V] float32
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
     mask = jnp.asarray(loss_mask, jnp.float32)[:, 1:]
+    if segment_ids is not None:  # a segment's first token has no context: never a target
+        mask = jnp.where(segment_ids[:, 1:] == segment_ids[:, :-1], mask, 0.0)
     targets = jnp.sum(mask)
     ce = jnp.sum(nll * mask) / jnp.maximum(targets, 1.0)
     metrics = {"ce": ce, **router_losses(router_logits, real, cfg.num_experts_per_tok), "targets": targets}
