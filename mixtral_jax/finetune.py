@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 
-from mixtral_jax import ckpt_files, lora as lora_lib, loss as loss_lib, model as model_lib
+from mixtral_jax import checkpoint, ckpt_files, lora as lora_lib, loss as loss_lib, model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +69,15 @@ def init_state(model: model_lib.Mixtral, tc: TrainConfig, seed: int = 0) -> dict
         raise ValueError("training needs the stacked layout; create or load the model with layout='stacked'.")
     if tc.lora_rank:
         params = lora_lib.init_lora(model.cfg, tc.lora_rank, seed, dtype="float32", mesh=model.mesh)
-    else:  # a copy: the step donates the state, and the model stays usable (the base of comparisons, sampling)
-        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(model.params())
-    opt_state = jax.jit(optimizer(tc).init)(params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+    else:
+        params = model.params()
+
+    def init(params):
+        # Copies of the weights: the step donates the state, and the model stays usable.
+        params = jax.tree.map(jnp.copy, params)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer(tc).init(params)}
+
+    return jax.jit(init)(params)
 
 
 def frozen_params(model: model_lib.Mixtral, tc: TrainConfig):
@@ -133,8 +138,10 @@ def make_train_step(model: model_lib.Mixtral, tc: TrainConfig, state: dict):
 def _jitted_step(cfg, tc, mesh, treedef, sharding_leaves):
     # One jitted step per (model, hyperparameters, mesh, state layout): a fresh jit per call would compile again.
     shardings = jax.tree.unflatten(treedef, sharding_leaves)
+    # The state pinned on the way in as well as out: the first state (uncommitted arrays) and later ones
+    # (the step's committed outputs) then share one compilation.
     return jax.jit(functools.partial(_step, cfg=cfg, tc=tc, mesh=mesh), donate_argnums=0,
-                   out_shardings=(shardings, None))
+                   in_shardings=(shardings, None, None), out_shardings=(shardings, None))
 
 
 def trained_model(model: model_lib.Mixtral, tc: TrainConfig, state: dict) -> model_lib.Mixtral:
@@ -156,7 +163,7 @@ def save_state(state: dict, directory: str | os.PathLike, progress: dict) -> Non
     interruption leaves the previous checkpoint whole.
     """
     path = os.path.join(os.path.abspath(os.fspath(directory)), STATE_DIR)
-    with ckpt_files.staged(path) as built:
+    with ckpt_files.staged(path) as built, checkpoint._quiet_orbax():
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(built, "arrays"), state)
         checkpointer.wait_until_finished()
@@ -177,6 +184,7 @@ def restore_state(directory: str | os.PathLike, like: dict) -> tuple[dict, dict]
     path = os.path.join(os.path.abspath(os.fspath(directory)), STATE_DIR)
     ckpt_files.verify(path)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    state = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), target)
+    with checkpoint._quiet_orbax():
+        state = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), target)
     with open(os.path.join(path, PROGRESS_FILE)) as f:
         return state, json.load(f)

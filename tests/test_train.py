@@ -4,6 +4,10 @@ device, LoRA, the train step (resume, learning) and the train CLI."""
 import copy
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ import mixtral_jax as mj
 from mixtral_jax import convert, data, finetune, lora as lora_lib, loss as loss_lib, model as model_lib, testing
 from mixtral_jax.config import from_hf_dict
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Z_COEF = 0.1
 TINY = from_hf_dict(testing.TINY_HF)  # V 512, D 64, L 2, E 8, k 2
 
@@ -262,3 +267,77 @@ def test_lora_trains_adapters_only(tiny_model, rows):
         np.testing.assert_array_equal(a, b)  # the base is frozen (and not donated)
     merged = finetune.trained_model(tiny_model, tc, state)
     assert testing.rel_err(merged.params()["layers"]["w1"], base["layers"]["w1"]) > 0
+
+
+# ---------------------------------------------------------------- data and the CLI
+
+CHAT = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}]
+
+
+def test_pack_segments_and_targets():
+    rows = data.pack([([1, 5, 6, 7], [0, 0, 1, 1]), ([1, 8, 9], [0, 1, 1])], seq_len=3)
+    np.testing.assert_array_equal(rows["tokens"], [[1, 5, 6], [7, 1, 8], [9, 0, 0]])
+    np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1], [1, 2, 2], [1, 0, 0]])
+    # A segment's first token (no context in its row) is never a target.
+    np.testing.assert_array_equal(rows["loss_mask"], [[0, 0, 1], [0, 0, 1], [0, 0, 0]])
+
+
+def test_load_jsonl_marks_assistant_turns(tmp_path):
+    tok = mj.load_tokenizer("8x7b")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n\n" + json.dumps({"text": "hello"}) + "\n")
+    (chat_ids, chat_mask), (text_ids, text_mask) = data.load_jsonl(path, tok)
+    assert chat_ids == tok.encode_chat([CHAT[0], {**CHAT[1], "prefix": True}]) + [tok.eos_id]
+    assert tok.decode([i for i, m in zip(chat_ids, chat_mask) if m]).strip() == "2 plus 2 is 4."
+    assert chat_mask[-1] == 1 and chat_ids[-1] == tok.eos_id
+    assert text_ids == tok.encode("hello") + [tok.eos_id] and text_mask == [0] + [1] * (len(text_ids) - 1)
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"text": "ok"}\n{"text": "ok"\n', r"line 2 is not valid JSON"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, '
+     '{"role": "system", "content": "c"}, {"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]}',
+     r"line 1: System message 2 follows an assistant message"),
+    ('{"messages": [{"role": "user", "content": "a"}]}', r"line 1: A training conversation must end with an assistant"),
+    ('["text"]', r"line 1 must be a JSON object with either \"messages\""),
+    ("\n", r"has no examples"),
+])
+def test_load_jsonl_errors_name_the_line(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(data.DataError, match=match):
+        data.load_jsonl(path, mj.load_tokenizer("8x7b"))
+
+
+def _train_cli(*args):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's plain run
+    return subprocess.run([sys.executable, "-m", "mixtral_jax.train", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_cli_bad_data_is_one_sentence_exit_2(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    r = _train_cli("--data", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'bad.jsonl'} line 2 is not valid JSON")
+
+
+def test_cli_trains_lora_resumes_and_writes_a_loadable_model(tmp_path):
+    lines = [json.dumps({"messages": CHAT}), json.dumps({"text": "Mixtral routes each token to two experts."})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines * 8) + "\n")
+    common = ["--data", str(tmp_path / "d.jsonl"), "--state_dir", str(tmp_path / "state"), "--lora_rank", "2",
+              "--seq_len", "32", "--batch", "2", "--save_every", "2", "--log_every", "1"]
+    first = _train_cli(*common, "--out", str(tmp_path / "first"), "--steps", "2")
+    assert first.returncode == 0, first.stderr
+    assert "step 2/2  loss" in first.stdout and "expert load" in first.stdout
+    second = _train_cli(*common, "--out", str(tmp_path / "out"), "--steps", "3", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed at step 2" in second.stdout and "step 3/3" in second.stdout and "step 1/" not in second.stdout
+    assert (tmp_path / "state" / "loss.png").stat().st_size > 0
+    assert json.loads((tmp_path / "state" / "state" / "progress.json").read_text())["step"] == 3
+    tuned = mj.load(tmp_path / "out", dtype="float32", layout="stacked")  # what sample --checkpoint does
+    base = mj.init_random(mj.load_config("tiny"), seed=0, layout="stacked")  # the CLI's --config tiny base
+    assert tuned.cfg == dataclasses.replace(base.cfg, dtype="float32", name="out")
+    assert testing.rel_err(tuned.params()["layers"]["w1"], base.params()["layers"]["w1"]) > 0
+    np.testing.assert_array_equal(tuned.params()["embed"], base.params()["embed"])  # LoRA leaves the rest
