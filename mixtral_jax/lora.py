@@ -112,9 +112,9 @@ class AddAdapters:
         out = {k: v for k, v in lp.items() if k != "lora"}
         for name, ab in lp["lora"].items():
             w = out[name]
-            # The update in float32, added once in the weight's dtype.
-            out[name] = (w.astype(jnp.float32) + jnp.einsum(_DELTA[name], ab["a"].astype(jnp.float32),
-                                                            ab["b"].astype(jnp.float32))).astype(w.dtype)
+            # A·B in float32, added in the weight's dtype: no float32 copy of the (expert) weights.
+            out[name] = w + jnp.einsum(_DELTA[name], ab["a"].astype(jnp.float32),
+                                       ab["b"].astype(jnp.float32)).astype(w.dtype)
         return out
 
 
@@ -125,11 +125,13 @@ def with_adapters(params: dict, lora: dict) -> dict:
 
 @jax.jit
 def _merge(params, lora):
-    return {**params, "layers": {**params["layers"], **{
-        name: (params["layers"][name].astype(jnp.float32) + jnp.einsum(
-            "L" + _DELTA[name].replace(",", ",L").replace("->", "->L"), ab["a"].astype(jnp.float32),
-            ab["b"].astype(jnp.float32))).astype(params["layers"][name].dtype)
-        for name, ab in lora["layers"].items()}}}
+    """Every layer's W + A·B at once, computed as `AddAdapters` does (so merged equals adapted)."""
+    layers = dict(params["layers"])
+    for name, ab in lora["layers"].items():
+        spec = "L" + _DELTA[name].replace(",", ",L").replace("->", "->L")  # the same product, per layer
+        delta = jnp.einsum(spec, ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
+        layers[name] = layers[name] + delta.astype(layers[name].dtype)
+    return {**params, "layers": layers}
 
 
 def merge_lora(model: model_lib.Mixtral, lora: dict) -> model_lib.Mixtral:

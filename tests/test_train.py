@@ -156,11 +156,12 @@ def sharded_case(hf):
     return cfg, params, batch, _value_and_grad(params, *batch, cfg=cfg)
 
 
-@pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=2,tensor=2"])
-def test_sharded_loss_and_grads_equal_one_device(sharded_case, spec):
-    # The expert-parallel MoE (shard_map, the exchange and its transpose) differentiated on a mesh.
+def test_sharded_loss_and_grads_equal_one_device(sharded_case):
+    # The expert-parallel MoE (shard_map, the exchange and its transpose) differentiated on a mesh with every
+    # axis: tokens over data x expert, 4 experts per device regrouped after the exchange, F partials summed over
+    # tensor. (expert=8, expert=4,tensor=2 and expert=2,tensor=4 measured equal too; left out for time.)
     cfg, params, batch, ((loss0, metrics0), grads0) = sharded_case
-    mesh = mj.make_mesh(spec)
+    mesh = mj.make_mesh("data=2,expert=2,tensor=2")
     params = jax.device_put(params, model_lib.param_shardings(cfg, mesh))
     (loss, metrics), grads = _value_and_grad(params, *batch, cfg=cfg, mesh=mesh)
     assert testing.rel_err(loss, loss0) <= 1e-6 and testing.rel_err(metrics["aux"], metrics0["aux"]) <= 1e-6
@@ -258,17 +259,6 @@ def test_resume_equals_uninterrupted_bit_for_bit(tiny_model, rows, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_lora_trains_adapters_only(tiny_model, rows):
-    tc = dataclasses.replace(TC, lora_rank=4)
-    base = jax.tree.map(np.asarray, tiny_model.params())
-    state, history = _run(tiny_model, finetune.init_state(tiny_model, tc), rows, 0, 20, tc)
-    assert history[-1] < history[0] - 0.1, history  # 20 steps: 6.26 -> 5.96 measured
-    for a, b in zip(jax.tree.leaves(tiny_model.params()), jax.tree.leaves(base)):
-        np.testing.assert_array_equal(a, b)  # the base is frozen (and not donated)
-    merged = finetune.trained_model(tiny_model, tc, state)
-    assert testing.rel_err(merged.params()["layers"]["w1"], base["layers"]["w1"]) > 0
-
-
 # ---------------------------------------------------------------- data and the CLI
 
 CHAT = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}]
@@ -331,13 +321,16 @@ def test_cli_trains_lora_resumes_and_writes_a_loadable_model(tmp_path):
     first = _train_cli(*common, "--out", str(tmp_path / "first"), "--steps", "2")
     assert first.returncode == 0, first.stderr
     assert "step 2/2  loss" in first.stdout and "expert load" in first.stdout
-    second = _train_cli(*common, "--out", str(tmp_path / "out"), "--steps", "3", "--resume")
-    assert second.returncode == 0, second.stderr
-    assert "resumed at step 2" in second.stdout and "step 3/3" in second.stdout and "step 1/" not in second.stdout
     assert (tmp_path / "state" / "loss.png").stat().st_size > 0
-    assert json.loads((tmp_path / "state" / "state" / "progress.json").read_text())["step"] == 3
+    # Resuming a finished run restores the state and writes the model without a step (and without compiling one).
+    second = _train_cli(*common, "--out", str(tmp_path / "out"), "--steps", "2", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed at step 2" in second.stdout and "  loss " not in second.stdout
+    assert json.loads((tmp_path / "state" / "state" / "progress.json").read_text())["step"] == 2
+    first_w1 = mj.load(tmp_path / "first", dtype="float32", layout="stacked").params()["layers"]["w1"]
     tuned = mj.load(tmp_path / "out", dtype="float32", layout="stacked")  # what sample --checkpoint does
     base = mj.init_random(mj.load_config("tiny"), seed=0, layout="stacked")  # the CLI's --config tiny base
     assert tuned.cfg == dataclasses.replace(base.cfg, dtype="float32", name="out")
-    assert testing.rel_err(tuned.params()["layers"]["w1"], base.params()["layers"]["w1"]) > 0
+    assert testing.rel_err(tuned.params()["layers"]["w1"], base.params()["layers"]["w1"]) > 0  # adapters trained
+    np.testing.assert_array_equal(tuned.params()["layers"]["w1"], first_w1)  # the restored state is the saved one
     np.testing.assert_array_equal(tuned.params()["embed"], base.params()["embed"])  # LoRA leaves the rest
