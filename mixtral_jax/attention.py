@@ -18,18 +18,23 @@ QUERY_CHUNK = 128
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None, q_seg: jax.Array | None = None,
+                   k_seg: jax.Array | None = None) -> jax.Array:
     """Boolean mask [B, T, S]: key visible to query.
 
     Args:
       q_pos: [B, T] query positions.
       k_pos: [B, S] key positions; negative marks an empty or padded slot.
       sliding_window: if set, a query sees keys with q_pos - k_pos < window (HF semantics).
+      q_seg, k_seg: optional [B, T], [B, S] segment ids of packed sequences: a query sees only keys
+        of its own segment (positions restart in each, so position order is slot order within one).
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
     mask = (k <= q) & (k >= 0)
     if sliding_window is not None:
         mask &= (q - k) < sliding_window
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
     return mask
 
 
@@ -56,12 +61,13 @@ def gqa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
-def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool):
+def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool, segments=None):
     """gqa with its mask; with `prefix` (query t sits at slot t), causal query chunks.
 
     Args:
       q: [B, T, H, Dh]; k, v: [B, K, S, Dh]; q_pos [B, T]; k_pos [B, S].
       prefix: the queries occupy slots [0, T) of k / v, so chunk [a, b) needs slots [0, b) only.
+      segments: optional [B, T] segment ids of packed sequences (needs `prefix` and S == T).
     """
     t = q.shape[1]
     if not prefix:
@@ -69,7 +75,8 @@ def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool):
     outs = []
     for start in range(0, t, QUERY_CHUNK):
         end = min(start + QUERY_CHUNK, t)
-        mask = attention_mask(q_pos[:, start:end], k_pos[:, :end], sliding_window)
+        seg = (None, None) if segments is None else (segments[:, start:end], segments[:, :end])
+        mask = attention_mask(q_pos[:, start:end], k_pos[:, :end], sliding_window, *seg)
         outs.append(gqa(q[:, start:end], k[:, :, :end], v[:, :, :end], mask))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
@@ -94,7 +101,7 @@ def write_cache(c: jax.Array, new: jax.Array, index, layer=None) -> jax.Array:
 
 
 def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None,
-                   last_query=False, layout=Stacked):
+                   last_query=False, layout=Stacked, segments=None):
     """One attention block (no residual) on normalised input.
 
     Args:
@@ -113,10 +120,14 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
       last_query: keys and values for all T positions (and the cache), but
         the output for the last position only: out [B, 1, D].
       layout: the weights' layout (layout.Stacked or layout.PerExpert).
+      segments: optional [B, T] segment ids of packed sequences (training: no cache, all queries);
+        a token attends only within its segment.
 
     Returns:
       (out [B, T, D], updated (k, v) or None).
     """
+    if segments is not None and (cache is not None or last_query):
+        raise ValueError("segments (packed sequences) apply to a full forward pass without a cache.")
     b, t, d = x.shape
     q, k, v = layout.qkv(x, p, cos.shape[-1])  # [B, T, H, Dh], [B, T, K, Dh], [B, T, K, Dh]
     q = layers.apply_rope(q, cos, sin)
@@ -137,5 +148,5 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         q, positions, t = q[:, -1:], positions[:, -1:], 1
         out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), attention_mask(positions, k_pos, sliding_window))
     else:
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix, segments)
     return layout.out(out.reshape(b, t, -1), p), new_cache

@@ -36,6 +36,8 @@ class MixtralConfig:
     sliding_window: int | None = None
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # Weight of the router's load-balancing loss in training (transformers' default when a config omits it).
+    router_aux_loss_coef: float = 0.001
     dtype: str = "bfloat16"  # dtype the checkpoint was published in
     name: str = "custom"
 
@@ -111,6 +113,7 @@ def from_hf_dict(d: dict[str, Any], name: str = "custom") -> MixtralConfig:
             sliding_window=None if d.get("sliding_window") is None else int(d["sliding_window"]),
             bos_token_id=int(d.get("bos_token_id", 1) if d.get("bos_token_id") is not None else 1),
             eos_token_id=int(eos[0] if isinstance(eos, list) else (eos if eos is not None else 2)),
+            router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
             dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"),
             name=name,
     )

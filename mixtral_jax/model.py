@@ -199,20 +199,25 @@ class Mixtral(nnx.Module):
 
 def decoder_layer(h, lp, *, cfg: MixtralConfig, layout, positions, k_pos, cos, sin, strategy, cache=None,
                   cache_index=None, layer=None, collect_routing=False, mesh=None, capacity_factor=None,
-                  last_only=False):
+                  last_only=False, segments=None, router_logits=False, adapt_layer=None):
     """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D].
 
     `lp` is one layer's weights in `layout` (layout.py); `cache` and `layer` as in
     `attention.self_attention`. With `last_only`, keys and values (and the
     cache) cover all T positions, and the rest only the last: h [B, 1, D] out.
+    `segments` [B, T]: packed sequences, attention stays within a segment.
+    `adapt_layer`, if given, maps `lp` to the weights used (e.g. LoRA: base + A·B).
 
     Returns (h, updated cache or None, routing): routing is (weights, expert ids),
-    each [B, T, k], when `collect_routing`, else None.
+    each [B, T, k], when `collect_routing`; the router logits float32 [B, T, E]
+    when `router_logits`; else None.
     """
+    if adapt_layer is not None:
+        lp = adapt_layer(lp)
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
         sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, layer=layer, last_query=last_only,
-        layout=layout)
+        layout=layout, segments=segments)
     if last_only:
         h = h[:, -1:]
     h = sharding.constrain(h + a, mesh, ACT_BTD)
@@ -221,13 +226,26 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, layout, positions, k_pos, cos, s
     if collect_routing:
         w, e = moe.route(x.reshape(-1, x.shape[-1]), lp["router"], cfg.num_experts_per_tok)
         routing = (w.reshape(*x.shape[:-1], -1), e.reshape(*x.shape[:-1], -1))
+    elif router_logits:
+        # The router's product as moe.route computes it (model dtype, as HF's gate), for the router losses.
+        routing = jnp.einsum("BTD,DE->BTE", x, lp["router"]).astype(jnp.float32)
     h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor)
     return sharding.constrain(h, mesh, ACT_BTD), new_cache, routing
 
 
+def _rematerialised(body):
+    """`body` under jax.checkpoint: the backward pass recomputes a layer from its input, so only
+    each layer's input [B, T, D] is kept, not its activations (memory flat in depth)."""
+    def run(h, lp, cache=None, layer=None, last_only=False):
+        return jax.checkpoint(lambda h, lp, cache, layer: body(h, lp, cache=cache, layer=layer,
+                                                               last_only=last_only))(h, lp, cache, layer)
+    return run
+
+
 def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: MixtralConfig,
           strategy: str = "sparse", cache=None, cache_index=None, k_pos=None, collect_routing=False,
-          last_only=False, mesh=None, capacity_factor=None):
+          last_only=False, mesh=None, capacity_factor=None, segment_ids=None, router_logits=False,
+          remat=False, adapt_layer=None):
     """The decoder on token ids; the pure function behind forward, prefill and decode.
 
     Args:
@@ -247,27 +265,41 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       mesh: the mesh `params` are sharded over (static), or None; activations
         are pinned to it and the MoE runs expert-parallel on it.
       capacity_factor: expert-parallel capacity (static); None is dropless.
+      segment_ids: optional [B, T] ints, packed sequences without a cache: a
+        token attends only to earlier tokens of its own segment (give
+        `positions` restarting at each segment).
+      router_logits: also return every layer's router logits (training's losses).
+      remat: recompute each layer in the backward pass (jax.checkpoint) instead
+        of keeping its activations.
+      adapt_layer: optional static callable mapping one layer's weights to
+        those used (LoRA adds its A·B there, one layer at a time).
 
     Returns:
       (logits [B, T, V] float32, updated cache or None), plus, when
-      `collect_routing`, (weights float32 [L, B, T, k], expert ids int32 [L, B, T, k]).
+      `collect_routing`, (weights float32 [L, B, T, k], expert ids int32 [L, B, T, k]),
+      or, when `router_logits`, float32 [L, B, T, E].
     """
+    if collect_routing and router_logits:
+        raise ValueError("ask for collect_routing or router_logits, not both.")
     x = sharding.constrain(layers.embed(tokens, params["embed"]), mesh, ACT_BTD)
     cos, sin = layers.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     layout = layout_lib.of(params)
     body = functools.partial(decoder_layer, cfg=cfg, layout=layout, positions=positions,
                              k_pos=positions if cache is None else k_pos, cos=cos, sin=sin,
                              strategy=strategy, cache_index=cache_index, collect_routing=collect_routing,
-                             mesh=mesh, capacity_factor=capacity_factor)
-    h, new_cache, routing = layout.layers(params, x, cache, body, last_only=last_only and not collect_routing,
-                                          mesh=mesh)
+                             mesh=mesh, capacity_factor=capacity_factor, segments=segment_ids,
+                             router_logits=router_logits, adapt_layer=adapt_layer)
+    if remat:
+        body = _rematerialised(body)
+    collect = collect_routing or router_logits
+    h, new_cache, routing = layout.layers(params, x, cache, body, last_only=last_only and not collect, mesh=mesh)
     if last_only:
         h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     # Vocab-sharded logits: each tensor shard multiplies by its own columns of the lm_head,
     # so only activations and logits travel, never the [D, V] weight.
     logits = sharding.constrain(layout.lm_head(sharding.constrain(h, mesh, ACT_BTD), params), mesh, ACT_BTV)
-    return (logits, new_cache, routing) if collect_routing else (logits, new_cache)
+    return (logits, new_cache, routing) if collect else (logits, new_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh", "capacity_factor"))

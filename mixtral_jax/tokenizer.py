@@ -141,24 +141,54 @@ class Tokenizer:
             ValueError: if a message is malformed or the roles are out of order.
         """
         system_prompt, turns = _normalize(messages)
+        return self._encode_turns(system_prompt, turns, close_last=False)[0]
+
+    def encode_chat_for_training(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Encodes a finished conversation for fine-tuning, with the assistant turns marked.
+
+        Args:
+            messages: as `encode_chat`, ending with an assistant reply (no "prefix").
+
+        Returns:
+            (ids, mask): `encode_chat`'s ids for the conversation with its last
+            reply closed by EOS, and mask 1 on every assistant token and its EOS
+            (the tokens the model learns to produce), 0 elsewhere.
+
+        Raises:
+            ValueError: if a message is malformed, the roles are out of order, or
+                the conversation does not end with an assistant reply.
+        """
+        if not isinstance(messages, (list, tuple)) or not messages or not isinstance(messages[-1], dict) \
+                or messages[-1].get("role") != "assistant" or "prefix" in messages[-1]:
+            raise ValueError("A training conversation must end with an assistant reply (without 'prefix').")
+        # Validated as a conversation whose reply is left open, then closed here like every other reply.
+        system_prompt, turns = _normalize([*messages[:-1], {**messages[-1], "prefix": True}])
+        return self._encode_turns(system_prompt, turns, close_last=True)
+
+    def _encode_turns(self, system_prompt, turns, close_last: bool) -> tuple[list[int], list[int]]:
+        """(ids, assistant mask) of normalised turns; `close_last` ends a prefix reply with EOS too."""
         user_indices = [i for i, (role, _, _) in enumerate(turns) if role == "user"]
         system_index = user_indices[0] if self._version == "v1" else user_indices[-1]
-        ids = [self.bos_id]
+        ids, mask = [self.bos_id], [0]
         for i, (role, content, prefix) in enumerate(turns):
             if role == "user":
                 if system_prompt and i == system_index:
                     content = f"{system_prompt}\n\n{content}"
                 if self._version == "v1":
-                    ids += self._sp.encode(f"[INST] {content} [/INST]")
+                    new = self._sp.encode(f"[INST] {content} [/INST]")
                 else:
-                    ids += [self._inst_id, *self._sp.encode(content), self._end_inst_id]
+                    new = [self._inst_id, *self._sp.encode(content), self._end_inst_id]
+                ids += new
+                mask += [0] * len(new)
             else:
                 if self._version == "v3":
                     content = content.rstrip(" ")
-                ids += self._sp.encode(content)
-                if not prefix:
-                    ids.append(self.eos_id)
-        return ids
+                new = self._sp.encode(content)
+                if not prefix or close_last:
+                    new.append(self.eos_id)
+                ids += new
+                mask += [1] * len(new)
+        return ids, mask
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, version: str | None = None) -> Tokenizer:
