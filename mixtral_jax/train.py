@@ -115,9 +115,11 @@ def run() -> None:
         mesh = mj.make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     except ValueError as e:
         raise UsageError(f"--mesh {FLAGS.mesh}: {e}") from None
-    model = _model(mesh)
-    tokenizer = mj.load_tokenizer("8x22b" if model.cfg.vocab_size == 32768 else "8x7b")
+    # The data first: a bad line is reported before minutes of loading a large model.
+    cfg = mj.load_config(FLAGS.checkpoint or FLAGS.config)
+    tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
     rows = data.pack(data.load_jsonl(FLAGS.data, tokenizer), FLAGS.seq_len)
+    model = _model(mesh)
     tc = finetune.TrainConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
                               total_steps=FLAGS.steps, weight_decay=FLAGS.weight_decay, clip_norm=FLAGS.clip_norm,
                               grad_accum=FLAGS.grad_accum, lora_rank=FLAGS.lora_rank,
