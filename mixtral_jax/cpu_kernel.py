@@ -114,6 +114,8 @@ def usable(*arrays: jax.Array) -> bool:
 
 def moe_usable(x: jax.Array, weights: list[jax.Array]) -> bool:
     """Whether `moe_cpu` can take these: x float32 and the expert weights all float32 or all bfloat16."""
+    if any(isinstance(w, dict) for w in weights):
+        return False
     return {w.dtype for w in weights} in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}) and usable(x)
 
 
