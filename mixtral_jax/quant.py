@@ -102,7 +102,7 @@ def quantize(w: np.ndarray, mode: str) -> dict[str, np.ndarray]:
     absmax = np.max(np.abs(tiles), axis=-2)  # [..., in/g, out]
     scale = (absmax / qmax).astype(sdt)
     # Rounded up, so no |w| / scale exceeds qmax and no value is clipped: the bound stays scale / 2.
-    low = scale.astype(np.float32) * qmax < absmax
+    low = scale.astype(np.float64) * qmax < absmax  # exactly: a float32 product may round up
     scale = np.where(low, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)
     scale = np.where(absmax == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
     q = np.clip(np.rint(tiles / scale.astype(np.float32)[..., None, :]), -qmax, qmax).astype(np.int8)
