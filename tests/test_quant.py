@@ -83,10 +83,26 @@ def test_stacked_moe_equals_loop_reference_and_the_float_path_bit_for_bit(moe_ca
 @pytest.mark.parametrize("path", ["kernel", "xla"])
 def test_per_expert_moe_equals_loop_reference(moe_case, path, monkeypatch):
     _, q, deq, x, ref = moe_case
+    experts = _per_expert(q)["experts"]
+    weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
     if path == "xla":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    assert cpu_kernel.moe_usable(jnp.asarray(x), weights) == (path == "kernel")
     ours = jax.jit(lambda x, p: moe.moe(x, p, K))(x[:40], _per_expert(q))
     np.testing.assert_allclose(ours, ref[:40], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("panel_min_rows", [1, 10**6])  # the panel path; row-dot products
+def test_cpu_kernel_reads_quantized_weights_directly(moe_case, panel_min_rows):
+    _, q, deq, x, _ = moe_case
+    sizes = np.array([5, 0, 12, 3, 8, 0, 7, 5])  # 40 rows sorted by expert; empty groups; 2 rows past the end
+    ours = cpu_kernel.moe_cpu(jnp.asarray(x[:42]), jnp.asarray(sizes, jnp.int32), _per_expert(q)["experts"],
+                              panel_min_rows=panel_min_rows)
+    want = np.zeros((42, 64))
+    for r, e in enumerate(np.repeat(np.arange(8), sizes)):
+        a, b = (x[r].astype(np.float64) @ deq[n][e] for n in ("w1", "w3"))
+        want[r] = (a / (1 + np.exp(-a)) * b) @ deq["w2"][e]
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
 
 
 def test_expert_parallel_moe_equals_loop_reference_and_one_device(moe_case):
