@@ -94,14 +94,30 @@ inline float HalfToFloat(uint16_t h) {
 }
 
 // 16 int8 values, or 16 int4 values from 8 bytes (low nibble first), as float32.
-inline v16 Widen8(const int8_t* q) { return __builtin_convertvector(*reinterpret_cast<const i8x16*>(q), v16); }
+inline v16 Widen8(const int8_t* q) {
+#ifdef __AVX512F__
+  const __m512 out = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  return reinterpret_cast<const v16&>(out);
+#else
+  return __builtin_convertvector(*reinterpret_cast<const i8x16*>(q), v16);
+#endif
+}
 inline v16 Widen4(const uint8_t* q) {
+#ifdef __AVX512F__
+  // Nibbles split and interleaved (low first), sign-extended as (v ^ 8) - 8, then widened.
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)), m = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  const __m128i e = _mm_set1_epi8(8), s = _mm_sub_epi8(_mm_xor_si128(v, e), e);
+  const __m512 out = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s));
+  return reinterpret_cast<const v16&>(out);
+#else
   u8x16 b{};
   __builtin_memcpy(&b, q, 8);
   const u8x16 pairs = __builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const i8x16 low = reinterpret_cast<i8x16>(pairs << 4) >> 4, high = reinterpret_cast<i8x16>(pairs) >> 4;
   const i8x16 v = __builtin_shufflevector(low, high, 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31);
   return __builtin_convertvector(v, v16);
+#endif
 }
 
 // A weight matrix [rows, ld] read as float32 values, whatever it is stored in: Load(j, k) gives the
@@ -124,13 +140,20 @@ struct BF16View {
   float At(int64_t j, int64_t k) const { return ToFloat(w[j * ld + k]); }
   const void* Addr(int64_t j, int64_t k) const { return w + j * ld + k; }
 };
-// int8 times a float32 scale per group of `group` columns (int8: one group, the whole row).
+// Groups of columns share a scale: a power of two, or one group per row; the column's group is
+// k >> shift (a division per load would cost more than the load).
+inline int GroupShift(int64_t groups, int64_t group) {
+  return groups == 1 ? 62 : __builtin_ctzll(static_cast<uint64_t>(group));
+}
+
+// int8 times a float32 scale per group of columns (int8: one group, the whole row).
 struct I8View {
   static constexpr int kBits = 8;
   const int8_t* q;
   const float* s;
-  int64_t ld, groups, group;
-  float Scale(int64_t j, int64_t k) const { return s[j * groups + k / group]; }
+  int64_t ld, groups;
+  int shift;
+  float Scale(int64_t j, int64_t k) const { return s[j * groups + (k >> shift)]; }
   v16 Load(int64_t j, int64_t k) const { return Widen8(q + j * ld + k) * Scale(j, k); }
   float At(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]) * Scale(j, k); }
   const void* Addr(int64_t j, int64_t k) const { return q + j * ld + k; }
@@ -140,8 +163,9 @@ struct I4View {
   static constexpr int kBits = 4;
   const uint8_t* q;
   const uint16_t* s;
-  int64_t ld, groups, group;  // ld: values per row (bytes: ld / 2)
-  float Scale(int64_t j, int64_t k) const { return HalfToFloat(s[j * groups + k / group]); }
+  int64_t ld, groups;  // ld: values per row (bytes: ld / 2)
+  int shift;
+  float Scale(int64_t j, int64_t k) const { return HalfToFloat(s[j * groups + (k >> shift)]); }
   v16 Load(int64_t j, int64_t k) const { return Widen4(q + (j * ld + k) / 2) * Scale(j, k); }
   float At(int64_t j, int64_t k) const {
     const int8_t b = static_cast<int8_t>(q[(j * ld + k) / 2]);
@@ -718,9 +742,10 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         return ffi::Error::InvalidArgument("moe_cpu: scales must be [rows, groups] (int8: float32, int4: float16)");
       m.s = s->untyped_data();
       m.groups = s->dimensions()[1];
-      // 16 values loaded at once share one scale.
-      if (m.groups > 1 && (cols / m.groups) % 16 != 0)
-        return ffi::Error::InvalidArgument("moe_cpu: quantization groups must be multiples of 16 columns");
+      // 16 values loaded at once share one scale; a group's column is found by a shift.
+      const int64_t group = cols / m.groups;
+      if (m.groups > 1 && (group % 16 != 0 || (group & (group - 1)) != 0))
+        return ffi::Error::InvalidArgument("moe_cpu: quantization groups must be a power of two >= 16 columns");
     }
     mats.push_back(m);
   }
@@ -737,12 +762,12 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     case ffi::DataType::S8:
       return run([](const Matrix& m) {
         return I8View{static_cast<const int8_t*>(m.w), static_cast<const float*>(m.s), m.cols, m.groups,
-                      m.cols / m.groups};
+                      GroupShift(m.groups, m.cols / m.groups)};
       });
     default:
       return run([](const Matrix& m) {
         return I4View{static_cast<const uint8_t*>(m.w), static_cast<const uint16_t*>(m.s), m.cols, m.groups,
-                      m.cols / m.groups};
+                      GroupShift(m.groups, m.cols / m.groups)};
       });
   }
 }
