@@ -194,7 +194,8 @@ def _unstack_fn(name: str, num_layers: int):
     """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
     wo [L, H, Dh, D] -> L [D, H * Dh]."""
     if name in EXPERT_PARAMS:  # a float weight, or a quantized one's {"qvalue", "scale"} (quant.py)
-        return jax.jit(lambda w: [[jax.tree.map(lambda a: a[l, e].T, w) for e in range(jax.tree.leaves(w)[0].shape[1])]
+        experts = lambda w: range(jax.tree.leaves(w)[0].shape[1])
+        return jax.jit(lambda w: [[jax.tree.map(lambda a: a[l, e].T, w) for e in experts(w)]
                                   for l in range(num_layers)])
     if name == "wo":
         return jax.jit(lambda w: [w[l].reshape(-1, w.shape[-1]).T for l in range(num_layers)])

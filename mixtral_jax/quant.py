@@ -42,7 +42,8 @@ SCALE_DTYPE = {"int8": np.dtype(np.float32), "int4": np.dtype(np.float16)}
 def check_mode(mode: str | None) -> str | None:
     """None or one of MODES, else one clear ValueError."""
     if mode is not None and mode not in MODES:
-        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)} (or none for float weights).")
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)} "
+                         "(or none for float weights).")
     return mode
 
 
@@ -155,13 +156,6 @@ def error_bound(w: dict) -> np.ndarray:
     in_dim = np.asarray(w["qvalue"]).shape[-2] * (1 if mode_of(w) == "int8" else 2)
     per_tile = scale * (0.5 + 2 * qmax * np.finfo(np.float32).eps)
     return np.repeat(per_tile, in_dim // scale.shape[-2], axis=-2)
-
-
-def nbytes(shape: tuple[int, ...], mode: str | None, dtype) -> int:
-    """Bytes of a stacked expert weight of `shape`, quantized with `mode` or held in `dtype`."""
-    if mode is None:
-        return int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return sum(int(np.prod(s)) * dt.itemsize for s, dt in shapes(shape, mode).values())
 
 
 def quantize_layers(w: jax.Array, mode: str, shardings: Mapping | None = None) -> dict[str, jax.Array]:

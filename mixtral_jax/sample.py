@@ -314,8 +314,8 @@ def run() -> int:
                 if is_main and not FLAGS.json else (lambda msg: None))
 
     expert_dtype = FLAGS.expert_dtype
-    if (expert_dtype is None and not FLAGS.quantize and FLAGS.checkpoint and on_cpu and mesh is None and dtype == "float32"
-            and cfg.dtype == "bfloat16" and cpu_kernel.available()):
+    if (expert_dtype is None and not FLAGS.quantize and FLAGS.checkpoint and on_cpu and mesh is None
+            and dtype == "float32" and cfg.dtype == "bfloat16" and cpu_kernel.available()):
         # The stored values are bfloat16 already: keeping the experts so loses nothing, and the
         # kernel reads half the bytes (without it XLA would widen them at every step, slowly).
         expert_dtype = "bfloat16"
@@ -333,7 +333,8 @@ def run() -> int:
         source = "RANDOM weights (no --checkpoint): the text below is noise, not a real model's output"
     if on_cpu and mesh is None:
         cpu_kernel.available()  # builds the CPU kernel now (once), or says here why it cannot
-    experts_note = ("" if model.expert_dtype == model.dtype else f" (experts {model.quantization})" if model.quantization
+    experts_note = ("" if model.expert_dtype == model.dtype
+                    else f" (experts {model.quantization})" if model.quantization
                     else f" (experts kept in {np.dtype(model.expert_dtype).name})")
     header = (f"[mixtral_jax] {cfg.name}: {source}; {dtype}{experts_note} on {jax.device_count()} "
               f"{jax.default_backend()} device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.")
