@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_jax import checkpoint, config, convert, cpu_kernel, moe, quant, testing
+from mixtral_jax import checkpoint, config, convert, cpu_kernel, model as model_lib, moe, plan, quant, testing
 
 K = 2
 EPS32 = np.finfo(np.float32).eps
@@ -137,6 +137,12 @@ def test_param_bytes_count_qvalues_and_scales(mode):
     got = mj.param_bytes(CFG, "float32", quantize=mode)
     assert got["total"] == dense["total"] - 4 * weights + experts
     assert got["active"] == got["total"] - experts // e * (e - K)
+    # The dry run's bytes per device on expert=4, tensor=2: scales split like their weights, except int8
+    # w2's per-channel scales over D (not split over tensor: each F shard needs all of them).
+    mesh = mj.make_mesh("expert=4,tensor=2")
+    layers = model_lib.abstract_params(CFG, "float32", mesh, quantize=mode)["layers"]
+    want = experts // 8 + (4 * l * e * d // 8 if mode == "int8" else 0)
+    assert plan._bytes_per_device({n: layers[n] for n in ("w1", "w3", "w2")}) == want
 
 
 @pytest.fixture(scope="module")
