@@ -164,7 +164,7 @@ def test_quantize_at_load_equals_quantizing_in_memory(float_ckpt, mode):
     assert _same(loaded.params(), mj.init_random(CFG, seed=3, layout="stacked", quantize=mode).params())
 
 
-def test_int4_model_equals_the_float_model_on_dequantized_experts_on_every_layout_and_mesh(float_ckpt):
+def test_int4_model_equals_the_float_model_on_dequantized_experts_on_every_layout_and_mesh(float_ckpt, tmp_path):
     _, path = float_ckpt
     stacked = mj.load(path, dtype="float32", layout="stacked", quantize="int4")
     tokens = np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 7))
@@ -178,6 +178,9 @@ def test_int4_model_equals_the_float_model_on_dequantized_experts_on_every_layou
     sharded = mj.load(path, dtype="float32", quantize="int4", mesh=mj.make_mesh("expert=4,tensor=2"))
     for other in (per_expert, sharded):
         np.testing.assert_allclose(mj.forward(other, tokens), logits, rtol=1e-5, atol=1e-5)
+    # save streams the per_expert model's quantized experts back into the stacked arrays.
+    saved = mj.load(checkpoint.save(per_expert, tmp_path / "q"), dtype="float32", layout="stacked")
+    assert saved.quantization == "int4" and _same(saved.params(), stacked.params())
 
 
 @pytest.fixture(scope="module")
