@@ -104,11 +104,12 @@ inline v16 Widen8(const int8_t* q) {
 }
 inline v16 Widen4(const uint8_t* q) {
 #ifdef __AVX512F__
-  // Nibbles split and interleaved (low first), sign-extended as (v ^ 8) - 8, then widened.
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)), m = _mm_set1_epi8(0x0F);
-  const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-  const __m128i e = _mm_set1_epi8(8), s = _mm_sub_epi8(_mm_xor_si128(v, e), e);
-  const __m512 out = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(s));
+  // Each byte into two 32-bit lanes, its low nibble shifted to the top of the first and its high
+  // nibble to the top of the second, then an arithmetic shift back: sign-extended nibbles.
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  const __m512i pairs = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+  const __m512i shift = _mm512_set_epi32(24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28);
+  const __m512 out = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(pairs, shift), 28));
   return reinterpret_cast<const v16&>(out);
 #else
   u8x16 b{};
