@@ -30,7 +30,7 @@ import tensorstore as ts
 from absl import logging as absl_logging
 from jax.sharding import SingleDeviceSharding
 
-from mixtral_jax import ckpt_files, layout as layout_lib, model as model_lib
+from mixtral_jax import ckpt_files, layout as layout_lib, model as model_lib, quant
 from mixtral_jax.ckpt_files import CheckpointError
 from mixtral_jax.config import CONFIG_FILE, MixtralConfig, load_config
 from mixtral_jax.model import Mixtral, abstract_params
@@ -89,14 +89,15 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, stacked_dims: int) -> tup
     return tuple(chunk)
 
 
-def target_arrays(cfg: MixtralConfig, dtype: np.dtype, expert_dtype=None) -> dict[tuple[str, ...], "ArraySpec"]:
-    """The checkpoint's arrays: shapes from param_specs, dtypes from `model.param_dtypes`;
-    chunks of one layer (and one expert)."""
+def target_arrays(cfg: MixtralConfig, dtype: np.dtype, expert_dtype=None,
+                  quantize: str | None = None) -> dict[tuple[str, ...], "ArraySpec"]:
+    """The checkpoint's arrays: shapes from param_specs, dtypes from `model.param_dtypes` (or quant.py's
+    qvalue and scale); chunks of one layer (and one expert)."""
     arrays = {}
-    dtypes = flatten(model_lib.param_dtypes(cfg, dtype, expert_dtype))
-    for path, spec in flatten(model_lib.param_specs(cfg)).items():
+    dtypes = flatten(model_lib.abstract_params(cfg, dtype, expert_dtype=expert_dtype, quantize=quantize))
+    for path, spec in flatten(model_lib.param_specs(cfg, quantize)).items():
         stacked = ("layers" in spec.axes) + ("experts" in spec.axes)
-        dt = np.dtype(dtypes[path])
+        dt = np.dtype(dtypes[path].dtype)
         arrays[path] = ArraySpec(spec.shape, dt, chunk_shape(spec.shape, dt.itemsize, stacked))
     return arrays
 
@@ -247,7 +248,9 @@ def _write_model(model: Mixtral, path: str) -> None:
     params = model.params()
     if model.layout == "per_expert":
         os.makedirs(path)
-        _write_per_expert(params, model.cfg, np.dtype(model.dtype), path, np.dtype(model.expert_dtype))
+        quantized = model.quantization
+        _write_per_expert(params, model.cfg, np.dtype(model.dtype), path,
+                          None if quantized else np.dtype(model.expert_dtype), quantized)
     else:
         with _quiet_orbax():
             checkpointer = ocp.StandardCheckpointer()
@@ -286,9 +289,10 @@ def _save_multiprocess(model: Mixtral, path: str, overwrite: bool) -> str:
     return path
 
 
-def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: str, expert_dtype: np.dtype) -> None:
+def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: str, expert_dtype: np.dtype | None,
+                      quantize: str | None = None) -> None:
     """Streams per_expert params into the stacked checkpoint arrays, one layer / expert at a time."""
-    writer = ArrayWriter(directory, target_arrays(cfg, dtype, expert_dtype))
+    writer = ArrayWriter(directory, target_arrays(cfg, dtype, expert_dtype, quantize))
     try:
         for name in ("embed", "final_norm", "lm_head"):
             writer.write((name,), (), np.asarray(layout_lib.stacked_global(params, name)))
@@ -297,7 +301,9 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
             for name in layer_names:
                 if name in model_lib.EXPERT_PARAMS:
                     for e in range(cfg.num_local_experts):
-                        writer.write(("layers", name), (l, e), np.asarray(layout_lib.layer_slice(params, cfg, name, l, e)))
+                        w = layout_lib.layer_slice(params, cfg, name, l, e)
+                        for key, part in (flatten(w, (name,)) if quantize else {(name,): w}).items():
+                            writer.write(("layers", *key), (l, e), np.asarray(part))
                 else:
                     writer.write(("layers", name), (l,), np.asarray(layout_lib.layer_slice(params, cfg, name, l)))
         writer.close()
@@ -307,7 +313,7 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
 
 
 def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str | None = None,
-         expert_dtype=None, verify: bool = True) -> Mixtral:
+         expert_dtype=None, verify: bool = True, quantize: str | None = None) -> Mixtral:
     """Restores a checkpoint written by `convert_hf_checkpoint` or `save`.
 
     Every array is read straight into its target sharding and cast to `dtype`
@@ -327,6 +333,10 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         verify: check every file against the digests written with the
             checkpoint before restoring (one extra read of the files; with
             several processes each reads its share).
+        quantize: "int8" or "int4": the experts quantized while restoring
+            (quant.py), each device's share one layer at a time, so the float
+            experts are never all in memory. A checkpoint written with
+            `convert --quantize` restores as stored (None or its own mode).
 
     Returns:
         A `Mixtral`.
@@ -339,6 +349,9 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist.")
     layout = layout_lib.check(layout, mesh)
+    quant.check_mode(quantize)
+    if quantize and expert_dtype is not None:
+        raise ValueError("expert_dtype and quantize both set the experts' storage; pass one of them.")
     if verify:
         _verify(path)
     for name in (CONFIG_FILE, _METADATA_FILE):
@@ -349,28 +362,86 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         cfg = load_config(path)
     except ValueError as e:
         raise CheckpointError(f"{path}/{CONFIG_FILE} is not a valid config ({e})") from None
-    target = abstract_params(cfg, dtype, mesh, expert_dtype)
-    if mesh is None:
-        device = SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
-    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(target))
-    absl_logging.info("restoring %s: %.2f GB of parameters", path, nbytes / 1e9)
-    start = time.perf_counter()
     with _quiet_orbax():
         checkpointer = ocp.StandardCheckpointer()
         try:
             stored = checkpointer.metadata(path).item_metadata.tree
         except Exception as e:  # noqa: BLE001 -- any storage-layer failure is a damaged checkpoint
             raise _unreadable(path, e) from None
-        _check_stored_shapes(stored, target, path)
+    stored_mode = _stored_quantization(stored)
+    if stored_mode and quantize not in (None, stored_mode):
+        raise CheckpointError(f"checkpoint {path} holds {stored_mode} experts; load it with quantize={stored_mode!r} "
+                              f"(or None), or convert the HF weights again with --quantize {quantize}.")
+    mode = quantize or stored_mode
+    target = abstract_params(cfg, dtype, mesh, expert_dtype, quantize=mode)
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), target)
+    nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(target))
+    absl_logging.info("restoring %s: %.2f GB of parameters", path, nbytes / 1e9)
+    start = time.perf_counter()
+    quantizing = mode is not None and stored_mode is None
+    _check_stored_shapes(stored, abstract_params(cfg, dtype) if quantizing else target, path)
+    with _quiet_orbax():
         try:
-            params = checkpointer.restore(path, target)
+            if quantizing:
+                params = _restore_quantizing(path, target, mode)
+            else:
+                params = checkpointer.restore(path, target)
         except Exception as e:  # noqa: BLE001
             raise _unreadable(path, e) from None
     seconds = time.perf_counter() - start
     absl_logging.info("restored %s in %.1f s (%.2f GB/s)", path, seconds, nbytes / 1e9 / max(seconds, 1e-9))
     params = layout_lib.get(layout).from_stacked(params)
     return Mixtral(cfg, params, mesh)
+
+
+def _stored_quantization(stored: Mapping) -> str | None:
+    """"int8" / "int4" when the checkpoint's experts are stored quantized (convert --quantize), else None."""
+    w1 = stored.get("layers", {}).get("w1")
+    if not isinstance(w1, Mapping) or "qvalue" not in w1 or "scale" not in w1:
+        return None
+    return "int8" if np.dtype(w1["qvalue"].dtype) == np.int8 else "int4"
+
+
+def _restore_quantizing(path: str, target: Mapping, mode: str) -> dict:
+    """Restores a float checkpoint with its experts quantized: everything else through Orbax (a
+    partial restore), each expert weight one device shard and one layer at a time through TensorStore."""
+    rest = {k: v for k, v in target.items() if k != "layers"}
+    rest["layers"] = {k: v for k, v in target["layers"].items() if k not in model_lib.EXPERT_PARAMS}
+    params = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item=rest, restore_args=ocp.checkpoint_utils.construct_restore_args(rest), partial_restore=True))
+    context = ts.Context({"file_io_concurrency": {"limit": 128}})
+    for name in model_lib.EXPERT_PARAMS:
+        store = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{path}/",
+                                                       "path": f"layers.{name}"}},
+                        open=True, read=True, context=context).result()
+        params["layers"][name] = _quantized_array(store, target["layers"][name], mode)
+    return params
+
+
+def _quantized_array(store, target: Mapping, mode: str) -> dict:
+    """One stacked expert weight [L, E, in, out] quantized into `target`'s {"qvalue", "scale"} shardings.
+
+    Each distinct device shard is read one layer at a time with the whole input dimension (an
+    int8 scale spans it), quantized on the host, cut to the shard and placed on its devices.
+    """
+    q, s = target["qvalue"], target["scale"]
+    q_index = q.sharding.addressable_devices_indices_map(q.shape)
+    s_index = s.sharding.addressable_devices_indices_map(s.shape)
+    blocks, q_parts, s_parts = {}, [], []
+    for device, qi in q_index.items():
+        si = s_index[device]
+        key = tuple((sl.start, sl.stop) for sl in (*qi, *si))
+        if key not in blocks:
+            layers = range(*qi[0].indices(q.shape[0]))
+            parts = [quant.quantize(store[l, qi[1], :, qi[3]].read().result(), mode) for l in layers]
+            blocks[key] = (np.stack([p["qvalue"][:, qi[2]] for p in parts]),
+                           np.stack([p["scale"][:, si[2]] for p in parts]))
+        q_parts.append(jax.device_put(blocks[key][0], device))
+        s_parts.append(jax.device_put(blocks[key][1], device))
+    return {"qvalue": jax.make_array_from_single_device_arrays(q.shape, q.sharding, q_parts),
+            "scale": jax.make_array_from_single_device_arrays(s.shape, s.sharding, s_parts)}
 
 
 def _verify(path: str) -> None:

@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
 
-from mixtral_jax import checkpoint, ckpt_files
+from mixtral_jax import checkpoint, ckpt_files, quant
 from mixtral_jax.config import MixtralConfig, load_config
 
 # Top-level (not per-layer) tensors: our name -> (HF key, transform).
@@ -229,7 +229,7 @@ def check_tensors(hf: HFCheckpoint, cfg: MixtralConfig) -> None:
 
 
 def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bfloat16",
-                          overwrite: bool = False) -> str:
+                          overwrite: bool = False, quantize: str | None = None) -> str:
     """Converts a Hugging Face Mixtral checkpoint directory into a mixtral_jax checkpoint, streaming.
 
     Reads `config.json` and the safetensors weights of `hf_dir`, checks every
@@ -245,12 +245,16 @@ def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         dtype: stored parameter dtype, "bfloat16" or "float32".
         overwrite: replace an existing checkpoint at `out_dir` (never a directory
             that is not one, and `out_dir` may not hold or lie inside `hf_dir`).
+        quantize: "int8" or "int4": the experts stored quantized (quant.py), each
+            rounded to `dtype` first, so the checkpoint equals `load(float
+            checkpoint in dtype, quantize=...)`.
 
     Returns:
         The absolute path of the checkpoint directory.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    quant.check_mode(quantize)
     out = os.path.abspath(os.fspath(out_dir))
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"HF checkpoint directory {hf_dir} does not exist.")
@@ -262,24 +266,25 @@ def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     start = time.time()
     with ckpt_files.staged(out) as built:
         os.makedirs(built)
-        _write_checkpoint(hf, cfg, DTYPES[dtype], built)
+        _write_checkpoint(hf, cfg, DTYPES[dtype], built, quantize)
     logging.info("wrote %s in %.1f s", out, time.time() - start)
     return out
 
 
-def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, directory: str) -> None:
+def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, directory: str,
+                      quantize: str | None = None) -> None:
     """Streams every tensor of `hf` into an Orbax checkpoint (plus config.json) in `directory`."""
-    arrays = checkpoint.target_arrays(cfg, dtype)
+    arrays = checkpoint.target_arrays(cfg, dtype, quantize=quantize)
     writer = checkpoint.ArrayWriter(directory, arrays)
     start = time.time()
     logging.info("converting %s (%.2f GB of tensors) to %s", hf.hf_dir, hf.nbytes() / 1e9, dtype.name)
 
-    total = sum(math.prod(a.shape) for a in arrays.values()) * dtype.itemsize
+    total = sum(math.prod(a.shape) * a.dtype.itemsize for a in arrays.values())
     written = 0
 
     def put(path, index, value):
         nonlocal written
-        value = np.ascontiguousarray(value, dtype=dtype)
+        value = np.ascontiguousarray(value, dtype=arrays[path].dtype)
         writer.write(path, index, value)
         written += value.nbytes
 
@@ -295,7 +300,12 @@ def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, dir
                 put(("layers", name), (l,), fn(hf.read(tmpl.format(l=l)), cfg))
             for name in EXPERT_KEYS:
                 for e in range(cfg.num_local_experts):
-                    put(("layers", name), (l, e), convert_expert(hf.read, name, l, e))
+                    w = convert_expert(hf.read, name, l, e).astype(dtype)
+                    if quantize:
+                        for part, value in quant.quantize(w, quantize).items():
+                            put(("layers", name, part), (l, e), value)
+                    else:
+                        put(("layers", name), (l, e), w)
             elapsed = time.time() - start
             logging.info("layer %d/%d written: %.2f / %.2f GB, %.2f GB/s, %.0f s elapsed, about %.0f s left",
                          l + 1, cfg.num_hidden_layers, written / 1e9, total / 1e9, written / 1e9 / max(elapsed, 1e-9),
@@ -313,6 +323,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "Output checkpoint directory (created; must be empty, absent, or with "
                         "--overwrite an earlier checkpoint); never the --hf_dir or a directory around it.")
     flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Stored parameter dtype.")
+    flags.DEFINE_string("quantize", None, "Store the expert weights quantized: int8 (per output channel) or int4 "
+                        "(groups of 32); default: --dtype.")
     flags.DEFINE_boolean("overwrite", False, "Replace the checkpoint at --out (only once the new one is complete).")
     flags.mark_flags_as_required(["hf_dir", "out"])
 
@@ -323,7 +335,8 @@ def main(argv):
         print(f"error: unexpected arguments {argv[1:]}; flags look like --hf_dir DIR --out DIR.", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     try:
-        convert_hf_checkpoint(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, overwrite=FLAGS.overwrite)
+        convert_hf_checkpoint(FLAGS.hf_dir, FLAGS.out, FLAGS.dtype, overwrite=FLAGS.overwrite,
+                              quantize=FLAGS.quantize)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

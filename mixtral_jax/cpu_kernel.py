@@ -112,8 +112,12 @@ def usable(*arrays: jax.Array) -> bool:
             and available())
 
 
-def moe_usable(x: jax.Array, weights: list[jax.Array]) -> bool:
-    """Whether `moe_cpu` can take these: x float32 and the expert weights all float32 or all bfloat16."""
+def moe_usable(x: jax.Array, weights: list) -> bool:
+    """Whether `moe_cpu` can take these: x float32 and the expert weights all float32, all bfloat16, or all
+    quantized alike (quant.py: their qvalues all int8 or all packed int4)."""
+    if any(isinstance(w, dict) for w in weights):
+        return (all(isinstance(w, dict) for w in weights) and len({w["qvalue"].dtype for w in weights}) == 1
+                and usable(x))
     return {w.dtype for w in weights} in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}) and usable(x)
 
 
@@ -123,8 +127,11 @@ def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: list[dict], chunk_by
 
     xs [M, D] float32, rows sorted by expert; group_sizes [E] int32 (rows past
     their sum come out zero); experts: E dicts of HF-layout w1, w3 [F, D] and
-    w2 [D, F], all float32 or all bfloat16 (widened to float32 as they are
-    read: the result equals float32 products with the widened weights).
+    w2 [D, F], all float32, all bfloat16, or all quantized alike ({"qvalue",
+    "scale"} of quant.py in the same orientation: int8 with a scale per row, or
+    int4 packed two per byte with float16 group scales), widened (times their
+    scale) to float32 as they are read: the products are float32 products with
+    the dequantized weights.
     → [M, D] float32. Row-dot products below `panel_min_rows` rows (default
     PANEL_MIN_ROWS, or PANEL_MIN_ROWS_BF16 for bfloat16 weights), packed panels from there.
     """
@@ -132,8 +139,10 @@ def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: list[dict], chunk_by
         raise RuntimeError("the CPU MoE kernel is not available (see the warning above, or "
                            "MIXTRAL_JAX_CPU_KERNEL=0); use moe.grouped_ffn, which falls back to XLA ops.")
     weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
-    if panel_min_rows is None:
-        panel_min_rows = PANEL_MIN_ROWS_BF16 if weights[0].dtype == jnp.bfloat16 else PANEL_MIN_ROWS
+    if panel_min_rows is None:  # the panel path widens narrower weights before its tiles run
+        panel_min_rows = PANEL_MIN_ROWS if not isinstance(weights[0], dict) and weights[0].dtype == jnp.float32 \
+            else PANEL_MIN_ROWS_BF16
+    weights = [a for w in weights for a in ((w["qvalue"], w["scale"]) if isinstance(w, dict) else (w,))]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(xs.shape, jnp.float32), vmap_method="sequential")
     return call(xs, group_sizes.astype(jnp.int32), *weights, chunk_bytes=int(chunk_bytes),
                 panel_min_rows=int(panel_min_rows))

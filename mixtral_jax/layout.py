@@ -193,8 +193,10 @@ def check(layout: str | None, mesh=None) -> str:
 def _unstack_fn(name: str, num_layers: int):
     """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
     wo [L, H, Dh, D] -> L [D, H * Dh]."""
-    if name in EXPERT_PARAMS:
-        return jax.jit(lambda w: [[w[l, e].T for e in range(w.shape[1])] for l in range(num_layers)])
+    if name in EXPERT_PARAMS:  # a float weight, or a quantized one's {"qvalue", "scale"} (quant.py)
+        experts = lambda w: range(jax.tree.leaves(w)[0].shape[1])
+        return jax.jit(lambda w: [[jax.tree.map(lambda a: a[l, e].T, w) for e in experts(w)]
+                                  for l in range(num_layers)])
     if name == "wo":
         return jax.jit(lambda w: [w[l].reshape(-1, w.shape[-1]).T for l in range(num_layers)])
     return jax.jit(lambda w: [w[l] for l in range(num_layers)])
@@ -216,7 +218,7 @@ def unstack_params(params: Params) -> Params:
     """
     layers = dict(params["layers"])
     num_layers = layers["wq"].shape[0]
-    out_layers = [{"experts": [{} for _ in range(layers["w1"].shape[1])]} for _ in range(num_layers)]
+    out_layers = [{"experts": [{} for _ in range(layers["router"].shape[2])]} for _ in range(num_layers)]
     qkv = [layers.pop(name) for name in ("wq", "wk", "wv")]
     for l, w in enumerate(_fuse_qkv(*qkv, num_layers)):
         out_layers[l]["wqkv"] = w
@@ -225,7 +227,8 @@ def unstack_params(params: Params) -> Params:
     for name in list(layers):
         stacked = layers.pop(name)
         split = _unstack_fn(name, num_layers)(stacked)
-        stacked.delete()
+        for a in jax.tree.leaves(stacked):
+            a.delete()
         for l in range(num_layers):
             if name in EXPERT_PARAMS:
                 for e, w in enumerate(split[l]):
@@ -252,7 +255,7 @@ def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | 
     """
     lp = params["layers"][l]
     if name in EXPERT_PARAMS:
-        return lp["experts"][e][name].T
+        return jax.tree.map(lambda a: a.T, lp["experts"][e][name])
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     if name == "wo":
         return lp["wo"].T.reshape(h, dh, d)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import attention, layers, layout as layout_lib, moe, sharding
+from mixtral_jax import attention, layers, layout as layout_lib, moe, quant, sharding
 from mixtral_jax.config import MixtralConfig
 
 Params = dict[str, Any]
@@ -44,12 +44,15 @@ class ParamSpec:
     init: str = "normal"  # "normal" (std 0.02, as HF's initializer_range) or "ones"
 
 
-def param_specs(cfg: MixtralConfig) -> Params:
-    """Shapes and logical axes of every parameter, as a tree like the params."""
+def param_specs(cfg: MixtralConfig, quantize: str | None = None) -> Params:
+    """Shapes and logical axes of every parameter, as a tree like the params.
+
+    With `quantize` ("int8" or "int4") each expert weight is {"qvalue", "scale"} (quant.py).
+    """
     v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     l, h, kv, dh, e = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
                        cfg.head_dim, cfg.num_local_experts)
-    return {
+    specs = {
         "embed": ParamSpec((v, d), ("vocab", "embed")),
         "layers": {
             "attn_norm": ParamSpec((l, d), ("layers", "embed"), "ones"),
@@ -66,15 +69,22 @@ def param_specs(cfg: MixtralConfig) -> Params:
         "final_norm": ParamSpec((d,), ("embed",), "ones"),
         "lm_head": ParamSpec((d, v), ("embed", "vocab")),
     }
+    if quant.check_mode(quantize):
+        for name in EXPERT_PARAMS:
+            spec, qaxes = specs["layers"][name], quant.axes(specs["layers"][name].axes, quantize)
+            specs["layers"][name] = {k: ParamSpec(shape, qaxes[k], "quantized")
+                                     for k, (shape, _) in quant.shapes(spec.shape, quantize).items()}
+    return specs
 
 
 def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-def param_shardings(cfg: MixtralConfig, mesh) -> Params:
-    """NamedSharding for every parameter on `mesh`, from the logical-axis rules."""
-    return jax.tree.map(lambda s: sharding.named_sharding(mesh, s.axes, s.shape), param_specs(cfg),
+def param_shardings(cfg: MixtralConfig, mesh, quantize: str | None = None) -> Params:
+    """NamedSharding for every parameter on `mesh`, from the logical-axis rules (scales with their weights)."""
+    quant.check_split(cfg.intermediate_size, quantize, dict(mesh.shape).get("tensor", 1))
+    return jax.tree.map(lambda s: sharding.named_sharding(mesh, s.axes, s.shape), param_specs(cfg, quantize),
                         is_leaf=_is_spec)
 
 
@@ -111,14 +121,22 @@ def init_params(cfg: MixtralConfig, key: jax.Array, dtype, expert_dtype=None) ->
     return jax.tree.unflatten(treedef, out)
 
 
-def abstract_params(cfg: MixtralConfig, dtype="bfloat16", mesh=None, expert_dtype=None) -> Params:
-    """jax.ShapeDtypeStruct for every parameter (with shardings if `mesh`); allocates nothing."""
+def abstract_params(cfg: MixtralConfig, dtype="bfloat16", mesh=None, expert_dtype=None,
+                    quantize: str | None = None) -> Params:
+    """jax.ShapeDtypeStruct for every parameter (with shardings if `mesh`); allocates nothing.
+
+    With `quantize`, the experts' {"qvalue", "scale"} (quant.py) instead of float weights.
+    """
     shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.dtype(dtype), expert_dtype=expert_dtype),
                             jax.random.key(0))
+    if quant.check_mode(quantize):
+        for name in EXPERT_PARAMS:
+            shapes["layers"][name] = {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt)
+                                      in quant.shapes(shapes["layers"][name].shape, quantize).items()}
     if mesh is None:
         return shapes
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        shapes, param_shardings(cfg, mesh))
+                        shapes, param_shardings(cfg, mesh, quantize))
 
 
 def param_count(cfg: MixtralConfig) -> dict[str, int]:
@@ -129,16 +147,17 @@ def param_count(cfg: MixtralConfig) -> dict[str, int]:
     return _total_and_active(cfg, abstract_params(cfg), lambda a: math.prod(a.shape))
 
 
-def param_bytes(cfg: MixtralConfig, dtype, expert_dtype=None) -> dict[str, int]:
-    """As `param_count`, in bytes, for parameters held in `dtype` (experts in `expert_dtype`, see `param_dtypes`)."""
-    shapes = abstract_params(cfg, dtype, expert_dtype=expert_dtype)
+def param_bytes(cfg: MixtralConfig, dtype, expert_dtype=None, quantize: str | None = None) -> dict[str, int]:
+    """As `param_count`, in bytes, for parameters held in `dtype` (experts in `expert_dtype`, see
+    `param_dtypes`, or quantized: `quantize` "int8" / "int4", their qvalues and scales)."""
+    shapes = abstract_params(cfg, dtype, expert_dtype=expert_dtype, quantize=quantize)
     return _total_and_active(cfg, shapes, lambda a: math.prod(a.shape) * a.dtype.itemsize)
 
 
 def _total_and_active(cfg: MixtralConfig, shapes: Params, size) -> dict[str, int]:
     """{"total", "active"}: `size` summed over all parameters, and without the unchosen experts' share."""
     total = sum(size(a) for a in jax.tree.leaves(shapes))
-    expert = sum(size(shapes["layers"][n]) for n in EXPERT_PARAMS)
+    expert = sum(size(a) for n in EXPERT_PARAMS for a in jax.tree.leaves(shapes["layers"][n]))
     inactive = expert // cfg.num_local_experts * (cfg.num_local_experts - cfg.num_experts_per_tok)
     return {"total": total, "active": total - inactive}
 
@@ -184,9 +203,15 @@ class Mixtral(nnx.Module):
 
     @property
     def expert_dtype(self):
-        """The dtype the expert weights are stored in (`dtype` unless loaded with another)."""
+        """The dtype the expert weights are stored in (`dtype` unless loaded with another; int8 or
+        uint8, two int4 values per byte, when quantized)."""
         return next(a for path, a in jax.tree_util.tree_leaves_with_path(self.params())
-                    if getattr(path[-1], "key", None) == "w1").dtype
+                    if any(getattr(k, "key", None) == "w1" for k in path)).dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """"int8" or "int4" when the experts are quantized (quant.py), else None."""
+        return {"int8": "int8", "uint8": "int4"}.get(jnp.dtype(self.expert_dtype).name)
 
     def params(self) -> Params:
         """The parameters as a plain pytree of arrays (in this model's layout)."""
@@ -329,7 +354,7 @@ def forward(model: Mixtral, tokens, strategy: str = "sparse", capacity_factor: f
 
 
 def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, layout: str | None = None,
-                expert_dtype=None) -> Mixtral:
+                expert_dtype=None, quantize: str | None = None) -> Mixtral:
     """A model with random weights, created already sharded when `mesh` is given.
 
     Args:
@@ -341,13 +366,22 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
       layout: "stacked", "per_expert", or None: per_expert on one CPU device,
         stacked otherwise (layout.py).
       expert_dtype: the experts' weights in this dtype instead (see `param_dtypes`).
+      quantize: "int8" or "int4": the random float experts quantized (quant.py), one layer at a time.
 
     Returns:
       A `Mixtral`.
     """
     layout = layout_lib.check(layout, mesh)
+    quant.check_mode(quantize)
     params = _jitted_init(cfg, jnp.dtype(dtype), None if expert_dtype is None else jnp.dtype(expert_dtype),
                           mesh)(jax.random.key(seed))
+    if quantize:
+        shardings = None if mesh is None else param_shardings(cfg, mesh, quantize)
+        for name in EXPERT_PARAMS:
+            w = params["layers"].pop(name)
+            params["layers"][name] = quant.quantize_layers(
+                w, quantize, None if shardings is None else shardings["layers"][name])
+            w.delete()
     return Mixtral(cfg, layout_lib.get(layout).from_stacked(params), mesh)
 
 

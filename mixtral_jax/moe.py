@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mixtral_jax import cpu_kernel, sharding
+from mixtral_jax import cpu_kernel, quant, sharding
 from mixtral_jax.layout import EXPERT_PARAMS
 
 STRATEGIES = ("sparse", "dense")
@@ -125,7 +125,8 @@ def grouped_ffn(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:
 
 def _grouped_ffn_ragged(xs, group_sizes, w):
     """lax.ragged_dot: a native grouped matmul on TPU/GPU; on XLA:CPU one dense masked dot."""
-    w1, w3, w2 = (w[n].astype(xs.dtype) for n in EXPERT_PARAMS)  # expert_dtype may be narrower
+    # expert_dtype may be narrower, or the weights quantized: compute in the activation dtype.
+    w1, w3, w2 = (quant.dequantize(w[n], xs.dtype) for n in EXPERT_PARAMS)
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
     return jax.lax.ragged_dot(h, w2, group_sizes, preferred_element_type=jnp.float32)
 
@@ -140,7 +141,7 @@ def _f32_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 def every_expert(xs: jax.Array, experts) -> jax.Array:
     """Every stacked expert on every row, as one batched product: xs [M, D] → [E, M, D] float32."""
-    w1, w3, w2 = (experts[n].astype(xs.dtype) for n in EXPERT_PARAMS)
+    w1, w3, w2 = (quant.dequantize(experts[n], xs.dtype) for n in EXPERT_PARAMS)
     h = jax.nn.silu(jnp.einsum("MD,EDF->EMF", xs, w1)) * jnp.einsum("MD,EDF->EMF", xs, w3)
     return _f32_product("EMF,EFD->EMD", h, w2)
 
@@ -160,7 +161,7 @@ def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax
         return jnp.sum(jnp.where(mine[:, :, None], y, 0.0), axis=0)
     out = jnp.zeros(xs.shape, jnp.float32)
     for e, w in enumerate(experts):
-        w1, w3, w2 = (w[n].T.astype(xs.dtype) for n in EXPERT_PARAMS)
+        w1, w3, w2 = (quant.dequantize(w[n], xs.dtype, axis=-1).T for n in EXPERT_PARAMS)
         y = jnp.dot(jax.nn.silu(xs @ w1) * (xs @ w3), w2, preferred_element_type=jnp.float32)
         out = jnp.where((expert_of_row == e)[:, None], y, out)
     return out
@@ -347,7 +348,7 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
     """
     n, d = x.shape
     num_experts = router.shape[1]
-    e_loc = w1.shape[0]
+    e_loc = jax.tree.leaves(w1)[0].shape[0]
     ep, tp = jax.lax.axis_size("expert"), jax.lax.axis_size("tensor")
     shard = jax.lax.axis_index("expert")
     with jax.named_scope("route"):
@@ -424,14 +425,14 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
       expert) assignments over capacity; always 0 when dropless).
     """
     n, d = x.shape
-    num_experts = p["w1"].shape[0]
+    num_experts = p["router"].shape[1]
     sizes = dict(mesh.shape)
     plan = exchange_plan(n, num_experts, k, sizes["expert"], sizes["data"], capacity_factor)
     padded = plan["tokens_per_device"] * token_shards(mesh)
     x_pad = jnp.pad(x, ((0, padded - n), (0, 0)))
     valid = jnp.arange(padded) < n
-    w_in = sharding.logical_to_spec(("experts", "embed", "ffn"), mesh, p["w1"].shape)
-    w_out = sharding.logical_to_spec(("experts", "ffn", "embed"), mesh, p["w2"].shape)
+    w_in = _weight_spec(p["w1"], ("experts", "embed", "ffn"), mesh)
+    w_out = _weight_spec(p["w2"], ("experts", "ffn", "embed"), mesh)
     tokens = P(("data", "expert"))  # as sharding.RULES["batch"] splits activations; replicated over tensor
     # Without ragged-all-to-all, a fixed slot per (source, destination): the most one source sends one
     # expert shard, which is also the most a device returns to one source.
@@ -442,6 +443,16 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
         mesh=mesh, in_specs=(tokens, tokens, P(), w_in, w_in, w_out), out_specs=(tokens, P()))
     out, dropped = body(x_pad, valid, p["router"], p["w1"], p["w3"], p["w2"])
     return out[:n], dropped
+
+
+def _weight_spec(w, axes, mesh):
+    """PartitionSpec of a stacked expert weight, or of a quantized one's qvalue and scale (sharded alike)."""
+    if quant.is_quantized(w):
+        quant.check_split(w["qvalue"].shape[-1] if axes[-1] == "ffn" else w["scale"].shape[-2] * quant.GROUP,
+                          quant.mode_of(w), mesh.shape["tensor"])
+        qaxes = quant.axes(axes, quant.mode_of(w))
+        return {k: sharding.logical_to_spec(qaxes[k], mesh, w[k].shape) for k in ("qvalue", "scale")}
+    return sharding.logical_to_spec(axes, mesh, w.shape)
 
 
 def count_dropped(experts, num_shards: int, num_experts: int, capacity_factor: float | None):
@@ -509,7 +520,8 @@ def _warn_if_widened(x, weights) -> None:
     XLA:CPU's bfloat16 -> float32 convert is slow (docs/performance.md#bfloat16-experts-widened-inside-the-kernel);
     the C++ kernel widens as it reads instead.
     """
-    if jax.default_backend() == "cpu" and any(w.dtype.itemsize < x.dtype.itemsize for w in weights):
+    if jax.default_backend() == "cpu" and any(not quant.is_quantized(w) and w.dtype.itemsize < x.dtype.itemsize
+                                              for w in weights):
         warnings.warn(f"expert weights in {weights[0].dtype} with {x.dtype} compute run as XLA ops here, which "
                       "widen every expert they run at each call, slowly on the CPU; the C++ kernel (one CPU "
                       "device, per_expert layout, g++) widens them as it reads, or load with expert_dtype=None.",

@@ -51,7 +51,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax import hlo, model as model_lib, moe, sharding, topology as topology_lib
+from mixtral_jax import hlo, model as model_lib, moe, quant, sharding, topology as topology_lib
 from mixtral_jax.config import MixtralConfig, load_config
 from mixtral_jax.generate import SamplingParams, decode_step, prefill
 
@@ -93,9 +93,10 @@ def _abstract_cache(cfg: MixtralConfig, batch: int, cache_len: int, mesh, dtype)
 
 
 def _compile(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
-             capacity_factor: float | None):
-    """`generate.prefill` or `generate.decode_step` compiled for abstract params and a `cache_len`-slot cache."""
-    params = model_lib.abstract_params(cfg, dtype, mesh)
+             capacity_factor: float | None, quantize: str | None = None):
+    """`generate.prefill` or `generate.decode_step` compiled for abstract params (experts quantized with
+    `quantize`) and a `cache_len`-slot cache."""
+    params = model_lib.abstract_params(cfg, dtype, mesh, quantize=quantize)
     cache = _abstract_cache(cfg, batch, cache_len, mesh, dtype)
 
     def ids(shape):
@@ -130,7 +131,8 @@ def _short_shape(shape: str) -> str:
 
 
 def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
-                       capacity_factor: float | None, full, full_text: str) -> tuple[float, float, int, list]:
+                       capacity_factor: float | None, full, full_text: str,
+                       quantize: str | None = None) -> tuple[float, float, int, list]:
     """(FLOPs, HBM bytes, the part of those in top-level layout copies, the extra compiles made) of
     a whole `step`; `full` is its compile (`full_text` its HLO), whose cost analysis counts the layer
     scan's body once.
@@ -146,7 +148,7 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
     num_layers = cfg.num_hidden_layers
     cut = dataclasses.replace(cfg, vocab_size=mesh.shape["tensor"])
     copies = hlo.entry_copy_bytes(full_text)
-    compile_cut = lambda slots: _compile(step, cut, mesh, batch, prompt_len, slots, dtype, capacity_factor)
+    compile_cut = lambda slots: _compile(step, cut, mesh, batch, prompt_len, slots, dtype, capacity_factor, quantize)
     cut_full_cache = compile_cut(cache_len)
     (flops, hbm), (layer_flops, cut_hbm) = _cost(full), _cost(cut_full_cache)
     # The vocabulary's part (embedding, lm_head, sampling), and the program's top-level layout copies
@@ -171,7 +173,7 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
 
 
 def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
-                 capacity_factor: float | None, chip) -> dict[str, Any]:
+                 capacity_factor: float | None, chip, quantize: str | None = None) -> dict[str, Any]:
     """Memory, whole-model costs, collectives and roofline estimate of one step on a TPU mesh.
 
     A step that does not fit the chip's HBM does not compile: then only what the compiler says
@@ -179,7 +181,7 @@ def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: in
     """
     t0 = time.perf_counter()
     try:
-        compiled = _compile(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor)
+        compiled = _compile(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor, quantize)
     except jax.errors.JaxRuntimeError as e:
         m = _OUT_OF_HBM.search(str(e))
         if not m:
@@ -191,7 +193,7 @@ def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: in
     t1 = time.perf_counter()
     text = compiled.as_text()
     flops, hbm, copies, extra = _whole_model_costs(step, cfg, mesh, batch, prompt_len, cache_len, dtype,
-                                                   capacity_factor, compiled, text)
+                                                   capacity_factor, compiled, text, quantize)
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
     found = hlo.collectives(text)
@@ -236,7 +238,8 @@ def _validate(cfg: MixtralConfig, mesh_spec: str, batch: int, max_seq_len: int |
 
 def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_len: int | None = None,
             prompt_len: int | None = None, dtype: str = "bfloat16", device_memory_gb: float | None = None,
-            capacity_factor: float | None = None, topology: str | None = None) -> dict[str, Any]:
+            capacity_factor: float | None = None, topology: str | None = None,
+            quantize: str | None = None) -> dict[str, Any]:
     """Plans serving `cfg` on `mesh_spec`, allocating nothing.
 
     Args:
@@ -251,6 +254,7 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
       capacity_factor: expert-parallel capacity (None: dropless).
       topology: a TPU slice such as "v5e:2x4" or "v5p:4x4x4" to compile for with
         the TPU compiler (needs libtpu); None plans on virtual CPU devices.
+      quantize: "int8" or "int4": the experts quantized (quant.py), counted and compiled as such.
 
     Returns:
       A JSON-able dict: platform, topology, devices, batch, prompt_len,
@@ -265,22 +269,25 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
     cfg = cfg if isinstance(cfg, MixtralConfig) else load_config(cfg)
     max_seq_len, prompt_len = _validate(cfg, mesh_spec, batch, max_seq_len, prompt_len)
     dtype = jnp.dtype(dtype)
+    quant.check_mode(quantize)
+    quant.check_split(cfg.intermediate_size, quantize, sharding.parse_mesh_spec(mesh_spec).get("tensor", 1))
     if topology is None:
-        return _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_memory_gb, capacity_factor)
+        return _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_memory_gb, capacity_factor,
+                            quantize)
 
     topo = topology_lib.parse_topology(topology)
     mesh = sharding.make_mesh(mesh_spec, topology_lib.tpu_devices(topo))
     chip = topo.chip
     run = (cfg, mesh, batch, prompt_len, max_seq_len, dtype, capacity_factor, chip)
-    pre, dec = _step_report("prefill", *run), _step_report("decode", *run)
-    params = model_lib.abstract_params(cfg, dtype, mesh)
+    pre, dec = _step_report("prefill", *run, quantize), _step_report("decode", *run, quantize)
+    params = model_lib.abstract_params(cfg, dtype, mesh, quantize=quantize)
     peak = max(pre["peak_bytes_per_device"], dec["peak_bytes_per_device"])
     memory_gb = chip.hbm_gib if device_memory_gb is None else device_memory_gb
     compiled = "does_not_fit" not in pre and "does_not_fit" not in dec
     get = lambda r, key: r[key] if compiled else None
     return {
         **_common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, params),
-        "platform": "tpu", "topology": topo.name, "chip": chip.name,
+        "quantize": quantize, "platform": "tpu", "topology": topo.name, "chip": chip.name,
         "compiled_as": f"{dtype.name} by the TPU compiler (libtpu) for {topo.name}",
         "peak_bytes_per_device": peak,
         "device_memory_gb": memory_gb,
@@ -345,26 +352,27 @@ def _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, p
     }
 
 
-def _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_memory_gb, capacity_factor):
+def _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_memory_gb, capacity_factor,
+                 quantize=None):
     """The plan on virtual CPU devices: exact params and cache, float32 temporaries as an upper bound."""
     n = mesh_size(mesh_spec)
     if len(jax.devices("cpu")) < n:
         return _dry_run_in_subprocess(cfg, mesh_spec, n, batch=batch, max_seq_len=max_seq_len, prompt_len=prompt_len,
                                       dtype=dtype.name, device_memory_gb=device_memory_gb,
-                                      capacity_factor=capacity_factor)
+                                      capacity_factor=capacity_factor, quantize=quantize)
     mesh = sharding.make_mesh(mesh_spec, jax.devices("cpu")[:n])
     t0 = time.perf_counter()
-    prefill_c = _compile("prefill", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor)
+    prefill_c = _compile("prefill", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor, quantize)
     t1 = time.perf_counter()
-    decode_c = _compile("decode", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor)
+    decode_c = _compile("decode", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor, quantize)
     seconds = (t1 - t0, time.perf_counter() - t1)
     common = _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor,
-                     model_lib.abstract_params(cfg, dtype, mesh))
+                     model_lib.abstract_params(cfg, dtype, mesh, quantize=quantize))
     temps = {"prefill": prefill_c.memory_analysis().temp_size_in_bytes,
              "decode": decode_c.memory_analysis().temp_size_in_bytes}
     peak = common["params_bytes_per_device"] + common["kv_cache_bytes_per_device"] + max(temps.values())
     return {
-        **common, "platform": "cpu", "topology": None, "chip": None,
+        **common, "quantize": quantize, "platform": "cpu", "topology": None, "chip": None,
         "compiled_as": "float32 by XLA:CPU on virtual devices: temporaries are an upper bound for "
                        f"{dtype.name} (pass a TPU topology for the TPU compiler's own figures)",
         "peak_bytes_per_device": peak,
@@ -409,8 +417,9 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB"
     mesh = ",".join(f"{k}={v}" for k, v in plan["mesh"].items() if v > 1) or "one device"
     where = f"{plan['topology']} ({plan['devices']} chips)" if plan["topology"] else f"{plan['devices']} CPU devices"
+    experts = f" (experts {plan['quantize']})" if plan.get("quantize") else ""
     lines = [
-        f"{plan['config']} {plan['dtype']} on {where}, mesh {mesh}, batch {plan['batch']}, "
+        f"{plan['config']} {plan['dtype']}{experts} on {where}, mesh {mesh}, batch {plan['batch']}, "
         f"KV cache {plan['max_seq_len']} tokens, prefill {plan['prompt_len']} tokens; compiled as {plan['compiled_as']}:",
         f"  params      {gib(plan['params_bytes_per_device'])} per device",
         f"  KV cache    {gib(plan['kv_cache_bytes_per_device'])} per device",

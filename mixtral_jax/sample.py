@@ -34,6 +34,8 @@ flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfl
 flags.DEFINE_string("expert_dtype", None, "Keep the expert weights in this dtype, computing in --dtype; default: "
                     "bfloat16 for a bfloat16 checkpoint run in float32 on one CPU device with the C++ kernel (exact, half the memory and "
                     "decode bytes), else --dtype.")
+flags.DEFINE_string("quantize", None, "Quantize the expert weights: int8 (per output channel) or int4 (groups of "
+                    "32), while loading (or as a checkpoint written with convert --quantize stores them).")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
 flags.DEFINE_boolean("dry_run", False, "Plan memory (and, with --topology, speed) per device for --config on --mesh; "
                      "allocate nothing. Exit status 2 when the plan does not fit.")
@@ -53,6 +55,7 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
+QUANTIZE_MODES = ("int8", "int4")  # quant.MODES, without importing jax before the flags are checked
 DEFAULT_PROMPT = "Mixture-of-experts models route each token to"
 
 
@@ -99,6 +102,10 @@ def _check_flags() -> None:
     for name in ("dtype", "expert_dtype"):
         if FLAGS[name].value is not None:
             _float_dtype(name)
+    if FLAGS.quantize is not None and FLAGS.quantize not in QUANTIZE_MODES:
+        raise UsageError(f"--quantize {FLAGS.quantize!r} is not a quantization; use {' or '.join(QUANTIZE_MODES)}.")
+    if FLAGS.quantize and FLAGS.expert_dtype:
+        raise UsageError("--quantize and --expert_dtype both set the experts' storage; pass one of them.")
     if FLAGS.checkpoint is not None and not os.path.isdir(FLAGS.checkpoint):
         raise UsageError(f"--checkpoint {FLAGS.checkpoint} is not a directory; convert HF weights with "
                          "`python -m mixtral_jax.convert --hf_dir DIR --out DIR` first.")
@@ -151,14 +158,14 @@ def _check_virtual_devices(n: int) -> None:
             "TPU/GPU slice with one process per host.")
 
 
-def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None) -> None:
+def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None, quantize=None) -> None:
     """Refuses, in one sentence, a model whose weights cannot fit where they would live."""
     import jax
     import numpy as np
 
     import mixtral_jax as mj
 
-    need = mj.param_bytes(cfg, dtype, expert_dtype)["total"]
+    need = mj.param_bytes(cfg, dtype, expert_dtype, quantize)["total"]
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         have, where = _host_bytes_available(), "this host has"
@@ -173,7 +180,8 @@ def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None)
                 if not mesh_given or dev.platform == "cpu" else "use a larger mesh")
         raise UsageError(
             f"{cfg.name} needs {need / 1e9:.1f} GB for its weights in {np.dtype(dtype).name}"
-            f"{'' if expert_dtype in (None, dtype) else ' (experts in ' + np.dtype(expert_dtype).name + ')'} but {where} "
+            f"{'' if expert_dtype in (None, dtype) else ' (experts in ' + np.dtype(expert_dtype).name + ')'}"
+            f"{' (experts ' + quantize + ')' if quantize else ''} but {where} "
             f"{have / 1e9:.1f} GB; {hint}, or check a plan first with --dry_run --mesh SPEC.")
 
 
@@ -241,7 +249,7 @@ def dry_run() -> int:
     result = plan.dry_run(FLAGS.checkpoint or FLAGS.config, FLAGS.mesh, batch=FLAGS.batch,
                           max_seq_len=FLAGS.max_seq_len, prompt_len=FLAGS.prompt_len, dtype=FLAGS.dtype or "bfloat16",
                           device_memory_gb=memory_gb, capacity_factor=FLAGS.capacity_factor,
-                          topology=FLAGS.topology)
+                          topology=FLAGS.topology, quantize=FLAGS.quantize)
     print(json.dumps(result) if FLAGS.json else plan.summary(result), flush=True)
     if memory_note:
         print(f"[dry run] {memory_note}.", file=sys.stderr)
@@ -306,25 +314,28 @@ def run() -> int:
                 if is_main and not FLAGS.json else (lambda msg: None))
 
     expert_dtype = FLAGS.expert_dtype
-    if (expert_dtype is None and FLAGS.checkpoint and on_cpu and mesh is None and dtype == "float32"
-            and cfg.dtype == "bfloat16" and cpu_kernel.available()):
+    if (expert_dtype is None and not FLAGS.quantize and FLAGS.checkpoint and on_cpu and mesh is None
+            and dtype == "float32" and cfg.dtype == "bfloat16" and cpu_kernel.available()):
         # The stored values are bfloat16 already: keeping the experts so loses nothing, and the
         # kernel reads half the bytes (without it XLA would widen them at every step, slowly).
         expert_dtype = "bfloat16"
-    _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype)
+    _check_fits(cfg, dtype, 1 if mesh is None else mesh.size, mesh is not None, expert_dtype, FLAGS.quantize)
     _computing = multi_process
     t_build = time.perf_counter()
     if FLAGS.checkpoint:
         model = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype,
-                        verify=FLAGS.verify_checkpoint)
+                        verify=FLAGS.verify_checkpoint, quantize=FLAGS.quantize)
         source = f"weights from {FLAGS.checkpoint}"
     else:
         progress(f"initialising random {cfg.name} weights ...")
-        model = mj.init_random(cfg, seed=FLAGS.seed, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype)
+        model = mj.init_random(cfg, seed=FLAGS.seed, dtype=dtype, mesh=mesh, expert_dtype=expert_dtype,
+                               quantize=FLAGS.quantize)
         source = "RANDOM weights (no --checkpoint): the text below is noise, not a real model's output"
     if on_cpu and mesh is None:
         cpu_kernel.available()  # builds the CPU kernel now (once), or says here why it cannot
-    experts_note = "" if model.expert_dtype == model.dtype else f" (experts kept in {np.dtype(model.expert_dtype).name})"
+    experts_note = ("" if model.expert_dtype == model.dtype
+                    else f" (experts {model.quantization})" if model.quantization
+                    else f" (experts kept in {np.dtype(model.expert_dtype).name})")
     header = (f"[mixtral_jax] {cfg.name}: {source}; {dtype}{experts_note} on {jax.device_count()} "
               f"{jax.default_backend()} device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.")
     if is_main:

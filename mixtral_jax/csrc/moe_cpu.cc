@@ -6,8 +6,10 @@
 // where the rows x are sorted by expert and group_sizes[e] says how many of
 // them, from the previous group's end, are expert e's; rows past the last
 // group come out zero. Weights are HF [out, in] matrices, one buffer each:
-// w1_e, w3_e [F, D], w2_e [D, F], all float32 or all bfloat16; x, y and all
-// arithmetic are float32 (a bfloat16 weight is widened exactly as it is read).
+// w1_e, w3_e [F, D], w2_e [D, F], all float32, all bfloat16, or all quantized
+// (mixtral_jax/quant.py: int8 with a float32 scale per row, or int4 packed two
+// per byte with a float16 scale per group of columns); x, y and all arithmetic
+// are float32 (a weight is widened, times its scale, as it is read).
 //
 // A decode step's few rows (Call): every output element is a dot product of
 // one contiguous weight row with one activation row, so the work splits into
@@ -75,18 +77,119 @@ inline v16 Load16(const bf16* w) {
 #endif
 }
 
-// Rows [lo, hi) of w [.., ld] as float32: in place for float32 weights, else
-// widened into `buf`; row r is at the result + (r - lo) * ld.
-inline const float* RowsAsFloat(const float* w, int64_t ld, int64_t lo, int64_t, std::vector<float>&) {
-  return w + lo * ld;
+typedef int8_t i8x16 __attribute__((vector_size(16), aligned(1)));
+typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
+
+inline float HalfToFloat(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  if (exp == 0) return (sign ? -1.f : 1.f) * std::ldexp(static_cast<float>(man), -24);
+  const uint32_t bits = sign | (exp == 31 ? 0x7f800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  float out;
+  __builtin_memcpy(&out, &bits, 4);
+  return out;
+#endif
 }
-inline const float* RowsAsFloat(const bf16* w, int64_t ld, int64_t lo, int64_t hi, std::vector<float>& buf) {
+
+// 16 int8 values, or 16 int4 values from 8 bytes (low nibble first), as float32.
+inline v16 Widen8(const int8_t* q) {
+#ifdef __AVX512F__
+  const __m512 out = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  return reinterpret_cast<const v16&>(out);
+#else
+  return __builtin_convertvector(*reinterpret_cast<const i8x16*>(q), v16);
+#endif
+}
+inline v16 Widen4(const uint8_t* q) {
+#ifdef __AVX512F__
+  // Each byte into two 32-bit lanes, its low nibble shifted to the top of the first and its high
+  // nibble to the top of the second, then an arithmetic shift back: sign-extended nibbles.
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+  const __m512i pairs = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
+  const __m512i shift = _mm512_set_epi32(24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28);
+  const __m512 out = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(pairs, shift), 28));
+  return reinterpret_cast<const v16&>(out);
+#else
+  u8x16 b{};
+  __builtin_memcpy(&b, q, 8);
+  const u8x16 pairs = __builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const i8x16 low = reinterpret_cast<i8x16>(pairs << 4) >> 4, high = reinterpret_cast<i8x16>(pairs) >> 4;
+  const i8x16 v = __builtin_shufflevector(low, high, 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31);
+  return __builtin_convertvector(v, v16);
+#endif
+}
+
+// A weight matrix [rows, ld] read as float32 values, whatever it is stored in: Load(j, k) gives the
+// 16 values of row j from column k (k a multiple of 16), At(j, k) one, Addr(j, k) where to prefetch.
+// A quantized value is widened and multiplied by its scale in float32: the value
+// mixtral_jax.quant.dequantize gives, so the products are those with the dequantized weights.
+struct F32View {
+  static constexpr int kBits = 32;
+  const float* w;
+  int64_t ld;
+  v16 Load(int64_t j, int64_t k) const { return Load16(w + j * ld + k); }
+  float At(int64_t j, int64_t k) const { return w[j * ld + k]; }
+  const void* Addr(int64_t j, int64_t k) const { return w + j * ld + k; }
+};
+struct BF16View {
+  static constexpr int kBits = 16;
+  const bf16* w;
+  int64_t ld;
+  v16 Load(int64_t j, int64_t k) const { return Load16(w + j * ld + k); }
+  float At(int64_t j, int64_t k) const { return ToFloat(w[j * ld + k]); }
+  const void* Addr(int64_t j, int64_t k) const { return w + j * ld + k; }
+};
+// Groups of columns share a scale: a power of two, or one group per row; the column's group is
+// k >> shift (a division per load would cost more than the load).
+inline int GroupShift(int64_t groups, int64_t group) {
+  return groups == 1 ? 62 : __builtin_ctzll(static_cast<uint64_t>(group));
+}
+
+// int8 times a float32 scale per group of columns (int8: one group, the whole row).
+struct I8View {
+  static constexpr int kBits = 8;
+  const int8_t* q;
+  const float* s;
+  int64_t ld, groups;
+  int shift;
+  float Scale(int64_t j, int64_t k) const { return s[j * groups + (k >> shift)]; }
+  v16 Load(int64_t j, int64_t k) const { return Widen8(q + j * ld + k) * Scale(j, k); }
+  float At(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]) * Scale(j, k); }
+  const void* Addr(int64_t j, int64_t k) const { return q + j * ld + k; }
+};
+// int4, two per byte along the row (low nibble first), times a float16 scale per group of columns.
+struct I4View {
+  static constexpr int kBits = 4;
+  const uint8_t* q;
+  const uint16_t* s;
+  int64_t ld, groups;  // ld: values per row (bytes: ld / 2)
+  int shift;
+  float Scale(int64_t j, int64_t k) const { return HalfToFloat(s[j * groups + (k >> shift)]); }
+  v16 Load(int64_t j, int64_t k) const { return Widen4(q + (j * ld + k) / 2) * Scale(j, k); }
+  float At(int64_t j, int64_t k) const {
+    const int8_t b = static_cast<int8_t>(q[(j * ld + k) / 2]);
+    return static_cast<float>(k % 2 ? b >> 4 : static_cast<int8_t>(b << 4) >> 4) * Scale(j, k);
+  }
+  const void* Addr(int64_t j, int64_t k) const { return q + (j * ld + k) / 2; }
+};
+
+// Rows [lo, hi) of a weight as float32: in place for float32 weights, else
+// widened into `buf`; row r is at the result + (r - lo) * ld.
+inline const float* RowsAsFloat(const F32View& w, int64_t lo, int64_t, std::vector<float>&) {
+  return w.w + lo * w.ld;
+}
+template <typename V>
+inline const float* RowsAsFloat(const V& w, int64_t lo, int64_t hi, std::vector<float>& buf) {
+  const int64_t ld = w.ld;
   if (static_cast<int64_t>(buf.size()) < (hi - lo) * ld) buf.resize((hi - lo) * ld);  // never shrunk
-  const bf16* src = w + lo * ld;
-  const int64_t n = (hi - lo) * ld;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) *reinterpret_cast<v16*>(buf.data() + i) = Load16(src + i);
-  for (; i < n; ++i) buf[i] = ToFloat(src[i]);
+  for (int64_t r = lo; r < hi; ++r) {
+    float* out = buf.data() + (r - lo) * ld;
+    int64_t k = 0;
+    for (; k + 16 <= ld; k += 16) *reinterpret_cast<v16*>(out + k) = w.Load(r, k);
+    for (; k < ld; ++k) out[k] = w.At(r, k);
+  }
   return buf.data();
 }
 
@@ -134,9 +237,9 @@ inline float hsum(v16 v) {
   return s;
 }
 
-// out[j][r] = dot(w + j * ld, xs[r]) over K floats, for NF weight rows, NR activation rows.
-template <int NF, int NR, typename W>
-inline void Dots(const W* w, int64_t ld, const float* const* xs, int64_t K, float out[4][4]) {
+// out[j][r] = dot(row j0 + j of w, xs[r]) over K floats, for NF weight rows, NR activation rows.
+template <int NF, int NR, typename V>
+inline void Dots(const V& w, int64_t j0, const float* const* xs, int64_t K, float out[4][4]) {
   v16 acc[NF][NR];
   for (int j = 0; j < NF; ++j)
     for (int r = 0; r < NR; ++r) acc[j][r] = v16{};
@@ -148,42 +251,41 @@ inline void Dots(const W* w, int64_t ld, const float* const* xs, int64_t K, floa
       // The same columns of the next NF rows: with short bfloat16 rows the
       // hardware prefetcher alone falls behind
       // (docs/performance.md#bfloat16-weights-widening-load-and-prefetch).
-      __builtin_prefetch(w + (j + NF) * ld + k);
-      const v16 wv = Load16(w + j * ld + k);
+      __builtin_prefetch(w.Addr(j0 + j + NF, k));
+      const v16 wv = w.Load(j0 + j, k);
       for (int r = 0; r < NR; ++r) acc[j][r] += wv * xv[r];
     }
   }
   for (int j = 0; j < NF; ++j)
     for (int r = 0; r < NR; ++r) {
       float s = hsum(acc[j][r]);
-      for (int64_t t = k; t < K; ++t) s += ToFloat(w[j * ld + t]) * xs[r][t];
+      for (int64_t t = k; t < K; ++t) s += w.At(j0 + j, t) * xs[r][t];
       out[j][r] = s;
     }
 }
 
-template <int NF, typename W>
-inline void DotsRows(const W* w, int64_t ld, const float* const* xs, int nr, int64_t K, float out[4][4]) {
+template <int NF, typename V>
+inline void DotsRows(const V& w, int64_t j0, const float* const* xs, int nr, int64_t K, float out[4][4]) {
   switch (nr) {
-    case 1: Dots<NF, 1>(w, ld, xs, K, out); break;
-    case 2: Dots<NF, 2>(w, ld, xs, K, out); break;
-    case 3: Dots<NF, 3>(w, ld, xs, K, out); break;
-    default: Dots<NF, 4>(w, ld, xs, K, out); break;
+    case 1: Dots<NF, 1>(w, j0, xs, K, out); break;
+    case 2: Dots<NF, 2>(w, j0, xs, K, out); break;
+    case 3: Dots<NF, 3>(w, j0, xs, K, out); break;
+    default: Dots<NF, 4>(w, j0, xs, K, out); break;
   }
 }
 
 // Calls fn(j0, nf, out) for weight rows [j0, j0 + nf) of [lo, hi), nf 4 or 1,
 // with out[j][r] = dot(row j0 + j, xs[r]) for the nr (<= 4) rows in xs.
-template <typename W, typename Fn>
-inline void RowDots(const W* w, int64_t ld, int64_t lo, int64_t hi, const float* const* xs, int nr,
-                    int64_t K, Fn fn) {
+template <typename V, typename Fn>
+inline void RowDots(const V& w, int64_t lo, int64_t hi, const float* const* xs, int nr, int64_t K, Fn fn) {
   float out[4][4];
   int64_t j = lo;
   for (; j + 4 <= hi; j += 4) {
-    DotsRows<4>(w + j * ld, ld, xs, nr, K, out);
+    DotsRows<4>(w, j, xs, nr, K, out);
     fn(j, 4, out);
   }
   for (; j < hi; ++j) {
-    DotsRows<1>(w + j * ld, ld, xs, nr, K, out);
+    DotsRows<1>(w, j, xs, nr, K, out);
     fn(j, 1, out);
   }
 }
@@ -223,9 +325,9 @@ void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call) {
   call->Work(true);
 }
 
-template <typename W>
+template <typename V>
 struct Expert {
-  const W *w1, *w3, *w2;
+  V w1, w3, w2;
   std::vector<int> rows;  // the rows that run this expert
 };
 
@@ -254,12 +356,12 @@ struct Call {
       // of this host's cores where they still are.
       static thread_local std::vector<float> gate_part;  // silu(w1 . x), [rows, nr]
       gate_part.resize((up - lo) * nr);
-      RowDots(e.w1, d, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
+      RowDots(e.w1, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
         for (int j = 0; j < nf; ++j)
           for (int r = 0; r < nr; ++r) gate_part[(j0 + j - lo) * nr + r] = out[j][r];
       });
       SiluInPlace(gate_part.data(), (up - lo) * nr);
-      RowDots(e.w3, d, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
+      RowDots(e.w3, lo, up, xs, nr, d, [&](int64_t j0, int nf, float (*out)[4]) {
         for (int j = 0; j < nf; ++j)
           for (int r = 0; r < nr; ++r)
             hi[e.rows[r0 + r] * f + j0 + j] = gate_part[(j0 + j - lo) * nr + r] * out[j][r];
@@ -278,7 +380,7 @@ struct Call {
         const int nr = static_cast<int>(std::min<size_t>(4, e.rows.size() - r0));
         const float* hs[4];
         for (int r = 0; r < nr; ++r) hs[r] = hi + e.rows[r0 + r] * f;
-        RowDots(e.w2, f, lo, up, hs, nr, f, [&](int64_t j0, int nf, float (*out)[4]) {
+        RowDots(e.w2, lo, up, hs, nr, f, [&](int64_t j0, int nf, float (*out)[4]) {
           for (int j = 0; j < nf; ++j)
             for (int r = 0; r < nr; ++r) y[e.rows[r0 + r] * d + j0 + j] = out[j][r];
         });
@@ -396,8 +498,8 @@ struct PanelCall {
     const Expert<W>& e = experts[i];
     // bfloat16 weights are widened once per chunk, then read by every panel.
     static thread_local std::vector<float> buf1, buf3;
-    const float* w1 = RowsAsFloat(e.w1, d, lo, up, buf1);
-    const float* w3 = RowsAsFloat(e.w3, d, lo, up, buf3);
+    const float* w1 = RowsAsFloat(e.w1, lo, up, buf1);
+    const float* w3 = RowsAsFloat(e.w3, lo, up, buf3);
     for (int64_t p = 0; p < Panels(cols[i]); ++p) {
       const int w = Width(cols[i], p), nv = w / 16;
       const float* b = xp + xp_at[i] + 32 * p * d;
@@ -425,7 +527,7 @@ struct PanelCall {
     for (size_t i = 0; i < experts.size(); ++i) {
       const std::vector<int>& rows = experts[i].rows;
       const int64_t m = static_cast<int64_t>(rows.size());
-      const float* w2 = RowsAsFloat(experts[i].w2, f, lo, up, buf2);
+      const float* w2 = RowsAsFloat(experts[i].w2, lo, up, buf2);
       for (int64_t p = 0; p < Panels(cols[i]); ++p) {
         const int w = Width(cols[i], p);
         const int64_t valid = std::min<int64_t>(w, m - 32 * p);
@@ -465,7 +567,7 @@ struct LinearCall {
       const int nr = static_cast<int>(std::min<int64_t>(4, n - r0));
       const float* xs[4];
       for (int r = 0; r < nr; ++r) xs[r] = x + (r0 + r) * in;
-      RowDots(w, in, lo, up, xs, nr, in, [&](int64_t j0, int nf, float (*o)[4]) {
+      RowDots(F32View{w, in}, lo, up, xs, nr, in, [&](int64_t j0, int nf, float (*o)[4]) {
         for (int j = 0; j < nf; ++j)
           for (int r = 0; r < nr; ++r) y[(r0 + r) * out + j0 + j] = o[j][r];
       });
@@ -541,12 +643,12 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call<W>& c) {
   return ffi::Error::Success();
 }
 
-// The grouped FFN for float32 (W = float) or bfloat16 (W = bf16) expert weights, after
-// MoeCpuImpl checked every weight's shape and dtype; weights: w1, w3, w2 per expert;
-// sizes: rows per expert, in order from row 0 (rows past their sum come out zero).
+// The grouped FFN for expert weights read through views W (F32View, BF16View, I8View,
+// I4View), after MoeCpuImpl checked every weight's shape and dtype; weights: w1, w3, w2
+// per expert; sizes: rows per expert, in order from row 0 (rows past their sum come out zero).
 template <typename W>
 ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, int64_t d, int64_t f,
-                  const std::vector<const void*>& weights, const std::vector<int64_t>& sizes, int64_t chunk_bytes,
+                  const std::vector<W>& weights, const std::vector<int64_t>& sizes, int64_t chunk_bytes,
                   int64_t panel_min_rows) {
   const int64_t num_experts = static_cast<int64_t>(sizes.size());
   // Many rows run in blocks of at most kPanelBlockRows, of equal size, each a whole
@@ -573,9 +675,8 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, in
   c.f = f;
   c.x = x;
   c.y = y;
-  auto data = [&](int64_t i) { return static_cast<const W*>(weights[i]); };
   for (int64_t e = 0, start = 0; e < num_experts; start += sizes[e], ++e) {
-    Expert<W> ex{data(3 * e), data(3 * e + 1), data(3 * e + 2), {}};
+    Expert<W> ex{weights[3 * e], weights[3 * e + 1], weights[3 * e + 2], {}};
     for (int64_t r = start; r < std::min(n, start + sizes[e]); ++r) ex.rows.push_back(static_cast<int>(r));
     if (!ex.rows.empty()) c.experts.push_back(std::move(ex));
   }
@@ -592,9 +693,9 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, in
   if (scratch.size() < need) scratch.resize(need);
   c.h = scratch.data();
   // Chunks hold chunk_bytes of weights, whatever their dtype.
-  const int64_t bytes = sizeof(W);
-  c.rows1 = std::max<int64_t>(4, chunk_bytes / (bytes * d));
-  c.rows2 = std::max<int64_t>(4, chunk_bytes / (bytes * f * static_cast<int64_t>(c.experts.size())));
+  const int64_t bits = W::kBits;
+  c.rows1 = std::max<int64_t>(4, 8 * chunk_bytes / (bits * d));
+  c.rows2 = std::max<int64_t>(4, 8 * chunk_bytes / (bits * f * static_cast<int64_t>(c.experts.size())));
   c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((f + c.rows1 - 1) / c.rows1);
   c.phase2.count = (d + c.rows2 - 1) / c.rows2;
   RunOnCores(pool, call);
@@ -608,28 +709,68 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (xd.size() != 2 || gd.size() != 1)
     return ffi::Error::InvalidArgument("moe_cpu: x must be [M, D] and group_sizes [E]");
   const int64_t n = xd[0], d = xd[1], num_experts = gd[0];
-  if (static_cast<int64_t>(weights.size()) != 3 * num_experts)
-    return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 for each expert");
   std::vector<int64_t> sizes(group_sizes.typed_data(), group_sizes.typed_data() + num_experts);
   for (int64_t& s : sizes) s = std::max<int64_t>(0, s);
-  int64_t f = -1;
-  ffi::DataType dtype = ffi::DataType::INVALID;
-  std::vector<const void*> data;
+  auto first = weights.get<ffi::AnyBuffer>(0);
+  if (num_experts == 0 || !first.has_value()) return ffi::Error::InvalidArgument("moe_cpu: no expert weights");
+  const ffi::DataType dtype = first->element_type();
+  const bool quantized = dtype == ffi::DataType::S8 || dtype == ffi::DataType::U8;
+  const int64_t per_matrix = quantized ? 2 : 1;  // quantized: values, then scales
+  if (static_cast<int64_t>(weights.size()) != 3 * per_matrix * num_experts)
+    return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 (with their scales, if quantized) per expert");
+  if (!quantized && dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("moe_cpu: expert weights must be float32, bfloat16, int8 or packed int4");
+  const ffi::DataType scale_dtype = dtype == ffi::DataType::S8 ? ffi::DataType::F32 : ffi::DataType::F16;
+  const int64_t packing = dtype == ffi::DataType::U8 ? 2 : 1;  // int4: two values per byte
+  const int64_t f = first->dimensions().size() == 2 ? first->dimensions()[0] : -1;
+  // Each matrix: its data, its [rows, groups] scales (quantized), its rows and columns (values).
+  struct Matrix { const void *w, *s; int64_t rows, cols, groups; };
+  std::vector<Matrix> mats;
   for (int64_t i = 0; i < 3 * num_experts; ++i) {
-    auto w = weights.get<ffi::AnyBuffer>(i);
-    if (!w.has_value()) return ffi::Error::InvalidArgument("moe_cpu: expert weights must be arrays");
-    if (i == 0) dtype = w->element_type();
-    if (w->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16))
-      return ffi::Error::InvalidArgument("moe_cpu: expert weights must all be float32 or all bfloat16");
+    auto w = weights.get<ffi::AnyBuffer>(per_matrix * i);
+    if (!w.has_value() || w->element_type() != dtype)
+      return ffi::Error::InvalidArgument("moe_cpu: expert weights must all have one dtype");
     auto wd = w->dimensions();
-    if (f < 0) f = wd.size() == 2 ? wd[0] : -1;
     const bool down = i % 3 == 2;  // w2 [D, F]; w1, w3 [F, D]
-    if (wd.size() != 2 || wd[0] != (down ? d : f) || wd[1] != (down ? f : d))
-      return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F]");
-    data.push_back(w->untyped_data());
+    const int64_t rows = down ? d : f, cols = down ? f : d;
+    if (wd.size() != 2 || wd[0] != rows || wd[1] * packing != cols)
+      return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F] (int4: half the columns)");
+    Matrix m{w->untyped_data(), nullptr, rows, cols, 1};
+    if (quantized) {
+      auto s = weights.get<ffi::AnyBuffer>(per_matrix * i + 1);
+      if (!s.has_value() || s->element_type() != scale_dtype || s->dimensions().size() != 2 ||
+          s->dimensions()[0] != rows || s->dimensions()[1] < 1 || cols % s->dimensions()[1] != 0)
+        return ffi::Error::InvalidArgument("moe_cpu: scales must be [rows, groups] (int8: float32, int4: float16)");
+      m.s = s->untyped_data();
+      m.groups = s->dimensions()[1];
+      // 16 values loaded at once share one scale; a group's column is found by a shift.
+      const int64_t group = cols / m.groups;
+      if (m.groups > 1 && (group % 16 != 0 || (group & (group - 1)) != 0))
+        return ffi::Error::InvalidArgument("moe_cpu: quantization groups must be a power of two >= 16 columns");
+    }
+    mats.push_back(m);
   }
-  auto run = dtype == ffi::DataType::BF16 ? RunMoe<bf16> : RunMoe<float>;
-  return run(pool, x.typed_data(), y->typed_data(), n, d, f, data, sizes, chunk_bytes, panel_min_rows);
+  auto run = [&](auto make) {
+    std::vector<decltype(make(mats[0]))> views;
+    for (const Matrix& m : mats) views.push_back(make(m));
+    return RunMoe(pool, x.typed_data(), y->typed_data(), n, d, f, views, sizes, chunk_bytes, panel_min_rows);
+  };
+  switch (dtype) {
+    case ffi::DataType::F32:
+      return run([](const Matrix& m) { return F32View{static_cast<const float*>(m.w), m.cols}; });
+    case ffi::DataType::BF16:
+      return run([](const Matrix& m) { return BF16View{static_cast<const bf16*>(m.w), m.cols}; });
+    case ffi::DataType::S8:
+      return run([](const Matrix& m) {
+        return I8View{static_cast<const int8_t*>(m.w), static_cast<const float*>(m.s), m.cols, m.groups,
+                      GroupShift(m.groups, m.cols / m.groups)};
+      });
+    default:
+      return run([](const Matrix& m) {
+        return I4View{static_cast<const uint8_t*>(m.w), static_cast<const uint16_t*>(m.s), m.cols, m.groups,
+                      GroupShift(m.groups, m.cols / m.groups)};
+      });
+  }
 }
 
 }  // namespace
@@ -639,7 +780,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D], rows sorted by expert
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_sizes [E]
-                                  .RemainingArgs()               // w1, w3, w2 per expert
+                                  .RemainingArgs()               // w1, w3, w2 per expert (each + scales)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, D]
                                   .Attr<int64_t>("chunk_bytes")    // weight bytes per chunk of work
                                   .Attr<int64_t>("panel_min_rows"));  // from this many rows: panels

@@ -1,0 +1,81 @@
+"""Quantized experts on the CPU against float32 and bfloat16 experts: speed and logit error, one process.
+
+  python benchmarks/ab_quant.py [CKPT_DIR] [--rounds 4] [--accuracy_only]
+
+The bench model's shapes (python -m mixtral_jax.bench's defaults: D 1024, F 3584, 8 layers, 8 experts,
+vocab 32000), random weights (seed 0) unless CKPT_DIR gives a checkpoint; every variant holds the same
+float32 weights (experts rounded to bfloat16, or quantized from them), per_expert layout on one CPU
+device (the C++ kernel). Speed: decode batch 1 (16-token prompt, 32 new tokens) and a 512-token
+prefill, medians of alternating rounds. Accuracy: teacher-forced logits of 2 x 256 positions against
+float32's: relative max |error| / max |logit|, relative RMS error, and how often the argmax agrees.
+"""
+import argparse
+import time
+
+import numpy as np
+
+import mixtral_jax as mj
+from mixtral_jax import config
+
+parser = argparse.ArgumentParser()
+parser.add_argument("ckpt", nargs="?")
+parser.add_argument("--rounds", type=int, default=4)
+parser.add_argument("--accuracy_only", action="store_true")
+args = parser.parse_args()
+
+VARIANTS = {"float32": {}, "bf16 experts": {"expert_dtype": "bfloat16"}, "int8": {"quantize": "int8"},
+            "int4": {"quantize": "int4"}}
+if args.ckpt:
+    make = lambda kw: mj.load(args.ckpt, dtype="float32", **kw)
+else:
+    cfg = config.from_hf_dict({"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 3584,
+                               "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
+                               "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 4096,
+                               "rope_theta": 1e6, "rms_norm_eps": 1e-5}, name="bench")
+    make = lambda kw: mj.init_random(cfg, seed=0, dtype="float32", **kw)
+models = {name: make(kw) for name, kw in VARIANTS.items()}
+for name, m in models.items():
+    print(f"{name}: {sum(a.nbytes for a in __import__('jax').tree.leaves(m.params())) / 2**20:.0f} MiB of weights",
+          flush=True)
+
+rng = np.random.default_rng(0)
+tokens = rng.integers(3, 32000, (2, 256))
+ref = np.asarray(mj.forward(models["float32"], tokens), np.float64)
+for name, m in models.items():
+    if name == "float32":
+        continue
+    out = np.asarray(mj.forward(m, tokens), np.float64)
+    err = out - ref
+    print(f"accuracy {name}: rel max {np.abs(err).max() / np.abs(ref).max():.3e}, rel RMS "
+          f"{np.sqrt((err ** 2).mean() / (ref ** 2).mean()):.3e}, argmax agreement "
+          f"{(out.argmax(-1) == ref.argmax(-1)).mean():.4f} of {ref.shape[0] * ref.shape[1]} positions", flush=True)
+if args.accuracy_only:
+    raise SystemExit
+
+prompt16 = rng.integers(3, 32000, 16).tolist()
+prompt512 = rng.integers(3, 32000, 512).tolist()
+
+
+def decode(m, n=32):
+    stamps = []
+    for _ in mj.generate_stream(m, [prompt16], max_new_tokens=n, stop_tokens=[]):
+        stamps.append(time.perf_counter())
+    return (n - 1) / (stamps[-1] - stamps[0])
+
+
+def prefill(m):
+    t0 = time.perf_counter()
+    for _ in mj.generate_stream(m, [prompt512], max_new_tokens=1, stop_tokens=[]):
+        return 512 / (time.perf_counter() - t0)
+
+
+for what, fn in (("decode b1", decode), ("prefill 512", prefill)):
+    for m in models.values():
+        fn(m)  # compile
+    rates = {name: [] for name in models}
+    for r in range(args.rounds):
+        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            rates[name].append(fn(models[name]))
+    med = {name: float(np.median(v)) for name, v in rates.items()}
+    print(f"{what} tok/s: " + ", ".join(f"{name} {v:.1f} ({v / med['float32']:.2f}x)" for name, v in med.items()),
+          flush=True)

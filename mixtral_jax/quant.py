@@ -1,0 +1,168 @@
+"""Weight-only quantization of the expert weights: int8 per output channel, int4 in groups along the input.
+
+A quantized weight is a dict {"qvalue", "scale"} in place of the float array
+(the layout of Qwix's `QArray`: qvalue has the weight's shape, scale one value
+per tile, broadcast back), so Orbax, NNX and jax.tree see plain arrays:
+
+    stacked [..., in, out]       qvalue int8 [..., in, out]    (int4: uint8 [..., in/2, out], two per byte)
+                                 scale [..., in/g, out]        g = in for int8 (per output channel), GROUP for int4
+    per_expert [out, in] (HF's)  the same arrays transposed (the packed pairs stay pairs along the input)
+
+Symmetric: w ≈ qvalue · scale with qvalue in [-qmax, qmax] (127 or 7) and
+scale = max|w| / qmax over the tile, rounded UP to the scale dtype, so
+|w - dequantize(w)| ≤ scale / 2 holds for every element (`error_bound`).
+int8 scales are float32 (4 bytes per D weights); int4 scales float16 (as
+llama.cpp's Q4_0 blocks: 0.5 + 2/32 = 0.5625 bytes per weight).
+
+Quantizing runs on the host in NumPy, so a checkpoint quantized by `convert`
+and one quantized while `load` restores are the same bytes on any platform
+(TPU float division is not IEEE-exact). Dequantizing is XLA ops in the
+activation dtype (`dequantize`): the product then runs on the float weight,
+as Qwix's weight-only `ragged_dot` does (it dequantizes, then calls
+`lax.ragged_dot`); the CPU C++ kernel reads qvalue and scale directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("int8", "int4")
+# int4 group along the input: llama.cpp's Q4_0/Q4_K block; it divides every Mixtral dimension
+# (and F / tensor for tensor ≤ 64), and 128 would cut the bytes by 8% while doubling the
+# spread a group's largest weight sets (docs/benchmarks.md#quantized-weights).
+GROUP = 32
+QMAX = {"int8": 127, "int4": 7}
+SCALE_DTYPE = {"int8": np.dtype(np.float32), "int4": np.dtype(np.float16)}
+
+
+def check_mode(mode: str | None) -> str | None:
+    """None or one of MODES, else one clear ValueError."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)} "
+                         "(or none for float weights).")
+    return mode
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, Mapping) and "qvalue" in w
+
+
+def group_size(mode: str, in_dim: int) -> int:
+    return in_dim if mode == "int8" else GROUP
+
+
+def shapes(shape: tuple[int, ...], mode: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{"qvalue": (shape, dtype), "scale": (shape, dtype)} for a stacked float weight [..., in, out]."""
+    *lead, in_dim, out = shape
+    g = group_size(mode, in_dim)
+    if in_dim % g or (mode == "int4" and in_dim % 2):
+        raise ValueError(f"int4 quantization needs the experts' input sizes to be multiples of {GROUP}; "
+                         f"got {in_dim}: use int8 for this model.")
+    packed = in_dim if mode == "int8" else in_dim // 2
+    qdtype = np.dtype(np.int8) if mode == "int8" else np.dtype(np.uint8)
+    return {"qvalue": ((*lead, packed, out), qdtype), "scale": ((*lead, in_dim // g, out), SCALE_DTYPE[mode])}
+
+
+def axes(float_axes: tuple, mode: str) -> dict[str, tuple]:
+    """Logical axes of qvalue and scale from the float weight's: the same, but an int8 scale's
+    input dimension (size 1) is replicated."""
+    scale_axes = float_axes[:-2] + ((None,) if mode == "int8" else float_axes[-2:-1]) + float_axes[-1:]
+    return {"qvalue": tuple(float_axes), "scale": tuple(scale_axes)}
+
+
+def check_split(ffn: int, mode: str | None, tensor: int) -> None:
+    """int4 groups must not straddle devices: each `tensor` shard of F must hold whole groups."""
+    if mode == "int4" and (ffn // tensor) % GROUP:
+        raise ValueError(f"int4 experts keep groups of {GROUP} along intermediate_size={ffn}, which tensor={tensor} "
+                         f"splits into {ffn // tensor} per device, not a multiple of {GROUP}; use a smaller tensor "
+                         "axis or int8.")
+
+
+def mode_of(w) -> str | None:
+    """"int8", "int4" or None (a float weight), from qvalue's dtype."""
+    if not is_quantized(w):
+        return None
+    return "int8" if w["qvalue"].dtype == np.int8 else "int4"
+
+
+def quantize(w: np.ndarray, mode: str) -> dict[str, np.ndarray]:
+    """Quantizes a stacked float weight [..., in, out] on the host.
+
+    Returns:
+      {"qvalue", "scale"} NumPy arrays (shapes and dtypes from `shapes`).
+    """
+    w = np.asarray(w).astype(np.float32)
+    *lead, in_dim, out = w.shape
+    spec = shapes(w.shape, mode)
+    g, qmax, sdt = group_size(mode, in_dim), QMAX[mode], SCALE_DTYPE[mode]
+    tiles = w.reshape(*lead, in_dim // g, g, out)
+    absmax = np.max(np.abs(tiles), axis=-2)  # [..., in/g, out]
+    scale = (absmax / qmax).astype(sdt)
+    # Rounded up, so no |w| / scale exceeds qmax and no value is clipped: the bound stays scale / 2.
+    low = scale.astype(np.float64) * qmax < absmax  # exactly: a float32 product may round up
+    scale = np.where(low, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)
+    scale = np.where(absmax == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
+    q = np.clip(np.rint(tiles / scale.astype(np.float32)[..., None, :]), -qmax, qmax).astype(np.int8)
+    q = q.reshape(w.shape)
+    if mode == "int4":  # two per byte along the input: element 2i in the low nibble, 2i + 1 in the high
+        q = (q[..., 0::2, :] & 0xF).astype(np.uint8) | ((q[..., 1::2, :] & 0xF).astype(np.uint8) << 4)
+    assert q.shape == spec["qvalue"][0] and scale.shape == spec["scale"][0]
+    return {"qvalue": q, "scale": scale}
+
+
+def _unpack(qvalue: jax.Array, axis: int) -> jax.Array:
+    """int4 bytes → int8 values, twice as many along `axis` (low nibble first), sign-extended."""
+    signed = jax.lax.bitcast_convert_type(qvalue, jnp.int8)
+    low = jnp.right_shift(jnp.left_shift(signed, 4), 4)
+    high = jnp.right_shift(signed, 4)
+    both = jnp.stack([low, high], axis=axis + 1 if axis >= 0 else axis)  # [..., in/2, 2, ...]
+    shape = list(qvalue.shape)
+    shape[axis] *= 2
+    return both.reshape(shape)
+
+
+def dequantize(w, dtype, axis: int = -2) -> jax.Array:
+    """The float weight in `dtype`: qvalue · scale in float32, rounded once to `dtype`.
+
+    A float weight is only cast. `axis` is the input dimension: -2 for
+    stacked [..., in, out], -1 for per_expert [out, in].
+    """
+    if not is_quantized(w):
+        return w.astype(dtype)
+    q, scale = w["qvalue"], w["scale"]
+    axis = axis % q.ndim
+    if q.dtype == jnp.uint8:
+        q = _unpack(q, axis)
+    groups = scale.shape[axis]
+    tiled = q.reshape(*q.shape[:axis], groups, q.shape[axis] // groups, *q.shape[axis + 1:])
+    out = tiled.astype(jnp.float32) * jnp.expand_dims(scale.astype(jnp.float32), axis + 1)
+    return out.reshape(q.shape).astype(dtype)
+
+
+def transpose(w):
+    """A weight's last two dimensions swapped (stacked ↔ per_expert orientation), quantized or not."""
+    return jax.tree.map(lambda a: jnp.swapaxes(a, -1, -2), w)
+
+
+def error_bound(w: dict) -> np.ndarray:
+    """The analytic bound on |w - dequantize(w)| per element of a stacked weight: scale / 2 of its tile,
+    plus float32 rounding of the division and of qvalue · scale (2 · qmax ulps of the scale)."""
+    scale = np.asarray(w["scale"], np.float32)
+    qmax = QMAX[mode_of(w)]
+    in_dim = np.asarray(w["qvalue"]).shape[-2] * (1 if mode_of(w) == "int8" else 2)
+    per_tile = scale * (0.5 + 2 * qmax * np.finfo(np.float32).eps)
+    return np.repeat(per_tile, in_dim // scale.shape[-2], axis=-2)
+
+
+def quantize_layers(w: jax.Array, mode: str, shardings: Mapping | None = None) -> dict[str, jax.Array]:
+    """A stacked device weight [L, ..., in, out] quantized one layer at a time through the host.
+
+    `shardings`: {"qvalue", "scale"} target shardings (None: the default device).
+    """
+    parts = [quantize(np.asarray(jax.device_get(w[l])), mode) for l in range(w.shape[0])]
+    out = {k: np.stack([p[k] for p in parts]) for k in ("qvalue", "scale")}
+    return {k: jax.device_put(v, None if shardings is None else shardings[k]) for k, v in out.items()}
