@@ -334,3 +334,9 @@ def test_cli_trains_lora_resumes_and_writes_a_loadable_model(tmp_path):
     assert testing.rel_err(tuned.params()["layers"]["w1"], base.params()["layers"]["w1"]) > 0  # adapters trained
     np.testing.assert_array_equal(tuned.params()["layers"]["w1"], first_w1)  # the restored state is the saved one
     np.testing.assert_array_equal(tuned.params()["embed"], base.params()["embed"])  # LoRA leaves the rest
+
+
+def test_quantized_base_is_refused_in_one_sentence():
+    model = mj.init_random(TINY, seed=0, layout="stacked", quantize="int8")
+    with pytest.raises(ValueError, match=r"experts are quantized \(int8\); training needs float weights"):
+        finetune.init_state(model, finetune.TrainConfig(lora_rank=2))
