@@ -43,6 +43,7 @@ setup(
         ],
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",  # pytest.ini runs the files on up to 4 workers
             "torch==2.13.0",
             "transformers>=5.0,<6",
             "nbclient>=0.10,<0.12",
