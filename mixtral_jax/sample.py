@@ -17,6 +17,8 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
+from mixtral_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset (tiny, 8x7b, 8x22b) or a config.json path; ignored with --checkpoint.")
 flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (from mixtral_jax.convert).")
@@ -384,22 +386,6 @@ def run() -> int:
     return 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with --help exiting 0 and a bad flag as one sentence with exit status 2."""
-    argv = [a if a != "-h" else "--help" for a in argv]
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}; see --help.", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:
-        # absl's --help/--helpshort/--helpfull print the usage, then exit with status 1.
-        if e.code == 1 and any(a.lstrip("-").split("=")[0] in ("help", "helpshort", "helpfull", "?")
-                               for a in argv[1:] if a.startswith("-")):
-            sys.exit(0)
-        raise
-
-
 def main(argv):
     from mixtral_jax import distributed
 
@@ -436,4 +422,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -14,6 +14,8 @@ import time
 
 from absl import app, flags
 
+from mixtral_jax import cli
+
 FLAGS = flags.FLAGS
 # Seconds between checks, while a request waits, that its client is still there.
 _DISCONNECT_POLL_S = 0.5
@@ -277,17 +279,6 @@ def main(argv):
         sys.exit(2)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with --help exiting 0 and a bad flag as one sentence with exit status 2."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}; see --help.", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as e:  # absl's --help prints the usage, then exits with status 1
-        sys.exit(0 if e.code == 1 and any(a.lstrip("-") in ("help", "helpshort", "helpfull") for a in argv) else e.code)
-
-
 def _define_flags() -> None:
     # Defined when run as a program only: build_app is imported by the bench and tests, which have flags of
     # their own.
@@ -309,4 +300,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

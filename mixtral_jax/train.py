@@ -21,6 +21,8 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
+from mixtral_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Base model checkpoint directory (from mixtral_jax.convert or mj.save).")
 flags.DEFINE_string("config", "tiny", "Without --checkpoint: preset or config.json path of a randomly initialised model.")
@@ -180,4 +182,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app
 
 import mixtral_jax as mj
-from mixtral_jax import sample
+from mixtral_jax import cli, sample
 
 built = []
 _init_random = mj.init_random
@@ -38,7 +38,7 @@ def last_logits(model, prompt: list[int]) -> list[float]:
 if __name__ == "__main__":
     mj.init_random = _keep  # sample.run() calls mj.init_random: the model it builds is kept
     try:
-        app.run(sample.main, flags_parser=sample._parse_flags)
+        app.run(sample.main, flags_parser=cli.parse_flags)
     except SystemExit as e:
         if e.code or not built:  # a failure, or the supervisor process (it never builds a model)
             raise

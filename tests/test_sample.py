@@ -54,11 +54,11 @@ def nothing_built(monkeypatch):
 
 def _cli_in_process(capsys, *args) -> tuple[int, list[str]]:
     """The CLI's entry point (its flag parser, then main) in this process: exit status and stderr lines."""
-    from mixtral_jax import sample
+    from mixtral_jax import cli, sample
 
     try:
         with pytest.raises(SystemExit) as e:
-            sample.main(sample._parse_flags(["sample", *args]))
+            sample.main(cli.parse_flags(["sample", *args]))
     finally:
         sample.FLAGS.unparse_flags()
     return e.value.code, capsys.readouterr().err.strip().splitlines()

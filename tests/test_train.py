@@ -340,3 +340,10 @@ def test_quantized_base_is_refused_in_one_sentence():
     model = mj.init_random(TINY, seed=0, layout="stacked", quantize="int8")
     with pytest.raises(ValueError, match=r"experts are quantized \(int8\); training needs float weights"):
         finetune.init_state(model, finetune.TrainConfig(lora_rank=2))
+
+
+def test_cli_help_exits_0_and_a_bad_flag_value_is_one_sentence():
+    assert _train_cli("--help").returncode == 0
+    r = _train_cli("--steps", "abc")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: flag --steps=abc:"), r.stderr
