@@ -10,10 +10,10 @@ prefill, medians of alternating rounds. Accuracy: teacher-forced logits of 2 x 2
 float32's: relative max |error| / max |logit|, relative RMS error, and how often the argmax agrees.
 """
 import argparse
-import time
 
 import numpy as np
 
+import _alternate
 import mixtral_jax as mj
 from mixtral_jax import config
 
@@ -52,30 +52,6 @@ for name, m in models.items():
 if args.accuracy_only:
     raise SystemExit
 
-prompt16 = rng.integers(3, 32000, 16).tolist()
-prompt512 = rng.integers(3, 32000, 512).tolist()
-
-
-def decode(m, n=32):
-    stamps = []
-    for _ in mj.generate_stream(m, [prompt16], max_new_tokens=n, stop_tokens=[]):
-        stamps.append(time.perf_counter())
-    return (n - 1) / (stamps[-1] - stamps[0])
-
-
-def prefill(m):
-    t0 = time.perf_counter()
-    for _ in mj.generate_stream(m, [prompt512], max_new_tokens=1, stop_tokens=[]):
-        return 512 / (time.perf_counter() - t0)
-
-
-for what, fn in (("decode b1", decode), ("prefill 512", prefill)):
-    for m in models.values():
-        fn(m)  # compile
-    rates = {name: [] for name in models}
-    for r in range(args.rounds):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            rates[name].append(fn(models[name]))
-    med = {name: float(np.median(v)) for name, v in rates.items()}
+for what, med in _alternate.medians(models, args.rounds).items():
     print(f"{what} tok/s: " + ", ".join(f"{name} {v:.1f} ({v / med['float32']:.2f}x)" for name, v in med.items()),
           flush=True)

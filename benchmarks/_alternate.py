@@ -1,0 +1,34 @@
+"""Decode (batch 1) and prefill (512 tokens) tok/s of several models in one process, alternating (shared by the ab_* scripts)."""
+
+import time
+
+import numpy as np
+
+import mixtral_jax as mj
+
+
+def medians(models: dict, rounds: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """{"decode b1": {name: tok/s}, "prefill 512": {...}}: medians over `rounds`, each model compiled first,
+    the order reversed every other round."""
+    rng = np.random.default_rng(seed)
+    prompt16, prompt512 = rng.integers(3, 32000, 16).tolist(), rng.integers(3, 32000, 512).tolist()
+
+    def decode(m, n=32):
+        stamps = [time.perf_counter() for _ in mj.generate_stream(m, [prompt16], max_new_tokens=n, stop_tokens=[])]
+        return (n - 1) / (stamps[-1] - stamps[0])
+
+    def prefill(m):
+        t0 = time.perf_counter()
+        for _ in mj.generate_stream(m, [prompt512], max_new_tokens=1, stop_tokens=[]):
+            return 512 / (time.perf_counter() - t0)
+
+    out = {}
+    for what, fn in (("decode b1", decode), ("prefill 512", prefill)):
+        for m in models.values():
+            fn(m)  # compile
+        rates = {name: [] for name in models}
+        for r in range(rounds):
+            for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                rates[name].append(fn(models[name]))
+        out[what] = {name: float(np.median(v)) for name, v in rates.items()}
+    return out
