@@ -91,25 +91,30 @@ def _row_keys(seed_key: jax.Array, step: int | jax.Array, batch: int) -> jax.Arr
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "sampling", "mesh", "capacity_factor"),
                    donate_argnames=("cache",))
-def prefill(params, tokens, positions, cache, seed_key, *, cfg: MixtralConfig, strategy: str,
+def prefill(params, tokens, positions, cache, seed_key, start=None, *, cfg: MixtralConfig, strategy: str,
             sampling: SamplingParams, mesh=None, capacity_factor=None):
-    """Runs the prompt through the model, filling cache slots [0, T).
+    """Runs the prompt, or one chunk of it, through the model, filling cache slots [start, start + T).
 
     Args:
       params: parameter tree.
-      tokens: int32 [B, T] left-padded prompts.
+      tokens: int32 [B, T] left-padded prompts (or the chunk of them at `start`).
       positions: int32 [B, T] per-row positions, -1 on padding.
       cache: from `init_cache` (donated).
       seed_key: PRNG key for sampling.
+      start: None for a whole prompt (slots [0, T): its queries read those slots only), or an int32
+        scalar, the first slot of a chunk (its queries read every slot of the cache; one compile
+        serves every chunk).
       mesh, capacity_factor: as in `model.apply`.
 
     Returns:
       (first new token int32 [B], last-position logits float32 [B, V], cache);
       the token and logits replicated on every device (readable by every process).
+      Only a prompt's last chunk's token and logits mean anything.
     """
-    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, 0, axis=1)
+    index = 0 if start is None else start
+    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, index, axis=1)
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy,
-                                     cache=(cache["k"], cache["v"]), cache_index=0, k_pos=k_pos, last_only=True,
+                                     cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, last_only=True,
                                      mesh=mesh, capacity_factor=capacity_factor)
     last = sharding.constrain(logits[:, -1], mesh, (None, None))
     nxt = sample_logits(last, _row_keys(seed_key, 0, tokens.shape[0]), sampling)
@@ -158,17 +163,21 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     return out
 
 
-def _prepare(prompts, cfg: MixtralConfig, max_new_tokens: int):
-    """Validates and left-pads prompts into bucketed arrays."""
+def _prepare(prompts, cfg: MixtralConfig, max_new_tokens: int, prefill_chunk: int | None = None):
+    """Validates and left-pads prompts into bucketed arrays (a whole number of chunks when chunked)."""
     prompts = _check_prompts(prompts, cfg.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 (or None: the whole prompt at once), got {prefill_chunk}.")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"{cfg.max_position_embeddings} positions; shorten the prompt or ask for fewer tokens.")
     b, t = bucket(len(prompts)), bucket(longest, MIN_PROMPT_BUCKET)
+    if prefill_chunk is not None and t > prefill_chunk:
+        t = -(-t // prefill_chunk) * prefill_chunk
     tokens = np.zeros((b, t), np.int32)
     positions = np.full((b, t), -1, np.int32)
     positions[:, -1] = 0  # filler rows: one token at position 0, never read
@@ -181,16 +190,17 @@ def _prepare(prompts, cfg: MixtralConfig, max_new_tokens: int):
 
 
 def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling: SamplingParams,
-                seed: int = 0, strategy: str = "sparse",
-                capacity_factor: float | None = None) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """Prefill, then decode steps: yields (new tokens [B], their logits [B, V]) on device, per step.
+                seed: int = 0, strategy: str = "sparse", capacity_factor: float | None = None,
+                prefill_chunk: int | None = None) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """Prefill (in chunks of `prefill_chunk` tokens when the prompts are longer), then decode steps:
+    yields (new tokens [B], their logits [B, V]) on device, per step.
 
     B is the batch bucket (rows past len(prompts) are filler). The caller stops
     iterating when it is done; nothing here syncs with the host. The cache and
     the computation live on `model.mesh` when the model has one.
     """
     cfg = model.cfg
-    prompts, tokens, positions, lengths = _prepare(prompts, cfg, max_new_tokens)
+    prompts, tokens, positions, lengths = _prepare(prompts, cfg, max_new_tokens, prefill_chunk)
     if max_new_tokens == 0:
         return
     b, t = tokens.shape
@@ -198,7 +208,13 @@ def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling
     seed_key = jax.random.key(seed)
     run = dict(cfg=cfg, strategy=strategy, sampling=sampling, mesh=model.mesh, capacity_factor=capacity_factor)
     cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype, model.mesh, model.layout)
-    nxt, logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache, seed_key, **run)
+    if prefill_chunk is None or t <= prefill_chunk:
+        nxt, logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache, seed_key, **run)
+    else:  # bounded activations: a long prompt's chunks one after another, one compile for all
+        for start in range(0, t, prefill_chunk):
+            part = slice(start, start + prefill_chunk)
+            nxt, logits, cache = prefill(params, jnp.asarray(tokens[:, part]), jnp.asarray(positions[:, part]),
+                                         cache, seed_key, jnp.int32(start), **run)
     yield nxt, logits
     for step in range(1, max_new_tokens):
         nxt, logits, cache = decode_step(params, nxt, jnp.asarray(lengths + step - 1), jnp.int32(t + step - 1),
@@ -208,7 +224,8 @@ def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling
 
 def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens=None,
-                    strategy: str = "sparse", capacity_factor: float | None = None) -> Iterator[np.ndarray]:
+                    strategy: str = "sparse", capacity_factor: float | None = None,
+                    prefill_chunk: int | None = None) -> Iterator[np.ndarray]:
     """Like `generate`, but yields each step's new tokens as they are produced.
 
     Yields:
@@ -219,7 +236,7 @@ def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64,
     stops = np.array(sorted({model.cfg.eos_token_id} if stop_tokens is None else set(stop_tokens)), np.int64)
     n = len(prompts) if isinstance(prompts, Sequence) else 0
     done = np.zeros((n,), bool)
-    steps = decode_loop(model, prompts, max_new_tokens, sampling, seed, strategy, capacity_factor)
+    steps = decode_loop(model, prompts, max_new_tokens, sampling, seed, strategy, capacity_factor, prefill_chunk)
     pending = next(steps, None)
     while pending is not None:
         # Dispatch the next step before reading this one's tokens: the device never waits for
@@ -236,7 +253,8 @@ def generate_stream(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64,
 
 def generate(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens=None,
-             strategy: str = "sparse", capacity_factor: float | None = None) -> list[list[int]]:
+             strategy: str = "sparse", capacity_factor: float | None = None,
+             prefill_chunk: int | None = None) -> list[list[int]]:
     """Generates continuations for a batch of prompts of any lengths.
 
     Args:
@@ -252,13 +270,16 @@ def generate(model: model_lib.Mixtral, prompts, max_new_tokens: int = 64, temper
       strategy: single-device MoE dispatch strategy.
       capacity_factor: expert-parallel capacity on a multi-device `model.mesh`
         (None: dropless).
+      prefill_chunk: prefill prompts longer than this many tokens in chunks of it (the prefill's
+        activations then stay those of one chunk; the prompt bucket becomes a whole number of
+        chunks); None prefills the whole prompt at once.
 
     Returns:
       One list of new token ids per prompt.
     """
     outs = [[] for _ in prompts]
     for step_tokens in generate_stream(model, prompts, max_new_tokens, temperature, top_p, top_k, seed,
-                                       stop_tokens, strategy, capacity_factor):
+                                       stop_tokens, strategy, capacity_factor, prefill_chunk):
         for row, tok in enumerate(step_tokens):
             if tok >= 0:
                 outs[row].append(int(tok))

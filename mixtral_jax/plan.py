@@ -93,9 +93,10 @@ def _abstract_cache(cfg: MixtralConfig, batch: int, cache_len: int, mesh, dtype)
 
 
 def _compile(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
-             capacity_factor: float | None, quantize: str | None = None):
+             capacity_factor: float | None, quantize: str | None = None, chunked: bool = False):
     """`generate.prefill` or `generate.decode_step` compiled for abstract params (experts quantized with
-    `quantize`) and a `cache_len`-slot cache."""
+    `quantize`) and a `cache_len`-slot cache; `chunked`: the prefill of one `prompt_len`-token chunk of a
+    longer prompt (written at a traced slot, its queries reading the whole cache)."""
     params = model_lib.abstract_params(cfg, dtype, mesh, quantize=quantize)
     cache = _abstract_cache(cfg, batch, cache_len, mesh, dtype)
 
@@ -108,7 +109,7 @@ def _compile(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, c
     static = dict(cfg=cfg, strategy="sparse", sampling=SamplingParams(), mesh=mesh, capacity_factor=capacity_factor)
     if step == "prefill":
         return prefill.lower(params, ids((batch, prompt_len)), ids((batch, prompt_len)), cache, key,
-                             **static).compile()
+                             scalar if chunked else None, **static).compile()
     return decode_step.lower(params, ids((batch,)), ids((batch,)), scalar, cache, key, scalar, **static).compile()
 
 
@@ -132,7 +133,7 @@ def _short_shape(shape: str) -> str:
 
 def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
                        capacity_factor: float | None, full, full_text: str,
-                       quantize: str | None = None) -> tuple[float, float, int, list]:
+                       quantize: str | None = None, chunked: bool = False) -> tuple[float, float, int, list]:
     """(FLOPs, HBM bytes, the part of those in top-level layout copies, the extra compiles made) of
     a whole `step`; `full` is its compile (`full_text` its HLO), whose cost analysis counts the layer
     scan's body once.
@@ -143,12 +144,13 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
     whole [L, ..., S, ...] cache, so the layer's bytes come from cut compiles with a short cache:
     decode at 16 and 32 slots, whose difference per slot less the cache's own bytes per slot is
     that charge (removed), plus the real read of S slots; prefill at the prompt's T slots (it reads
-    no others), the charge for those left in.
+    no others), the charge for those left in; a chunk of a chunked prefill at all S slots (it reads them).
     """
     num_layers = cfg.num_hidden_layers
     cut = dataclasses.replace(cfg, vocab_size=mesh.shape["tensor"])
     copies = hlo.entry_copy_bytes(full_text)
-    compile_cut = lambda slots: _compile(step, cut, mesh, batch, prompt_len, slots, dtype, capacity_factor, quantize)
+    compile_cut = lambda slots: _compile(step, cut, mesh, batch, prompt_len, slots, dtype, capacity_factor, quantize,
+                                         chunked)
     cut_full_cache = compile_cut(cache_len)
     (flops, hbm), (layer_flops, cut_hbm) = _cost(full), _cost(cut_full_cache)
     # The vocabulary's part (embedding, lm_head, sampling), and the program's top-level layout copies
@@ -156,7 +158,7 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
     outside_hbm = hbm - cut_hbm + copies
     extra = [cut_full_cache]
     if step == "prefill":
-        short = compile_cut(prompt_len) if prompt_len < cache_len else cut_full_cache
+        short = compile_cut(prompt_len) if prompt_len < cache_len and not chunked else cut_full_cache
         layer_hbm = _cost(short)[1]
         extra += [short] if short is not cut_full_cache else []
     elif cache_len > 32:
@@ -173,15 +175,17 @@ def _whole_model_costs(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_l
 
 
 def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: int, cache_len: int, dtype,
-                 capacity_factor: float | None, chip, quantize: str | None = None) -> dict[str, Any]:
-    """Memory, whole-model costs, collectives and roofline estimate of one step on a TPU mesh.
+                 capacity_factor: float | None, chip, quantize: str | None = None,
+                 chunked: bool = False) -> dict[str, Any]:
+    """Memory, whole-model costs, collectives and roofline estimate of one step on a TPU mesh (a prefill
+    step: `prompt_len` tokens per row, one chunk of a longer prompt when `chunked`).
 
     A step that does not fit the chip's HBM does not compile: then only what the compiler says
     (`does_not_fit`: bytes needed and available per device) is reported.
     """
     t0 = time.perf_counter()
     try:
-        compiled = _compile(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor, quantize)
+        compiled = _compile(step, cfg, mesh, batch, prompt_len, cache_len, dtype, capacity_factor, quantize, chunked)
     except jax.errors.JaxRuntimeError as e:
         m = _OUT_OF_HBM.search(str(e))
         if not m:
@@ -193,7 +197,7 @@ def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: in
     t1 = time.perf_counter()
     text = compiled.as_text()
     flops, hbm, copies, extra = _whole_model_costs(step, cfg, mesh, batch, prompt_len, cache_len, dtype,
-                                                   capacity_factor, compiled, text, quantize)
+                                                   capacity_factor, compiled, text, quantize, chunked)
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
     found = hlo.collectives(text)
@@ -239,7 +243,7 @@ def _validate(cfg: MixtralConfig, mesh_spec: str, batch: int, max_seq_len: int |
 def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_len: int | None = None,
             prompt_len: int | None = None, dtype: str = "bfloat16", device_memory_gb: float | None = None,
             capacity_factor: float | None = None, topology: str | None = None,
-            quantize: str | None = None) -> dict[str, Any]:
+            quantize: str | None = None, prefill_chunk: int | None = None) -> dict[str, Any]:
     """Plans serving `cfg` on `mesh_spec`, allocating nothing.
 
     Args:
@@ -255,10 +259,12 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
       topology: a TPU slice such as "v5e:2x4" or "v5p:4x4x4" to compile for with
         the TPU compiler (needs libtpu); None plans on virtual CPU devices.
       quantize: "int8" or "int4": the experts quantized (quant.py), counted and compiled as such.
+      prefill_chunk: a prompt longer than this is prefilled in chunks of it (`generate`'s
+        `prefill_chunk`): the prefill step planned is one chunk, reading the whole cache.
 
     Returns:
-      A JSON-able dict: platform, topology, devices, batch, prompt_len,
-      max_seq_len, capacity_factor, fits (None without a memory size),
+      A JSON-able dict: platform, topology, devices, batch, prompt_len, prefill_step_len (tokens per row
+      of one prefill step: the chunk, or the prompt), max_seq_len, capacity_factor, fits (None without a memory size),
       params_bytes_per_device, kv_cache_bytes_per_device, peak_bytes_per_device,
       prefill_flops_per_device, decode_hbm_bytes_per_device,
       decode_collective_bytes_per_device, prefill_collective_bytes_per_device,
@@ -268,25 +274,29 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
     """
     cfg = cfg if isinstance(cfg, MixtralConfig) else load_config(cfg)
     max_seq_len, prompt_len = _validate(cfg, mesh_spec, batch, max_seq_len, prompt_len)
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 (or None: the whole prompt at once), got {prefill_chunk}.")
+    chunked = prefill_chunk is not None and prefill_chunk < prompt_len
+    step_len = prefill_chunk if chunked else prompt_len
     dtype = jnp.dtype(dtype)
     quant.check_mode(quantize)
     quant.check_split(cfg.intermediate_size, quantize, sharding.parse_mesh_spec(mesh_spec).get("tensor", 1))
     if topology is None:
         return _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_memory_gb, capacity_factor,
-                            quantize)
+                            quantize, prefill_chunk)
 
     topo = topology_lib.parse_topology(topology)
     mesh = sharding.make_mesh(mesh_spec, topology_lib.tpu_devices(topo))
     chip = topo.chip
-    run = (cfg, mesh, batch, prompt_len, max_seq_len, dtype, capacity_factor, chip)
-    pre, dec = _step_report("prefill", *run, quantize), _step_report("decode", *run, quantize)
+    run = (cfg, mesh, batch, step_len, max_seq_len, dtype, capacity_factor, chip, quantize)
+    pre, dec = _step_report("prefill", *run, chunked), _step_report("decode", *run)
     params = model_lib.abstract_params(cfg, dtype, mesh, quantize=quantize)
     peak = max(pre["peak_bytes_per_device"], dec["peak_bytes_per_device"])
     memory_gb = chip.hbm_gib if device_memory_gb is None else device_memory_gb
     compiled = "does_not_fit" not in pre and "does_not_fit" not in dec
     get = lambda r, key: r[key] if compiled else None
     return {
-        **_common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, params),
+        **_common(cfg, mesh, dtype, batch, prompt_len, step_len, max_seq_len, capacity_factor, params),
         "quantize": quantize, "platform": "tpu", "topology": topo.name, "chip": chip.name,
         "compiled_as": f"{dtype.name} by the TPU compiler (libtpu) for {topo.name}",
         "peak_bytes_per_device": peak,
@@ -339,34 +349,39 @@ def moe_rows(cfg: MixtralConfig, mesh, tokens: int, capacity_factor: float | Non
     }
 
 
-def _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor, params) -> dict[str, Any]:
+def _common(cfg, mesh, dtype, batch, prompt_len, step_len, max_seq_len, capacity_factor, params) -> dict[str, Any]:
     cache = _abstract_cache(cfg, batch, max_seq_len, mesh, dtype)
     return {
         "config": cfg.name, "mesh": dict(mesh.shape), "devices": mesh.size, "dtype": dtype.name, "batch": batch,
-        "prompt_len": prompt_len, "max_seq_len": max_seq_len, "capacity_factor": capacity_factor,
+        "prompt_len": prompt_len, "prefill_step_len": step_len, "max_seq_len": max_seq_len,
+        "capacity_factor": capacity_factor,
         "params_bytes_per_device": _bytes_per_device(params),
         "params_bytes_total": sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params)),
         "kv_cache_bytes_per_device": _bytes_per_device(cache),
-        "moe": {"prefill": moe_rows(cfg, mesh, batch * prompt_len, capacity_factor, dtype),
+        "moe": {"prefill": moe_rows(cfg, mesh, batch * step_len, capacity_factor, dtype),
                 "decode": moe_rows(cfg, mesh, batch, capacity_factor, dtype)},
     }
 
 
 def _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_memory_gb, capacity_factor,
-                 quantize=None):
+                 quantize=None, prefill_chunk=None):
     """The plan on virtual CPU devices: exact params and cache, float32 temporaries as an upper bound."""
     n = mesh_size(mesh_spec)
     if len(jax.devices("cpu")) < n:
         return _dry_run_in_subprocess(cfg, mesh_spec, n, batch=batch, max_seq_len=max_seq_len, prompt_len=prompt_len,
                                       dtype=dtype.name, device_memory_gb=device_memory_gb,
-                                      capacity_factor=capacity_factor, quantize=quantize)
+                                      capacity_factor=capacity_factor, quantize=quantize,
+                                      prefill_chunk=prefill_chunk)
     mesh = sharding.make_mesh(mesh_spec, jax.devices("cpu")[:n])
     t0 = time.perf_counter()
-    prefill_c = _compile("prefill", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor, quantize)
+    chunked = prefill_chunk is not None and prefill_chunk < prompt_len
+    step_len = prefill_chunk if chunked else prompt_len
+    prefill_c = _compile("prefill", cfg, mesh, batch, step_len, max_seq_len, jnp.float32, capacity_factor, quantize,
+                         chunked)
     t1 = time.perf_counter()
     decode_c = _compile("decode", cfg, mesh, batch, prompt_len, max_seq_len, jnp.float32, capacity_factor, quantize)
     seconds = (t1 - t0, time.perf_counter() - t1)
-    common = _common(cfg, mesh, dtype, batch, prompt_len, max_seq_len, capacity_factor,
+    common = _common(cfg, mesh, dtype, batch, prompt_len, step_len, max_seq_len, capacity_factor,
                      model_lib.abstract_params(cfg, dtype, mesh, quantize=quantize))
     temps = {"prefill": prefill_c.memory_analysis().temp_size_in_bytes,
              "decode": decode_c.memory_analysis().temp_size_in_bytes}
@@ -420,7 +435,9 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
     experts = f" (experts {plan['quantize']})" if plan.get("quantize") else ""
     lines = [
         f"{plan['config']} {plan['dtype']}{experts} on {where}, mesh {mesh}, batch {plan['batch']}, "
-        f"KV cache {plan['max_seq_len']} tokens, prefill {plan['prompt_len']} tokens; compiled as {plan['compiled_as']}:",
+        f"KV cache {plan['max_seq_len']} tokens, prefill {plan['prompt_len']} tokens"
+        + (f" in chunks of {plan['prefill_step_len']}" if plan["prefill_step_len"] < plan["prompt_len"] else "")
+        + f"; compiled as {plan['compiled_as']}:",
         f"  params      {gib(plan['params_bytes_per_device'])} per device",
         f"  KV cache    {gib(plan['kv_cache_bytes_per_device'])} per device",
     ]
@@ -450,7 +467,7 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
                      "of the three), per step and device:")
         for step in ("prefill", "decode"):
             r = plan[step]
-            tokens = plan["batch"] * (plan["prompt_len"] if step == "prefill" else 1)
+            tokens = plan["batch"] * (plan["prefill_step_len"] if step == "prefill" else 1)
             lines.append(
                 f"  {step:<8} {_si(r['flops_per_device'], 'FLOP')}, HBM {_si(r['hbm_bytes_per_device'], 'B')}, "
                 f"collectives {_si(r['collective_bytes_per_device'], 'B')}: {r['est_step_s'] * 1e3:.2f} ms "

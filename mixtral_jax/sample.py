@@ -47,6 +47,8 @@ flags.DEFINE_string("topology", None, "Dry run: compile for this TPU slice with 
 flags.DEFINE_integer("batch", 1, "Dry run: batch size.")
 flags.DEFINE_integer("max_seq_len", None, "Dry run: KV-cache length (default: the model's positions).")
 flags.DEFINE_integer("prompt_len", None, "Dry run: prefill length (default: min(max_seq_len, 2048)).")
+flags.DEFINE_integer("prefill_chunk", None, "Prefill prompts longer than this in chunks of it (bounds the prefill's "
+                     "memory; the dry run plans one chunk); default: the whole prompt at once.")
 flags.DEFINE_float("device_memory_gb", None, "Dry run: GiB per device to check the plan against (exit 2 if it does "
                    "not fit); default: with --topology the chip's HBM, else this host's devices (on CPU, the "
                    "available memory over the mesh's devices).")
@@ -95,6 +97,8 @@ def _check_flags() -> None:
         raise UsageError(f"--top_k must be >= 0 (0 disables it), got {FLAGS.top_k}.")
     if FLAGS.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {FLAGS.batch}.")
+    if FLAGS.prefill_chunk is not None and FLAGS.prefill_chunk < 1:
+        raise UsageError(f"--prefill_chunk must be >= 1, got {FLAGS.prefill_chunk}.")
     if FLAGS.max_seq_len is not None and FLAGS.max_seq_len < 1:
         raise UsageError(f"--max_seq_len must be >= 1, got {FLAGS.max_seq_len}.")
     for name in ("device_memory_gb", "capacity_factor"):
@@ -251,7 +255,7 @@ def dry_run() -> int:
     result = plan.dry_run(FLAGS.checkpoint or FLAGS.config, FLAGS.mesh, batch=FLAGS.batch,
                           max_seq_len=FLAGS.max_seq_len, prompt_len=FLAGS.prompt_len, dtype=FLAGS.dtype or "bfloat16",
                           device_memory_gb=memory_gb, capacity_factor=FLAGS.capacity_factor,
-                          topology=FLAGS.topology, quantize=FLAGS.quantize)
+                          topology=FLAGS.topology, quantize=FLAGS.quantize, prefill_chunk=FLAGS.prefill_chunk)
     print(json.dumps(result) if FLAGS.json else plan.summary(result), flush=True)
     if memory_note:
         print(f"[dry run] {memory_note}.", file=sys.stderr)
@@ -355,7 +359,8 @@ def run() -> int:
     t0 = time.perf_counter()
     stamps, counts = [], []
     for step_tokens in mj.generate_stream(model, prompts, FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_p,
-                                          FLAGS.top_k, FLAGS.seed, capacity_factor=FLAGS.capacity_factor):
+                                          FLAGS.top_k, FLAGS.seed, capacity_factor=FLAGS.capacity_factor,
+                                          prefill_chunk=FLAGS.prefill_chunk):
         stamps.append(time.perf_counter())
         counts.append(int((step_tokens >= 0).sum()))
         for row, t in enumerate(step_tokens):

@@ -256,6 +256,26 @@ def test_tpu_moe_exchange_is_what_the_compiler_has(topology_name, spec, exchange
     assert f"{exchange}" in plan.summary(r)
 
 
+def test_tpu_plan_of_a_chunked_prefill_compiles_one_chunk():
+    # generate(prefill_chunk=16) on 32-token prompts: the plan's prefill step is one 16-token chunk
+    # written at a traced slot. Its FLOPs (the compiler's, scan-corrected) are those of b x 16 tokens
+    # by hand, and its temporaries no more than the whole prompt's.
+    cfg, b = TPU_TEST, TPU_WORKLOAD["batch"]
+    r = plan.dry_run(cfg, "expert=4,tensor=2", topology="v5e:2x4", prefill_chunk=16, **TPU_WORKLOAD)
+    whole = _tpu_plan("v5e:2x4", "expert=4,tensor=2")
+    assert (r["prompt_len"], r["prefill_step_len"], whole["prefill_step_len"]) == (32, 16, 32)
+    d, f, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    attn = 2 * d * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim \
+        + 2 * cfg.num_attention_heads * cfg.head_dim * d
+    tokens = b * 16
+    ideal = tokens * cfg.num_hidden_layers * (attn + 2 * 3 * d * f * k) + 2 * b * d * cfg.vocab_size
+    total = r["prefill_flops_per_device"] * r["devices"]
+    assert ideal <= total <= tokens * cfg.num_hidden_layers * (attn + 2 * 3 * d * f * e) * 1.5 + 2 * b * d * cfg.vocab_size
+    assert r["moe"]["prefill"]["tokens_per_device"] * 2 == whole["moe"]["prefill"]["tokens_per_device"]
+    assert r["prefill"]["temp_bytes_per_device"] <= whole["prefill"]["temp_bytes_per_device"]
+    assert "prefill 32 tokens in chunks of 16" in plan.summary(r)
+
+
 def test_tpu_plan_too_big_for_the_chip_reports_what_the_compiler_needs():
     # Experts of 6 GiB per layer and device: the TPU compiler refuses a program larger than HBM.
     cfg = dataclasses.replace(TPU_TEST, intermediate_size=4 * 1024 * 1024, num_hidden_layers=4)
