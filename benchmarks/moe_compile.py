@@ -30,7 +30,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mixtral_jax as mj
-from mixtral_jax import model as model_lib, moe, sharding
+from mixtral_jax import expert_parallel, model as model_lib, moe, sharding
 generate_lib = importlib.import_module("mixtral_jax.generate")  # the module; mixtral_jax.generate is the function
 
 COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
@@ -88,7 +88,7 @@ def moe_block(cfg, mesh, tokens: int, capacity_factor=None, dtype=jnp.bfloat16):
     out["ideal_flops"] = 2 * tokens * k * 3 * d * f / mesh.size
     if mesh.size > 1 and hasattr(moe, "exchange_plan"):  # absent before (the "before" figures)
         s = dict(mesh.shape)
-        out["plan"] = moe.exchange_plan(tokens, e, k, s["expert"], s["data"], capacity_factor)
+        out["plan"] = expert_parallel.exchange_plan(tokens, e, k, s["expert"], s["data"], capacity_factor)
     return out
 
 

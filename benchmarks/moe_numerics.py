@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mixtral_jax as mj
-from mixtral_jax import moe, sharding
+from mixtral_jax import expert_parallel, moe, sharding
 
 E, D, F, N, K = 8, 512, 2048, 256, 2
 MESHES = ("expert=8", "tensor=8", "expert=2,tensor=4", "expert=4,tensor=2")
@@ -46,7 +46,7 @@ def main():
         mesh = mj.make_mesh(spec)
         shardings = {"router": NamedSharding(mesh, P()),
                      **{n: NamedSharding(mesh, sharding.logical_to_spec(a, mesh, p16[n].shape)) for n, a in AXES.items()}}
-        out = jax.jit(lambda x, p: moe.moe_expert_parallel(x, p, K, mesh)[0])(x16, jax.device_put(p16, shardings))
+        out = jax.jit(lambda x, p: expert_parallel.moe_expert_parallel(x, p, K, mesh)[0])(x16, jax.device_put(p16, shardings))
         d = np.asarray(out, np.float64) - ref
         print(f"{spec:20s} relative RMS {np.sqrt((d ** 2).mean() / (ref ** 2).mean()):.3e}  "
               f"max {np.abs(d).max() / np.abs(ref).max():.3e}")

@@ -51,7 +51,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax import hlo, model as model_lib, moe, quant, sharding, topology as topology_lib
+from mixtral_jax import expert_parallel, hlo, model as model_lib, moe, quant, sharding, topology as topology_lib
 from mixtral_jax.config import MixtralConfig, load_config
 from mixtral_jax.generate import SamplingParams, decode_step, prefill
 
@@ -314,7 +314,7 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
 
 def moe_rows(cfg: MixtralConfig, mesh, tokens: int, capacity_factor: float | None, dtype) -> dict[str, Any]:
     """The MoE block's rows and exchange per device and layer for `tokens` tokens, from the design's
-    arithmetic (`moe.exchange_plan`), against the ideal: the tokens × k assignments split over the
+    arithmetic (`expert_parallel.exchange_plan`), against the ideal: the tokens × k assignments split over the
     data × expert shards (each of a shard's `tensor` devices computes its slice of F for them).
 
     Returns:
@@ -330,13 +330,13 @@ def moe_rows(cfg: MixtralConfig, mesh, tokens: int, capacity_factor: float | Non
     """
     sizes = dict(mesh.shape)
     num_experts, k, d = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size
-    rows = moe.exchange_plan(tokens, num_experts, k, sizes["expert"], sizes["data"], capacity_factor)
+    rows = expert_parallel.exchange_plan(tokens, num_experts, k, sizes["expert"], sizes["data"], capacity_factor)
     ideal = tokens * k / (sizes["data"] * sizes["expert"])
     batched = rows["buffer_rows"] <= moe.DENSE_MAX_ROWS
     computed = rows["buffer_rows"] * num_experts // sizes["expert"] if batched else rows["rows_balanced"]
     itemsize = jnp.dtype(dtype).itemsize
     exchange = None if mesh.size == 1 else (
-        "ragged-all-to-all" if moe.has_ragged_all_to_all(mesh.devices) else "all-to-all")
+        "ragged-all-to-all" if expert_parallel.has_ragged_all_to_all(mesh.devices) else "all-to-all")
     return {
         **rows, "ideal_rows": ideal,
         "buffer_ratio": rows["buffer_rows"] / ideal, "balanced_ratio": rows["rows_balanced"] / ideal,
@@ -452,7 +452,7 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
                   f"  peak        {gib(plan['peak_bytes_per_device'])} per device"]
     if plan["fits"] is not None:
         lines.append(f"  {'fits' if plan['fits'] else 'does NOT fit'} in {plan['device_memory_gb']} GiB per device")
-    lines.append("  MoE per layer and device (moe.exchange_plan; ideal: tokens x k / (data x expert) rows):")
+    lines.append("  MoE per layer and device (expert_parallel.exchange_plan; ideal: tokens x k / (data x expert) rows):")
     for step in ("prefill", "decode"):
         m = plan["moe"][step]
         moved = ("" if m["exchange"] is None else

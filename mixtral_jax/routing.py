@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax import model as model_lib
-from mixtral_jax import sharding
+from mixtral_jax import expert_parallel, sharding
 
 
 class Routing(NamedTuple):
@@ -36,7 +36,7 @@ def expert_routing(model: model_lib.Mixtral, tokens, capacity_factor: float | No
       model: a `Mixtral` (on `model.mesh`, if it has one).
       tokens: int [B, T] token ids (or one list of ids).
       capacity_factor: expert-parallel capacity on a multi-device mesh (None:
-        dropless); `moe.count_dropped` turns the result into drops per layer.
+        dropless); `expert_parallel.count_dropped` turns the result into drops per layer.
 
     Returns:
       `Routing(experts int32 [L, B, T, k], weights float32 [L, B, T, k])`, the

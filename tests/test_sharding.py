@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import mixtral_jax as mj
-from mixtral_jax import convert, model as model_lib, moe, sharding, testing, topology
+from mixtral_jax import convert, expert_parallel, model as model_lib, moe, sharding, testing, topology
 from mixtral_jax.config import from_hf_dict
 from mixtral_jax.generate import init_cache
 from mixtral_jax.model import Mixtral
@@ -192,7 +192,7 @@ def _ep(x, p, k, mesh, capacity_factor=None):
     axes = {"router": ("embed", None), "w1": ("experts", "embed", "ffn"), "w3": ("experts", "embed", "ffn"),
             "w2": ("experts", "ffn", "embed")}
     p = {name: jax.device_put(v, sharding.named_sharding(mesh, axes[name], v.shape)) for name, v in p.items()}
-    fn = jax.jit(functools.partial(moe.moe_expert_parallel, k=k, mesh=mesh, capacity_factor=capacity_factor))
+    fn = jax.jit(functools.partial(expert_parallel.moe_expert_parallel, k=k, mesh=mesh, capacity_factor=capacity_factor))
     out, dropped = fn(x, p)
     return np.asarray(out), int(dropped)
 
@@ -252,14 +252,14 @@ def test_exchange_plan_hand_arithmetic():
     # 8x7B on expert=8, batch 8 x 2048: 2048 tokens per device, 4096 assignments; balanced, each
     # expert gets 2048 x 2 / 8 = 512 rows from each of the 8 sources; the worst case is every
     # source's 2048 tokens choosing this device's one expert.
-    plan = moe.exchange_plan(8 * 2048, 8, 2, expert=8)
+    plan = expert_parallel.exchange_plan(8 * 2048, 8, 2, expert=8)
     assert plan == {"tokens_per_device": 2048, "capacity": 2048, "rows_per_source": 2048, "buffer_rows": 8 * 2048,
                     "rows_balanced": 4096, "rows_sent_balanced": 7 * 512}
     # Capacity 1.25: ceil(1.25 x 512) = 640 rows per (source, expert), so 8 x 640 buffer rows.
-    assert moe.exchange_plan(8 * 2048, 8, 2, expert=8, capacity_factor=1.25)["buffer_rows"] == 8 * 640
+    assert expert_parallel.exchange_plan(8 * 2048, 8, 2, expert=8, capacity_factor=1.25)["buffer_rows"] == 8 * 640
     # expert=4, tensor=2: tokens split over the 4 expert shards (16 each, shared by both tensor
     # peers); 2 experts per shard, so a source sends a shard at most 16 x 2 rows: 4 x 32 buffer rows.
-    plan = moe.exchange_plan(64, 8, 2, expert=4)
+    plan = expert_parallel.exchange_plan(64, 8, 2, expert=4)
     assert plan["tokens_per_device"] == 16 and plan["buffer_rows"] == 4 * 16 * 2
     assert plan["rows_balanced"] == 2 * 64 * 2 / 8  # E_loc x tokens x k / E
     assert plan["rows_sent_balanced"] == 6 * 16 * 2 / 8  # to the 6 experts of the other 3 shards, no tensor factor
@@ -276,7 +276,7 @@ def test_expert_parallel_exact_drops_constructed():
     x = np.random.RandomState(0).randn(32, d).astype(np.float32) * 0.1
     x[np.arange(32), route] += 5.0
     mesh = mj.make_mesh("expert=8")
-    assert moe.expert_capacity(4, e, 1, 1.0) == 1
+    assert expert_parallel.expert_capacity(4, e, 1, 1.0) == 1
     out, dropped = _ep(x, p, 1, mesh, capacity_factor=1.0)
     assert dropped == 5
     ref, ref_dropped = _capacity_reference(x, p, 1, 8, capacity=1)
@@ -284,8 +284,8 @@ def test_expert_parallel_exact_drops_constructed():
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     dropped_rows = [1, 3, 5, 6, 7]
     assert np.all(out[dropped_rows] == 0) and np.all(np.abs(out[[0, 2, 4]]).max(axis=1) > 0)
-    assert moe.count_dropped(np.array(route)[None, :, None], 8, e, 1.0).tolist() == [5]
-    assert moe.count_dropped(np.array(route)[None, :, None], 8, e, None).tolist() == [0]
+    assert expert_parallel.count_dropped(np.array(route)[None, :, None], 8, e, 1.0).tolist() == [5]
+    assert expert_parallel.count_dropped(np.array(route)[None, :, None], 8, e, None).tolist() == [0]
 
 
 @pytest.mark.parametrize("spec,capacity_factor", [("expert=4,tensor=2", 1.0), ("data=2,expert=2,tensor=2", 0.5),
@@ -297,20 +297,20 @@ def test_expert_parallel_capacity_matches_reference(spec, capacity_factor):
     x += 2 * p["router"][:, 3] / np.linalg.norm(p["router"][:, 3])
     mesh = mj.make_mesh(spec)
     out, dropped = _ep(x, p, 2, mesh, capacity_factor)
-    shards = moe.token_shards(mesh)  # tokens split over data x expert, shared by tensor peers
-    capacity = moe.expert_capacity(-(-70 // shards), 8, 2, capacity_factor)
+    shards = expert_parallel.token_shards(mesh)  # tokens split over data x expert, shared by tensor peers
+    capacity = expert_parallel.expert_capacity(-(-70 // shards), 8, 2, capacity_factor)
     ref, ref_dropped = _capacity_reference(x, p, 2, shards, capacity)
     assert dropped == ref_dropped > 0
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     experts = np.asarray(moe.route(jnp.asarray(x), jnp.asarray(p["router"]), 2)[1])
-    assert moe.count_dropped(experts[None], shards, 8, capacity_factor).tolist() == [dropped]
+    assert expert_parallel.count_dropped(experts[None], shards, 8, capacity_factor).tolist() == [dropped]
 
 
 def test_capacity_factor_needs_a_mesh():
     with pytest.raises(ValueError, match="capacity_factor applies to expert-parallel"):
         moe.moe(jnp.zeros((2, 32)), testing.moe_params(8), 2, capacity_factor=1.0)
     with pytest.raises(ValueError, match="capacity_factor must be positive"):
-        moe.expert_capacity(4, 8, 2, 0.0)
+        expert_parallel.expert_capacity(4, 8, 2, 0.0)
 
 
 # ---------------------------------------------------------------- whole model on meshes
@@ -390,11 +390,11 @@ def test_model_capacity_factor_drops_are_counted_and_change_the_output():
     tokens = np.random.RandomState(5).randint(0, model.cfg.vocab_size, (2, 12))
     dropless = np.asarray(mj.forward(model, tokens))
     routing = mj.expert_routing(model, tokens, capacity_factor=0.5)
-    drops = moe.count_dropped(routing.experts, 4, 8, 0.5)  # 24 tokens over the 4 expert shards
-    assert drops.tolist() == _numpy_drops(routing.experts, 4, moe.expert_capacity(6, 8, 2, 0.5)) and drops.sum() > 0
+    drops = expert_parallel.count_dropped(routing.experts, 4, 8, 0.5)  # 24 tokens over the 4 expert shards
+    assert drops.tolist() == _numpy_drops(routing.experts, 4, expert_parallel.expert_capacity(6, 8, 2, 0.5)) and drops.sum() > 0
     assert testing.rel_err(mj.forward(model, tokens, capacity_factor=0.5), dropless) > 1e-3
     # Capacity factor E / k gives every expert the whole device: nothing drops, output as dropless.
-    assert moe.count_dropped(mj.expert_routing(model, tokens, 4.0).experts, 4, 8, 4.0).tolist() == [0, 0]
+    assert expert_parallel.count_dropped(mj.expert_routing(model, tokens, 4.0).experts, 4, 8, 4.0).tolist() == [0, 0]
     assert testing.rel_err(mj.forward(model, tokens, capacity_factor=4.0), dropless) <= 1e-6
 
 
@@ -461,11 +461,11 @@ def test_tpu_expert_parallel_compiles_with_ragged_all_to_all(spec, capacity_fact
     # (the TPU compiler fuses the cast into it: a float32 operand and reduction, a bfloat16 result).
     sizes = dict(mesh.shape)
     other = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?:all-gather|all-reduce|reduce-scatter|collective-permute)", hlo)
-    out_sum = [(t, dims) for t, dims in other if dims == f"{tokens // moe.token_shards(mesh)},{d}"]
+    out_sum = [(t, dims) for t, dims in other if dims == f"{tokens // expert_parallel.token_shards(mesh)},{d}"]
     assert len(out_sum) == (sizes["tensor"] > 1), other
     assert other and all(t == "s32" and np.prod([int(n) for n in dims.split(",")]) <= 8 * 8 + 1
                          for t, dims in other if (t, dims) not in out_sum), other
-    plan = moe.exchange_plan(tokens, 8, 2, sizes["expert"], sizes["data"], capacity_factor)
+    plan = expert_parallel.exchange_plan(tokens, 8, 2, sizes["expert"], sizes["data"], capacity_factor)
     grouped = 2 * plan["buffer_rows"] * 3 * d * (f // sizes["tensor"])
     assert grouped <= cost["flops"] <= 1.1 * grouped, cost["flops"] / grouped
     ideal = 2 * tokens * 2 * 3 * d * f / mesh.size
@@ -477,7 +477,7 @@ def test_tpu_v5e_over_16_chips_refuses_ragged_all_to_all_even_over_8_devices(mon
     # has_ragged_all_to_all judges the slice, not the exchange group: the group is `expert` only,
     # yet libtpu refuses it on v5e:8x8. If this starts compiling, narrow has_ragged_all_to_all.
     mesh = _tpu_mesh("v5e:8x8", "expert=8,tensor=8", (2, 2, 1))
-    assert not moe.has_ragged_all_to_all(mesh.devices)
-    monkeypatch.setattr(moe, "has_ragged_all_to_all", lambda devices: True)
+    assert not expert_parallel.has_ragged_all_to_all(mesh.devices)
+    monkeypatch.setattr(expert_parallel, "has_ragged_all_to_all", lambda devices: True)
     with pytest.raises(Exception, match="not supported in limited ICI routing settings"):
         _tpu_moe(mesh, 64)
