@@ -240,6 +240,41 @@ def _run(model, state, rows, start, stop, tc=TC):
     return state, history
 
 
+def test_grad_accum_equals_one_pass_over_the_union(tiny_model):
+    # Micro-batches with different numbers of targets (29 and 8): accumulating them must give the CE and its
+    # gradient of one pass over their union, each target weighing the same; a mean of the micro-batches' mean CEs
+    # would give the second one's 8 targets the weight of the first one's 29. The router losses are per
+    # micro-batch statistics, averaged.
+    a, b, t = 2, 2, 16
+    tokens = np.random.RandomState(4).randint(0, TINY.vocab_size, (a, b, t))
+    seg = np.ones((a, b, t), np.int32)
+    seg[0, 0, 9:] = 2  # a packed second document
+    seg[1, :, 5:] = 0  # micro-batch 1 mostly padding
+    loss_mask = (seg != 0).astype(np.float32)
+    loss_mask[..., 0] = 0
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(loss_mask), "segment_ids": jnp.asarray(seg)}
+    tc = dataclasses.replace(TC, router_aux_loss_coef=0.02, router_z_loss_coef=1e-3)
+    params = tiny_model.params()
+    metrics, grads = jax.jit(functools.partial(finetune.accumulated_grads, cfg=TINY, tc=tc, mesh=None))(
+        params, None, batch)
+
+    union = [jnp.asarray(x.reshape(a * b, t)) for x in (tokens, loss_mask, seg)]
+    _, ref = mj.lm_loss(tiny_model, union[0], union[1], router_aux_loss_coef=0.0, segment_ids=union[2])
+    assert int(metrics["targets"]) == int(ref["targets"]) == 37
+    assert testing.rel_err(metrics["ce"], ref["ce"]) <= 1e-6
+
+    def reference(params):
+        ce = loss_lib.loss_and_metrics(params, *union, cfg=TINY, aux_coef=0.0, z_coef=0.0)[1]["ce"]
+        router = [loss_lib.loss_and_metrics(params, tokens[i], loss_mask[i], seg[i], cfg=TINY, aux_coef=0.0,
+                                            z_coef=0.0)[1] for i in range(a)]
+        return ce + sum(0.02 * m["aux"] + 1e-3 * m["z"] for m in router) / a
+
+    loss_ref, grads_ref = jax.jit(jax.value_and_grad(reference))(params)
+    assert testing.rel_err(metrics["loss"], loss_ref) <= 1e-6
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert testing.rel_err(g, g_ref) <= 1e-5
+
+
 def test_full_fine_tune_learns(tiny_model, rows):
     # A real learning test: 40 steps of 8 rows x 32 tokens take the CE from ln(512) ~ 6.2 to below 1.0.
     state, history = _run(tiny_model, finetune.init_state(tiny_model, TC), rows, 0, 40)
