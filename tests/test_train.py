@@ -17,7 +17,8 @@ import torch
 from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
 import mixtral_jax as mj
-from mixtral_jax import convert, data, finetune, lora as lora_lib, loss as loss_lib, model as model_lib, testing
+from mixtral_jax import convert, data, finetune, lora as lora_lib, loss as loss_lib, model as model_lib, serve, testing
+from mixtral_jax.engine import Engine, Request
 from mixtral_jax.config import from_hf_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,6 +370,14 @@ def test_cli_trains_lora_resumes_and_writes_a_loadable_model(tmp_path):
     assert testing.rel_err(tuned.params()["layers"]["w1"], base.params()["layers"]["w1"]) > 0  # adapters trained
     np.testing.assert_array_equal(tuned.params()["layers"]["w1"], first_w1)  # the restored state is the saved one
     np.testing.assert_array_equal(tuned.params()["embed"], base.params()["embed"])  # LoRA leaves the rest
+    # serve --checkpoint of the same directory: serve's loading and engine give mj.generate's tokens.
+    served, _ = serve.load_model(str(tmp_path / "out"), None, 0, "float32", None)
+    engine = Engine(served, max_batch=1, max_seq_len=16, prefill_chunk=8)
+    prompt = [1, 415, 2936, 9060, 754]
+    req = engine.submit(Request(prompt, 8))
+    while req.finish_reason is None:
+        engine.step()
+    assert req.tokens == mj.generate(tuned, [prompt], max_new_tokens=8)[0]
 
 
 def test_quantized_base_is_refused_in_one_sentence():
