@@ -67,9 +67,9 @@ def init_state(model: model_lib.Mixtral, tc: TrainConfig, seed: int = 0) -> dict
     """
     if model.layout != "stacked":
         raise ValueError("training needs the stacked layout; create or load the model with layout='stacked'.")
-    if model.quantization:
-        raise ValueError(f"the model's experts are quantized ({model.quantization}); training needs float weights: "
-                         "load the checkpoint without quantize.")
+    if model.quantization and not tc.lora_rank:
+        raise ValueError(f"the model's experts are quantized ({model.quantization}); training every weight needs "
+                         "float weights: train LoRA adapters (lora_rank > 0) or load the checkpoint without quantize.")
     if tc.lora_rank:
         params = lora_lib.init_lora(model.cfg, tc.lora_rank, seed, dtype="float32", mesh=model.mesh)
     else:

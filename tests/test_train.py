@@ -380,10 +380,31 @@ def test_cli_trains_lora_resumes_and_writes_a_loadable_model(tmp_path):
     assert req.tokens == mj.generate(tuned, [prompt], max_new_tokens=8)[0]
 
 
-def test_quantized_base_is_refused_in_one_sentence():
-    model = mj.init_random(TINY, seed=0, layout="stacked", quantize="int8")
-    with pytest.raises(ValueError, match=r"experts are quantized \(int8\); training needs float weights"):
-        finetune.init_state(model, finetune.TrainConfig(lora_rank=2))
+def test_lora_over_an_int8_base_and_full_training_refused():
+    # LoRA over quantized experts: each layer's are dequantized in the scan, then A·B added. With B = 0 the
+    # objective is the int8 model's own lm_loss; merge_lora gives float experts (dequantized + A·B) whose
+    # logits are the adapted model's.
+    q = mj.init_random(TINY, seed=0, layout="stacked", quantize="int8")
+    with pytest.raises(ValueError, match=r"experts are quantized \(int8\); training every weight needs float"):
+        finetune.init_state(q, finetune.TrainConfig())
+    tc = finetune.TrainConfig(lora_rank=2)
+    state = finetune.init_state(q, tc)
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, TINY.vocab_size, (2, 24)))
+    mask = jnp.ones(tokens.shape, jnp.float32).at[:, 0].set(0)
+    (loss, _), grads = jax.jit(jax.value_and_grad(functools.partial(finetune.objective, cfg=TINY, tc=tc, mesh=None),
+                                                  has_aux=True))(state["params"], finetune.frozen_params(q, tc),
+                                                                 tokens, mask, None)
+    assert testing.rel_err(loss, mj.lm_loss(q, tokens, mask)[0]) <= 1e-6
+    assert all(float(jnp.abs(g["b"]).max()) > 0 for g in grads["layers"].values())  # through the int8 experts
+
+    keys = iter(jax.random.split(jax.random.key(2), len(state["params"]["layers"])))
+    adapters = {"layers": {n: {"a": ab["a"], "b": 0.05 * jax.random.normal(next(keys), ab["b"].shape)}
+                           for n, ab in state["params"]["layers"].items()}}
+    adapted = _logits(lora_lib.with_adapters(q.params(), adapters), tokens, cfg=TINY,
+                      adapt_layer=lora_lib.AddAdapters())
+    merged = lora_lib.merge_lora(q, adapters)
+    assert merged.quantization is None and merged.expert_dtype == jnp.float32
+    assert testing.rel_err(_logits(merged.params(), tokens, cfg=TINY), adapted) <= 1e-6
 
 
 def test_cli_help_exits_0_and_a_bad_flag_value_is_one_sentence():
