@@ -75,7 +75,9 @@ def main():
             cmd.append("--resume")
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    shutil.copyfile(os.path.join(model + ".train", "loss.png"), os.path.join(args.plot_dir, "stdlib_loss.png"))
+    curve = os.path.join(model + ".train", "loss.png")
+    if os.path.isfile(curve):
+        shutil.copyfile(curve, os.path.join(args.plot_dir, "stdlib_loss.png"))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "stdlib_eval.py"), "--checkpoint", model,
                              "--data", os.path.join(args.out, "heldout.jsonl"),
                              "--plot", os.path.join(args.plot_dir, "stdlib_routing.png")],
