@@ -79,9 +79,14 @@ def init_lora(cfg: MixtralConfig, rank: int, seed: int = 0, dtype="float32", mes
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}.")
+    return _jitted_init(cfg, rank, jnp.dtype(dtype), mesh)(jax.random.key(seed))
+
+
+@functools.cache
+def _jitted_init(cfg, rank, dtype, mesh):
+    # One jit per (config, rank, dtype, mesh): a fresh jit per call would compile again for every seed.
     shardings = None if mesh is None else lora_shardings(cfg, rank, mesh)
-    return jax.jit(functools.partial(_init, cfg, rank, jnp.dtype(dtype)), out_shardings=shardings)(
-        jax.random.key(seed))
+    return jax.jit(functools.partial(_init, cfg, rank, dtype), out_shardings=shardings)
 
 
 def _init(cfg, rank, dtype, key):
