@@ -27,7 +27,7 @@ class TrainConfig:
     """Hyperparameters of a run (hashable: the step is compiled for one).
 
     learning_rate: peak, reached after `warmup_steps`, then cosine to 10% of it at `total_steps`.
-    grad_accum: micro-batches whose gradients are averaged into one update.
+    grad_accum: micro-batches accumulated into one update, weighted as one batch (`accumulated_grads`).
     lora_rank: 0 trains every weight; R > 0 trains rank-R adapters (lora.py) on a frozen base.
     router_aux_loss_coef: None takes the model config's.
     remat: recompute each layer in the backward pass (activation memory flat in depth).
@@ -67,9 +67,9 @@ def init_state(model: model_lib.Mixtral, tc: TrainConfig, seed: int = 0) -> dict
     """
     if model.layout != "stacked":
         raise ValueError("training needs the stacked layout; create or load the model with layout='stacked'.")
-    if model.quantization:
-        raise ValueError(f"the model's experts are quantized ({model.quantization}); training needs float weights: "
-                         "load the checkpoint without quantize.")
+    if model.quantization and not tc.lora_rank:
+        raise ValueError(f"the model's experts are quantized ({model.quantization}); training every weight needs "
+                         "float weights: train LoRA adapters (lora_rank > 0) or load the checkpoint without quantize.")
     if tc.lora_rank:
         params = lora_lib.init_lora(model.cfg, tc.lora_rank, seed, dtype="float32", mesh=model.mesh)
     else:
@@ -88,33 +88,66 @@ def frozen_params(model: model_lib.Mixtral, tc: TrainConfig):
     return model.params() if tc.lora_rank else None
 
 
+def router_coefs(cfg, tc: TrainConfig) -> tuple[float, float]:
+    """(load-balancing weight, z-loss weight) of the objective: None takes the model config's."""
+    return (cfg.router_aux_loss_coef if tc.router_aux_loss_coef is None else tc.router_aux_loss_coef,
+            tc.router_z_loss_coef)
+
+
 def objective(trainable, frozen, tokens, loss_mask, segment_ids, *, cfg, tc: TrainConfig, mesh):
     """(loss, metrics) of one micro-batch for the trainable tree (see `loss.loss_and_metrics`)."""
-    coef = cfg.router_aux_loss_coef if tc.router_aux_loss_coef is None else tc.router_aux_loss_coef
+    aux_coef, z_coef = router_coefs(cfg, tc)
     params = lora_lib.with_adapters(frozen, trainable) if tc.lora_rank else trainable
-    return loss_lib.loss_and_metrics(params, tokens, loss_mask, segment_ids, cfg=cfg, mesh=mesh, aux_coef=coef,
-                                     z_coef=tc.router_z_loss_coef, remat=tc.remat,
+    return loss_lib.loss_and_metrics(params, tokens, loss_mask, segment_ids, cfg=cfg, mesh=mesh, aux_coef=aux_coef,
+                                     z_coef=z_coef, remat=tc.remat,
                                      adapt_layer=lora_lib.AddAdapters() if tc.lora_rank else None)
 
 
-def _step(state, frozen, batch, *, cfg, tc, mesh):
-    """Averages the gradients of batch's A micro-batches (a scan), then one optimizer update."""
-    grad_fn = jax.value_and_grad(functools.partial(objective, cfg=cfg, tc=tc, mesh=mesh), has_aux=True)
+def accumulated_grads(trainable, frozen, batch, *, cfg, tc: TrainConfig, mesh):
+    """Loss, metrics and gradients of batch's A micro-batches (a scan), weighted as one pass over their union.
+
+    The CE is the mean over all A micro-batches' targets: micro-batch i's CE
+    weighs n_i / N (its share of the N targets), in the loss and in the
+    gradient, so micro-batches with more targets count more, as they would in
+    one batch. The router losses are statistics of a batch, not sums over
+    tokens; each micro-batch's weighs 1 / A (the union's aux is no function of
+    the micro-batches' values).
+
+    Returns:
+      (metrics: "loss", "ce" and "targets" of the union, "aux", "z", "load"
+      averaged over the micro-batches; gradients of metrics["loss"]).
+    """
+    aux_coef, z_coef = router_coefs(cfg, tc)
+    accum, t = batch["tokens"].shape[0], batch["tokens"].shape[-1]
+    flat = {k: v.reshape(-1, t) for k, v in batch.items()}
+    total = jnp.maximum(jnp.sum(loss_lib.target_mask(flat["loss_mask"], flat["segment_ids"])), 1.0)
+
+    def weighted(trainable, mb):
+        _, metrics = objective(trainable, frozen, mb["tokens"], mb["loss_mask"], mb["segment_ids"], cfg=cfg, tc=tc,
+                               mesh=mesh)
+        # ce·n_i is micro-batch i's summed NLL (the targets count is data, not a function of the weights).
+        share = metrics["ce"] * metrics["targets"] / total + (aux_coef * metrics["aux"] + z_coef * metrics["z"]) / accum
+        return share, metrics
+
+    grad_fn = jax.value_and_grad(weighted, has_aux=True)
 
     def micro(acc, mb):
-        (loss, metrics), grads = grad_fn(state["params"], frozen, mb["tokens"], mb["loss_mask"], mb["segment_ids"])
-        return jax.tree.map(jnp.add, acc, (grads, {**metrics, "loss": loss})), None
+        (share, metrics), grads = grad_fn(trainable, mb)
+        part = {"loss": share, "ce": metrics["ce"] * metrics["targets"] / total, "targets": metrics["targets"],
+                **{k: metrics[k] / accum for k in ("aux", "z", "load")}}
+        return jax.tree.map(jnp.add, acc, (grads, part)), None
 
-    accum = batch["tokens"].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    shapes = jax.eval_shape(lambda: grad_fn(state["params"], frozen, *(batch[k][0] for k in
-                                                                       ("tokens", "loss_mask", "segment_ids"))))
-    (_, metric_shapes), _ = shapes
-    init = (zeros, {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
-                    "loss": jnp.zeros((), jnp.float32)})
+    (_, metric_shapes), _ = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda v: v[0], batch))
+    init = (jax.tree.map(jnp.zeros_like, trainable),
+            {"loss": jnp.zeros((), jnp.float32), **{k: jnp.zeros(metric_shapes[k].shape, metric_shapes[k].dtype)
+                                                    for k in ("ce", "targets", "aux", "z", "load")}})
     (grads, metrics), _ = jax.lax.scan(micro, init, batch)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = {k: v if k == "targets" else v / accum for k, v in metrics.items()}
+    return metrics, grads
+
+
+def _step(state, frozen, batch, *, cfg, tc, mesh):
+    """The accumulated gradients of batch's micro-batches, then one optimizer update."""
+    metrics, grads = accumulated_grads(state["params"], frozen, batch, cfg=cfg, tc=tc, mesh=mesh)
     metrics["grad_norm"] = optax.global_norm(grads)
     updates, opt_state = optimizer(tc).update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -130,8 +163,8 @@ def make_train_step(model: model_lib.Mixtral, tc: TrainConfig, state: dict):
       state: a state from `init_state` or `restore_state` (its shardings are the step's).
 
     The batch is {"tokens", "loss_mask", "segment_ids"}, int32 [A, B, T] each
-    (A = tc.grad_accum micro-batches, data.batch_at); metrics as `lm_loss`'s,
-    averaged over the micro-batches, plus "loss" and "grad_norm".
+    (A = tc.grad_accum micro-batches, data.batch_at); metrics as
+    `accumulated_grads`' (those of `lm_loss` over the union), plus "grad_norm".
     """
     leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, state))
     return _jitted_step(model.cfg, tc, model.mesh, treedef, tuple(leaves))

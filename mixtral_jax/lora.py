@@ -2,7 +2,9 @@
 
 Each expert has its own adapter (A, B stacked [L, E, ...] like the experts),
 so the experts stay as distinct after fine-tuning as they were. The base
-weights are frozen; the adapters are a parameter tree of their own:
+weights are frozen (the experts may be held quantized, quant.py: each layer's
+are dequantized inside the scan, then A·B added); the adapters are a
+parameter tree of their own:
 
     layers/
       wq, wk, wv  a [L, D, R]      b [L, R, N, Dh]   (N: H or K heads)
@@ -24,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax import model as model_lib, sharding
+from mixtral_jax import model as model_lib, quant, sharding
 from mixtral_jax.config import MixtralConfig
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
@@ -77,9 +79,14 @@ def init_lora(cfg: MixtralConfig, rank: int, seed: int = 0, dtype="float32", mes
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}.")
+    return _jitted_init(cfg, rank, jnp.dtype(dtype), mesh)(jax.random.key(seed))
+
+
+@functools.cache
+def _jitted_init(cfg, rank, dtype, mesh):
+    # One jit per (config, rank, dtype, mesh): a fresh jit per call would compile again for every seed.
     shardings = None if mesh is None else lora_shardings(cfg, rank, mesh)
-    return jax.jit(functools.partial(_init, cfg, rank, jnp.dtype(dtype)), out_shardings=shardings)(
-        jax.random.key(seed))
+    return jax.jit(functools.partial(_init, cfg, rank, dtype), out_shardings=shardings)
 
 
 def _init(cfg, rank, dtype, key):
@@ -111,7 +118,11 @@ class AddAdapters:
     def __call__(self, lp):
         out = {k: v for k, v in lp.items() if k != "lora"}
         for name, ab in lp["lora"].items():
+            # A quantized expert (quant.py) becomes float here, one layer at a time, in the compute dtype (the
+            # attention weights', which are never quantized): the MoE would dequantize it to that dtype anyway.
             w = out[name]
+            if quant.is_quantized(w):
+                w = quant.dequantize(w, out["wq"].dtype)
             # A·B in float32, added in the weight's dtype: no float32 copy of the (expert) weights.
             out[name] = w + jnp.einsum(_DELTA[name], ab["a"].astype(jnp.float32),
                                        ab["b"].astype(jnp.float32)).astype(w.dtype)
@@ -130,7 +141,10 @@ def _merge(params, lora):
     for name, ab in lora["layers"].items():
         spec = "L" + _DELTA[name].replace(",", ",L").replace("->", "->L")  # the same product, per layer
         delta = jnp.einsum(spec, ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
-        layers[name] = layers[name] + delta.astype(layers[name].dtype)
+        w = layers[name]
+        if quant.is_quantized(w):
+            w = quant.dequantize(w, layers["wq"].dtype)
+        layers[name] = w + delta.astype(w.dtype)
     return {**params, "layers": layers}
 
 
@@ -142,7 +156,9 @@ def merge_lora(model: model_lib.Mixtral, lora: dict) -> model_lib.Mixtral:
       lora: adapters from `init_lora` (or trained), on the same mesh.
 
     Returns:
-      A `Mixtral` with the merged weights, in the base's dtypes and shardings.
+      A `Mixtral` with the merged weights, in the base's dtypes and shardings; over
+      quantized experts, float experts in the model's dtype (dequantized + A·B), which
+      `mj.load(..., quantize=...)` of the saved checkpoint quantizes again.
     """
     if model.layout != "stacked":
         raise ValueError("merge_lora needs the stacked layout; load or create the base model with layout='stacked'.")

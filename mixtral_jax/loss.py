@@ -29,6 +29,14 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
 
 
+def target_mask(loss_mask, segment_ids=None) -> jax.Array:
+    """float32 [B, T-1]: 1 where token t+1 is a target (a segment's first token never is, having no context)."""
+    mask = jnp.asarray(loss_mask, jnp.float32)[:, 1:]
+    if segment_ids is not None:
+        mask = jnp.where(segment_ids[:, 1:] == segment_ids[:, :-1], mask, 0.0)
+    return mask
+
+
 def router_losses(router_logits: jax.Array, real: jax.Array, k: int) -> dict[str, jax.Array]:
     """Load-balancing loss, z-loss and expert load from every layer's router logits.
 
@@ -83,9 +91,7 @@ def loss_and_metrics(params, tokens, loss_mask, segment_ids=None, *, cfg, mesh=N
     # Logits at t-1 predict token t.
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, T-1, V] float32
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-    mask = jnp.asarray(loss_mask, jnp.float32)[:, 1:]
-    if segment_ids is not None:  # a segment's first token has no context: never a target
-        mask = jnp.where(segment_ids[:, 1:] == segment_ids[:, :-1], mask, 0.0)
+    mask = target_mask(loss_mask, segment_ids)
     targets = jnp.sum(mask)
     ce = jnp.sum(nll * mask) / jnp.maximum(targets, 1.0)
     metrics = {"ce": ce, **router_losses(router_logits, real, cfg.num_experts_per_tok), "targets": targets}

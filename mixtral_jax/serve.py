@@ -211,6 +211,16 @@ def _check_flags() -> None:
         raise UsageError(str(e)) from None
 
 
+def load_model(checkpoint, cfg, seed: int, dtype: str, mesh):
+    """The model the server runs and a phrase naming its source: `checkpoint`, or random weights of `cfg`."""
+    import mixtral_jax as mj
+
+    if checkpoint:
+        return mj.load(checkpoint, dtype=dtype, mesh=mesh), f"weights from {checkpoint}"
+    return (mj.init_random(cfg, seed=seed, dtype=dtype, mesh=mesh),
+            "RANDOM weights (no --checkpoint): its text is noise, not a real model's output")
+
+
 def run() -> int:
     """The CLI body: loads the model, warms the engine up, serves until interrupted."""
     _check_flags()
@@ -244,11 +254,7 @@ def run() -> int:
     dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     mesh = mj.make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     say = lambda msg: print(f"[mixtral_jax] {msg}", file=sys.stderr, flush=True)
-    if FLAGS.checkpoint:
-        model, source = mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh), f"weights from {FLAGS.checkpoint}"
-    else:
-        model = mj.init_random(cfg, seed=FLAGS.seed, dtype=dtype, mesh=mesh)
-        source = "RANDOM weights (no --checkpoint): its text is noise, not a real model's output"
+    model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh)
     tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
     engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer)
     if jax.process_index() != 0:

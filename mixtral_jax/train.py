@@ -1,7 +1,7 @@
 """`python -m mixtral_jax.train`: fine-tune a Mixtral (fully or with LoRA) on a JSONL file.
 
     python -m mixtral_jax.train --checkpoint DIR | --config tiny --data FILE.jsonl --out DIR
-        [--lora_rank R] [--mesh SPEC] [--steps N] [--batch B] [--seq_len T] [--resume] ...
+        [--lora_rank R [--quantize int8|int4]] [--mesh SPEC] [--steps N] [--batch B] [--seq_len T] [--resume] ...
 
 Each JSONL line is a chat {"messages": [...]} (loss on the assistant turns)
 or {"text": ...}. Progress lines show the loss, tokens/s and expert load;
@@ -42,6 +42,8 @@ flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip.")
 flags.DEFINE_float("router_aux_loss_coef", None, "Load-balancing loss weight (default: the model config's).")
 flags.DEFINE_float("router_z_loss_coef", 0.0, "Router z-loss weight.")
 flags.DEFINE_integer("seed", 0, "Seed of the data order, the LoRA init and (with --config) the random weights.")
+flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                  "With --lora_rank: hold the frozen base's experts quantized (the merged --out model's are float).")
 flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
 flags.DEFINE_integer("log_every", 10, "Steps between progress lines.")
 flags.DEFINE_integer("save_every", 50, "Steps between train-state checkpoints (and at the end).")
@@ -64,6 +66,8 @@ def _check_flags() -> None:
         raise UsageError(f"--seq_len must be at least 2, got {FLAGS.seq_len}.")
     if FLAGS.lora_rank < 0:
         raise UsageError(f"--lora_rank must be >= 0 (0 trains every weight), got {FLAGS.lora_rank}.")
+    if FLAGS.quantize and not FLAGS.lora_rank:
+        raise UsageError(f"--quantize {FLAGS.quantize} holds a frozen base; it needs --lora_rank R (R > 0).")
     if FLAGS.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be > 0, got {FLAGS.learning_rate}.")
     if not os.path.isfile(FLAGS.data):
@@ -78,8 +82,9 @@ def _model(mesh):
 
     dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     if FLAGS.checkpoint:
-        return mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, layout="stacked")
-    return mj.init_random(mj.load_config(FLAGS.config), seed=FLAGS.seed, dtype=dtype, mesh=mesh, layout="stacked")
+        return mj.load(FLAGS.checkpoint, dtype=dtype, mesh=mesh, layout="stacked", quantize=FLAGS.quantize)
+    return mj.init_random(mj.load_config(FLAGS.config), seed=FLAGS.seed, dtype=dtype, mesh=mesh, layout="stacked",
+                          quantize=FLAGS.quantize)
 
 
 def plot_loss(losses: list[float], path: str) -> None:

@@ -17,7 +17,9 @@ import torch
 from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
 import mixtral_jax as mj
-from mixtral_jax import convert, data, finetune, lora as lora_lib, loss as loss_lib, model as model_lib, testing
+from mixtral_jax import convert, data, finetune, lora as lora_lib, loss as loss_lib, model as model_lib, quant, serve
+from mixtral_jax import testing
+from mixtral_jax.engine import Engine, Request
 from mixtral_jax.config import from_hf_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,6 +242,33 @@ def _run(model, state, rows, start, stop, tc=TC):
     return state, history
 
 
+def test_grad_accum_equals_one_pass_over_the_union(tiny_model):
+    # Micro-batches with different numbers of targets (29 and 8): accumulating them must give the CE and its
+    # gradient of one pass over their union, each target weighing the same; a mean of the micro-batches' mean CEs
+    # would give the second one's 8 targets the weight of the first one's 29.
+    a, b, t = 2, 2, 16
+    tokens = np.random.RandomState(4).randint(0, TINY.vocab_size, (a, b, t))
+    seg = np.ones((a, b, t), np.int32)
+    seg[0, 0, 9:] = 2  # a packed second document
+    seg[1, :, 5:] = 0  # micro-batch 1 mostly padding
+    loss_mask = (seg != 0).astype(np.float32)
+    loss_mask[..., 0] = 0
+    batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(loss_mask), "segment_ids": jnp.asarray(seg)}
+    # Router losses off (their per-micro-batch mean is one line): the union's CE is the whole reference.
+    tc = dataclasses.replace(TC, router_aux_loss_coef=0.0, router_z_loss_coef=0.0, remat=False)
+    params = tiny_model.params()
+    metrics, grads = jax.jit(functools.partial(finetune.accumulated_grads, cfg=TINY, tc=tc, mesh=None))(
+        params, None, batch)
+
+    union = [jnp.asarray(x.reshape(a * b, t)) for x in (tokens, loss_mask, seg)]
+    ce_ref, grads_ref = jax.jit(jax.value_and_grad(
+        lambda p: loss_lib.loss_and_metrics(p, *union, cfg=TINY, aux_coef=0.0, z_coef=0.0)[1]["ce"]))(params)
+    assert int(metrics["targets"]) == 37  # 8 + 6 + 15 in micro-batch 0, 4 + 4 in micro-batch 1
+    assert testing.rel_err(metrics["ce"], ce_ref) <= 1e-6 and testing.rel_err(metrics["loss"], ce_ref) <= 1e-6
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert testing.rel_err(g, g_ref) <= 1e-5
+
+
 def test_full_fine_tune_learns(tiny_model, rows):
     # A real learning test: 40 steps of 8 rows x 32 tokens take the CE from ln(512) ~ 6.2 to below 1.0.
     state, history = _run(tiny_model, finetune.init_state(tiny_model, TC), rows, 0, 40)
@@ -334,12 +363,40 @@ def test_cli_trains_lora_resumes_and_writes_a_loadable_model(tmp_path):
     assert testing.rel_err(tuned.params()["layers"]["w1"], base.params()["layers"]["w1"]) > 0  # adapters trained
     np.testing.assert_array_equal(tuned.params()["layers"]["w1"], first_w1)  # the restored state is the saved one
     np.testing.assert_array_equal(tuned.params()["embed"], base.params()["embed"])  # LoRA leaves the rest
+    # serve --checkpoint of the same directory: serve's loading and engine give mj.generate's tokens.
+    served, _ = serve.load_model(str(tmp_path / "out"), None, 0, "float32", None)
+    engine = Engine(served, max_batch=1, max_seq_len=16, prefill_chunk=8)
+    prompt = [1, 415, 2936, 9060, 754]
+    req = engine.submit(Request(prompt, 8))
+    while req.finish_reason is None:
+        engine.step()
+    assert req.tokens == mj.generate(tuned, [prompt], max_new_tokens=8)[0]
 
 
-def test_quantized_base_is_refused_in_one_sentence():
-    model = mj.init_random(TINY, seed=0, layout="stacked", quantize="int8")
-    with pytest.raises(ValueError, match=r"experts are quantized \(int8\); training needs float weights"):
-        finetune.init_state(model, finetune.TrainConfig(lora_rank=2))
+def test_lora_over_an_int8_base_and_full_training_refused():
+    # LoRA over quantized experts: each layer's are dequantized in the scan, then A·B added. With B = 0 the
+    # logits are the int8 model's (its experts dequantized); merge_lora gives float experts (dequantized + A·B)
+    # whose logits are the adapted model's.
+    q = mj.init_random(TINY, seed=0, layout="stacked", quantize="int8")
+    with pytest.raises(ValueError, match=r"experts are quantized \(int8\); training every weight needs float"):
+        finetune.init_state(q, finetune.TrainConfig())
+    jax.eval_shape(lambda: finetune.init_state(q, finetune.TrainConfig(lora_rank=2)))  # accepted (traced only)
+    adapters = lora_lib.init_lora(TINY, rank=4, seed=1)  # B = 0; rank 4 as above: its init is compiled
+    tokens = jnp.asarray(np.random.RandomState(5).randint(0, TINY.vocab_size, (2, 24)))
+    adapted = functools.partial(_logits, tokens=tokens, cfg=TINY, adapt_layer=lora_lib.AddAdapters())
+    # The int8 model's weights as the MoE uses them: each expert dequantized (qvalue · scale) to float32.
+    dequantized = {**q.params(), "layers": {n: quant.dequantize(w, jnp.float32) if quant.is_quantized(w) else w
+                                            for n, w in q.params()["layers"].items()}}
+    np.testing.assert_array_equal(adapted(lora_lib.with_adapters(q.params(), adapters)),
+                                  _logits(dequantized, tokens, cfg=TINY))
+
+    keys = iter(jax.random.split(jax.random.key(2), len(adapters["layers"])))
+    adapters = {"layers": {n: {"a": ab["a"], "b": 0.05 * jax.random.normal(next(keys), ab["b"].shape)}
+                           for n, ab in adapters["layers"].items()}}
+    merged = lora_lib.merge_lora(q, adapters)
+    assert merged.quantization is None and merged.expert_dtype == jnp.float32
+    assert testing.rel_err(_logits(merged.params(), tokens, cfg=TINY),
+                           adapted(lora_lib.with_adapters(q.params(), adapters))) <= 1e-6
 
 
 def test_cli_help_exits_0_and_a_bad_flag_value_is_one_sentence():
