@@ -124,13 +124,19 @@ inline void Widen4(const uint8_t* q, v16* out) {
 #endif
 }
 
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
 // A weight matrix [rows, ld] read as float32 values, whatever it is stored in: Load(j, k) gives the
 // 16 values of row j from column k (k a multiple of 16), LoadStep(j, k, out) the kStep values from
 // column k (k a multiple of kStep) as kStep / 16 vectors, At(j, k) one, Addr(j, k) where to prefetch.
 // A quantized value is widened and multiplied by its scale in float32: the value
 // mixtral_jax.quant.dequantize gives, so the products are those with the dequantized weights.
 struct F32View {
-  static constexpr bool kRowScale = false;
+  static constexpr bool kRowScale = false, kRowDot = false;
   static constexpr int kBits = 32, kStep = 16;
   const float* w;
   int64_t ld;
@@ -140,7 +146,7 @@ struct F32View {
   const void* Addr(int64_t j, int64_t k) const { return w + j * ld + k; }
 };
 struct BF16View {
-  static constexpr bool kRowScale = false;
+  static constexpr bool kRowScale = false, kRowDot = false;
   static constexpr int kBits = 16, kStep = 16;
   const bf16* w;
   int64_t ld;
@@ -159,7 +165,7 @@ inline int GroupShift(int64_t groups, int64_t group) {
 // and multiplies by the scale once (kRowScale: LoadRaw, AtRaw, RowScale), a product fewer per 16 values.
 struct I8View {
   static constexpr int kBits = 8, kStep = 16;
-  static constexpr bool kRowScale = true;
+  static constexpr bool kRowScale = true, kRowDot = true;
   const int8_t* q;
   const float* s;
   int64_t ld;
@@ -169,12 +175,38 @@ struct I8View {
   void LoadStep(int64_t j, int64_t k, v16* out) const { out[0] = Load(j, k); }
   float At(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]) * s[j]; }
   float AtRaw(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]); }
+  // Row j times one activation row x over K values, scaled: one row at a time, a single forward
+  // stream of weight bytes, four 8-float accumulators, each 8 int8 widened from an 8-byte load; twice
+  // the speed of four interleaved rows of 16-value widenings here (docs/benchmarks.md#quantized-weights).
+  float RowDot(int64_t j, const float* x, int64_t K) const {
+    const int8_t* p = q + j * ld;
+    float sum = 0.f;
+    int64_t k = 0;
+#ifdef __AVX2__
+    auto widen = [&](int64_t at) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + at))));
+    };
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 32 <= K; k += 32) {
+      a0 = _mm256_fmadd_ps(widen(k), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(widen(k + 8), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(widen(k + 16), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(widen(k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    u = _mm_hadd_ps(u, u);
+    sum = _mm_cvtss_f32(_mm_hadd_ps(u, u));
+#endif
+    for (; k < K; ++k) sum += AtRaw(j, k) * x[k];
+    return sum * s[j];
+  }
   const void* Addr(int64_t j, int64_t k) const { return q + j * ld + k; }
 };
 // int4, two per byte along the row (Widen4's order in groups of 32), times a float16 scale per group
 // of columns (32, or a multiple: k >> 5 finds a value's 16 bytes).
 struct I4View {
-  static constexpr bool kRowScale = false;
+  static constexpr bool kRowScale = false, kRowDot = false;
   static constexpr int kBits = 4, kStep = 32;
   const uint8_t* q;
   const uint16_t* s;
@@ -257,15 +289,13 @@ inline void SiluInPlace(float* v, int64_t n) {
   }
 }
 
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
-
 // out[j][r] = dot(row j0 + j of w, xs[r]) over K floats, for NF weight rows, NR activation rows.
 template <int NF, int NR, typename V>
 inline void Dots(const V& w, int64_t j0, const float* const* xs, int64_t K, float out[4][4]) {
+  if constexpr (V::kRowDot && NR == 1) {  // int8 / int4, one activation row (a decode step's): V::RowDot
+    for (int j = 0; j < NF; ++j) out[j][0] = w.RowDot(j0 + j, xs[0], K);
+    return;
+  }
   v16 acc[NF][NR];
   for (int j = 0; j < NF; ++j)
     for (int r = 0; r < NR; ++r) acc[j][r] = v16{};
