@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -294,18 +295,21 @@ def _write_per_expert(params, cfg: MixtralConfig, dtype: np.dtype, directory: st
     """Streams per_expert params into the stacked checkpoint arrays, one layer / expert at a time."""
     writer = ArrayWriter(directory, target_arrays(cfg, dtype, expert_dtype, quantize))
     try:
+        # A quantized weight {"qvalue", "scale"} is two arrays, at path + ("qvalue",) and + ("scale",).
+        parts = lambda w, path: flatten(w, path) if isinstance(w, Mapping) else {path: w}
         for name in ("embed", "final_norm", "lm_head"):
-            writer.write((name,), (), np.asarray(layout_lib.stacked_global(params, name)))
+            for key, part in parts(layout_lib.stacked_global(params, name), (name,)).items():
+                writer.write(key, (), np.asarray(part))
         layer_names = list(model_lib.param_specs(cfg)["layers"])
         for l in range(cfg.num_hidden_layers):
             for name in layer_names:
                 if name in model_lib.EXPERT_PARAMS:
                     for e in range(cfg.num_local_experts):
-                        w = layout_lib.layer_slice(params, cfg, name, l, e)
-                        for key, part in (flatten(w, (name,)) if quantize else {(name,): w}).items():
-                            writer.write(("layers", *key), (l, e), np.asarray(part))
+                        for key, part in parts(layout_lib.layer_slice(params, cfg, name, l, e), ("layers", name)).items():
+                            writer.write(key, (l, e), np.asarray(part))
                 else:
-                    writer.write(("layers", name), (l,), np.asarray(layout_lib.layer_slice(params, cfg, name, l)))
+                    for key, part in parts(layout_lib.layer_slice(params, cfg, name, l), ("layers", name)).items():
+                        writer.write(key, (l,), np.asarray(part))
         writer.close()
     except BaseException:
         writer.abort()
@@ -333,9 +337,11 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         verify: check every file against the digests written with the
             checkpoint before restoring (one extra read of the files; with
             several processes each reads its share).
-        quantize: "int8" or "int4": the experts quantized while restoring
-            (quant.py), each device's share one layer at a time, so the float
-            experts are never all in memory. A checkpoint written with
+        quantize: a quant.MODES mode ("int8", "int4": experts, attention
+            projections and lm_head; "int8-experts", "int4-experts": the
+            experts only), quantized while restoring (quant.py), each
+            device's share of an expert weight one layer at a time, so the
+            float weights are never all in memory. A checkpoint written with
             `convert --quantize` restores as stored (None or its own mode).
 
     Returns:
@@ -370,7 +376,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
             raise _unreadable(path, e) from None
     stored_mode = _stored_quantization(stored)
     if stored_mode and quantize not in (None, stored_mode):
-        raise CheckpointError(f"checkpoint {path} holds {stored_mode} experts; load it with quantize={stored_mode!r} "
+        raise CheckpointError(f"checkpoint {path} holds {stored_mode} weights; load it with quantize={stored_mode!r} "
                               f"(or None), or convert the HF weights again with --quantize {quantize}.")
     mode = quantize or stored_mode
     target = abstract_params(cfg, dtype, mesh, expert_dtype, quantize=mode)
@@ -397,27 +403,48 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
 
 
 def _stored_quantization(stored: Mapping) -> str | None:
-    """"int8" / "int4" when the checkpoint's experts are stored quantized (convert --quantize), else None."""
+    """The quant.MODES mode a checkpoint is stored in (convert --quantize), else None."""
     w1 = stored.get("layers", {}).get("w1")
     if not isinstance(w1, Mapping) or "qvalue" not in w1 or "scale" not in w1:
         return None
-    return "int8" if np.dtype(w1["qvalue"].dtype) == np.int8 else "int4"
+    experts = "int8" if np.dtype(w1["qvalue"].dtype) == np.int8 else "int4"
+    return experts if isinstance(stored.get("lm_head"), Mapping) else f"{experts}-experts"
 
 
 def _restore_quantizing(path: str, target: Mapping, mode: str) -> dict:
-    """Restores a float checkpoint with its experts quantized: everything else through Orbax (a
-    partial restore), each expert weight one device shard and one layer at a time through TensorStore."""
-    rest = {k: v for k, v in target.items() if k != "layers"}
-    rest["layers"] = {k: v for k, v in target["layers"].items() if k not in model_lib.EXPERT_PARAMS}
+    """Restores a float checkpoint with the weights `mode` covers quantized: everything else through
+    Orbax (a partial restore), each quantized weight through TensorStore: an expert weight one device
+    shard and one layer at a time, a dense one a layer at a time."""
+    todo = model_lib.quantized(mode)
+    rest = {k: v for k, v in target.items() if k != "layers" and (k,) not in todo}
+    rest["layers"] = {k: v for k, v in target["layers"].items() if ("layers", k) not in todo}
     params = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=rest, restore_args=ocp.checkpoint_utils.construct_restore_args(rest), partial_restore=True))
     context = ts.Context({"file_io_concurrency": {"limit": 128}})
-    for name in model_lib.EXPERT_PARAMS:
+    for key, (width, in_axes) in todo.items():
         store = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{path}/",
-                                                       "path": f"layers.{name}"}},
+                                                       "path": ".".join(key)}},
                         open=True, read=True, context=context).result()
-        params["layers"][name] = _quantized_array(store, target["layers"][name], mode)
+        into = functools.reduce(lambda t, k: t[k], key[:-1], params)
+        goal = functools.reduce(lambda t, k: t[k], key, target)
+        if key[-1] in model_lib.EXPERT_PARAMS:
+            into[key[-1]] = _quantized_array(store, goal, width)
+        else:
+            into[key[-1]] = _quantized_dense(store, goal, in_axes, stacked=key[0] == "layers")
     return params
+
+
+def _quantized_dense(store, target: Mapping, in_axes: tuple[int, ...], stacked: bool) -> dict:
+    """A dense weight (attention projection [L, ...] or lm_head) quantized to int8 into `target`'s
+    {"qvalue", "scale"} shardings: read and quantized on the host a layer at a time, then each device's
+    slice placed."""
+    if stacked:
+        parts = [quant.quantize(store[l].read().result(), "int8", in_axes) for l in range(store.shape[0])]
+        host = {k: np.stack([p[k] for p in parts]) for k in ("qvalue", "scale")}
+    else:
+        host = quant.quantize(store.read().result(), "int8", in_axes)
+    return {k: jax.make_array_from_callback(v.shape, target[k].sharding, lambda index, v=v: v[index])
+            for k, v in host.items()}
 
 
 def _quantized_array(store, target: Mapping, mode: str) -> dict:

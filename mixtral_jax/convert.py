@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from absl import app, flags, logging
 
-from mixtral_jax import checkpoint, ckpt_files, quant
+from mixtral_jax import checkpoint, ckpt_files, model as model_lib, quant
 from mixtral_jax.config import MixtralConfig, load_config
 
 # Top-level (not per-layer) tensors: our name -> (HF key, transform).
@@ -245,9 +245,9 @@ def convert_hf_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         dtype: stored parameter dtype, "bfloat16" or "float32".
         overwrite: replace an existing checkpoint at `out_dir` (never a directory
             that is not one, and `out_dir` may not hold or lie inside `hf_dir`).
-        quantize: "int8" or "int4": the experts stored quantized (quant.py), each
-            rounded to `dtype` first, so the checkpoint equals `load(float
-            checkpoint in dtype, quantize=...)`.
+        quantize: a quant.MODES mode: the weights it covers stored quantized
+            (quant.py), each rounded to `dtype` first, so the checkpoint equals
+            `load(float checkpoint in dtype, quantize=...)`.
 
     Returns:
         The absolute path of the checkpoint directory.
@@ -288,24 +288,30 @@ def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, dir
         writer.write(path, index, value)
         written += value.nbytes
 
+    quantized = model_lib.quantized(quantize)
+
+    def put_weight(path, index, value):
+        """A weight as stored: float in `dtype`, or quantized from its `dtype` values."""
+        if path not in quantized:
+            return put(path, index, value)
+        width, in_axes = quantized[path]
+        for part, q in quant.quantize(np.asarray(value, dtype), width, in_axes).items():
+            put((*path, part), index, q)
+
     try:
         for name, (key, fn) in GLOBAL_KEYS.items():
             axis = GLOBAL_ROW_AXIS[name]
-            block = arrays[(name,)].chunks[axis]
+            # The lm_head's rows in HF are its output channels: a block of them quantizes on its own.
+            block = arrays[(name, "qvalue") if (name,) in quantized else (name,)].chunks[axis]
             for r in range(0, hf.shape(key)[0], block):
                 index = (slice(None),) * axis + (slice(r, r + block),)
-                put((name,), index, fn(hf.read(key, slice(r, r + block)), cfg))
+                put_weight((name,), index, fn(hf.read(key, slice(r, r + block)), cfg))
         for l in range(cfg.num_hidden_layers):
             for name, (tmpl, fn) in LAYER_KEYS.items():
-                put(("layers", name), (l,), fn(hf.read(tmpl.format(l=l)), cfg))
+                put_weight(("layers", name), (l,), fn(hf.read(tmpl.format(l=l)), cfg))
             for name in EXPERT_KEYS:
                 for e in range(cfg.num_local_experts):
-                    w = convert_expert(hf.read, name, l, e).astype(dtype)
-                    if quantize:
-                        for part, value in quant.quantize(w, quantize).items():
-                            put(("layers", name, part), (l, e), value)
-                    else:
-                        put(("layers", name), (l, e), w)
+                    put_weight(("layers", name), (l, e), convert_expert(hf.read, name, l, e).astype(dtype))
             elapsed = time.time() - start
             logging.info("layer %d/%d written: %.2f / %.2f GB, %.2f GB/s, %.0f s elapsed, about %.0f s left",
                          l + 1, cfg.num_hidden_layers, written / 1e9, total / 1e9, written / 1e9 / max(elapsed, 1e-9),
@@ -323,8 +329,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "Output checkpoint directory (created; must be empty, absent, or with "
                         "--overwrite an earlier checkpoint); never the --hf_dir or a directory around it.")
     flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Stored parameter dtype.")
-    flags.DEFINE_string("quantize", None, "Store the expert weights quantized: int8 (per output channel) or int4 "
-                        "(groups of 32); default: --dtype.")
+    flags.DEFINE_string("quantize", None, "Store the weights quantized: int8 (per output channel) or int4 (experts "
+                        "in groups of 32, attention and lm_head int8); int8-experts / int4-experts: the experts "
+                        "only; default: --dtype.")
     flags.DEFINE_boolean("overwrite", False, "Replace the checkpoint at --out (only once the new one is complete).")
     flags.mark_flags_as_required(["hf_dir", "out"])
 

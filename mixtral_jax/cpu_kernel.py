@@ -148,10 +148,15 @@ def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: list[dict], chunk_by
                 panel_min_rows=int(panel_min_rows))
 
 
-def linear_cpu(x: jax.Array, w: jax.Array, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
-    """x [N, I] @ w [O, I]ᵀ → [N, O], float32, for a few rows (the row-dot product of `moe_cpu`)."""
+def linear_cpu(x: jax.Array, w, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """x [N, I] @ w [O, I]ᵀ → [N, O], float32, for a few rows (the row-dot product of `moe_cpu`).
+
+    w: float32, or int8 per output row (quant.py: {"qvalue" [O, I], "scale" [O, 1]}), widened times its
+    scale as it is read: the products are float32 products with the dequantized weight.
+    """
     if not available():
         raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
-    call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
+    weights = (w["qvalue"], w["scale"]) if isinstance(w, dict) else (w,)
+    call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], weights[0].shape[0]), jnp.float32),
                             vmap_method="sequential")
-    return call(x, w, chunk_bytes=int(chunk_bytes))
+    return call(x, *weights, chunk_bytes=int(chunk_bytes))

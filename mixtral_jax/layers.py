@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax import cpu_kernel
+from mixtral_jax import cpu_kernel, quant
 
 
 # Products with [out, in] weights (the per_expert layout): up to this many rows
@@ -14,7 +14,7 @@ from mixtral_jax import cpu_kernel
 FEATURE_MAJOR_MAX_ROWS = 64
 
 
-def linear_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+def linear_t(x: jax.Array, w, preferred_element_type=None) -> jax.Array:
     """x [N, I] times a weight in HF's [out, in] orientation, w [O, I] → [N, O].
 
     For up to FEATURE_MAJOR_MAX_ROWS rows it is computed feature-major (w @ xᵀ),
@@ -26,17 +26,25 @@ def linear_t(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Arr
     One float32 row on the CPU (a batch-1 decode step: the attention
     projections and the lm_head) runs the C++ kernel's row-dot product
     (`cpu_kernel.linear_cpu`) where it is built; from 4 rows XLA is as fast
-    (docs/performance.md#one-row-products-attention-and-lm_head).
+    (docs/performance.md#one-row-products-attention-and-lm_head). An int8
+    weight (quant.py) runs the kernel up to FEATURE_MAJOR_MAX_ROWS rows, where
+    it reads a quarter of the bytes; beyond, and without the kernel, it is
+    dequantized first (docs/benchmarks.md#quantized-weights).
 
     Args:
       x: [N, I] activations.
-      w: [O, I] weight.
+      w: [O, I] weight, or an int8 one {"qvalue" [O, I], "scale" [O, 1]}.
       preferred_element_type: the products' accumulation / output dtype (None: x's).
 
     Returns:
       [N, O].
     """
-    if x.shape[0] == 1 and preferred_element_type in (None, jnp.float32) and cpu_kernel.usable(x, w):
+    f32_out = preferred_element_type in (None, jnp.float32)
+    if quant.is_quantized(w):
+        if x.shape[0] <= FEATURE_MAJOR_MAX_ROWS and f32_out and cpu_kernel.usable(x):
+            return cpu_kernel.linear_cpu(x, w)
+        w = quant.dequantize(w, x.dtype, axis=-1)
+    if x.shape[0] == 1 and f32_out and cpu_kernel.usable(x, w):
         return cpu_kernel.linear_cpu(x, w)
     if x.shape[0] > FEATURE_MAJOR_MAX_ROWS:
         return jnp.einsum("NI,OI->NO", x, w, preferred_element_type=preferred_element_type)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import functools
 from typing import Any
 
-from mixtral_jax import layers, sharding
+from mixtral_jax import layers, quant, sharding
 from mixtral_jax.config import MixtralConfig
 
 Params = dict[str, Any]
@@ -50,24 +50,28 @@ class Stacked:
 
     name = "stacked"
 
+    # Quantized weights (quant.py) are dequantized to the activations' dtype before their product, as
+    # Qwix's weight-only dot does: the same products as the float model's on the dequantized weights.
+
     @staticmethod
     def qkv(x, lp, head_dim: int):
         """x [B, T, D] → q [B, T, H, Dh], k, v [B, T, K, Dh]."""
         del head_dim  # in the weights' shapes
-        q = jnp.einsum("BTD,DNH->BTNH", x, lp["wq"])
-        k = jnp.einsum("BTD,DKH->BTKH", x, lp["wk"])
-        v = jnp.einsum("BTD,DKH->BTKH", x, lp["wv"])
+        q = jnp.einsum("BTD,DNH->BTNH", x, quant.dequantize(lp["wq"], x.dtype))
+        k = jnp.einsum("BTD,DKH->BTKH", x, quant.dequantize(lp["wk"], x.dtype))
+        v = jnp.einsum("BTD,DKH->BTKH", x, quant.dequantize(lp["wv"], x.dtype))
         return q, k, v
 
     @staticmethod
     def out(o, lp):
         """o [B, T, H * Dh] → [B, T, D]; wo as one [H*Dh, D] matrix (XLA:CPU copies a 3-D one before the dot)."""
-        return jnp.einsum("BTF,FD->BTD", o, lp["wo"].reshape(o.shape[-1], -1))
+        return jnp.einsum("BTF,FD->BTD", o, quant.dequantize(lp["wo"], o.dtype).reshape(o.shape[-1], -1))
 
     @staticmethod
     def lm_head(h, params):
         """h [B, T, D] → float32 logits [B, T, V]."""
-        return jnp.einsum("BTD,DV->BTV", h, params["lm_head"], preferred_element_type=jnp.float32)
+        return jnp.einsum("BTD,DV->BTV", h, quant.dequantize(params["lm_head"], h.dtype),
+                          preferred_element_type=jnp.float32)
 
     @staticmethod
     def layers(params, h, cache, body, last_only: bool, mesh=None):
@@ -84,7 +88,7 @@ class Stacked:
                 kv = tuple(sharding.constrain(c, mesh, sharding.CACHE_AXES["k"]) for c in kv)
             return (h, kv), routing
 
-        num_layers = params["layers"]["wq"].shape[0]
+        num_layers = params["layers"]["attn_norm"].shape[0]
         (h, cache), routing = jax.lax.scan(step, (h, cache), (params["layers"], jnp.arange(num_layers)))
         return h, cache, routing
 
@@ -108,8 +112,8 @@ class PerExpert:
     def qkv(x, lp, head_dim: int):
         """One product with the fused wqkv [(H + 2K) * Dh, D]."""
         b, t, d = x.shape
-        q_dim = lp["wo"].shape[1]
-        kv_dim = (lp["wqkv"].shape[0] - q_dim) // 2
+        q_dim = jax.tree.leaves(lp["wo"])[0].shape[1]  # the float weight, or a quantized one's qvalue
+        kv_dim = (jax.tree.leaves(lp["wqkv"])[0].shape[0] - q_dim) // 2
         dh = head_dim
         qkv = layers.linear_t(x.reshape(b * t, d), lp["wqkv"]).reshape(b, t, -1)
         return (qkv[..., :q_dim].reshape(b, t, -1, dh), qkv[..., q_dim:q_dim + kv_dim].reshape(b, t, -1, dh),
@@ -197,16 +201,22 @@ def _unstack_fn(name: str, num_layers: int):
         experts = lambda w: range(jax.tree.leaves(w)[0].shape[1])
         return jax.jit(lambda w: [[jax.tree.map(lambda a: a[l, e].T, w) for e in experts(w)]
                                   for l in range(num_layers)])
-    if name == "wo":
-        return jax.jit(lambda w: [w[l].reshape(-1, w.shape[-1]).T for l in range(num_layers)])
+    if name == "wo":  # (an int8 scale [L, 1, 1, D] -> L [D, 1])
+        return jax.jit(lambda w: [jax.tree.map(lambda a: a[l].reshape(-1, a.shape[-1]).T, w)
+                                  for l in range(num_layers)])
     return jax.jit(lambda w: [w[l] for l in range(num_layers)])
 
 
 @functools.partial(jax.jit, static_argnums=3)
 def _fuse_qkv(wq, wk, wv, num_layers: int):
-    """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> L [(H + 2K) * Dh, D] buffers."""
-    d = wq.shape[1]
-    return [jnp.concatenate([w[l].reshape(d, -1) for w in (wq, wk, wv)], axis=1).T for l in range(num_layers)]
+    """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> L [(H + 2K) * Dh, D] buffers (quantized: qvalues alike,
+    int8 scales [L, 1, H, Dh] ... -> L [(H + 2K) * Dh, 1])."""
+    fuse = lambda *ws: [jnp.concatenate([w[l].reshape(w.shape[1], -1) for w in ws], axis=1).T
+                        for l in range(num_layers)]
+    if not isinstance(wq, dict):
+        return fuse(wq, wk, wv)
+    parts = {k: fuse(wq[k], wk[k], wv[k]) for k in wq}
+    return [{k: parts[k][l] for k in parts} for l in range(num_layers)]
 
 
 def unstack_params(params: Params) -> Params:
@@ -217,13 +227,13 @@ def unstack_params(params: Params) -> Params:
     together), not two models.
     """
     layers = dict(params["layers"])
-    num_layers = layers["wq"].shape[0]
+    num_layers = layers["attn_norm"].shape[0]
     out_layers = [{"experts": [{} for _ in range(layers["router"].shape[2])]} for _ in range(num_layers)]
     qkv = [layers.pop(name) for name in ("wq", "wk", "wv")]
     for l, w in enumerate(_fuse_qkv(*qkv, num_layers)):
         out_layers[l]["wqkv"] = w
-    for w in qkv:
-        w.delete()
+    for a in jax.tree.leaves(qkv):
+        a.delete()
     for name in list(layers):
         stacked = layers.pop(name)
         split = _unstack_fn(name, num_layers)(stacked)
@@ -236,15 +246,16 @@ def unstack_params(params: Params) -> Params:
             else:
                 out_layers[l][name] = split[l]
     lm_head = params["lm_head"]
-    lm_head_t = jax.jit(jnp.transpose)(lm_head)  # [V, D]
-    lm_head.delete()
+    lm_head_t = jax.jit(lambda w: jax.tree.map(jnp.transpose, w))(lm_head)  # [V, D] (int8 scale [V, 1])
+    for a in jax.tree.leaves(lm_head):
+        a.delete()
     return {**{k: v for k, v in params.items() if k not in ("layers", "lm_head")},
             "layers": out_layers, "lm_head": lm_head_t}
 
 
 def stacked_global(params: Params, name: str):
     """Per_expert params: the non-layer parameter `name` in the stacked orientation (lm_head [D, V])."""
-    return params[name].T if name == "lm_head" else params[name]
+    return quant.transpose(params[name]) if name == "lm_head" else params[name]
 
 
 def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | None = None):
@@ -257,9 +268,11 @@ def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | 
     if name in EXPERT_PARAMS:
         return jax.tree.map(lambda a: a.T, lp["experts"][e][name])
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    # An int8 scale has size 1 along the input (D for wq, wk, wv; H and Dh for wo).
+    inputs = lambda a, *dims: dims if a.shape[1] > 1 else (1,) * len(dims)
     if name == "wo":
-        return lp["wo"].T.reshape(h, dh, d)
+        return jax.tree.map(lambda a: a.T.reshape(*inputs(a, h, dh), d), lp["wo"])
     if name in ("wq", "wk", "wv"):
         start, heads = {"wq": (0, h), "wk": (h * dh, kv), "wv": ((h + kv) * dh, kv)}[name]
-        return lp["wqkv"][start:start + heads * dh].T.reshape(d, heads, dh)
+        return jax.tree.map(lambda a: a[start:start + heads * dh].T.reshape(*inputs(a, d), heads, dh), lp["wqkv"])
     return lp[name]

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mixtral_jax import attention, layers, layout as layout_lib, moe, quant, sharding
@@ -44,10 +45,30 @@ class ParamSpec:
     init: str = "normal"  # "normal" (std 0.02, as HF's initializer_range) or "ones"
 
 
+def quantized(mode: str | None) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
+    """The weights a quantization mode (quant.MODES) stores quantized: their paths in the stacked tree →
+    (width, input axes): the experts at the mode's width, the attention projections and lm_head at int8."""
+    if not mode:
+        return {}
+    out = {("layers", n): (quant.width(mode), (-2,)) for n in EXPERT_PARAMS}
+    if quant.dense(mode):
+        out |= {("layers", "wq"): ("int8", (-3,)), ("layers", "wk"): ("int8", (-3,)),
+                ("layers", "wv"): ("int8", (-3,)), ("layers", "wo"): ("int8", (-3, -2)), ("lm_head",): ("int8", (-2,))}
+    return out
+
+
+def _replace(tree: dict, path: tuple[str, ...], fn) -> None:
+    """tree[path] = fn(tree[path]), in place."""
+    node = tree
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = fn(node[path[-1]])
+
+
 def param_specs(cfg: MixtralConfig, quantize: str | None = None) -> Params:
     """Shapes and logical axes of every parameter, as a tree like the params.
 
-    With `quantize` ("int8" or "int4") each expert weight is {"qvalue", "scale"} (quant.py).
+    With `quantize` (quant.MODES) each weight it quantizes (`quantized`) is {"qvalue", "scale"} (quant.py).
     """
     v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
     l, h, kv, dh, e = (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -69,11 +90,10 @@ def param_specs(cfg: MixtralConfig, quantize: str | None = None) -> Params:
         "final_norm": ParamSpec((d,), ("embed",), "ones"),
         "lm_head": ParamSpec((d, v), ("embed", "vocab")),
     }
-    if quant.check_mode(quantize):
-        for name in EXPERT_PARAMS:
-            spec, qaxes = specs["layers"][name], quant.axes(specs["layers"][name].axes, quantize)
-            specs["layers"][name] = {k: ParamSpec(shape, qaxes[k], "quantized")
-                                     for k, (shape, _) in quant.shapes(spec.shape, quantize).items()}
+    for path, (width, in_axes) in quantized(quant.check_mode(quantize)).items():
+        _replace(specs, path, lambda spec: {
+            k: ParamSpec(shape, quant.axes(spec.axes, width, in_axes)[k], "quantized")
+            for k, (shape, _) in quant.shapes(spec.shape, width, in_axes).items()})
     return specs
 
 
@@ -129,10 +149,9 @@ def abstract_params(cfg: MixtralConfig, dtype="bfloat16", mesh=None, expert_dtyp
     """
     shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.dtype(dtype), expert_dtype=expert_dtype),
                             jax.random.key(0))
-    if quant.check_mode(quantize):
-        for name in EXPERT_PARAMS:
-            shapes["layers"][name] = {k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt)
-                                      in quant.shapes(shapes["layers"][name].shape, quantize).items()}
+    for path, (width, in_axes) in quantized(quant.check_mode(quantize)).items():
+        _replace(shapes, path, lambda a: {k: jax.ShapeDtypeStruct(shape, dt)
+                                          for k, (shape, dt) in quant.shapes(a.shape, width, in_axes).items()})
     if mesh is None:
         return shapes
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -194,7 +213,7 @@ class Mixtral(nnx.Module):
         self.embed = nnx.Param(params["embed"])
         self.layers = _to_nnx(params["layers"])
         self.final_norm = nnx.Param(params["final_norm"])
-        self.lm_head = nnx.Param(params["lm_head"])
+        self.lm_head = _to_nnx(params["lm_head"])
 
     @property
     def dtype(self):
@@ -210,13 +229,16 @@ class Mixtral(nnx.Module):
 
     @property
     def quantization(self) -> str | None:
-        """"int8" or "int4" when the experts are quantized (quant.py), else None."""
-        return {"int8": "int8", "uint8": "int4"}.get(jnp.dtype(self.expert_dtype).name)
+        """The quantization mode (quant.MODES) when the experts are quantized, else None."""
+        experts = {"int8": "int8", "uint8": "int4"}.get(jnp.dtype(self.expert_dtype).name)
+        if experts is None:
+            return None
+        return experts if isinstance(self.lm_head, nnx.Dict) else f"{experts}-experts"
 
     def params(self) -> Params:
         """The parameters as a plain pytree of arrays (in this model's layout)."""
         return {"embed": self.embed[...], "layers": _from_nnx(self.layers),
-                "final_norm": self.final_norm[...], "lm_head": self.lm_head[...]}
+                "final_norm": self.final_norm[...], "lm_head": _from_nnx(self.lm_head)}
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return forward(self, tokens)
@@ -366,7 +388,7 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
       layout: "stacked", "per_expert", or None: per_expert on one CPU device,
         stacked otherwise (layout.py).
       expert_dtype: the experts' weights in this dtype instead (see `param_dtypes`).
-      quantize: "int8" or "int4": the random float experts quantized (quant.py), one layer at a time.
+      quantize: a quant.MODES mode: the random float weights it covers quantized (quant.py), one layer at a time.
 
     Returns:
       A `Mixtral`.
@@ -375,13 +397,20 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
     quant.check_mode(quantize)
     params = _jitted_init(cfg, jnp.dtype(dtype), None if expert_dtype is None else jnp.dtype(expert_dtype),
                           mesh)(jax.random.key(seed))
-    if quantize:
-        shardings = None if mesh is None else param_shardings(cfg, mesh, quantize)
-        for name in EXPERT_PARAMS:
-            w = params["layers"].pop(name)
-            params["layers"][name] = quant.quantize_layers(
-                w, quantize, None if shardings is None else shardings["layers"][name])
+    shardings = None if mesh is None or not quantize else param_shardings(cfg, mesh, quantize)
+    for path, (width, in_axes) in quantized(quantize).items():
+        target = None if shardings is None else functools.reduce(lambda t, k: t[k], path, shardings)
+
+        def quantize_one(w):
+            if len(path) == 1:  # lm_head: no layer axis
+                q = quant.quantize(np.asarray(jax.device_get(w)), width, in_axes)
+                out = {k: jax.device_put(v, None if target is None else target[k]) for k, v in q.items()}
+            else:
+                out = quant.quantize_layers(w, width, target, in_axes)
             w.delete()
+            return out
+
+        _replace(params, path, quantize_one)
     return Mixtral(cfg, layout_lib.get(layout).from_stacked(params), mesh)
 
 

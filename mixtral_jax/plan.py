@@ -258,7 +258,7 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
       capacity_factor: expert-parallel capacity (None: dropless).
       topology: a TPU slice such as "v5e:2x4" or "v5p:4x4x4" to compile for with
         the TPU compiler (needs libtpu); None plans on virtual CPU devices.
-      quantize: "int8" or "int4": the experts quantized (quant.py), counted and compiled as such.
+      quantize: a quant.MODES mode: the weights it covers quantized (quant.py), counted and compiled as such.
       prefill_chunk: a prompt longer than this is prefilled in chunks of it (`generate`'s
         `prefill_chunk`): the prefill step planned is one chunk, reading the whole cache.
 
@@ -432,7 +432,7 @@ def summary(plan: dict[str, Any], max_collectives: int = 4) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB"
     mesh = ",".join(f"{k}={v}" for k, v in plan["mesh"].items() if v > 1) or "one device"
     where = f"{plan['topology']} ({plan['devices']} chips)" if plan["topology"] else f"{plan['devices']} CPU devices"
-    experts = f" (experts {plan['quantize']})" if plan.get("quantize") else ""
+    experts = f" (quantized {plan['quantize']})" if plan.get("quantize") else ""
     lines = [
         f"{plan['config']} {plan['dtype']}{experts} on {where}, mesh {mesh}, batch {plan['batch']}, "
         f"KV cache {plan['max_seq_len']} tokens, prefill {plan['prompt_len']} tokens"

@@ -1,4 +1,10 @@
-"""Weight-only quantization of the expert weights: int8 per output channel, int4 in groups along the input.
+"""Weight-only quantization: int8 per output channel, int4 in groups along the input.
+
+Modes (`MODES`): "int8" and "int4" quantize the experts (int8 or int4) and the
+attention projections and lm_head (int8 in both, as llama.cpp's Q4_K_M keeps
+its output matrix at 6 bits); "int8-experts" and "int4-experts" only the
+experts. The embedding (a decode step reads one row of it), norms and router
+stay float.
 
 A quantized weight is a dict {"qvalue", "scale"} in place of the float array
 (the layout of Qwix's `QArray`: qvalue has the weight's shape, scale one value
@@ -7,6 +13,11 @@ per tile, broadcast back), so Orbax, NNX and jax.tree see plain arrays:
     stacked [..., in, out]       qvalue int8 [..., in, out]    (int4: uint8 [..., in/2, out], two per byte)
                                  scale [..., in/g, out]        g = in for int8 (per output channel), GROUP for int4
     per_expert [out, in] (HF's)  the same arrays transposed (the packed pairs stay pairs along the input)
+
+An int8 weight's input may span several axes (`in_axes`: wo [L, H, Dh, D]
+takes H and Dh), its scale size 1 on each. int4 packs each group of 32 as 16
+bytes, value i in the low nibble of byte i and value 16 + i in the high one
+(llama.cpp's Q4_0 order: the CPU kernel widens 16 consecutive values from one load).
 
 Symmetric: w ≈ qvalue · scale with qvalue in [-qmax, qmax] (127 or 7) and
 scale = max|w| / qmax over the tile, rounded UP to the scale dtype, so
@@ -30,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "int8-experts", "int4-experts")
+WIDTHS = ("int8", "int4")  # what a weight is stored in (an expert: its mode's width; the rest: int8)
 # int4 group along the input: llama.cpp's Q4_0/Q4_K block; it divides every Mixtral dimension
 # (and F / tensor for tensor ≤ 64), and 128 would cut the bytes by 8% while doubling the
 # spread a group's largest weight sets (docs/benchmarks.md#quantized-weights).
@@ -47,6 +59,16 @@ def check_mode(mode: str | None) -> str | None:
     return mode
 
 
+def width(mode: str) -> str:
+    """The experts' width of a mode: "int8" or "int4"."""
+    return mode.split("-")[0]
+
+
+def dense(mode: str | None) -> bool:
+    """Whether a mode quantizes the attention projections and lm_head too (always to int8)."""
+    return mode is not None and not mode.endswith("-experts")
+
+
 def is_quantized(w) -> bool:
     return isinstance(w, Mapping) and "qvalue" in w
 
@@ -55,8 +77,12 @@ def group_size(mode: str, in_dim: int) -> int:
     return in_dim if mode == "int8" else GROUP
 
 
-def shapes(shape: tuple[int, ...], mode: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{"qvalue": (shape, dtype), "scale": (shape, dtype)} for a stacked float weight [..., in, out]."""
+def shapes(shape: tuple[int, ...], mode: str, in_axes: tuple[int, ...] = (-2,)) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{"qvalue": (shape, dtype), "scale": (shape, dtype)} for a stacked float weight [..., in, out]
+    (`mode` a width; int8 may take its input from several axes `in_axes`, negative)."""
+    if mode == "int8":
+        scale = tuple(1 if i - len(shape) in in_axes else n for i, n in enumerate(shape))
+        return {"qvalue": (tuple(shape), np.dtype(np.int8)), "scale": (scale, SCALE_DTYPE[mode])}
     *lead, in_dim, out = shape
     g = group_size(mode, in_dim)
     if in_dim % g or (mode == "int4" and in_dim % 2):
@@ -67,59 +93,69 @@ def shapes(shape: tuple[int, ...], mode: str) -> dict[str, tuple[tuple[int, ...]
     return {"qvalue": ((*lead, packed, out), qdtype), "scale": ((*lead, in_dim // g, out), SCALE_DTYPE[mode])}
 
 
-def axes(float_axes: tuple, mode: str) -> dict[str, tuple]:
+def axes(float_axes: tuple, mode: str, in_axes: tuple[int, ...] = (-2,)) -> dict[str, tuple]:
     """Logical axes of qvalue and scale from the float weight's: the same, but an int8 scale's
-    input dimension (size 1) is replicated."""
-    scale_axes = float_axes[:-2] + ((None,) if mode == "int8" else float_axes[-2:-1]) + float_axes[-1:]
-    return {"qvalue": tuple(float_axes), "scale": tuple(scale_axes)}
+    input dimensions (size 1) are replicated."""
+    n = len(float_axes)
+    scale_axes = tuple(None if mode == "int8" and i - n in in_axes else a for i, a in enumerate(float_axes))
+    return {"qvalue": tuple(float_axes), "scale": scale_axes}
 
 
 def check_split(ffn: int, mode: str | None, tensor: int) -> None:
     """int4 groups must not straddle devices: each `tensor` shard of F must hold whole groups."""
-    if mode == "int4" and (ffn // tensor) % GROUP:
+    if mode is not None and width(mode) == "int4" and (ffn // tensor) % GROUP:
         raise ValueError(f"int4 experts keep groups of {GROUP} along intermediate_size={ffn}, which tensor={tensor} "
                          f"splits into {ffn // tensor} per device, not a multiple of {GROUP}; use a smaller tensor "
                          "axis or int8.")
 
 
 def mode_of(w) -> str | None:
-    """"int8", "int4" or None (a float weight), from qvalue's dtype."""
+    """The width, "int8" or "int4", or None (a float weight), from qvalue's dtype."""
     if not is_quantized(w):
         return None
     return "int8" if w["qvalue"].dtype == np.int8 else "int4"
 
 
-def quantize(w: np.ndarray, mode: str) -> dict[str, np.ndarray]:
-    """Quantizes a stacked float weight [..., in, out] on the host.
+def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,)) -> dict[str, np.ndarray]:
+    """Quantizes a stacked float weight [..., in, out] on the host (`mode` a width; int8: the input
+    may span several axes `in_axes`, negative).
 
     Returns:
       {"qvalue", "scale"} NumPy arrays (shapes and dtypes from `shapes`).
     """
     w = np.asarray(w).astype(np.float32)
-    *lead, in_dim, out = w.shape
-    spec = shapes(w.shape, mode)
-    g, qmax, sdt = group_size(mode, in_dim), QMAX[mode], SCALE_DTYPE[mode]
-    tiles = w.reshape(*lead, in_dim // g, g, out)
-    absmax = np.max(np.abs(tiles), axis=-2)  # [..., in/g, out]
+    spec = shapes(w.shape, mode, in_axes)
+    qmax, sdt = QMAX[mode], SCALE_DTYPE[mode]
+    if mode == "int8":  # tiles: the whole input, reduced with the scale's dimensions kept
+        tiles, absmax = w, np.max(np.abs(w), axis=in_axes, keepdims=True)
+    else:  # [..., in/g, g, out], reduced over g; the scale is broadcast back over g below
+        *lead, in_dim, out = w.shape
+        tiles = w.reshape(*lead, in_dim // GROUP, GROUP, out)
+        absmax = np.max(np.abs(tiles), axis=-2)  # [..., in/g, out]
     scale = (absmax / qmax).astype(sdt)
     # Rounded up, so no |w| / scale exceeds qmax and no value is clipped: the bound stays scale / 2.
     low = scale.astype(np.float64) * qmax < absmax  # exactly: a float32 product may round up
     scale = np.where(low, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)
     scale = np.where(absmax == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
-    q = np.clip(np.rint(tiles / scale.astype(np.float32)[..., None, :]), -qmax, qmax).astype(np.int8)
-    q = q.reshape(w.shape)
-    if mode == "int4":  # two per byte along the input: element 2i in the low nibble, 2i + 1 in the high
-        q = (q[..., 0::2, :] & 0xF).astype(np.uint8) | ((q[..., 1::2, :] & 0xF).astype(np.uint8) << 4)
+    wide = scale.astype(np.float32) if mode == "int8" else scale.astype(np.float32)[..., None, :]
+    q = np.clip(np.rint(tiles / wide), -qmax, qmax).astype(np.int8)
+    if mode == "int4":  # per group of 32: value i in the low nibble of byte i, 16 + i in the high one
+        half = GROUP // 2
+        q = (q[..., :half, :] & 0xF).astype(np.uint8) | ((q[..., half:, :] & 0xF).astype(np.uint8) << 4)
+    q = q.reshape(spec["qvalue"][0])
     assert q.shape == spec["qvalue"][0] and scale.shape == spec["scale"][0]
     return {"qvalue": q, "scale": scale}
 
 
 def _unpack(qvalue: jax.Array, axis: int) -> jax.Array:
-    """int4 bytes → int8 values, twice as many along `axis` (low nibble first), sign-extended."""
+    """int4 bytes → int8 values, twice as many along `axis` (each 16 bytes: 16 low nibbles, then 16 high),
+    sign-extended."""
+    half = GROUP // 2
     signed = jax.lax.bitcast_convert_type(qvalue, jnp.int8)
-    low = jnp.right_shift(jnp.left_shift(signed, 4), 4)
-    high = jnp.right_shift(signed, 4)
-    both = jnp.stack([low, high], axis=axis + 1 if axis >= 0 else axis)  # [..., in/2, 2, ...]
+    blocks = signed.reshape(*signed.shape[:axis], -1, half, *signed.shape[axis + 1:])  # [..., in/32, 16, ...]
+    low = jnp.right_shift(jnp.left_shift(blocks, 4), 4)
+    high = jnp.right_shift(blocks, 4)
+    both = jnp.concatenate([low, high], axis=axis + 1)  # [..., in/32, 32, ...]
     shape = list(qvalue.shape)
     shape[axis] *= 2
     return both.reshape(shape)
@@ -134,9 +170,10 @@ def dequantize(w, dtype, axis: int = -2) -> jax.Array:
     if not is_quantized(w):
         return w.astype(dtype)
     q, scale = w["qvalue"], w["scale"]
+    if q.dtype == jnp.int8:  # the scale broadcasts: size 1 along the input
+        return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
     axis = axis % q.ndim
-    if q.dtype == jnp.uint8:
-        q = _unpack(q, axis)
+    q = _unpack(q, axis)
     groups = scale.shape[axis]
     tiled = q.reshape(*q.shape[:axis], groups, q.shape[axis] // groups, *q.shape[axis + 1:])
     out = tiled.astype(jnp.float32) * jnp.expand_dims(scale.astype(jnp.float32), axis + 1)
@@ -158,11 +195,12 @@ def error_bound(w: dict) -> np.ndarray:
     return np.repeat(per_tile, in_dim // scale.shape[-2], axis=-2)
 
 
-def quantize_layers(w: jax.Array, mode: str, shardings: Mapping | None = None) -> dict[str, jax.Array]:
-    """A stacked device weight [L, ..., in, out] quantized one layer at a time through the host.
+def quantize_layers(w: jax.Array, mode: str, shardings: Mapping | None = None,
+                    in_axes: tuple[int, ...] = (-2,)) -> dict[str, jax.Array]:
+    """A stacked device weight [L, ..., in, out] quantized (`mode` a width) one layer at a time through the host.
 
     `shardings`: {"qvalue", "scale"} target shardings (None: the default device).
     """
-    parts = [quantize(np.asarray(jax.device_get(w[l])), mode) for l in range(w.shape[0])]
+    parts = [quantize(np.asarray(jax.device_get(w[l])), mode, in_axes) for l in range(w.shape[0])]
     out = {k: np.stack([p[k] for p in parts]) for k in ("qvalue", "scale")}
     return {k: jax.device_put(v, None if shardings is None else shardings[k]) for k, v in out.items()}

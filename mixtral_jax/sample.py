@@ -36,8 +36,9 @@ flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfl
 flags.DEFINE_string("expert_dtype", None, "Keep the expert weights in this dtype, computing in --dtype; default: "
                     "bfloat16 for a bfloat16 checkpoint run in float32 on one CPU device with the C++ kernel (exact, half the memory and "
                     "decode bytes), else --dtype.")
-flags.DEFINE_string("quantize", None, "Quantize the expert weights: int8 (per output channel) or int4 (groups of "
-                    "32), while loading (or as a checkpoint written with convert --quantize stores them).")
+flags.DEFINE_string("quantize", None, "Quantize the weights while loading (or as a checkpoint written with convert "
+                    "--quantize stores them): int8 (per output channel) or int4 (experts in groups of 32, attention "
+                    "and lm_head int8); int8-experts / int4-experts: the experts only.")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
 flags.DEFINE_boolean("dry_run", False, "Plan memory (and, with --topology, speed) per device for --config on --mesh; "
                      "allocate nothing. Exit status 2 when the plan does not fit.")
@@ -59,7 +60,7 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of proce
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
-QUANTIZE_MODES = ("int8", "int4")  # quant.MODES, without importing jax before the flags are checked
+QUANTIZE_MODES = ("int8", "int4", "int8-experts", "int4-experts")  # quant.MODES, without importing jax before the flags are checked
 DEFAULT_PROMPT = "Mixture-of-experts models route each token to"
 
 
@@ -109,7 +110,7 @@ def _check_flags() -> None:
         if FLAGS[name].value is not None:
             _float_dtype(name)
     if FLAGS.quantize is not None and FLAGS.quantize not in QUANTIZE_MODES:
-        raise UsageError(f"--quantize {FLAGS.quantize!r} is not a quantization; use {' or '.join(QUANTIZE_MODES)}.")
+        raise UsageError(f"--quantize {FLAGS.quantize!r} is not a quantization; use one of {', '.join(QUANTIZE_MODES)}.")
     if FLAGS.quantize and FLAGS.expert_dtype:
         raise UsageError("--quantize and --expert_dtype both set the experts' storage; pass one of them.")
     if FLAGS.checkpoint is not None and not os.path.isdir(FLAGS.checkpoint):
@@ -187,7 +188,7 @@ def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None,
         raise UsageError(
             f"{cfg.name} needs {need / 1e9:.1f} GB for its weights in {np.dtype(dtype).name}"
             f"{'' if expert_dtype in (None, dtype) else ' (experts in ' + np.dtype(expert_dtype).name + ')'}"
-            f"{' (experts ' + quantize + ')' if quantize else ''} but {where} "
+            f"{' (quantized ' + quantize + ')' if quantize else ''} but {where} "
             f"{have / 1e9:.1f} GB; {hint}, or check a plan first with --dry_run --mesh SPEC.")
 
 
@@ -340,7 +341,7 @@ def run() -> int:
     if on_cpu and mesh is None:
         cpu_kernel.available()  # builds the CPU kernel now (once), or says here why it cannot
     experts_note = ("" if model.expert_dtype == model.dtype
-                    else f" (experts {model.quantization})" if model.quantization
+                    else f" (quantized {model.quantization})" if model.quantization
                     else f" (experts kept in {np.dtype(model.expert_dtype).name})")
     header = (f"[mixtral_jax] {cfg.name}: {source}; {dtype}{experts_note} on {jax.device_count()} "
               f"{jax.default_backend()} device(s){' mesh ' + FLAGS.mesh if FLAGS.mesh else ''}.")

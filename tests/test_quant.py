@@ -1,6 +1,7 @@
-"""Quantized experts (quant.py): the round-trip error against its analytic bound, every MoE path against the
-float64 loop reference on the dequantized weights (and bit-equal to the float path fed those weights),
-sharded = unsharded, byte counts by hand, and quantize-at-load = convert --quantize."""
+"""Quantized weights (quant.py): the round-trip error against its analytic bound, every MoE path and the
+attention projections / lm_head products against float64 references on the dequantized weights (and
+bit-equal to the float path fed those weights), sharded = unsharded, byte counts by hand, and
+quantize-at-load = convert --quantize."""
 
 import dataclasses
 
@@ -10,14 +11,14 @@ import numpy as np
 import pytest
 
 import mixtral_jax as mj
-from mixtral_jax import checkpoint, config, convert, cpu_kernel, model as model_lib, moe, plan, quant, testing
+from mixtral_jax import checkpoint, config, convert, cpu_kernel, layers, model as model_lib, moe, plan, quant, testing
 
 K = 2
 EPS32 = np.finfo(np.float32).eps
 SCALE_ULP = {"int8": 2.0**-23, "int4": 2.0**-10}  # float32 and float16 scales: one unit of rounding up
 
 
-@pytest.mark.parametrize("mode", quant.MODES)
+@pytest.mark.parametrize("mode", quant.WIDTHS)
 def test_round_trip_within_the_analytic_bound(mode):
     rs = np.random.RandomState(0)
     w = (rs.standard_t(3, (2, 64, 48)) * 0.02).astype(np.float32)  # heavy tails
@@ -43,18 +44,18 @@ def test_round_trip_within_the_analytic_bound(mode):
     np.testing.assert_array_equal(quant.error_bound(q), bound.astype(np.float32))
 
 
-def test_int4_packs_two_values_per_byte_low_nibble_first():
+def test_int4_packs_a_group_of_32_into_16_bytes_in_llama_cpp_order():
     w = np.zeros((32, 1), np.float32)
-    w[:4, 0] = [-7, 7, 3, -1]  # max |w| 7: scale exactly 1, qvalue = w
+    w[[0, 16, 1, 17], 0] = [-7, 7, 3, -1]  # max |w| 7: scale exactly 1, qvalue = w
     q = quant.quantize(w, "int4")
     assert q["scale"][0, 0] == 1
-    assert q["qvalue"][0, 0] == (-7 & 0xF) | (7 << 4) == 121
+    assert q["qvalue"][0, 0] == (-7 & 0xF) | (7 << 4) == 121  # value i in the low nibble of byte i, 16 + i high
     assert q["qvalue"][1, 0] == 3 | ((-1 & 0xF) << 4) == 243
     np.testing.assert_array_equal(quant.dequantize(q, jnp.float32), w)
     np.testing.assert_array_equal(quant.dequantize(quant.transpose(q), jnp.float32, axis=-1), w.T)
 
 
-@pytest.fixture(scope="module", params=quant.MODES)
+@pytest.fixture(scope="module", params=quant.WIDTHS)
 def moe_case(request):
     """Stacked MoE weights quantized with one mode, their dequantized float weights, and the loop reference."""
     mode = request.param
@@ -105,6 +106,41 @@ def test_cpu_kernel_reads_quantized_weights_directly(moe_case, panel_min_rows):
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,path", [(1, "kernel"), (5, "kernel"), (70, "kernel"), (5, "xla")])
+def test_int8_dense_product_equals_the_float64_one_with_the_dequantized_weight(rows, path, monkeypatch):
+    """layers.linear_t with an int8 [out, in] weight (attention projections, lm_head): the kernel's row-dot
+    products up to FEATURE_MAJOR_MAX_ROWS rows, else (or without the kernel) the dequantized weight's product."""
+    rs = np.random.RandomState(2)
+    w = (rs.randn(100, 200) * 0.02).astype(np.float32)  # stacked [in, out]; 100 inputs: the kernel's tail too
+    w[:, 3] *= 40  # an outlier channel: its own scale
+    q = quant.transpose(quant.quantize(w, "int8"))  # per_expert [out, in], scale [out, 1]
+    assert q["qvalue"].shape == (200, 100) and q["scale"].shape == (200, 1)
+    deq = np.asarray(quant.dequantize(q, jnp.float32, axis=-1))
+    np.testing.assert_array_equal(deq, np.asarray(quant.dequantize(quant.quantize(w, "int8"), jnp.float32)).T)
+    if path == "xla":
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    x = rs.randn(rows, 100).astype(np.float32)
+    ours = np.asarray(jax.jit(layers.linear_t)(x, q))
+    np.testing.assert_allclose(ours, x.astype(np.float64) @ deq.T.astype(np.float64), rtol=1e-5, atol=1e-6)
+    if rows > layers.FEATURE_MAJOR_MAX_ROWS:  # dequantized first: the float path's bits (XLA:CPU picks another
+        # dot routine for a few rows of a computed weight than of a parameter, so only here)
+        np.testing.assert_array_equal(ours, jax.jit(layers.linear_t)(x, jnp.asarray(deq)))
+
+
+def test_int8_weights_with_several_input_axes_stay_within_the_bound():
+    """wo [L, H, Dh, D]: one scale per output channel over H and Dh, size 1 on both."""
+    rs = np.random.RandomState(4)
+    w = (rs.standard_t(3, (2, 4, 8, 16)) * 0.02).astype(np.float32)
+    q = quant.quantize(w, "int8", in_axes=(-3, -2))
+    assert q["scale"].shape == (2, 1, 1, 16) and q["qvalue"].shape == w.shape
+    scale = np.abs(w).max(axis=(1, 2), keepdims=True) / 127
+    assert (q["scale"] >= scale).all() and (q["scale"] <= scale * (1 + 2.0**-23)).all()
+    err = np.abs(np.asarray(quant.dequantize(q, jnp.float32), np.float64) - w)
+    assert (err <= q["scale"] * (0.5 + 2 * 127 * EPS32)).all()
+    assert quant.axes(("layers", "heads", "head_dim", "embed"), "int8", (-3, -2))["scale"] == (
+        "layers", None, None, "embed")
+
+
 def test_expert_parallel_moe_equals_loop_reference_and_one_device(moe_case):
     mode, q, _, x, ref = moe_case
     mesh = mj.make_mesh("expert=4,tensor=2")  # w2's int4 scales are split over tensor with its rows
@@ -128,21 +164,31 @@ CFG = config.from_hf_dict({**testing.TINY_HF, "intermediate_size": 128, "num_hid
 @pytest.mark.parametrize("mode", quant.MODES)
 def test_param_bytes_count_qvalues_and_scales(mode):
     l, e, d, f = CFG.num_hidden_layers, CFG.num_local_experts, CFG.hidden_size, CFG.intermediate_size
+    h, kv, dh, v = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim, CFG.vocab_size
     weights = l * e * 3 * d * f
-    if mode == "int8":  # one byte each; a float32 scale per output channel of w1, w3 (F) and w2 (D)
+    if quant.width(mode) == "int8":  # one byte each; a float32 scale per output channel of w1, w3 (F) and w2 (D)
         experts = weights + 4 * l * e * (2 * f + d)
     else:  # half a byte each; a float16 scale per 32 inputs
         experts = weights // 2 + 2 * l * e * (2 * (d // 32) * f + (f // 32) * d)
-    dense = mj.param_bytes(CFG, "float32")
+    # Attention projections and lm_head: int8, a float32 scale per output channel (wq: H * Dh, wk and wv: K * Dh,
+    # wo: D; lm_head: V), in the full modes.
+    dense_weights = l * (2 * d * h * dh + 2 * d * kv * dh) + d * v
+    dense_scales = l * (h * dh + 2 * kv * dh + d) + v
+    dense = dense_weights + 4 * dense_scales if quant.dense(mode) else 4 * dense_weights
+    floats = mj.param_bytes(CFG, "float32")
     got = mj.param_bytes(CFG, "float32", quantize=mode)
-    assert got["total"] == dense["total"] - 4 * weights + experts
+    assert got["total"] == floats["total"] - 4 * (weights + dense_weights) + experts + dense
     assert got["active"] == got["total"] - experts // e * (e - K)
     # The dry run's bytes per device on expert=4, tensor=2: scales split like their weights, except int8
-    # w2's per-channel scales over D (not split over tensor: each F shard needs all of them).
+    # w2's per-channel scales over D (not split over tensor: each F shard needs all of them); wq's and
+    # wo's split over heads (tensor) and their scales over wq's heads, not over wo's D.
     mesh = mj.make_mesh("expert=4,tensor=2")
     layers = model_lib.abstract_params(CFG, "float32", mesh, quantize=mode)["layers"]
-    want = experts // 8 + (4 * l * e * d // 8 if mode == "int8" else 0)
+    want = experts // 8 + (4 * l * e * d // 8 if quant.width(mode) == "int8" else 0)
     assert plan._bytes_per_device({n: layers[n] for n in ("w1", "w3", "w2")}) == want
+    if quant.dense(mode):
+        assert plan._bytes_per_device({n: layers[n] for n in ("wq", "wo")}) == (
+            2 * l * d * h * dh // 2 + 4 * l * h * dh // 2 + 4 * l * d)
 
 
 @pytest.fixture(scope="module")
@@ -164,23 +210,27 @@ def test_quantize_at_load_equals_quantizing_in_memory(float_ckpt, mode):
     assert _same(loaded.params(), mj.init_random(CFG, seed=3, layout="stacked", quantize=mode).params())
 
 
-def test_int4_model_equals_the_float_model_on_dequantized_experts_on_every_layout_and_mesh(float_ckpt, tmp_path):
+def test_quantized_model_equals_the_float_model_on_dequantized_weights_on_every_layout_and_mesh(float_ckpt, tmp_path):
     _, path = float_ckpt
-    stacked = mj.load(path, dtype="float32", layout="stacked", quantize="int4")
+    mode = "int4"  # int4 experts, int8 attention projections and lm_head: both widths (the MoE tests cover int8 experts)
+    stacked = mj.load(path, dtype="float32", layout="stacked", quantize=mode)
     tokens = np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 7))
     logits = np.asarray(mj.forward(stacked, tokens))
-    # The float model with the dequantized experts: the same arithmetic, the same bits.
+    # The float model with the dequantized weights: the same arithmetic, the same bits.
     params = stacked.params()
-    for n in ("w1", "w3", "w2"):
-        params["layers"][n] = quant.dequantize(params["layers"][n], jnp.float32)
-    np.testing.assert_array_equal(logits, mj.forward(mj.Mixtral(CFG, params), tokens))
-    per_expert = mj.load(path, dtype="float32", quantize="int4")
-    sharded = mj.load(path, dtype="float32", quantize="int4", mesh=mj.make_mesh("expert=4,tensor=2"))
+    assert set(model_lib.quantized(mode)) == {("layers", n) for n in ("w1", "w3", "w2", "wq", "wk", "wv", "wo")} | {
+        ("lm_head",)}
+    for key in model_lib.quantized(mode):
+        model_lib._replace(params, key, lambda w: quant.dequantize(w, jnp.float32))
+    float_model = mj.Mixtral(CFG, params)
+    np.testing.assert_array_equal(logits, mj.forward(float_model, tokens))
+    per_expert = mj.load(path, dtype="float32", quantize=mode)  # the C++ kernel's products
+    sharded = mj.load(path, dtype="float32", quantize=mode, mesh=mj.make_mesh("expert=4,tensor=2"))
     for other in (per_expert, sharded):
         np.testing.assert_allclose(mj.forward(other, tokens), logits, rtol=1e-5, atol=1e-5)
-    # save streams the per_expert model's quantized experts back into the stacked arrays.
+    # save streams the per_expert model's quantized weights back into the stacked arrays.
     saved = mj.load(checkpoint.save(per_expert, tmp_path / "q"), dtype="float32", layout="stacked")
-    assert saved.quantization == "int4" and _same(saved.params(), stacked.params())
+    assert saved.quantization == mode and _same(saved.params(), stacked.params())
 
 
 @pytest.fixture(scope="module")
@@ -215,15 +265,15 @@ def hf_dir(float_ckpt, tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("mode", quant.MODES)
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-experts"])
 def test_convert_quantize_equals_quantize_at_load(float_ckpt, hf_dir, tmp_path, mode):
     _, path = float_ckpt
     out = mj.convert_hf_checkpoint(hf_dir, tmp_path / "q", dtype="float32", quantize=mode)
     stored = mj.load(out, dtype="float32", layout="stacked")  # as stored: quantized
     assert stored.quantization == mode
     assert _same(stored.params(), mj.load(path, dtype="float32", layout="stacked", quantize=mode).params())
-    other = {"int8": "int4", "int4": "int8"}[mode]
-    with pytest.raises(mj.CheckpointError, match=f"holds {mode} experts; load it with quantize='{mode}'"):
+    other = "int4" if mode == "int8" else "int8"
+    with pytest.raises(mj.CheckpointError, match=f"holds {mode} weights; load it with quantize='{mode}'"):
         mj.load(out, quantize=other)
 
 
@@ -232,7 +282,8 @@ def test_bad_quantize_values_are_one_clear_error(float_ckpt, hf_dir, tmp_path):
     for call in (lambda: mj.load(path, quantize="int3"),
                  lambda: mj.convert_hf_checkpoint(hf_dir, tmp_path / "x", quantize="int3"),
                  lambda: mj.init_random(CFG, quantize="q4_0")):
-        with pytest.raises(ValueError, match="unknown quantization .*; choose one of int8, int4"):
+        with pytest.raises(ValueError, match="unknown quantization .*; choose one of int8, int4, int8-experts, "
+                                             "int4-experts"):
             call()
     with pytest.raises(ValueError, match="expert_dtype and quantize both set the experts' storage"):
         mj.load(path, quantize="int8", expert_dtype="bfloat16")

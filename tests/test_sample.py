@@ -73,7 +73,7 @@ def _cli_in_process(capsys, *args) -> tuple[int, list[str]]:
     (["--prompt_ids", "1,x"], "is not a comma-separated list of integers"),
     (["--expert_dtype", "bf15"], "--expert_dtype 'bf15' is not a dtype; use float32 or bfloat16"),
     (["--expert_dtype", "int8"], "expert_dtype must be a floating-point dtype"),
-    (["--quantize", "int3"], "--quantize 'int3' is not a quantization; use int8 or int4"),
+    (["--quantize", "int3"], "--quantize 'int3' is not a quantization; use one of int8, int4, int8-experts, int4-experts"),
     (["--quantize", "int8", "--expert_dtype", "bfloat16"], "--quantize and --expert_dtype both set the experts'"),
     (["--temprature", "0.5"], "Unknown command line flag 'temprature'. Did you mean: temperature"),
     (["--top_k", "many"], "flag --top_k=many"),
@@ -90,10 +90,10 @@ def test_bad_input_one_sentence_exit_2(nothing_built, capsys, args, message):
     (["--config", "8x22b", "--expert_dtype", "bfloat16"],
      "8x22b needs 291.9 GB for its weights in float32 (experts in bfloat16) but this host has 16.0 GB"),
     # By hand: 135.29e9 expert weights at 1 byte (int8) or 1/2 (int4) plus their scales, the rest float32.
-    (["--config", "8x22b", "--quantize", "int8"],
-     "8x22b needs 156.7 GB for its weights in float32 (experts int8) but this host has 16.0 GB"),
-    (["--config", "8x22b", "--quantize", "int4"],
-     "8x22b needs 97.5 GB for its weights in float32 (experts int4) but this host has 16.0 GB"),
+    (["--config", "8x22b", "--quantize", "int8-experts"],
+     "8x22b needs 156.7 GB for its weights in float32 (quantized int8-experts) but this host has 16.0 GB"),
+    (["--config", "8x22b", "--quantize", "int4-experts"],
+     "8x22b needs 97.5 GB for its weights in float32 (quantized int4-experts) but this host has 16.0 GB"),
 ])
 def test_too_big_for_this_host_one_sentence_exit_2(monkeypatch, capsys, args, message):
     import mixtral_jax as mj

@@ -8,7 +8,7 @@
 // group come out zero. Weights are HF [out, in] matrices, one buffer each:
 // w1_e, w3_e [F, D], w2_e [D, F], all float32, all bfloat16, or all quantized
 // (mixtral_jax/quant.py: int8 with a float32 scale per row, or int4 packed two
-// per byte with a float16 scale per group of columns); x, y and all arithmetic
+// per byte in blocks of 32 columns with a float16 scale per group of columns); x, y and all arithmetic
 // are float32 (a weight is widened, times its scale, as it is read).
 //
 // A decode step's few rows (Call): every output element is a dot product of
@@ -26,8 +26,9 @@
 // and alone finishes whatever no helper took, so a busy pool only slows the
 // call down.
 //
-// The same row-dot product serves LinearCpu: x [n, in] @ w [out, in]^T for one
-// row (a batch-1 step's attention projections and lm_head, layers.linear_t).
+// The same row-dot product serves LinearCpu: x [n, in] @ w [out, in]^T for a
+// few rows (a decode step's attention projections and lm_head, layers.linear_t),
+// w float32 or int8 with a scale per row.
 //
 // Built at first use by mixtral_jax/cpu_kernel.py with the host's g++.
 #include <algorithm>
@@ -102,42 +103,55 @@ inline v16 Widen8(const int8_t* q) {
   return __builtin_convertvector(*reinterpret_cast<const i8x16*>(q), v16);
 #endif
 }
-inline v16 Widen4(const uint8_t* q) {
+// 32 int4 values from 16 bytes, sign-extended: a group of 32 values is 16 bytes holding value i in
+// the low nibble of byte i and value 16 + i in the high one (llama.cpp's Q4_0 order), so each half
+// comes from one load, with no interleaving; out[0] the low nibbles, out[1] the high ones.
+inline void Widen4(const uint8_t* q, v16* out) {
 #ifdef __AVX512F__
-  // Each byte into two 32-bit lanes, its low nibble shifted to the top of the first and its high
-  // nibble to the top of the second, then an arithmetic shift back: sign-extended nibbles.
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
-  const __m512i pairs = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
-  const __m512i shift = _mm512_set_epi32(24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28, 24, 28);
-  const __m512 out = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(pairs, shift), 28));
-  return reinterpret_cast<const v16&>(out);
+  // Every byte in its own 32-bit lane; vpermps reads only an index's low 4 bits, so a table of the 16
+  // nibble values turns the low nibbles, and the bytes shifted right by 4, straight into float32.
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  const __m512 low = _mm512_permutexvar_ps(bytes, table), high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+  out[0] = reinterpret_cast<const v16&>(low);
+  out[1] = reinterpret_cast<const v16&>(high);
 #else
-  u8x16 b{};
-  __builtin_memcpy(&b, q, 8);
-  const u8x16 pairs = __builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const i8x16 low = reinterpret_cast<i8x16>(pairs << 4) >> 4, high = reinterpret_cast<i8x16>(pairs) >> 4;
-  const i8x16 v = __builtin_shufflevector(low, high, 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31);
-  return __builtin_convertvector(v, v16);
+  for (int i = 0; i < 16; ++i) {
+    const int low = q[i] & 0xF, high = q[i] >> 4;
+    out[0][i] = static_cast<float>(low < 8 ? low : low - 16);
+    out[1][i] = static_cast<float>(high < 8 ? high : high - 16);
+  }
 #endif
 }
 
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
 // A weight matrix [rows, ld] read as float32 values, whatever it is stored in: Load(j, k) gives the
-// 16 values of row j from column k (k a multiple of 16), At(j, k) one, Addr(j, k) where to prefetch.
+// 16 values of row j from column k (k a multiple of 16), LoadStep(j, k, out) the kStep values from
+// column k (k a multiple of kStep) as kStep / 16 vectors, At(j, k) one, Addr(j, k) where to prefetch.
 // A quantized value is widened and multiplied by its scale in float32: the value
 // mixtral_jax.quant.dequantize gives, so the products are those with the dequantized weights.
 struct F32View {
-  static constexpr int kBits = 32;
+  static constexpr bool kRowScale = false, kRowDot = false;
+  static constexpr int kBits = 32, kStep = 16;
   const float* w;
   int64_t ld;
   v16 Load(int64_t j, int64_t k) const { return Load16(w + j * ld + k); }
+  void LoadStep(int64_t j, int64_t k, v16* out) const { out[0] = Load(j, k); }
   float At(int64_t j, int64_t k) const { return w[j * ld + k]; }
   const void* Addr(int64_t j, int64_t k) const { return w + j * ld + k; }
 };
 struct BF16View {
-  static constexpr int kBits = 16;
+  static constexpr bool kRowScale = false, kRowDot = false;
+  static constexpr int kBits = 16, kStep = 16;
   const bf16* w;
   int64_t ld;
   v16 Load(int64_t j, int64_t k) const { return Load16(w + j * ld + k); }
+  void LoadStep(int64_t j, int64_t k, v16* out) const { out[0] = Load(j, k); }
   float At(int64_t j, int64_t k) const { return ToFloat(w[j * ld + k]); }
   const void* Addr(int64_t j, int64_t k) const { return w + j * ld + k; }
 };
@@ -147,32 +161,76 @@ inline int GroupShift(int64_t groups, int64_t group) {
   return groups == 1 ? 62 : __builtin_ctzll(static_cast<uint64_t>(group));
 }
 
-// int8 times a float32 scale per group of columns (int8: one group, the whole row).
+// int8 times a float32 scale per row (quant.py's int8: per output channel). Dots sums q * x over a row
+// and multiplies by the scale once (kRowScale: LoadRaw, AtRaw, RowScale), a product fewer per 16 values.
 struct I8View {
-  static constexpr int kBits = 8;
+  static constexpr int kBits = 8, kStep = 16;
+  static constexpr bool kRowScale = true, kRowDot = true;
   const int8_t* q;
   const float* s;
-  int64_t ld, groups;
-  int shift;
-  float Scale(int64_t j, int64_t k) const { return s[j * groups + (k >> shift)]; }
-  v16 Load(int64_t j, int64_t k) const { return Widen8(q + j * ld + k) * Scale(j, k); }
-  float At(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]) * Scale(j, k); }
+  int64_t ld;
+  float RowScale(int64_t j) const { return s[j]; }
+  v16 Load(int64_t j, int64_t k) const { return Widen8(q + j * ld + k) * s[j]; }
+  void LoadRaw(int64_t j, int64_t k, v16* out) const { out[0] = Widen8(q + j * ld + k); }
+  void LoadStep(int64_t j, int64_t k, v16* out) const { out[0] = Load(j, k); }
+  float At(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]) * s[j]; }
+  float AtRaw(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]); }
+  // Row j times one activation row x over K values, scaled: one row at a time, a single forward
+  // stream of weight bytes, four 8-float accumulators, each 8 int8 widened from an 8-byte load; twice
+  // the speed of four interleaved rows of 16-value widenings here (docs/benchmarks.md#quantized-weights).
+  float RowDot(int64_t j, const float* x, int64_t K) const {
+    const int8_t* p = q + j * ld;
+    float sum = 0.f;
+    int64_t k = 0;
+#ifdef __AVX2__
+    auto widen = [&](int64_t at) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + at))));
+    };
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 32 <= K; k += 32) {
+      a0 = _mm256_fmadd_ps(widen(k), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(widen(k + 8), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(widen(k + 16), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(widen(k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    u = _mm_hadd_ps(u, u);
+    sum = _mm_cvtss_f32(_mm_hadd_ps(u, u));
+#endif
+    for (; k < K; ++k) sum += AtRaw(j, k) * x[k];
+    return sum * s[j];
+  }
   const void* Addr(int64_t j, int64_t k) const { return q + j * ld + k; }
 };
-// int4, two per byte along the row (low nibble first), times a float16 scale per group of columns.
+// int4, two per byte along the row (Widen4's order in groups of 32), times a float16 scale per group
+// of columns (32, or a multiple: k >> 5 finds a value's 16 bytes).
 struct I4View {
-  static constexpr int kBits = 4;
+  static constexpr bool kRowScale = false, kRowDot = false;
+  static constexpr int kBits = 4, kStep = 32;
   const uint8_t* q;
   const uint16_t* s;
   int64_t ld, groups;  // ld: values per row (bytes: ld / 2)
   int shift;
   float Scale(int64_t j, int64_t k) const { return HalfToFloat(s[j * groups + (k >> shift)]); }
-  v16 Load(int64_t j, int64_t k) const { return Widen4(q + (j * ld + k) / 2) * Scale(j, k); }
-  float At(int64_t j, int64_t k) const {
-    const int8_t b = static_cast<int8_t>(q[(j * ld + k) / 2]);
-    return static_cast<float>(k % 2 ? b >> 4 : static_cast<int8_t>(b << 4) >> 4) * Scale(j, k);
+  const uint8_t* Bytes(int64_t j, int64_t k) const { return q + j * (ld / 2) + (k >> 5) * 16; }
+  // One group's 16 bytes and scale per 32 values (Dots); 16 of them for the panel path's widening.
+  void LoadStep(int64_t j, int64_t k, v16* out) const {
+    Widen4(Bytes(j, k), out);
+    const float scale = Scale(j, k);
+    out[0] *= scale;
+    out[1] *= scale;
   }
-  const void* Addr(int64_t j, int64_t k) const { return q + (j * ld + k) / 2; }
+  v16 Load(int64_t j, int64_t k) const {
+    v16 both[2];
+    Widen4(Bytes(j, k), both);
+    return both[(k >> 4) & 1] * Scale(j, k);
+  }
+  float At(int64_t j, int64_t k) const {
+    const uint8_t b = Bytes(j, k)[k & 15], nibble = k & 16 ? b >> 4 : b & 0xF;
+    return static_cast<float>(nibble < 8 ? nibble : nibble - 16) * Scale(j, k);
+  }
+  const void* Addr(int64_t j, int64_t k) const { return Bytes(j, k); }
 };
 
 // Rows [lo, hi) of a weight as float32: in place for float32 weights, else
@@ -231,35 +289,43 @@ inline void SiluInPlace(float* v, int64_t n) {
   }
 }
 
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
-
 // out[j][r] = dot(row j0 + j of w, xs[r]) over K floats, for NF weight rows, NR activation rows.
 template <int NF, int NR, typename V>
 inline void Dots(const V& w, int64_t j0, const float* const* xs, int64_t K, float out[4][4]) {
+  if constexpr (V::kRowDot && NR == 1) {  // int8 / int4, one activation row (a decode step's): V::RowDot
+    for (int j = 0; j < NF; ++j) out[j][0] = w.RowDot(j0 + j, xs[0], K);
+    return;
+  }
   v16 acc[NF][NR];
   for (int j = 0; j < NF; ++j)
     for (int r = 0; r < NR; ++r) acc[j][r] = v16{};
+  constexpr int S = V::kStep, H = S / 16;  // values per step, as H vectors
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    v16 xv[NR];
-    for (int r = 0; r < NR; ++r) xv[r] = *reinterpret_cast<const v16*>(xs[r] + k);
+  for (; k + S <= K; k += S) {
+    v16 xv[NR][H];
+    for (int r = 0; r < NR; ++r)
+      for (int h = 0; h < H; ++h) xv[r][h] = *reinterpret_cast<const v16*>(xs[r] + k + 16 * h);
     for (int j = 0; j < NF; ++j) {
       // The same columns of the next NF rows: with short bfloat16 rows the
       // hardware prefetcher alone falls behind
       // (docs/performance.md#bfloat16-weights-widening-load-and-prefetch).
-      __builtin_prefetch(w.Addr(j0 + j + NF, k));
-      const v16 wv = w.Load(j0 + j, k);
-      for (int r = 0; r < NR; ++r) acc[j][r] += wv * xv[r];
+      if (k % (512 / V::kBits) == 0) __builtin_prefetch(w.Addr(j0 + j + NF, k));  // once per 64-byte line
+      v16 wv[H];
+      if constexpr (V::kRowScale) w.LoadRaw(j0 + j, k, wv);
+      else w.LoadStep(j0 + j, k, wv);
+      for (int r = 0; r < NR; ++r)
+        for (int h = 0; h < H; ++h) acc[j][r] += wv[h] * xv[r][h];
     }
   }
   for (int j = 0; j < NF; ++j)
     for (int r = 0; r < NR; ++r) {
       float s = hsum(acc[j][r]);
-      for (int64_t t = k; t < K; ++t) s += w.At(j0 + j, t) * xs[r][t];
+      if constexpr (V::kRowScale) {
+        for (int64_t t = k; t < K; ++t) s += w.AtRaw(j0 + j, t) * xs[r][t];
+        s *= w.RowScale(j0 + j);
+      } else {
+        for (int64_t t = k; t < K; ++t) s += w.At(j0 + j, t) * xs[r][t];
+      }
       out[j][r] = s;
     }
 }
@@ -554,9 +620,10 @@ struct PanelCall {
 
 // y [n, out] = x [n, in] @ w [out, in]^T, for a few rows: the same row-dot
 // product, chunks of weight rows taken from one counter, one phase.
+template <typename W>
 struct LinearCall {
   const float* x;
-  const float* w;
+  W w;
   float* y;
   int64_t n, in, out, rows;
   Chunks chunks;
@@ -567,7 +634,7 @@ struct LinearCall {
       const int nr = static_cast<int>(std::min<int64_t>(4, n - r0));
       const float* xs[4];
       for (int r = 0; r < nr; ++r) xs[r] = x + (r0 + r) * in;
-      RowDots(F32View{w, in}, lo, up, xs, nr, in, [&](int64_t j0, int nf, float (*o)[4]) {
+      RowDots(w, lo, up, xs, nr, in, [&](int64_t j0, int nf, float (*o)[4]) {
         for (int j = 0; j < nf; ++j)
           for (int r = 0; r < nr; ++r) y[(r0 + r) * out + j0 + j] = o[j][r];
       });
@@ -580,22 +647,45 @@ struct LinearCall {
   }
 };
 
-ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> y, int64_t chunk_bytes) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || wd[1] != xd[1])
-    return ffi::Error::InvalidArgument("linear_cpu: x must be [N, I] and w [O, I]");
-  auto call = std::make_shared<LinearCall>();
-  LinearCall& c = *call;
-  c.x = x.typed_data();
-  c.w = w.typed_data();
-  c.y = y->typed_data();
-  c.n = xd[0];
-  c.in = xd[1];
-  c.out = wd[0];
-  c.rows = std::max<int64_t>(4, chunk_bytes / (4 * std::max<int64_t>(1, c.in)));
-  c.chunks.count = (c.out + c.rows - 1) / c.rows;
+template <typename W>
+void RunLinear(ffi::ThreadPool& pool, const float* x, const W& w, float* y, int64_t n, int64_t in, int64_t out,
+               int64_t chunk_bytes) {
+  auto call = std::make_shared<LinearCall<W>>();
+  LinearCall<W>& c = *call;
+  c.x = x;
+  c.w = w;
+  c.y = y;
+  c.n = n;
+  c.in = in;
+  c.out = out;
+  // Chunks hold chunk_bytes of weights, whatever their dtype.
+  c.rows = std::max<int64_t>(4, 8 * chunk_bytes / (W::kBits * std::max<int64_t>(1, in)));
+  c.chunks.count = (out + c.rows - 1) / c.rows;
   RunOnCores(pool, call);
+}
+
+ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t chunk_bytes) {
+  auto w = weight.get<ffi::AnyBuffer>(0);
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || !w.has_value() || w->dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("linear_cpu: x must be [N, I] and w [O, I]");
+  const int64_t n = xd[0], in = xd[1], out = w->dimensions()[0];
+  const ffi::DataType dtype = w->element_type();
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  if (dtype == ffi::DataType::F32 && weight.size() == 1 && w->dimensions()[1] == in) {
+    RunLinear(pool, xp, F32View{static_cast<const float*>(w->untyped_data()), in}, yp, n, in, out, chunk_bytes);
+    return ffi::Error::Success();
+  }
+  // int8 with a float32 scale per output row (quant.py's dense weights), [O, I] and [O, 1].
+  auto s = weight.get<ffi::AnyBuffer>(1);
+  if (dtype != ffi::DataType::S8 || weight.size() != 2 || w->dimensions()[1] != in || !s.has_value() ||
+      s->element_type() != ffi::DataType::F32 || s->dimensions().size() != 2 || s->dimensions()[0] != out ||
+      s->dimensions()[1] != 1)
+    return ffi::Error::InvalidArgument("linear_cpu: w must be float32 [O, I], or int8 [O, I] with float32 scales [O, 1]");
+  RunLinear(pool, xp, I8View{static_cast<const int8_t*>(w->untyped_data()), static_cast<const float*>(s->untyped_data()),
+                             in}, yp, n, in, out, chunk_bytes);
   return ffi::Error::Success();
 }
 
@@ -743,10 +833,12 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         return ffi::Error::InvalidArgument("moe_cpu: scales must be [rows, groups] (int8: float32, int4: float16)");
       m.s = s->untyped_data();
       m.groups = s->dimensions()[1];
-      // 16 values loaded at once share one scale; a group's column is found by a shift.
+      // int8: one scale per row; int4: 32 values loaded at once (Widen4) share one scale, and a
+      // group's column is found by a shift.
       const int64_t group = cols / m.groups;
-      if (m.groups > 1 && (group % 16 != 0 || (group & (group - 1)) != 0))
-        return ffi::Error::InvalidArgument("moe_cpu: quantization groups must be a power of two >= 16 columns");
+      if (packing == 1 ? m.groups != 1 : group % 32 != 0 || (group & (group - 1)) != 0)
+        return ffi::Error::InvalidArgument("moe_cpu: int8 weights need one scale per row, int4 groups of a power "
+                                           "of two >= 32 columns");
     }
     mats.push_back(m);
   }
@@ -762,8 +854,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       return run([](const Matrix& m) { return BF16View{static_cast<const bf16*>(m.w), m.cols}; });
     case ffi::DataType::S8:
       return run([](const Matrix& m) {
-        return I8View{static_cast<const int8_t*>(m.w), static_cast<const float*>(m.s), m.cols, m.groups,
-                      GroupShift(m.groups, m.cols / m.groups)};
+        return I8View{static_cast<const int8_t*>(m.w), static_cast<const float*>(m.s), m.cols};
       });
     default:
       return run([](const Matrix& m) {
@@ -789,6 +880,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LinearCpu, LinearCpuImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [N, I]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [O, I]
+                                  .RemainingArgs()               // w [O, I] (int8: then its scales [O, 1])
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, O]
                                   .Attr<int64_t>("chunk_bytes"));  // weight bytes per chunk of work
