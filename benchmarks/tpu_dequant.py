@@ -59,7 +59,7 @@ for name, (layer, w) in VARIANTS.items():
 MID = from_hf_dict(dict(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=2, head_dim=128, num_local_experts=8,
                         num_experts_per_tok=2, max_position_embeddings=1024, rope_theta=1e6), name="mid")
-for quantize in (None, "int8", "int4"):
+for quantize in (None, "int8-experts", "int4-experts"):
     r = plan.dry_run(MID, "expert=1", batch=8, max_seq_len=256, prompt_len=16, topology="v5e:1x1", quantize=quantize)
     held = r["params_bytes_per_device"] + r["kv_cache_bytes_per_device"]
     print(f"decode step, experts {quantize or 'bfloat16'}: HBM {r['decode_hbm_bytes_per_device'] / 1e6:.0f} MB for "

@@ -118,11 +118,11 @@ class AddAdapters:
     def __call__(self, lp):
         out = {k: v for k, v in lp.items() if k != "lora"}
         for name, ab in lp["lora"].items():
-            # A quantized expert (quant.py) becomes float here, one layer at a time, in the compute dtype (the
-            # attention weights', which are never quantized): the MoE would dequantize it to that dtype anyway.
+            # A quantized weight (quant.py) becomes float here, one layer at a time, in the model's dtype (the
+            # norms', never quantized): the layer would dequantize it to that dtype anyway.
             w = out[name]
             if quant.is_quantized(w):
-                w = quant.dequantize(w, out["wq"].dtype)
+                w = quant.dequantize(w, out["attn_norm"].dtype)
             # A·B in float32, added in the weight's dtype: no float32 copy of the (expert) weights.
             out[name] = w + jnp.einsum(_DELTA[name], ab["a"].astype(jnp.float32),
                                        ab["b"].astype(jnp.float32)).astype(w.dtype)
@@ -143,9 +143,11 @@ def _merge(params, lora):
         delta = jnp.einsum(spec, ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32))
         w = layers[name]
         if quant.is_quantized(w):
-            w = quant.dequantize(w, layers["wq"].dtype)
+            w = quant.dequantize(w, layers["attn_norm"].dtype)
         layers[name] = w + delta.astype(w.dtype)
-    return {**params, "layers": layers}
+    # Quantized weights without adapters (the lm_head) become float too: the result is a plain model.
+    return jax.tree.map(lambda w: quant.dequantize(w, params["final_norm"].dtype) if quant.is_quantized(w) else w,
+                        {**params, "layers": layers}, is_leaf=quant.is_quantized)
 
 
 def merge_lora(model: model_lib.Mixtral, lora: dict) -> model_lib.Mixtral:
@@ -156,9 +158,9 @@ def merge_lora(model: model_lib.Mixtral, lora: dict) -> model_lib.Mixtral:
       lora: adapters from `init_lora` (or trained), on the same mesh.
 
     Returns:
-      A `Mixtral` with the merged weights, in the base's dtypes and shardings; over
-      quantized experts, float experts in the model's dtype (dequantized + A·B), which
-      `mj.load(..., quantize=...)` of the saved checkpoint quantizes again.
+      A `Mixtral` with the merged weights, in the base's dtypes and shardings; over a
+      quantized base, every quantized weight float in the model's dtype (dequantized, + A·B
+      where adapted), which `mj.load(..., quantize=...)` of the saved checkpoint quantizes again.
     """
     if model.layout != "stacked":
         raise ValueError("merge_lora needs the stacked layout; load or create the base model with layout='stacked'.")
