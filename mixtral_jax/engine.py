@@ -355,8 +355,13 @@ class Engine:
         self._waiting.append(_Slot(req, key_data, _Detokenizer(self.tokenizer, req.prompt, req.stop)))
 
     def step(self) -> bool:
-        """One scheduling round: admit, prefill (one chunk while others decode), dispatch a decode step, then
-        read the previous step's tokens while this one computes. Returns whether it did any work."""
+        """One scheduling round: wait for the decode step in flight, admit, prefill (one chunk while others
+        decode), dispatch the next decode step, then read the finished step's tokens while that one computes.
+        Returns whether it did any work."""
+        previous, self._pending = self._pending, []
+        # Scheduling waits for the step in flight instead of queueing the next one behind it: a request that
+        # arrived meanwhile is prefilled before the next decode step, not after two (head-of-line blocking).
+        jax.block_until_ready([tokens for tokens, _ in previous])
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -384,7 +389,6 @@ class Engine:
                 self._prefill(i)
                 if decoding:
                     break
-        previous, self._pending = self._pending, []
         if decoding:
             self._decode_step(decoding)
         # The host reads step N's tokens while the device computes step N + 1 (dispatched just above). A row
