@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from mixtral_jax import model as model_lib
 from mixtral_jax import slot_steps
 from mixtral_jax.generate import init_cache
+from mixtral_jax.tokenizer import StreamDecoder
 
 # Per-thread count of XLA compiles: the engine's thread must compile nothing after warm-up.
 _compiles: collections.Counter = collections.Counter()
@@ -116,39 +117,6 @@ class _Slot:
         self.done = 0  # prompt tokens prefilled
         self.offset = 0  # cache index - position (set when the slot is taken)
         self.issued = 0  # tokens dispatched to the device (their values may not be on the host yet)
-
-
-class _Detokenizer:
-    """A request's text so far, and how much of it can be sent without splitting a stop string."""
-
-    def __init__(self, tokenizer, prompt: Sequence[int], stop: Sequence[str]):
-        self.tok, self.stop = tokenizer, tuple(s for s in stop if s)
-        # Decoding after the prompt's last token keeps the first word's leading space.
-        self.prefix = list(prompt[-1:])
-        self.prefix_len = len(tokenizer.decode(self.prefix)) if tokenizer else 0
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def add(self, token: int | None) -> tuple[str, bool]:
-        """Adds a token (None: just flush); returns (text to send, whether a stop string ended it)."""
-        if self.tok is None:
-            return "", False
-        if token is not None:
-            self.ids.append(token)
-        text = self.tok.decode(self.prefix + self.ids)[self.prefix_len:]
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out = text[self.sent:min(hits)]
-            self.sent = min(hits)
-            return out, True
-        end = len(text)
-        if token is not None:
-            while end > self.sent and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
-                end -= 1
-            hold = max((n for s in self.stop for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
-            end -= hold
-        out, self.sent = text[self.sent:end], max(self.sent, end)
-        return out, False
 
 
 class Engine:
@@ -352,7 +320,7 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         key_data = np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
-        self._waiting.append(_Slot(req, key_data, _Detokenizer(self.tokenizer, req.prompt, req.stop)))
+        self._waiting.append(_Slot(req, key_data, StreamDecoder(self.tokenizer, req.prompt, req.stop)))
 
     def step(self) -> bool:
         """One scheduling round: wait for the decode step in flight, admit, prefill (one chunk while others
