@@ -151,7 +151,10 @@ class Engine:
         self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
         self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
         self._slots: list[_Slot | None] = [None] * max_batch
-        self._last = jnp.zeros((max_batch,), jnp.int32)  # each decoding slot's previous token, on device
+        # Each decoding slot's previous token, on device; replicated as the steps return it, so the first step
+        # compiles the executable every later one uses.
+        rep = None if model.mesh is None else jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
+        self._last = jax.jit(lambda: jnp.zeros((max_batch,), jnp.int32), out_shardings=rep)()
         # Dispatched steps whose tokens the host has not read yet: (tokens on device, [(row, slot)]).
         self._pending: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []
         self._first: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []  # the same, from prefills
@@ -223,8 +226,8 @@ class Engine:
         self._waiting.clear()
         b = self.max_batch
         one = lambda dtype, v: np.full((b,), v, dtype)
-        # Every order the steps come in (prefill or decode after either): on a mesh, `_last` and the cache
-        # come out of each with its own sharding, and each pairing is its own executable.
+        # Every order the steps come in (prefill or decode after either): should a step return `_last` or the
+        # cache in another sharding than it took them, that pairing compiles here, not while serving.
         for kind in "ppddpd":
             if kind == "p":
                 self._call(_PREFILL, (np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0),
