@@ -6,8 +6,9 @@ requests take free slots and their prompts are prefilled in fixed-size chunks
 flowing); a finished, stopped or cancelled request frees its slot at once. A
 slot's tokens sit in its own cache row (position p at index p + pad, the pad
 making the prompt's chunks whole), so every row decodes at its own index and
-no request sees another's keys. The host reads step N's tokens while the
-device computes step N + 1.
+no request sees another's keys. The host dispatches step N + 1 once step N
+is done (so a new request waits for one step, not two) and reads step N's
+tokens while the device computes step N + 1.
 
 All shapes are fixed (one prefill chunk [1, C], one decode step [max_batch],
 in slot_steps.py), so nothing compiles after `warmup()`; `compiles` counts
