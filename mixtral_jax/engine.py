@@ -6,8 +6,9 @@ requests take free slots and their prompts are prefilled in fixed-size chunks
 flowing); a finished, stopped or cancelled request frees its slot at once. A
 slot's tokens sit in its own cache row (position p at index p + pad, the pad
 making the prompt's chunks whole), so every row decodes at its own index and
-no request sees another's keys. The host reads step N's tokens while the
-device computes step N + 1.
+no request sees another's keys. The host dispatches step N + 1 once step N
+is done (so a new request waits for one step, not two) and reads step N's
+tokens while the device computes step N + 1.
 
 All shapes are fixed (one prefill chunk [1, C], one decode step [max_batch],
 in slot_steps.py), so nothing compiles after `warmup()`; `compiles` counts
@@ -38,6 +39,7 @@ from jax.experimental import multihost_utils
 from mixtral_jax import model as model_lib
 from mixtral_jax import slot_steps
 from mixtral_jax.generate import init_cache
+from mixtral_jax.tokenizer import StreamDecoder
 
 # Per-thread count of XLA compiles: the engine's thread must compile nothing after warm-up.
 _compiles: collections.Counter = collections.Counter()
@@ -118,39 +120,6 @@ class _Slot:
         self.issued = 0  # tokens dispatched to the device (their values may not be on the host yet)
 
 
-class _Detokenizer:
-    """A request's text so far, and how much of it can be sent without splitting a stop string."""
-
-    def __init__(self, tokenizer, prompt: Sequence[int], stop: Sequence[str]):
-        self.tok, self.stop = tokenizer, tuple(s for s in stop if s)
-        # Decoding after the prompt's last token keeps the first word's leading space.
-        self.prefix = list(prompt[-1:])
-        self.prefix_len = len(tokenizer.decode(self.prefix)) if tokenizer else 0
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def add(self, token: int | None) -> tuple[str, bool]:
-        """Adds a token (None: just flush); returns (text to send, whether a stop string ended it)."""
-        if self.tok is None:
-            return "", False
-        if token is not None:
-            self.ids.append(token)
-        text = self.tok.decode(self.prefix + self.ids)[self.prefix_len:]
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out = text[self.sent:min(hits)]
-            self.sent = min(hits)
-            return out, True
-        end = len(text)
-        if token is not None:
-            while end > self.sent and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
-                end -= 1
-            hold = max((n for s in self.stop for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
-            end -= hold
-        out, self.sent = text[self.sent:end], max(self.sent, end)
-        return out, False
-
-
 class Engine:
     """Continuous batching over `max_batch` slots; `submit` from any thread, `start` runs it in one.
 
@@ -183,7 +152,10 @@ class Engine:
         self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
         self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
         self._slots: list[_Slot | None] = [None] * max_batch
-        self._last = jnp.zeros((max_batch,), jnp.int32)  # each decoding slot's previous token, on device
+        # Each decoding slot's previous token, on device; replicated as the steps return it, so the first step
+        # compiles the executable every later one uses.
+        rep = None if model.mesh is None else jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
+        self._last = jax.jit(lambda: jnp.zeros((max_batch,), jnp.int32), out_shardings=rep)()
         # Dispatched steps whose tokens the host has not read yet: (tokens on device, [(row, slot)]).
         self._pending: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []
         self._first: list[tuple[jax.Array, list[tuple[int, _Slot]]]] = []  # the same, from prefills
@@ -255,8 +227,8 @@ class Engine:
         self._waiting.clear()
         b = self.max_batch
         one = lambda dtype, v: np.full((b,), v, dtype)
-        # Every order the steps come in (prefill or decode after either): on a mesh, `_last` and the cache
-        # come out of each with its own sharding, and each pairing is its own executable.
+        # Every order the steps come in (prefill or decode after either): should a step return `_last` or the
+        # cache in another sharding than it took them, that pairing compiles here, not while serving.
         for kind in "ppddpd":
             if kind == "p":
                 self._call(_PREFILL, (np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0),
@@ -352,11 +324,16 @@ class Engine:
 
     def _admit(self, req: Request) -> None:
         key_data = np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
-        self._waiting.append(_Slot(req, key_data, _Detokenizer(self.tokenizer, req.prompt, req.stop)))
+        self._waiting.append(_Slot(req, key_data, StreamDecoder(self.tokenizer, req.prompt, req.stop)))
 
     def step(self) -> bool:
-        """One scheduling round: admit, prefill (one chunk while others decode), dispatch a decode step, then
-        read the previous step's tokens while this one computes. Returns whether it did any work."""
+        """One scheduling round: wait for the decode step in flight, admit, prefill (one chunk while others
+        decode), dispatch the next decode step, then read the finished step's tokens while that one computes.
+        Returns whether it did any work."""
+        previous, self._pending = self._pending, []
+        # Scheduling waits for the step in flight instead of queueing the next one behind it: a request that
+        # arrived meanwhile is prefilled before the next decode step, not after two (head-of-line blocking).
+        jax.block_until_ready([tokens for tokens, _ in previous])
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -384,7 +361,6 @@ class Engine:
                 self._prefill(i)
                 if decoding:
                     break
-        previous, self._pending = self._pending, []
         if decoding:
             self._decode_step(decoding)
         # The host reads step N's tokens while the device computes step N + 1 (dispatched just above). A row

@@ -65,22 +65,52 @@ def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None,
     return layout_lib.get(layout).init_cache(shapes, dtype, make)
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, sampling: SamplingParams) -> jax.Array:
-    """Samples one token per row. logits [B, V] float32; keys [B] PRNG keys → int32 [B]."""
-    if sampling.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_k > 0:
-        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sampling.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p.
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        cutoff = jnp.min(jnp.where(before < sampling.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature=0.0, top_k=0, top_p=1.0) -> jax.Array:
+    """Samples one token per row.
+
+    Args:
+      logits: float32 [B, V].
+      keys: [B] PRNG keys.
+      temperature, top_k, top_p: one setting for all rows (Python numbers: a disabled step is not traced)
+        or one per row ([B] arrays, as the serving engine's slots have). Temperature 0 is greedy; top_k 0
+        and top_p 1 disable those filters.
+
+    Returns:
+      int32 [B].
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    fixed = lambda v, off: isinstance(v, (int, float)) and v == off  # a setting known, at trace time, to be off
+    if fixed(temperature, 0.0):
+        return greedy
+    rows = lambda v, dtype: jnp.broadcast_to(jnp.asarray(v, dtype), logits.shape[:1])
+    t, k, p = rows(temperature, jnp.float32), rows(top_k, jnp.int32), rows(top_p, jnp.float32)
+
+    def filtered(x):
+        desc = jnp.sort(x, axis=-1)[:, ::-1]
+        if not fixed(top_k, 0):
+            kth = jnp.take_along_axis(desc, jnp.clip(k - 1, 0, x.shape[-1] - 1)[:, None], axis=-1)
+            drop = (k > 0)[:, None]
+            x = jnp.where(drop & (x < kth), -jnp.inf, x)
+            desc = jnp.where(drop & (desc < kth), -jnp.inf, desc)  # still sorted: the dropped are the smallest
+        if not fixed(top_p, 1.0):
+            # Keep the smallest set of most likely tokens whose probability reaches top_p.
+            probs = jax.nn.softmax(desc, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs
+            cutoff = jnp.min(jnp.where(before < p[:, None], desc, jnp.inf), axis=-1, keepdims=True)
+            x = jnp.where((p < 1.0)[:, None] & (x < cutoff), -jnp.inf, x)
+        return x
+
+    def sampled():
+        x = logits / jnp.where(t > 0, t, 1.0)[:, None]
+        if not (fixed(top_k, 0) and fixed(top_p, 1.0)):
+            # Per-row settings: the sort runs only in steps where some row filters.
+            x = jax.lax.cond(jnp.any((k > 0) | (p < 1.0)), filtered, lambda x: x, x)
+        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+
+    if isinstance(temperature, (int, float)):
+        return sampled()
+    # Per-row temperatures: the draw runs only in steps where some row samples.
+    return jnp.where(t > 0, jax.lax.cond(jnp.any(t > 0), sampled, lambda: greedy), greedy)
 
 
 def _row_keys(seed_key: jax.Array, step: int | jax.Array, batch: int) -> jax.Array:
@@ -117,7 +147,8 @@ def prefill(params, tokens, positions, cache, seed_key, start=None, *, cfg: Mixt
                                      cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, last_only=True,
                                      mesh=mesh, capacity_factor=capacity_factor)
     last = sharding.constrain(logits[:, -1], mesh, (None, None))
-    nxt = sample_logits(last, _row_keys(seed_key, 0, tokens.shape[0]), sampling)
+    nxt = sample_logits(last, _row_keys(seed_key, 0, tokens.shape[0]), sampling.temperature,
+                       sampling.top_k, sampling.top_p)
     return nxt, last, {"k": k, "v": v, "pos": k_pos}
 
 
@@ -144,7 +175,8 @@ def decode_step(params, tokens, positions, index, cache, seed_key, step, *, cfg:
                                      strategy=strategy, cache=(cache["k"], cache["v"]),
                                      cache_index=index, k_pos=k_pos, mesh=mesh, capacity_factor=capacity_factor)
     last = sharding.constrain(logits[:, 0], mesh, (None, None))
-    nxt = sample_logits(last, _row_keys(seed_key, step, tokens.shape[0]), sampling)
+    nxt = sample_logits(last, _row_keys(seed_key, step, tokens.shape[0]), sampling.temperature,
+                       sampling.top_k, sampling.top_p)
     return nxt, last, {"k": k, "v": v, "pos": k_pos}
 
 

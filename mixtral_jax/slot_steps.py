@@ -1,5 +1,5 @@
 """The serving engine's jitted steps over its slots: prefill one chunk of one slot, decode every slot,
-and per-row sampling (engine.py schedules them).
+and per-row sampling keys (engine.py schedules them).
 
 Every row of the KV cache is one slot; a slot's position p sits at cache index
 p + offset (the offset makes a prompt's chunks whole, see `Engine`). Tokens come
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from mixtral_jax import model as model_lib
 from mixtral_jax import sharding
+from mixtral_jax.generate import sample_logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
@@ -64,38 +65,18 @@ def decode(params, tokens, positions, offsets, cache, key_data, step, temperatur
 
 
 def sample_rows(logits, key_data, step, temperature, top_k, top_p):
-    """Samples one token per row with per-row settings, as `generate.sample_logits` does for row 0.
+    """Samples one token per row with per-row settings, drawing row r's token as `mj.generate` draws row 0's.
 
     Args:
       logits: float32 [B, V].
       key_data: uint32 [B, 2], each row's `jax.random.key(seed)` data.
       step: int32 [B] the index of the token being drawn (0 for the first).
-      temperature, top_k, top_p: [B]; temperature 0 is greedy, top_k 0 and top_p 1 disable those filters.
+      temperature, top_k, top_p: [B], as in `generate.sample_logits`.
 
     Returns:
       int32 [B].
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled():
-        # generate keys row r of a batch fold_in(fold_in(key, step), r); a request alone is row 0.
-        keys = jax.vmap(lambda kd, s: jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(kd), s), 0))(
-            key_data, step)
-        x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-
-        def filtered(x):
-            desc = jnp.sort(x, axis=-1)[:, ::-1]
-            kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, x.shape[-1] - 1)[:, None], axis=-1)
-            drop_k = (top_k > 0)[:, None]
-            x = jnp.where(drop_k & (x < kth), -jnp.inf, x)
-            desc = jnp.where(drop_k & (desc < kth), -jnp.inf, desc)  # still sorted: the dropped are the smallest
-            probs = jax.nn.softmax(desc, axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs
-            cutoff = jnp.min(jnp.where(before < top_p[:, None], desc, jnp.inf), axis=-1, keepdims=True)
-            return jnp.where((top_p < 1.0)[:, None] & (x < cutoff), -jnp.inf, x)
-
-        x = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), filtered, lambda x: x, x)
-        return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
-
-    drawn = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
-    return jnp.where(temperature > 0, drawn, greedy)
+    # generate keys row r of a batch fold_in(fold_in(key, step), r); a request alone is row 0.
+    keys = jax.vmap(lambda kd, s: jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(kd), s), 0))(
+        key_data, step)
+    return sample_logits(logits, keys, temperature, top_k, top_p)

@@ -1,4 +1,5 @@
-"""Sentencepiece tokenizer and Mistral's chat formats (v1 for 8x7B, v3 for 8x22B).
+"""Sentencepiece tokenizer, Mistral's chat formats (v1 for 8x7B, v3 for 8x22B), and text streamed as tokens
+arrive (`StreamDecoder`, with stop strings).
 
 The chat formats reimplement mistral-common's `MistralTokenizer.encode_chat_completion`
 on plain sentencepiece, so any Mistral `.model` file works without mistral-common at
@@ -22,7 +23,7 @@ The rules, as mistral-common 1.13 applies them to system/user/assistant text:
 
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from importlib import resources
 
 # Preset name -> (file in mistral_common/data, chat format version).
@@ -189,6 +190,40 @@ class Tokenizer:
                 ids += new
                 mask += [1] * len(new)
         return ids, mask
+
+
+class StreamDecoder:
+    """A generation's text as its tokens arrive: what can be sent so far without splitting a stop string or
+    a character whose bytes are still coming. With no tokenizer, no text."""
+
+    def __init__(self, tokenizer: Tokenizer | None, prompt: Sequence[int], stop: Sequence[str] = ()):
+        self.tok, self.stop = tokenizer, tuple(s for s in stop if s)
+        # Decoding after the prompt's last token keeps the first word's leading space.
+        self.prefix = list(prompt[-1:])
+        self.prefix_len = len(tokenizer.decode(self.prefix)) if tokenizer else 0
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def add(self, token: int | None) -> tuple[str, bool]:
+        """Adds a token (None: just flush); returns (text to send, whether a stop string ended it)."""
+        if self.tok is None:
+            return "", False
+        if token is not None:
+            self.ids.append(token)
+        text = self.tok.decode(self.prefix + self.ids)[self.prefix_len:]
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out = text[self.sent:min(hits)]
+            self.sent = min(hits)
+            return out, True
+        end = len(text)
+        if token is not None:
+            while end > self.sent and text[end - 1] == "\ufffd":  # a character whose bytes are still coming
+                end -= 1
+            hold = max((n for s in self.stop for n in range(1, len(s)) if text[:end].endswith(s[:n])), default=0)
+            end -= hold
+        out, self.sent = text[self.sent:end], max(self.sent, end)
+        return out, False
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, version: str | None = None) -> Tokenizer:

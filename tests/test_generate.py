@@ -147,12 +147,25 @@ def test_sampling_seeded_and_top_k1_is_greedy():
 def test_sample_logits_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = jax.random.split(jax.random.key(0), 4000)
-    draw = lambda **kw: np.asarray(gen.sample_logits(logits, keys, gen.SamplingParams(temperature=1.0, **kw)))
+    draw = lambda **kw: np.asarray(gen.sample_logits(logits, keys, temperature=1.0, **kw))
     assert set(draw(top_k=2)) == {0, 1}
     assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.8
     assert set(draw(top_p=0.85)) == {0, 1, 2}
     freq = np.bincount(draw(), minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_sample_logits_per_row_settings_equal_each_setting_alone():
+    """The serving engine's per-row settings ([B] arrays) draw what one setting for all rows draws."""
+    logits = jax.random.normal(jax.random.key(1), (6, 500)) * 3
+    keys = jax.random.split(jax.random.key(2), 6)
+    settings = [(0.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.6), (0.9, 40, 0.8), (0.0, 3, 0.5)]
+    t, k, p = (np.array(column) for column in zip(*settings))
+    per_row = np.asarray(gen.sample_logits(logits, keys, t.astype(np.float32), k.astype(np.int32),
+                                           p.astype(np.float32)))
+    alone = [int(gen.sample_logits(logits, keys, *setting)[r]) for r, setting in enumerate(settings)]
+    assert per_row.tolist() == alone
+    assert alone[0] == int(jnp.argmax(logits[0])) and alone[5] == int(jnp.argmax(logits[5]))  # temperature 0
 
 
 def test_per_row_stop_tokens():

@@ -1,12 +1,15 @@
-"""Multi-process runs over 127.0.0.1: two processes × 4 CPU devices give one process's tokens, a lost
+"""Multi-process runs over 127.0.0.1: two processes give one process's tokens (the sample CLI, the server), a lost
 process ends the others with one line, and the launchers leave no process behind."""
 
+import concurrent.futures
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import jax
 import numpy as np
@@ -39,7 +42,16 @@ MESH = "data=2,expert=2,tensor=2"
 PROMPTS = [[1, 17, 300, 42, 9], [1, 5], [1, 400, 401, 402, 403, 404, 405, 406]]
 
 
-def test_sample_cli_on_two_processes_equals_one(tmp_path):
+@pytest.fixture(scope="module")
+def model():
+    """The tiny model (seed 0) on MESH over this process's 8 devices: the processes' models' reference."""
+    import mixtral_jax as mj
+
+    assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
+    return mj.init_random(mj.load_config("tiny"), seed=0, dtype="float32", mesh=mj.make_mesh(MESH))
+
+
+def test_sample_cli_on_two_processes_equals_one(tmp_path, model):
     """The sample CLI on 2 processes x 4 devices: its tokens, and the logits of the model it built, equal
     those of the same model on this process's 8 devices."""
     import mixtral_jax as mj
@@ -59,12 +71,73 @@ def test_sample_cli_on_two_processes_equals_one(tmp_path):
     two_logits = json.loads((tmp_path / "logits.json").read_text())
     assert (two_logits["processes"], two_logits["devices"]) == (2, 8)
 
-    assert jax.device_count() == 8, "conftest.py sets 8 virtual CPU devices"
-    model = mj.init_random(mj.load_config("tiny"), seed=0, dtype="float32", mesh=mj.make_mesh(MESH))
     assert two["tokens"] == mj.generate(model, PROMPTS, max_new_tokens=6) and two["random_weights"] is True
     assert len(two["tokens"]) == 3 and two["prompt_tokens"] == [len(p) for p in PROMPTS]
     np.testing.assert_allclose(two_logits["logits"], multihost_worker.last_logits(model, PROMPTS[0]),
                                rtol=1e-5, atol=1e-6)
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_server_on_two_processes_equals_one(tmp_path, model):
+    """The server on 2 processes x 4 devices: its completions, greedy and seeded sampled, sent together,
+    equal mj.generate of the same model on this process's 8 devices."""
+    import mixtral_jax as mj
+
+    port = _free_port()
+    argv = [LAUNCHER, "2", "4", sys.executable, "-m", "mixtral_jax.serve", "--mesh", MESH, "--port", str(port),
+            "--max_batch", "4", "--max_seq_len", "32", "--prefill_chunk", "8"]
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "LOG_DIR": str(tmp_path)}
+    log_0 = tmp_path / "process_0.log"
+    launcher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_0.open("w"), env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    requests = [dict(prompt=p, max_tokens=6, temperature=0) for p in PROMPTS]
+    requests.append(dict(prompt=PROMPTS[0], max_tokens=6, temperature=0.9, top_k=20, seed=5))
+    try:
+        # The references, while the server starts. Greedy: one batch, as the sample CLI test's (its rows equal
+        # each prompt alone: test_generate.py).
+        refs = mj.generate(model, PROMPTS, max_new_tokens=6, stop_tokens=[])
+        refs.append(mj.generate(model, PROMPTS[:1], max_new_tokens=6, stop_tokens=[], temperature=0.9, top_k=20,
+                                seed=5)[0])
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            assert launcher.poll() is None, f"the server exited {launcher.returncode}: {log_0.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "the server did not come up in time"
+            try:
+                if json.loads(urllib.request.urlopen(url + "/health", timeout=5).read())["status"] == "ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            texts = list(pool.map(lambda r: _post(url + "/v1/completions", {**r, "stop_token_ids": []}), requests))
+        texts = [t["choices"][0]["text"] for t in texts]
+    finally:
+        launcher.terminate()  # the launcher stops both processes; SIGKILL for whatever is left after 20 s
+        try:
+            launcher.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in _session_pids(launcher.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.wait()
+    assert launcher.returncode == 143 and _gone([launcher.pid])  # stopped by SIGTERM, nothing left behind
+    tok = mj.load_tokenizer("8x7b")
+    for text, r, ref in zip(texts, requests, refs):
+        assert text == tok.decode(r["prompt"][-1:] + ref)[len(tok.decode(r["prompt"][-1:])):]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_launcher_stops_everyone_when_a_process_fails(tmp_path):

@@ -30,21 +30,21 @@ import tempfile
 from absl import app, flags
 
 from mixtral_jax.bench import host, measure, report
-from mixtral_jax.bench.settings import QUICK, UsageError, resolve
+from mixtral_jax.bench.settings import MODEL, QUICK, UsageError, resolve
 
 FLAGS = flags.FLAGS
 EXIT_USAGE = 2
 
 
 def _define_flags() -> None:
-    flags.DEFINE_integer("hidden_size", 1024, "Model width D.")
-    flags.DEFINE_integer("intermediate_size", 3584, "Expert hidden width F.")
-    flags.DEFINE_integer("num_layers", 8, "Decoder layers.")
-    flags.DEFINE_integer("num_heads", 16, "Attention heads.")
-    flags.DEFINE_integer("num_kv_heads", 4, "Key/value heads.")
-    flags.DEFINE_integer("num_experts", 8, "Experts per layer.")
-    flags.DEFINE_integer("top_k", 2, "Experts per token.")
-    flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size.")
+    flags.DEFINE_integer("hidden_size", MODEL["hidden_size"], "Model width D.")
+    flags.DEFINE_integer("intermediate_size", MODEL["intermediate_size"], "Expert hidden width F.")
+    flags.DEFINE_integer("num_layers", MODEL["num_layers"], "Decoder layers.")
+    flags.DEFINE_integer("num_heads", MODEL["num_heads"], "Attention heads.")
+    flags.DEFINE_integer("num_kv_heads", MODEL["num_kv_heads"], "Key/value heads.")
+    flags.DEFINE_integer("num_experts", MODEL["num_experts"], "Experts per layer.")
+    flags.DEFINE_integer("top_k", MODEL["top_k"], "Experts per token.")
+    flags.DEFINE_integer("vocab_size", MODEL["vocab_size"], "Vocabulary size.")
     flags.DEFINE_integer("prompt_len", 512, "Prompt tokens of the prefill measurement (batch 1).")
     flags.DEFINE_integer("decode_prompt_len", 16, "Prompt tokens of the decode measurements.")
     flags.DEFINE_integer("new_tokens", 64, "New tokens per decode run at batch 1 (fewer at big batches; the table "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# The bench model: the shape flags' defaults, also what `python -m mixtral_jax.bench.serve --config bench` serves.
+MODEL = dict(hidden_size=1024, intermediate_size=3584, num_layers=8, num_heads=16, num_kv_heads=4, num_experts=8,
+             top_k=2, vocab_size=32000)
 # --quick: every flag here that is not given explicitly takes this value.
 QUICK = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=8,
              top_k=2, vocab_size=512, prompt_len=32, decode_prompt_len=8, new_tokens=8, batch_sizes=["1", "4"],

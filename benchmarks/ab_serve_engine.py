@@ -1,0 +1,102 @@
+"""The serving engine of an older commit against the working tree's, in ONE process, alternating: head of line
+and 16 requests at once, next to mj.generate's static batch.
+
+  python benchmarks/ab_serve_engine.py OLD_COMMIT [--model tiny|bench] [--rounds 2]
+
+OLD_COMMIT's mixtral_jax/engine.py (`git show`) runs on the working tree's other modules. Each round, for
+each engine: a 16-token request alone (best of 3), then the same request sent 5 times at random moments while
+15 long requests decode (median and worst first-token time), then 16 requests of 32 tokens at once (output
+tok/s); then mj.generate on the same 16 prompts as one batch. No HTTP: the engines directly. The bench model
+is python -m mixtral_jax.bench's (random weights).
+"""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mixtral_jax as mj  # noqa: E402
+from mixtral_jax import engine as new_engine  # noqa: E402
+from mixtral_jax.bench.settings import MODEL, hf_config_fields  # noqa: E402
+from mixtral_jax.config import from_hf_dict  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("old")
+parser.add_argument("--model", choices=["tiny", "bench"], default="bench")
+parser.add_argument("--rounds", type=int, default=2)
+args = parser.parse_args()
+
+source = subprocess.run(["git", "show", f"{args.old}:mixtral_jax/engine.py"], capture_output=True, text=True,
+                        check=True).stdout
+path = os.path.join(tempfile.mkdtemp(), "engine_old.py")
+with open(path, "w") as f:
+    f.write(source)
+spec = importlib.util.spec_from_file_location("engine_old", path)
+old_engine = importlib.util.module_from_spec(spec)
+sys.modules["engine_old"] = old_engine
+spec.loader.exec_module(old_engine)
+
+if args.model == "bench":
+    cfg = from_hf_dict(hf_config_fields(**MODEL, max_positions=4096), name="bench")
+    max_seq_len, long_new, chunk = 160, 96, 64
+else:
+    cfg, max_seq_len, long_new, chunk = mj.load_config("tiny"), 256, 200, 128
+model = mj.init_random(cfg, seed=0)
+rs = np.random.RandomState(0)
+prompts = [[1] + rs.randint(3, cfg.vocab_size, 31).tolist() for _ in range(16)]
+short = prompts[0][:16]
+
+
+def wait(reqs):
+    for r in reqs:
+        while r.finish_reason is None:
+            time.sleep(0.0005)
+
+
+def probe(module, engine):
+    alone = []
+    for _ in range(3):
+        r = engine.submit(module.Request(short, 1))
+        wait([r])
+        alone.append(r.first_token_at - r.submitted_at)
+    longs = [engine.submit(module.Request(p, long_new, stop_tokens=[])) for p in prompts[1:16]]
+    while any(len(r.tokens) < 3 for r in longs):
+        time.sleep(0.001)
+    busy = []
+    for _ in range(5):
+        time.sleep(0.05 * rs.rand())
+        r = engine.submit(module.Request(short, 1))
+        wait([r])
+        busy.append(r.first_token_at - r.submitted_at)
+    wait(longs)
+    t0 = time.perf_counter()
+    reqs = [engine.submit(module.Request(p, 32, stop_tokens=[])) for p in prompts]
+    wait(reqs)
+    return min(alone), float(np.median(busy)), max(busy), 16 * 32 / (time.perf_counter() - t0)
+
+
+engines = {}
+for name, module in (("old", old_engine), ("new", new_engine)):
+    engine = module.Engine(model, 16, max_seq_len, chunk)
+    engine.start()
+    engines[name] = (module, engine)
+mj.generate(model, prompts, max_new_tokens=32, stop_tokens=[])  # compiles
+print(f"{cfg.name}; {args.old} (old) against the working tree (new); 16 slots, {max_seq_len} positions, chunk {chunk}")
+for i in range(args.rounds):
+    for name, (module, engine) in engines.items():
+        alone, mid, worst, tok_s = probe(module, engine)
+        print(f"round {i} {name}: first token alone {alone * 1e3:.1f} ms, with 15 streaming median {mid * 1e3:.1f} "
+              f"worst {worst * 1e3:.1f} ms ({mid / alone:.2f}x, worst {worst / alone:.2f}x); 16 x 32 tokens at "
+              f"once {tok_s:.1f} tok/s; load average {os.getloadavg()[0]:.1f}", flush=True)
+    t0 = time.perf_counter()
+    mj.generate(model, prompts, max_new_tokens=32, stop_tokens=[])
+    print(f"round {i} mj.generate static batch 16: {16 * 32 / (time.perf_counter() - t0):.1f} tok/s", flush=True)
+for name, (_, engine) in engines.items():
+    print(f"{name} engine: compiles after warm-up {engine.compiles}")
+    engine.stop()
