@@ -239,20 +239,22 @@ def combine(parts: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Raw logits from libllama through llama-cpp-python's ctypes bindings, in a process of its own.
 
-def logits(root: str, gguf: str, tokens: np.ndarray, threads: int, out: str) -> np.ndarray | None:
+def logits(root: str, gguf: str, tokens: np.ndarray, threads: int, out: str, kv: str = "f16") -> np.ndarray | None:
     """llama.cpp's float32 logits [chunks, ctx - 1 - ctx // 2, V] at the scored positions of each chunk (BOS
-    first, as llama-perplexity feeds it), or None when the bindings do not load (the reason is printed)."""
+    first, as llama-perplexity feeds it), or None when the bindings do not load (the reason is printed). `kv`:
+    the KV cache's type, f16 as in llama-perplexity and llama-bench, or f32."""
     tok = out + ".tokens.npy"
     np.save(tok, tokens)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "logits", root, gguf, tok, str(threads), out],
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "logits", root, gguf, tok, str(threads), out, kv],
                        capture_output=True, text=True)
+    os.remove(tok)
     if p.returncode:
         print(f"  (no raw llama.cpp logits for {os.path.basename(gguf)}: {(p.stderr or p.stdout).strip()[-300:]})")
         return None
     return np.load(out, mmap_mode="r")
 
 
-def _logits_main(root, gguf, tok_path, threads, out):
+def _logits_main(root, gguf, tok_path, threads, out, kv):
     import ctypes
     import types
 
@@ -273,6 +275,7 @@ def _logits_main(root, gguf, tok_path, threads, out):
     cp = L.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = ctx, ctx, ctx
     cp.n_threads = cp.n_threads_batch = threads
+    cp.type_k = cp.type_v = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32}[kv]
     lctx = L.llama_init_from_model(model, cp)
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)
@@ -297,5 +300,5 @@ def _logits_main(root, gguf, tok_path, threads, out):
     L.llama_model_free(model)
 
 
-if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "logits":
-    _logits_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+if __name__ == "__main__" and len(sys.argv) == 8 and sys.argv[1] == "logits":
+    _logits_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], sys.argv[7])

@@ -119,6 +119,9 @@ if args.chunks:
     if theirs["f32"] is None:
         theirs = {}
     theirs = {t: v for t, v in theirs.items() if v is not None}
+    # llama.cpp keeps its KV cache in float16; its f32 weights with a float32 cache isolate the engines' arithmetic.
+    kv32 = lc.logits(args.llamacpp, ggufs["f32"], tokens, args.threads, os.path.join(args.work, "logits-f32kv.npy"),
+                     kv="f32") if theirs else None
     acc = {}
 
     def add(key, logits, targets, ref_logits=None, ref_logp=None):
@@ -135,6 +138,8 @@ if args.chunks:
             add(("ours", name, "llama.cpp f32 file"), x, targets, ref_logp=blp)
             if "f32" in theirs:
                 add(("ours", name, "llama.cpp f32"), x, targets, ref_logits=theirs["f32"][b:b + args.batch])
+            if kv32 is not None and name == "float32":
+                add(("ours", name, "llama.cpp f32, float32 KV cache"), x, targets, ref_logits=kv32[b:b + args.batch])
         for t, x in theirs.items():
             x = np.asarray(x[b:b + args.batch])
             add(("llama.cpp", t, "own float32"), x, targets, ref_logits=np.asarray(theirs["f32"][b:b + args.batch]))
@@ -160,7 +165,7 @@ if args.chunks:
             print(f"  {engine} {name} vs {ref}: KLD {v['kld']:.3e}, RMS Δp {v['rms_dp']:.2e}, same top "
                   f"{v['same_top']:.2%}" + (f", rel max {v['rel_max']:.3e}, rel RMS {v['rel_rms']:.3e}"
                                             if "rel_max" in v else ""))
-    for t in theirs:
+    for t in list(theirs) + (["f32kv"] if kv32 is not None else []):
         os.remove(os.path.join(args.work, f"logits-{t}.npy"))
     print(flush=True)
 
