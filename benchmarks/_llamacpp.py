@@ -27,8 +27,9 @@ class Tools:
         missing = [p for p in (self.tool("llama-bench"), self.tool("llama-quantize"), self.tool("llama-perplexity"),
                                self.converter) if not os.path.exists(p)]
         if missing:
-            raise SystemExit(f"llama.cpp build incomplete under {self.root} (missing {', '.join(missing)}); build it "
-                             f"with /work/shared/tools/build_llamacpp.sh DIR and pass --llamacpp DIR (or LLAMACPP_DIR).")
+            raise SystemExit(f"llama.cpp build incomplete under {self.root} (missing {', '.join(missing)}); build "
+                             f"it with /work/shared/tools/build_llamacpp.sh DIR and pass --llamacpp DIR "
+                             f"(or set LLAMACPP_DIR).")
 
     def tool(self, name: str) -> str:
         return os.path.join(self.bin, name)
@@ -162,10 +163,14 @@ def perplexity_base(tools: Tools, gguf: str, text: str, base: str, ctx: int, chu
 
 def perplexity_kld(tools: Tools, gguf: str, base: str, ctx: int, chunks: int, threads: int, log: str) -> dict:
     """llama-perplexity --kl-divergence of `gguf` against `base`: its own summary lines, parsed."""
-    out = run([tools.tool("llama-perplexity"), "-m", gguf, "--kl-divergence-base", base, "--kl-divergence",
-               "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads)], log)
+    cmd = [tools.tool("llama-perplexity"), "-m", gguf, "--kl-divergence-base", base, "--kl-divergence",
+           "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads)]
+    out = run(cmd, log)
+    if "Same top p:" not in out:  # its asynchronous log thread has lost the summary on a loaded host: once more
+        out = run(cmd, log)
     pats = {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "ppl_base": r"Mean PPL\(base\)\s*:\s*([\d.]+)",
-            "kld": r"Mean\s+KLD:\s*([-\d.e]+)", "rms_dp": r"RMS Δp\s*:\s*([\d.]+)", "same_top": r"Same top p:\s*([\d.]+)"}
+            "kld": r"Mean\s+KLD:\s*([-\d.e]+)", "rms_dp": r"RMS Δp\s*:\s*([\d.]+)",
+            "same_top": r"Same top p:\s*([\d.]+)"}
     res = {}
     for k, pat in pats.items():
         m = re.search(pat, out)
@@ -203,12 +208,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def partial_stats(logits, targets, ref_logits=None, ref_logp=None) -> dict:
+def partial_stats(logits, targets, ref_logits=None, ref_logp=None, lp=None) -> dict:
     """Sums over one batch of positions for `combine`: llama-perplexity's statistics of `logits` [..., V] against a
     reference (its raw logits, or log-probs as a --kl-divergence-base file holds them) with its definitions: KLD
     summed over the reference's tokens with log p > -16, Δp of the target token's probability, same argmax; plus
-    the relative max / RMS logit error where the reference's raw logits are given."""
-    lp = log_softmax(logits)
+    the relative max / RMS logit error where the reference's raw logits are given. `lp`, `ref_logp`: the log-probs
+    when already computed."""
+    lp = log_softmax(logits) if lp is None else lp
     ref = log_softmax(ref_logits) if ref_logp is None else np.asarray(ref_logp, np.float64)
     t = np.asarray(targets)[..., None]
     nll, nll_ref = -np.take_along_axis(lp, t, -1)[..., 0], -np.take_along_axis(ref, t, -1)[..., 0]
@@ -242,7 +248,8 @@ def combine(parts: list[dict]) -> dict:
 def logits(root: str, gguf: str, tokens: np.ndarray, threads: int, out: str, kv: str = "f16") -> np.ndarray | None:
     """llama.cpp's float32 logits [chunks, ctx - 1 - ctx // 2, V] at the scored positions of each chunk (BOS
     first, as llama-perplexity feeds it), or None when the bindings do not load (the reason is printed). `kv`:
-    the KV cache's type, f16 as in llama-perplexity and llama-bench, or f32."""
+    "f16", llama.cpp's defaults as in llama-perplexity and llama-bench (float16 KV cache, flash attention on the
+    CPU), or "f32": a float32 cache and no flash attention, all float32 arithmetic."""
     tok = out + ".tokens.npy"
     np.save(tok, tokens)
     p = subprocess.run([sys.executable, os.path.abspath(__file__), "logits", root, gguf, tok, str(threads), out, kv],
@@ -275,7 +282,9 @@ def _logits_main(root, gguf, tok_path, threads, out, kv):
     cp = L.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = ctx, ctx, ctx
     cp.n_threads = cp.n_threads_batch = threads
-    cp.type_k = cp.type_v = {"f16": L.GGML_TYPE_F16, "f32": L.GGML_TYPE_F32}[kv]
+    if kv == "f32":  # the float32 cache alone changes nothing: the CPU flash-attention kernel rounds Q to float16
+        cp.type_k = cp.type_v = L.GGML_TYPE_F32
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     lctx = L.llama_init_from_model(model, cp)
     vocab = L.llama_model_get_vocab(model)
     n_vocab = L.llama_vocab_n_tokens(vocab)

@@ -65,7 +65,10 @@ os.makedirs(args.work, exist_ok=True)
 log = os.path.join(args.work, "llamacpp.log")
 open(log, "w").close()
 if args.ckpt:
-    cfg = mj.load(args.ckpt, dtype="float32", layout="stacked").cfg  # read once for its config
+    try:
+        cfg = mj.load(args.ckpt, dtype="float32", layout="stacked").cfg  # read once for its config
+    except (mj.CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"{args.ckpt} is not a checkpoint mj.load reads ({e}); pass a checkpoint directory.")
     make = lambda **kw: mj.load(args.ckpt, dtype="float32", **kw)
 else:
     cfg = config.from_hf_dict(BENCH_HF, name="bench")
@@ -119,31 +122,40 @@ if args.chunks:
     if theirs["f32"] is None:
         theirs = {}
     theirs = {t: v for t, v in theirs.items() if v is not None}
-    # llama.cpp keeps its KV cache in float16; its f32 weights with a float32 cache isolate the engines' arithmetic.
+    # llama.cpp's defaults round attention to float16 (cache, flash attention); all-float32 for the sanity row.
     kv32 = lc.logits(args.llamacpp, ggufs["f32"], tokens, args.threads, os.path.join(args.work, "logits-f32kv.npy"),
                      kv="f32") if theirs else None
     acc = {}
 
-    def add(key, logits, targets, ref_logits=None, ref_logp=None):
-        acc.setdefault(key, []).append(lc.partial_stats(logits, targets, ref_logits, ref_logp))
+    def add(key, logits, targets, ref_logits=None, ref_logp=None, lp=None):
+        acc.setdefault(key, []).append(lc.partial_stats(logits, targets, ref_logits, ref_logp, lp))
 
     for b in range(0, n_chunk, args.batch):
         toks = tokens[b:b + args.batch].copy()
         toks[:, 0] = cfg.bos_token_id
-        ours = {name: lc.scored(toks, np.asarray(mj.forward(m, toks), np.float32))[0] for name, m in models.items()}
         targets = toks[:, args.ctx // 2 + 1:]
+        ours = {name: lc.scored(toks, np.asarray(mj.forward(m, toks), np.float32))[0] for name, m in models.items()}
+        mine = {t: np.asarray(x[b:b + args.batch]) for t, x in theirs.items()}
+        lps = {("ours", n): lc.log_softmax(x) for n, x in ours.items()}
+        lps.update({("llama.cpp", t): lc.log_softmax(x) for t, x in mine.items()})
         blp = base_logp[b:b + args.batch]
         for name, x in ours.items():
-            add(("ours", name, "own float32"), x, targets, ref_logits=ours["float32"])
-            add(("ours", name, "llama.cpp f32 file"), x, targets, ref_logp=blp)
-            if "f32" in theirs:
-                add(("ours", name, "llama.cpp f32"), x, targets, ref_logits=theirs["f32"][b:b + args.batch])
-            if kv32 is not None and name == "float32":
-                add(("ours", name, "llama.cpp f32, float32 KV cache"), x, targets, ref_logits=kv32[b:b + args.batch])
-        for t, x in theirs.items():
-            x = np.asarray(x[b:b + args.batch])
-            add(("llama.cpp", t, "own float32"), x, targets, ref_logits=np.asarray(theirs["f32"][b:b + args.batch]))
-            add(("llama.cpp", t, "llama.cpp f32 file"), x, targets, ref_logp=blp)
+            lp = lps["ours", name]
+            add(("ours", name, "own float32"), x, targets, ours["float32"], lps["ours", "float32"], lp)
+            if "f32" in mine:
+                add(("ours", name, "llama.cpp f32"), x, targets, mine["f32"], lps["llama.cpp", "f32"], lp)
+        # Sanity rows: our float32 against llama.cpp's stored log-probs and its all-float32 attention, and
+        # llama.cpp's raw f32 logits against the file it wrote itself.
+        f32, lp32 = ours["float32"], lps["ours", "float32"]
+        add(("ours", "float32", "llama.cpp f32 file"), f32, targets, ref_logp=blp, lp=lp32)
+        if kv32 is not None:
+            add(("ours", "float32", "llama.cpp f32, float32 attention"), f32, targets,
+                np.asarray(kv32[b:b + args.batch]), lp=lp32)
+        for t, x in mine.items():
+            add(("llama.cpp", t, "own float32"), x, targets, mine["f32"], lps["llama.cpp", "f32"], lps["llama.cpp", t])
+        if "f32" in mine:
+            add(("llama.cpp", "f32", "llama.cpp f32 file"), mine["f32"], targets, ref_logp=blp,
+                lp=lps["llama.cpp", "f32"])
     acc = {k: lc.combine(v) for k, v in acc.items()}
     results["accuracy"] = [{"engine": k[0], "model": k[1], "reference": k[2], **v} for k, v in acc.items()]
     results["llama_perplexity_tool"] = tool_kld
@@ -214,7 +226,8 @@ if args.rounds:
         if t not in sp["llama.cpp"]:
             continue
         o, l = sp["ours"][ours_name], sp["llama.cpp"][t]
-        print(f"  {ours_name} vs {t}: decode {o['decode'] / l['decode']:.2f}x, prefill {o['prefill'] / l['prefill']:.2f}x, "
+        print(f"  {ours_name} vs {t}: decode {o['decode'] / l['decode']:.2f}x, "
+              f"prefill {o['prefill'] / l['prefill']:.2f}x, "
               f"weights {weight_bytes[ours_name] / results['gguf_bytes'][t]:.2f}x")
     fastest4 = max((t for t in ("q4_0", "q4_K_M") if t in sp["llama.cpp"]), default=None,
                    key=lambda t: sp["llama.cpp"][t]["decode"])
