@@ -228,6 +228,12 @@ def _step_report(step: str, cfg: MixtralConfig, mesh, batch: int, prompt_len: in
     }
 
 
+def _prefill_step(prompt_len: int, prefill_chunk: int | None) -> tuple[int, bool]:
+    """(tokens per row of one prefill step, whether it is a chunk of a longer prompt)."""
+    chunked = prefill_chunk is not None and prefill_chunk < prompt_len
+    return (prefill_chunk if chunked else prompt_len), chunked
+
+
 def _validate(cfg: MixtralConfig, mesh_spec: str, batch: int, max_seq_len: int | None, prompt_len: int | None):
     max_seq_len = cfg.max_position_embeddings if max_seq_len is None else max_seq_len
     prompt_len = min(max_seq_len, DEFAULT_PROMPT_LEN) if prompt_len is None else prompt_len
@@ -276,8 +282,7 @@ def dry_run(cfg: MixtralConfig | str, mesh_spec: str, batch: int = 1, max_seq_le
     max_seq_len, prompt_len = _validate(cfg, mesh_spec, batch, max_seq_len, prompt_len)
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1 (or None: the whole prompt at once), got {prefill_chunk}.")
-    chunked = prefill_chunk is not None and prefill_chunk < prompt_len
-    step_len = prefill_chunk if chunked else prompt_len
+    step_len, chunked = _prefill_step(prompt_len, prefill_chunk)
     dtype = jnp.dtype(dtype)
     quant.check_mode(quantize)
     quant.check_split(cfg.intermediate_size, quantize, sharding.parse_mesh_spec(mesh_spec).get("tensor", 1))
@@ -374,8 +379,7 @@ def _dry_run_cpu(cfg, mesh_spec, batch, max_seq_len, prompt_len, dtype, device_m
                                       prefill_chunk=prefill_chunk)
     mesh = sharding.make_mesh(mesh_spec, jax.devices("cpu")[:n])
     t0 = time.perf_counter()
-    chunked = prefill_chunk is not None and prefill_chunk < prompt_len
-    step_len = prefill_chunk if chunked else prompt_len
+    step_len, chunked = _prefill_step(prompt_len, prefill_chunk)
     prefill_c = _compile("prefill", cfg, mesh, batch, step_len, max_seq_len, jnp.float32, capacity_factor, quantize,
                          chunked)
     t1 = time.perf_counter()
