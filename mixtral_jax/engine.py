@@ -1,17 +1,18 @@
 """Continuous batching: requests come and go in a fixed set of slots that share one KV cache.
 
 Each of `max_batch` slots holds one request. Between decode steps, waiting
-requests take free slots and their prompts are prefilled in fixed-size chunks
-(one chunk per step while other slots decode, so running streams keep
-flowing); a finished, stopped or cancelled request frees its slot at once. A
+requests take free slots and their prompts are prefilled in fixed-size chunks,
+several prompts in one call (one chunk each per step while other slots decode,
+so running streams keep flowing); a finished, stopped or cancelled request frees its slot at once. A
 slot's tokens sit in its own cache row (position p at index p + pad, the pad
 making the prompt's chunks whole), so every row decodes at its own index and
 no request sees another's keys. The host dispatches step N + 1 once step N
 is done (so a new request waits for one step, not two) and reads step N's
 tokens while the device computes step N + 1.
 
-All shapes are fixed (one prefill chunk [1, C], one decode step [max_batch],
-in slot_steps.py), so nothing compiles after `warmup()`; `compiles` counts
+All shapes are fixed (prefill chunks [P, C] for P a power of two up to
+`prefill_batch`, one decode step [max_batch], in slot_steps.py), so nothing
+compiles after `warmup()`; `compiles` counts
 what did compile on the engine's thread since. With several processes,
 process 0 schedules and every other process runs the same device calls
 (`follow`).
@@ -54,7 +55,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 # Device calls, as process 0 sends them to the others.
-_IDLE, _PREFILL, _DECODE, _STOP = range(4)
+_IDLE, _DECODE, _STOP, _PREFILL = range(4)  # _PREFILL + j: a prefill of the j-th row count
 # Seconds an idle multi-process engine waits before telling the other processes it is still there.
 _IDLE_S = 1.0
 
@@ -128,21 +129,28 @@ class Engine:
       max_batch: slots (requests decoding together).
       max_seq_len: positions per slot (prompt + new tokens); default min(4096, the model's).
       prefill_chunk: prompt tokens prefilled per chunk.
+      prefill_batch: prompts prefilled together in one call at most (default min(max_batch, 8)); calls
+        take a power of two rows (or this), each size compiled once at warm-up.
       tokenizer: for text and stop strings (None: tokens only).
       strategy: single-device MoE dispatch strategy.
     """
 
     def __init__(self, model: model_lib.Mixtral, max_batch: int = 16, max_seq_len: int | None = None,
-                 prefill_chunk: int = 64, tokenizer=None, strategy: str = "sparse"):
+                 prefill_chunk: int = 64, tokenizer=None, strategy: str = "sparse", prefill_batch: int | None = None):
         cfg = model.cfg
         max_seq_len = max_seq_len or min(4096, cfg.max_position_embeddings)
-        if max_batch < 1 or prefill_chunk < 1:
-            raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}.")
+        prefill_batch = prefill_batch or min(max_batch, 8)
+        if min(max_batch, prefill_chunk, prefill_batch) < 1:
+            raise ValueError(f"max_batch, prefill_chunk and prefill_batch must be >= 1, got {max_batch}, "
+                             f"{prefill_chunk} and {prefill_batch}.")
         if not 1 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's positions), "
                              f"got {max_seq_len}.")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
+        # Rows per prefill call: a few sizes, so a lone prompt computes one row and a burst shares one read of
+        # the weights, with at most about half the rows repeating another.
+        self._prefill_rows = sorted({min(2 ** j, prefill_batch) for j in range(prefill_batch.bit_length() + 1)})
         # A prompt of T tokens sits at cache indices [pad, pad + T), pad = -T mod C: its chunks are whole and
         # its last chunk ends with its last token (prefill needs that position's logits only). Positions up
         # to max_seq_len - 2 are written, at indices below max_seq_len + C - 2; the next is where idle rows write.
@@ -164,14 +172,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._compiles_at_warmup: int | None = None
+        # Prefill calls while serving, by the prompts they carried: {prompts: calls}.
+        self.prefill_calls: collections.Counter = collections.Counter()
         self.error: BaseException | None = None
         # Several processes: process 0 schedules and sends each device call's arguments to the others as one
         # fixed-size int32 vector (`_call`, `follow`), so every process runs the same steps.
         self._multi = jax.process_count() > 1
         b, i32, u32, f32 = max_batch, np.int32, np.uint32, np.float32
         self._specs = {
-            _PREFILL: [((1, prefill_chunk), i32), ((), i32), ((), i32), ((), i32), ((2,), u32), ((), f32), ((), i32),
-                       ((), f32)],
+            **{_PREFILL + j: [((p, prefill_chunk), i32), ((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32),
+                              ((p,), f32), ((p,), i32), ((p,), f32)] for j, p in enumerate(self._prefill_rows)},
             _DECODE: [((b,), i32), ((b,), i32), ((b, 2), u32), ((b,), i32), ((b,), f32), ((b,), i32), ((b,), f32)],
             _IDLE: [], _STOP: []}
         self._command_size = 1 + max(sum(int(np.prod(shape)) for shape, _ in spec) for spec in self._specs.values())
@@ -229,10 +239,13 @@ class Engine:
         one = lambda dtype, v: np.full((b,), v, dtype)
         # Every order the steps come in (prefill or decode after either): should a step return `_last` or the
         # cache in another sharding than it took them, that pairing compiles here, not while serving.
-        for kind in "ppddpd":
+        order = [(k, 0) for k in "ppddpd"] + [(k, j) for j in range(1, len(self._prefill_rows)) for k in "ppd"]
+        for kind, j in order:
             if kind == "p":
-                self._call(_PREFILL, (np.zeros((1, self.chunk), np.int32), np.int32(0), np.int32(0), np.int32(0),
-                                      np.zeros((2,), np.uint32), np.float32(0), np.int32(0), np.float32(1)))
+                p = self._prefill_rows[j]
+                self._call(_PREFILL + j, (np.zeros((p, self.chunk), np.int32), *[np.zeros((p,), np.int32)] * 3,
+                                          np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32),
+                                          np.zeros((p,), np.int32), np.ones((p,), np.float32)))
             else:
                 self._call(_DECODE, (one(np.int32, -1), one(np.int32, 0), np.zeros((b, 2), np.uint32),
                                      one(np.int32, 0), one(np.float32, 0), one(np.int32, 0), one(np.float32, 1)))
@@ -311,7 +324,7 @@ class Engine:
         return self._run_call(kind, args)
 
     def _run_call(self, kind: int, args: tuple):
-        if kind == _PREFILL:
+        if kind >= _PREFILL:
             tokens, start, offset, slot, key_data, temperature, top_k, top_p = args
             nxt, self._last, self._cache = slot_steps.prefill_chunk(
                 self._params, tokens, start, offset, slot, self._cache, self._last, key_data, temperature, top_k,
@@ -327,8 +340,8 @@ class Engine:
         self._waiting.append(_Slot(req, key_data, StreamDecoder(self.tokenizer, req.prompt, req.stop)))
 
     def step(self) -> bool:
-        """One scheduling round: wait for the decode step in flight, admit, prefill (one chunk while others
-        decode), dispatch the next decode step, then read the finished step's tokens while that one computes.
+        """One scheduling round: wait for the decode step in flight, admit, prefill (one chunk of each of up to
+        `prefill_batch` prompts while others decode), dispatch the next decode step, then read the finished step's tokens while that one computes.
         Returns whether it did any work."""
         previous, self._pending = self._pending, []
         # Scheduling waits for the step in flight instead of queueing the next one behind it: a request that
@@ -354,13 +367,14 @@ class Engine:
         prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.done < len(s.req.prompt)]
         decoding = [i for i, s in enumerate(self._slots)
                     if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
-        # With streams running, one chunk per step keeps their inter-token latency bounded by one chunk;
-        # with none, prefill everything waiting first.
-        for i in prefilling[:1] if decoding else prefilling:
-            while self._slots[i].done < len(self._slots[i].req.prompt):
-                self._prefill(i)
-                if decoding:
-                    break
+        # With streams running, one call per step keeps their inter-token latency bounded by one call;
+        # with none, prefill everything waiting first. A call takes one chunk of each of several prompts: on
+        # any device a small chunk's cost is mostly reading the weights, which the rows share.
+        while prefilling:
+            self._prefill(prefilling[:self._prefill_rows[-1]])
+            if decoding:
+                break
+            prefilling = [i for i in prefilling if self._slots[i].done < len(self._slots[i].req.prompt)]
         if decoding:
             self._decode_step(decoding)
         # The host reads step N's tokens while the device computes step N + 1 (dispatched just above). A row
@@ -374,19 +388,33 @@ class Engine:
                     self._append(self._slots.index(s), int(tokens[r]))
         return bool(prefilling or decoding or previous or first)
 
-    def _prefill(self, i: int) -> None:
-        s = self._slots[i]
-        r = s.req
-        start = s.done + s.offset if s.done else 0  # the cache index of this chunk: chunks are whole after the first
-        piece = list(r.prompt[s.done:s.done + self.chunk - (0 if s.done else s.offset)])
-        tokens = np.zeros((1, self.chunk), np.int32)
-        tokens[0, self.chunk - len(piece):] = piece
-        nxt = self._call(_PREFILL, (tokens, np.int32(start), np.int32(s.offset), np.int32(i), s.key_data,
-                                    np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p)))
-        s.done += len(piece)
-        if s.done == len(r.prompt):
-            s.issued = 1
-            self._first.append((nxt, [(0, s)]))
+    def _prefill(self, rows: list[int]) -> None:
+        """One chunk of each of `rows`' prompts, in one call of the smallest row count that holds them; the
+        rows past them repeat the first one (same values written twice)."""
+        j = next(j for j, p in enumerate(self._prefill_rows) if p >= len(rows))
+        p = self._prefill_rows[j]
+        tokens, key_data = np.zeros((p, self.chunk), np.int32), np.zeros((p, 2), np.uint32)
+        start, offset, slot, top_k = (np.zeros((p,), np.int32) for _ in range(4))
+        temperature, top_p = np.zeros((p,), np.float32), np.ones((p,), np.float32)
+        finished = []
+        for r, i in enumerate(rows):
+            s, req = self._slots[i], self._slots[i].req
+            start[r] = s.done + s.offset if s.done else 0  # this chunk's cache index: chunks are whole after the first
+            piece = list(req.prompt[s.done:s.done + self.chunk - (0 if s.done else s.offset)])
+            tokens[r, self.chunk - len(piece):] = piece
+            offset[r], slot[r], key_data[r] = s.offset, i, s.key_data
+            temperature[r], top_k[r], top_p[r] = req.temperature, req.top_k, req.top_p
+            s.done += len(piece)
+            if s.done == len(req.prompt):
+                s.issued = 1
+                finished.append((r, s))
+        for a in (tokens, start, offset, slot, key_data, temperature, top_k, top_p):
+            a[len(rows):] = a[0]
+        nxt = self._call(_PREFILL + j, (tokens, start, offset, slot, key_data, temperature, top_k, top_p))
+        if finished:
+            self._first.append((nxt, finished))
+        if self._compiles_at_warmup is not None:
+            self.prefill_calls[len(rows)] += 1
 
     def _decode_step(self, rows: list[int]) -> None:
         b = self.max_batch

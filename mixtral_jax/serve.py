@@ -200,6 +200,8 @@ def _check_flags() -> None:
         raise UsageError(f"--max_batch must be >= 1, got {FLAGS.max_batch}.")
     if FLAGS.prefill_chunk < 1:
         raise UsageError(f"--prefill_chunk must be >= 1, got {FLAGS.prefill_chunk}.")
+    if FLAGS.prefill_batch is not None and FLAGS.prefill_batch < 1:
+        raise UsageError(f"--prefill_batch must be >= 1, got {FLAGS.prefill_batch}.")
     if FLAGS.max_seq_len < 2:
         raise UsageError(f"--max_seq_len must be >= 2, got {FLAGS.max_seq_len}.")
     if not 0 < FLAGS.port < 65536:
@@ -256,7 +258,8 @@ def run() -> int:
     say = lambda msg: print(f"[mixtral_jax] {msg}", file=sys.stderr, flush=True)
     model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh)
     tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
-    engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer)
+    engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer,
+                    prefill_batch=FLAGS.prefill_batch)
     if jax.process_index() != 0:
         engine.follow()
         return 0
@@ -297,6 +300,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_batch", 16, "Slots: requests decoding together.")
     flags.DEFINE_integer("max_seq_len", 4096, "Positions per request (prompt + new tokens); at most the model's.")
     flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens prefilled per chunk between decode steps.")
+    flags.DEFINE_integer("prefill_batch", None, "Prompts prefilled together in one call at most; default "
+                         "min(max_batch, 8).")
     flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
     flags.DEFINE_integer("seed", 0, "Seed of the random weights (without --checkpoint).")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (which serves HTTP).")

@@ -1,4 +1,4 @@
-"""The serving engine's jitted steps over its slots: prefill one chunk of one slot, decode every slot,
+"""The serving engine's jitted steps over its slots: prefill one chunk of each of some slots, decode every slot,
 and per-row sampling keys (engine.py schedules them).
 
 Every row of the KV cache is one slot; a slot's position p sits at cache index
@@ -20,29 +20,35 @@ from mixtral_jax.generate import sample_logits
 
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
 def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_data, temperature, top_k, top_p,
-                   *, cfg, strategy, mesh):
-    """Prefills tokens [1, C] of one slot at cache indices [start, start + C), position = index - offset
-    (negative: the padding in front of a prompt's first chunk).
+                  *, cfg, strategy, mesh):
+    """Prefills one chunk of each of P slots: row r's tokens [C] at cache indices [start[r], start[r] + C) of
+    slot slot[r], position = index - offset[r] (negative: the padding in front of a prompt's first chunk).
 
-    Returns (the token sampled after the chunk's last token, int32 [1], last_tokens [B] with it in row
-    `slot`, cache); the token only means something for a prompt's last chunk.
+    A row may repeat another row exactly (the engine pads P that way): both compute and write the same values.
+
+    Args:
+      tokens: int32 [P, C]; start, offset, slot: int32 [P]; key_data: uint32 [P, 2];
+      temperature, top_k, top_p: [P], as in `sample_rows`.
+
+    Returns (the token sampled after each row's last token, int32 [P], last_tokens [B] with it in rows `slot`,
+    cache); a row's token only means something for a prompt's last chunk.
     """
-    c = tokens.shape[1]
-    p = start - offset + jnp.arange(c, dtype=jnp.int32)
-    positions = jnp.where(p >= 0, p, -1)[None]  # [1, C]
+    p, c = tokens.shape
+    q = start[:, None] - offset[:, None] + jnp.arange(c, dtype=jnp.int32)
+    positions = jnp.where(q >= 0, q, -1)  # [P, C]
     # A request's first chunk clears the slot's positions: the previous request's keys go invisible.
-    pos_row = jnp.where(start == 0, -1, jax.lax.dynamic_slice_in_dim(cache["pos"], slot, 1, axis=0))
-    k_pos = jax.lax.dynamic_update_slice(pos_row, positions, (jnp.int32(0), start))
-    row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=a.ndim - 4)  # batch axis: [(L,) B, K, S, Dh]
-    kv = jax.tree.map(row, (cache["k"], cache["v"]))
+    pos_rows = jnp.where(start[:, None] == 0, -1, cache["pos"][slot])
+    k_pos = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions, start)
+    batch_axis = lambda a: (slice(None),) * (a.ndim - 4)  # the cache's batch axis: [(L,) B, K, S, Dh]
+    kv = jax.tree.map(lambda a: a[batch_axis(a) + (slot,)], (cache["k"], cache["v"]))
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
                                      cache_index=start, k_pos=k_pos, last_only=True, mesh=mesh)
-    last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the token
-    nxt = sample_rows(last, key_data[None], jnp.zeros((1,), jnp.int32), temperature[None], top_k[None], top_p[None])
-    put = lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=a.ndim - 4)
+    last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the tokens
+    nxt = sample_rows(last, key_data, jnp.zeros((p,), jnp.int32), temperature, top_k, top_p)
+    put = lambda a, rows: a.at[batch_axis(a) + (slot,)].set(rows)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
-    pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], k_pos, slot, axis=0)
-    last_tokens = sharding.constrain(jax.lax.dynamic_update_slice(last_tokens, nxt, (slot,)), mesh, (None,))
+    pos = cache["pos"].at[slot].set(k_pos)
+    last_tokens = sharding.constrain(last_tokens.at[slot].set(nxt), mesh, (None,))
     return sharding.constrain(nxt, mesh, (None,)), last_tokens, {"k": k, "v": v, "pos": pos}
 
 

@@ -22,6 +22,7 @@ from mixtral_jax.serve import build_app
 MAX_SEQ_LEN = 64
 CHUNK = 4  # small, so short prompts take several chunks
 SLOTS = 8  # fewer than the concurrent requests, so some wait for a slot
+PREFILL_BATCH = 4  # prompts prefilled in one call: calls of 1, 2 and 4 rows, the padded ones repeating a row
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def engine(model, tok):
-    eng = Engine(model, max_batch=SLOTS, max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK, tokenizer=tok)
+    eng = Engine(model, max_batch=SLOTS, max_seq_len=MAX_SEQ_LEN, prefill_chunk=CHUNK, tokenizer=tok,
+                 prefill_batch=PREFILL_BATCH)
     eng.start()
     yield eng
     eng.stop()
@@ -91,13 +93,17 @@ SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.8)
 
 def test_engine_requests_equal_generate_alone(model, engine):
     """Greedy and seeded sampled requests, more than the slots, prompts of 1 to 5 chunks, each equal to
-    mj.generate of its prompt alone (same seed): what else runs changes nothing."""
+    mj.generate of its prompt alone (same seed): what else runs changes nothing, not even prompts
+    prefilled in the same call."""
     # Prompts up to 16 tokens and 16 new ones: the references share one compiled prefill and decode.
     prompts = _prompts([1, 3, 8, 9, 16, 5, 12, 2, 15, 7], seed=0)
     n_new = [5, 12, 3, 9, 7, 16, 1, 10, 6, 11]
     greedy = [engine.submit(Request(p, n)) for p, n in zip(prompts, n_new)]
     sampled = [engine.submit(Request(p, 8, seed=100 + i, **SAMPLING)) for i, p in enumerate(prompts[:4])]
+    calls = engine.prefill_calls.copy()
     _wait(greedy + sampled)
+    batched = engine.prefill_calls - calls
+    assert max(batched) > 1 and sum(batched.values()) < sum(-(-len(p) // CHUNK) for p in prompts + prompts[:4])
     for r, p, n in zip(greedy, prompts, n_new):
         ref = mj.generate(model, [p], max_new_tokens=n)[0]
         assert r.tokens == ref

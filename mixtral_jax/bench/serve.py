@@ -37,6 +37,7 @@ flags.DEFINE_string("config", "tiny", "Preset, config.json path, or bench: pytho
 flags.DEFINE_integer("max_batch", 16, "Engine slots.")
 flags.DEFINE_integer("max_seq_len", 512, "Positions per request.")
 flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill chunk.")
+flags.DEFINE_integer("prefill_batch", None, "Prompts prefilled together at most (default min(max_batch, 8)).")
 flags.DEFINE_list("concurrency", ["1", "4", "16"], "Closed-loop client counts.")
 flags.DEFINE_integer("requests", 32, "Requests per closed-loop run (concurrency 1: a quarter of them).")
 flags.DEFINE_list("prompt_len", ["16", "128"], "Prompt lengths: uniform in [lo, hi].")
@@ -222,7 +223,8 @@ def main(argv):
     cfg = _model_config()
     model = mj.init_random(cfg, seed=FLAGS.seed)
     tok = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
-    engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tok)
+    engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tok,
+                    prefill_batch=FLAGS.prefill_batch)
     engine.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
