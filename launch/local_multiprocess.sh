@@ -6,7 +6,7 @@
 #
 # COMMAND (default: python -m mixtral_jax.sample) gets
 #   --coordinator_address 127.0.0.1:PORT --num_processes N --process_id I
-# appended, and DEVICES_PER_PROCESS virtual CPU devices. Process 0 writes to this
+# appended, and DEVICES_PER_PROCESS virtual CPU devices (added to $XLA_FLAGS). Process 0 writes to this
 # terminal; the others to $LOG_DIR/process_I.log (default: a fresh temp dir).
 # No process outlives this script: if one fails, the others are stopped and the exit
 # status is the failure's; Ctrl-C, SIGTERM or SIGHUP stop them all; and on Linux each
@@ -60,13 +60,15 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
+# The caller's XLA flags stay; the device count given here comes last, and the last one counts.
+xla_flags="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
 for ((i = 0; i < num_processes; i++)); do
   args=(--coordinator_address "127.0.0.1:${port}" --num_processes "${num_processes}" --process_id "$i")
   if [[ $i -eq 0 ]]; then
-    JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
+    JAX_PLATFORMS=cpu XLA_FLAGS="${xla_flags}" \
       ${tie[@]+"${tie[@]}"} "${command[@]}" "${args[@]}" &
   else
-    JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
+    JAX_PLATFORMS=cpu XLA_FLAGS="${xla_flags}" \
       ${tie[@]+"${tie[@]}"} "${command[@]}" "${args[@]}" > "${log_dir}/process_${i}.log" 2>&1 &
   fi
   pids+=($!)

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
 import mixtral_jax as mj
 from mixtral_jax import ckpt_files, convert, testing
 
@@ -37,7 +38,7 @@ pytestmark = [
 
 def _env():
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE  # one CPU device
     return env
 
 

@@ -22,6 +22,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from conftest import FAST_COMPILE
 import mixtral_jax as mj
 from mixtral_jax import checkpoint, convert, model as model_lib, testing
 from mixtral_jax import layout as layout_lib
@@ -238,7 +239,7 @@ def test_cli_fails_with_exit_2(hf_copy, tmp_path):
     # A successful CLI conversion (progress, --dtype, nothing on stdout) is in test_ckpt_files.py's
     # test_a_killed_conversion_is_cleaned_up_by_the_next.
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE  # one CPU device
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "mixtral_jax.convert", *args], capture_output=True,
@@ -288,7 +289,7 @@ def test_conversion_streams(tmp_path):
         "tracemalloc.start()\n"
         "mj.convert_hf_checkpoint(sys.argv[1], sys.argv[2], dtype='float32')\n"
         "print(tracemalloc.get_traced_memory()[1])\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), str(tmp_path / "ckpt")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -14,6 +14,7 @@ import urllib.request
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py")]
@@ -24,7 +25,7 @@ TIMEOUT_S = 240
 def _run(argv, devices: int, env=None) -> tuple[str, str]:
     """Runs argv in its own process group; returns (stdout, stderr). On timeout or failure the group is killed."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}", **(env or {})}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -293,7 +294,7 @@ def _gone(sids, timeout=10.0) -> bool:
 def test_a_lost_process_ends_the_others_with_one_line(victim):
     """kill -9 of one process mid-run: the other exits 1 within 30 s with one line naming it; nothing is left."""
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"}
     port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); "
                            "print(s.getsockname()[1])"], capture_output=True, text=True, check=True).stdout.strip()
     procs = [subprocess.Popen([sys.executable, "-m", "mixtral_jax.sample", "--mesh", "expert=2", "--max_new_tokens",

@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, timeout=240):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's plain run
+    env["XLA_FLAGS"] = FAST_COMPILE  # one CPU device, as a user's plain run
     return subprocess.run([sys.executable, "-m", "mixtral_jax.sample", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=os.path.dirname(REPO))
 

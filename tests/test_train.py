@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
+from conftest import FAST_COMPILE
 import mixtral_jax as mj
 from mixtral_jax import convert, data, finetune, lora as lora_lib, loss as loss_lib, model as model_lib, quant, serve
 from mixtral_jax import testing
@@ -330,7 +331,7 @@ def test_load_jsonl_errors_name_the_line(tmp_path, content, match):
 
 def _train_cli(*args):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's plain run
+    env["XLA_FLAGS"] = FAST_COMPILE  # one CPU device, as a user's plain run
     return subprocess.run([sys.executable, "-m", "mixtral_jax.train", *args], capture_output=True, text=True,
                           timeout=300, env=env)
 
