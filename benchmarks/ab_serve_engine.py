@@ -3,7 +3,7 @@ and 16 requests at once, next to mj.generate's static batch.
 
   python benchmarks/ab_serve_engine.py OLD_COMMIT [--model tiny|bench] [--rounds 2]
 
-OLD_COMMIT's mixtral_jax/engine.py (`git show`) runs on the working tree's other modules. Each round, for
+OLD_COMMIT's mixtral_jax/engine.py and slot_steps.py (`git show`) run on the working tree's other modules. Each round, for
 each engine: a 16-token request alone (best of 3), then the same request sent 5 times at random moments while
 15 long requests decode (median and worst first-token time), then 16 requests of 32 tokens at once (output
 tok/s); then mj.generate on the same 16 prompts as one batch. No HTTP: the engines directly. The bench model
@@ -32,15 +32,27 @@ parser.add_argument("--model", choices=["tiny", "bench"], default="bench")
 parser.add_argument("--rounds", type=int, default=2)
 args = parser.parse_args()
 
-source = subprocess.run(["git", "show", f"{args.old}:mixtral_jax/engine.py"], capture_output=True, text=True,
-                        check=True).stdout
-path = os.path.join(tempfile.mkdtemp(), "engine_old.py")
-with open(path, "w") as f:
-    f.write(source)
-spec = importlib.util.spec_from_file_location("engine_old", path)
-old_engine = importlib.util.module_from_spec(spec)
-sys.modules["engine_old"] = old_engine
-spec.loader.exec_module(old_engine)
+
+def _old_module(path: str, name: str):
+    """OLD_COMMIT's mixtral_jax/<path> as module `name` (None if it has no such file)."""
+    r = subprocess.run(["git", "show", f"{args.old}:mixtral_jax/{path}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    file = os.path.join(tempfile.mkdtemp(), path)
+    with open(file, "w") as f:
+        f.write(r.stdout)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The old engine with the old steps it calls (slot_steps.py), on the working tree's other modules.
+old_engine = _old_module("engine.py", "engine_old")
+old_steps = _old_module("slot_steps.py", "slot_steps_old")
+if old_steps is not None:
+    old_engine.slot_steps = old_steps
 
 if args.model == "bench":
     cfg = from_hf_dict(hf_config_fields(**MODEL, max_positions=4096), name="bench")

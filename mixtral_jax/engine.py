@@ -10,9 +10,9 @@ no request sees another's keys. The host dispatches step N + 1 once step N
 is done (so a new request waits for one step, not two) and reads step N's
 tokens while the device computes step N + 1.
 
-All shapes are fixed (prefill chunks [P, C] for P a power of two up to
-`prefill_batch`, one decode step [max_batch], in slot_steps.py), so nothing
-compiles after `warmup()`; `compiles` counts
+All shapes are fixed (prefill calls [P, L]: P prompts, a power of two up to
+`prefill_batch`, L tokens each, the chunk, its half or its quarter; one decode
+step [max_batch]; in slot_steps.py), so nothing compiles after `warmup()`; `compiles` counts
 what did compile on the engine's thread since. With several processes,
 process 0 schedules and every other process runs the same device calls
 (`follow`).
@@ -148,9 +148,13 @@ class Engine:
                              f"got {max_seq_len}.")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
-        # Rows per prefill call: a few sizes, so a lone prompt computes one row and a burst shares one read of
-        # the weights, with at most about half the rows repeating another.
-        self._prefill_rows = sorted({min(2 ** j, prefill_batch) for j in range(prefill_batch.bit_length() + 1)})
+        # Prefill calls come in a few shapes [P, L], each compiled once: P prompts (1, 2, 4, ... prefill_batch)
+        # so a lone prompt computes one row and a burst shares one call, at most about half its rows repeating
+        # another; L tokens each (C, C/2, C/4) so a prompt's first chunk, which holds T mod C of its T tokens,
+        # is not padded to C: a burst of short prompts computes about what their tokens need.
+        rows = sorted({min(2 ** j, prefill_batch) for j in range(prefill_batch.bit_length() + 1)})
+        lengths = sorted({prefill_chunk // 2 ** j for j in range(3) if prefill_chunk % 2 ** j == 0})
+        self._prefill_shapes = [(p, n) for p in rows for n in lengths]
         # A prompt of T tokens sits at cache indices [pad, pad + T), pad = -T mod C: its chunks are whole and
         # its last chunk ends with its last token (prefill needs that position's logits only). Positions up
         # to max_seq_len - 2 are written, at indices below max_seq_len + C - 2; the next is where idle rows write.
@@ -180,8 +184,8 @@ class Engine:
         self._multi = jax.process_count() > 1
         b, i32, u32, f32 = max_batch, np.int32, np.uint32, np.float32
         self._specs = {
-            **{_PREFILL + j: [((p, prefill_chunk), i32), ((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32),
-                              ((p,), f32), ((p,), i32), ((p,), f32)] for j, p in enumerate(self._prefill_rows)},
+            **{_PREFILL + j: [((p, n), i32), ((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32), ((p,), f32),
+                              ((p,), i32), ((p,), f32)] for j, (p, n) in enumerate(self._prefill_shapes)},
             _DECODE: [((b,), i32), ((b,), i32), ((b, 2), u32), ((b,), i32), ((b,), f32), ((b,), i32), ((b,), f32)],
             _IDLE: [], _STOP: []}
         self._command_size = 1 + max(sum(int(np.prod(shape)) for shape, _ in spec) for spec in self._specs.values())
@@ -239,11 +243,11 @@ class Engine:
         one = lambda dtype, v: np.full((b,), v, dtype)
         # Every order the steps come in (prefill or decode after either): should a step return `_last` or the
         # cache in another sharding than it took them, that pairing compiles here, not while serving.
-        order = [(k, 0) for k in "ppddpd"] + [(k, j) for j in range(1, len(self._prefill_rows)) for k in "ppd"]
+        order = [(k, 0) for k in "ppddpd"] + [(k, j) for j in range(1, len(self._prefill_shapes)) for k in "ppd"]
         for kind, j in order:
             if kind == "p":
-                p = self._prefill_rows[j]
-                self._call(_PREFILL + j, (np.zeros((p, self.chunk), np.int32), *[np.zeros((p,), np.int32)] * 3,
+                p, n = self._prefill_shapes[j]
+                self._call(_PREFILL + j, (np.zeros((p, n), np.int32), *[np.zeros((p,), np.int32)] * 3,
                                           np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32),
                                           np.zeros((p,), np.int32), np.ones((p,), np.float32)))
             else:
@@ -371,7 +375,7 @@ class Engine:
         # with none, prefill everything waiting first. A call takes one chunk of each of several prompts: on
         # any device a small chunk's cost is mostly reading the weights, which the rows share.
         while prefilling:
-            self._prefill(prefilling[:self._prefill_rows[-1]])
+            self._prefill(prefilling[:self._prefill_shapes[-1][0]])
             if decoding:
                 break
             prefilling = [i for i in prefilling if self._slots[i].done < len(self._slots[i].req.prompt)]
@@ -389,19 +393,22 @@ class Engine:
         return bool(prefilling or decoding or previous or first)
 
     def _prefill(self, rows: list[int]) -> None:
-        """One chunk of each of `rows`' prompts, in one call of the smallest row count that holds them; the
+        """One chunk of each of `rows`' prompts, in one call of the smallest shape [P, L] that holds them; the
         rows past them repeat the first one (same values written twice)."""
-        j = next(j for j, p in enumerate(self._prefill_rows) if p >= len(rows))
-        p = self._prefill_rows[j]
-        tokens, key_data = np.zeros((p, self.chunk), np.int32), np.zeros((p, 2), np.uint32)
+        pieces = [list(s.req.prompt[s.done:s.done + self.chunk - (0 if s.done else s.offset)])
+                  for s in (self._slots[i] for i in rows)]
+        j, (p, n) = next((j, (p, n)) for j, (p, n) in enumerate(self._prefill_shapes)
+                         if p >= len(rows) and n >= max(map(len, pieces)))
+        tokens, key_data = np.zeros((p, n), np.int32), np.zeros((p, 2), np.uint32)
         start, offset, slot, top_k = (np.zeros((p,), np.int32) for _ in range(4))
         temperature, top_p = np.zeros((p,), np.float32), np.ones((p,), np.float32)
         finished = []
-        for r, i in enumerate(rows):
+        for r, (i, piece) in enumerate(zip(rows, pieces)):
             s, req = self._slots[i], self._slots[i].req
-            start[r] = s.done + s.offset if s.done else 0  # this chunk's cache index: chunks are whole after the first
-            piece = list(req.prompt[s.done:s.done + self.chunk - (0 if s.done else s.offset)])
-            tokens[r, self.chunk - len(piece):] = piece
+            # The cache index of this call's first token. A prompt's first chunk ends at index C (its pad
+            # before it, the tokens right-aligned in the call); the later chunks are whole.
+            start[r] = s.done + s.offset if s.done else self.chunk - n
+            tokens[r, n - len(piece):] = piece
             offset[r], slot[r], key_data[r] = s.offset, i, s.key_data
             temperature[r], top_k[r], top_p[r] = req.temperature, req.top_k, req.top_p
             s.done += len(piece)

@@ -18,37 +18,52 @@ from mixtral_jax import sharding
 from mixtral_jax.generate import sample_logits
 
 
+def _batch_axis(a: jax.Array) -> int:
+    """The slot axis: of the cache's keys and values [(L,) B, K, S, Dh], its positions [B, S], tokens [B]."""
+    return max(a.ndim - 4, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
 def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_data, temperature, top_k, top_p,
                   *, cfg, strategy, mesh):
-    """Prefills one chunk of each of P slots: row r's tokens [C] at cache indices [start[r], start[r] + C) of
+    """Prefills one chunk of each of P slots: row r's tokens [L] at cache indices [start[r], start[r] + L) of
     slot slot[r], position = index - offset[r] (negative: the padding in front of a prompt's first chunk).
 
     A row may repeat another row exactly (the engine pads P that way): both compute and write the same values.
 
     Args:
-      tokens: int32 [P, C]; start, offset, slot: int32 [P]; key_data: uint32 [P, 2];
+      tokens: int32 [P, L]; start, offset, slot: int32 [P]; key_data: uint32 [P, 2];
       temperature, top_k, top_p: [P], as in `sample_rows`.
 
     Returns (the token sampled after each row's last token, int32 [P], last_tokens [B] with it in rows `slot`,
     cache); a row's token only means something for a prompt's last chunk.
     """
     p, c = tokens.shape
+    # The P rows are read and written one slice each (P is static and small): a slice update is done in
+    # place on every backend, where a scatter may copy the whole cache.
+    rows = lambda a: jnp.concatenate([jax.lax.dynamic_slice_in_dim(a, slot[r], 1, axis=_batch_axis(a))
+                                      for r in range(p)], axis=_batch_axis(a))
+
+    def put(a, new):
+        for r in range(p):
+            a = jax.lax.dynamic_update_slice_in_dim(a, jax.lax.slice_in_dim(new, r, r + 1, axis=_batch_axis(a)),
+                                                    slot[r], _batch_axis(a))
+        return a
+
     q = start[:, None] - offset[:, None] + jnp.arange(c, dtype=jnp.int32)
     positions = jnp.where(q >= 0, q, -1)  # [P, C]
-    # A request's first chunk clears the slot's positions: the previous request's keys go invisible.
-    pos_rows = jnp.where(start[:, None] == 0, -1, cache["pos"][slot])
+    # A request's first chunk (its first token at position <= 0) clears the slot's positions: the previous
+    # request's keys go invisible.
+    pos_rows = jnp.where(q[:, :1] <= 0, -1, rows(cache["pos"]))
     k_pos = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions, start)
-    batch_axis = lambda a: (slice(None),) * (a.ndim - 4)  # the cache's batch axis: [(L,) B, K, S, Dh]
-    kv = jax.tree.map(lambda a: a[batch_axis(a) + (slot,)], (cache["k"], cache["v"]))
+    kv = jax.tree.map(rows, (cache["k"], cache["v"]))
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
-                                     cache_index=start, k_pos=k_pos, last_only=True, mesh=mesh)
+                                     cache_index=start[0] if p == 1 else start,  # one row: a plain slice update
+                                     k_pos=k_pos, last_only=True, mesh=mesh)
     last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the tokens
     nxt = sample_rows(last, key_data, jnp.zeros((p,), jnp.int32), temperature, top_k, top_p)
-    put = lambda a, rows: a.at[batch_axis(a) + (slot,)].set(rows)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
-    pos = cache["pos"].at[slot].set(k_pos)
-    last_tokens = sharding.constrain(last_tokens.at[slot].set(nxt), mesh, (None,))
+    pos, last_tokens = put(cache["pos"], k_pos), sharding.constrain(put(last_tokens, nxt), mesh, (None,))
     return sharding.constrain(nxt, mesh, (None,)), last_tokens, {"k": k, "v": v, "pos": pos}
 
 
