@@ -276,7 +276,9 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, layout, positions, k_pos, cos, s
     elif router_logits:
         # The router's product as moe.route computes it (model dtype, as HF's gate), for the router losses.
         routing = jnp.einsum("BTD,DE->BTE", x, lp["router"]).astype(jnp.float32)
-    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor)
+    # A token at a negative position is padding (or an idle serving slot): its output is never read.
+    active = positions[:, -1:] >= 0 if last_only else positions >= 0
+    h = h + moe.moe(x, lp, cfg.num_experts_per_tok, strategy, mesh, capacity_factor, active=active)
     return sharding.constrain(h, mesh, ACT_BTD), new_cache, routing
 
 

@@ -168,8 +168,11 @@ def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax
 # ---------------------------------------------------------------- one device
 
 
-def moe_grouped(x: jax.Array, p, k: int, all_experts: bool = False) -> jax.Array:
+def moe_grouped(x: jax.Array, p, k: int, all_experts: bool = False, active: jax.Array | None = None) -> jax.Array:
     """The MoE block on one device: route, sort, grouped FFN, unsort, combine. x [N, D] → [N, D].
+
+    `active` [N] bool, if given: rows where it is False join no expert's group and come out zero
+    (padding, a serving engine's idle slots), so an expert only they chose is not read at all.
 
     With `all_experts` every token runs through every expert, the unchosen
     ones weighted zero (the dense work, for comparisons). Stacked experts and
@@ -187,6 +190,8 @@ def moe_grouped(x: jax.Array, p, k: int, all_experts: bool = False) -> jax.Array
             y = every_expert(x, experts)  # [E, N, D]
         with jax.named_scope("combine"):
             gates = dense_gates(weights, chosen, num_experts)  # [N, E]
+            if active is not None:
+                gates = jnp.where(active[:, None], gates, 0.0)
             if not all_experts:  # where, not a product: an unchosen expert's NaN stays out
                 y = jnp.where((gates > 0).T[:, :, None], y, 0.0)
             return jnp.einsum("END,NE->ND", y, gates, precision=HIGHEST).astype(x.dtype)
@@ -195,6 +200,8 @@ def moe_grouped(x: jax.Array, p, k: int, all_experts: bool = False) -> jax.Array
             weights = dense_gates(weights, chosen, num_experts)  # [N, E]
             chosen = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (n, num_experts))
         per_token = chosen.shape[1]
+    if active is not None:
+        chosen = jnp.where(active[:, None], chosen, num_experts)  # sorted last, in no group
     with jax.named_scope("sort"):
         order, group_sizes = sort_by_expert(chosen.reshape(-1), num_experts)
         xs = jnp.take(x, order // per_token, axis=0)  # [A, D], A = N k
@@ -218,12 +225,15 @@ def expert_weights(p):
 # ---------------------------------------------------------------- entry point
 
 
-def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None):
+def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_factor: float | None = None,
+        active: jax.Array | None = None):
     """MoE block on [..., D] activations.
 
     On a mesh of more than one device: `moe_expert_parallel` (with
     `capacity_factor`). Otherwise `moe_grouped`, which never drops; strategy
     "dense" runs every expert on every token instead of the chosen ones.
+    `active` [...] bool (optional): tokens whose output is never used (padding, idle serving slots);
+    on one device with sparse dispatch they skip the experts and come out zero, elsewhere they run.
     `p`: router [D, E] and the experts, stacked (w1, w3, w2) or per_expert (`experts`).
     """
     if strategy not in STRATEGIES:
@@ -238,7 +248,8 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     else:
-        out = moe_grouped(x, p, k, all_experts=strategy == "dense")
+        out = moe_grouped(x, p, k, all_experts=strategy == "dense",
+                          active=None if active is None or strategy == "dense" else active.reshape(-1))
     return out.reshape(shape)
 
 

@@ -217,6 +217,20 @@ def test_moe_per_expert_matches_loop_reference(strategy, e, k, n, cpu_path):
 
 
 @pytest.mark.parametrize("layout", ["stacked", "per_expert"])
+@pytest.mark.parametrize("n", [16, 200])  # stacked: few rows (every expert on every row), then sorted groups
+def test_moe_inactive_rows_are_zero_and_the_rest_equal_the_loop_reference(layout, n, cpu_path):
+    # A serving engine's idle slots, a batch's padding: rows marked inactive come out zero (sorted last,
+    # in no expert's group), and the active rows are what they are without them.
+    p = testing.moe_params(8)
+    x = np.random.RandomState(n).randn(n, 32).astype(np.float32)
+    active = np.random.RandomState(n + 1).rand(n) < 0.25
+    weights = p if layout == "stacked" else _per_expert(p)
+    ours = np.asarray(jax.jit(lambda x, p, a: moe.moe(x, p, 2, active=a))(x, weights, active))
+    np.testing.assert_allclose(ours[active], testing.moe_loop_reference(x[active], p, 2), rtol=1e-4, atol=1e-5)
+    assert 0 < active.sum() < n and not ours[~active].any()
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per_expert"])
 @pytest.mark.parametrize("n", [5, 40, 600])
 def test_moe_skewed_routing_and_empty_experts(layout, n, cpu_path):
     # Every token chooses expert 5 (one group holds a third or half of all rows) and nobody
