@@ -234,3 +234,23 @@ def test_no_compile_after_warmup_and_metrics(engine, server):
     assert _metric(server, "mixtral_generation_tokens_total") > 100
     assert _metric(server, "mixtral_time_to_first_token_seconds_count") > 30
     assert _metric(server, "mixtral_slots") == SLOTS and _metric(server, "mixtral_queue_length") == 0
+
+
+def test_engine_on_a_mesh_equals_generate_alone():
+    """The engine over an expert-parallel mesh of this process's 8 devices: greedy and seeded sampled
+    requests, sent together, each equal mj.generate of its prompt alone on the same mesh; nothing
+    compiles after warm-up."""
+    model = mj.init_random(mj.load_config("tiny"), seed=0, mesh=mj.make_mesh("expert=4,tensor=2"))
+    eng = Engine(model, max_batch=4, max_seq_len=32, prefill_chunk=8, prefill_batch=2)
+    eng.start()
+    try:
+        prompts = _prompts([3, 11, 6], seed=4)
+        greedy = [eng.submit(Request(p, 6, stop_tokens=[])) for p in prompts]
+        sampled = eng.submit(Request(prompts[0], 6, stop_tokens=[], seed=7, **SAMPLING))
+        _wait(greedy + [sampled])
+        assert eng.compiles == 0
+    finally:
+        eng.stop()
+    for r, p in zip(greedy, prompts):
+        assert r.tokens == mj.generate(model, [p], max_new_tokens=6, stop_tokens=[])[0]
+    assert sampled.tokens == mj.generate(model, prompts[:1], max_new_tokens=6, stop_tokens=[], seed=7, **SAMPLING)[0]
