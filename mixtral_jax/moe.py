@@ -248,8 +248,9 @@ def moe(x, p, k, strategy: str = "sparse", mesh: Mesh | None = None, capacity_fa
         raise ValueError("capacity_factor applies to expert-parallel dispatch on a mesh of more than one device; "
                          "leave it unset here (single-device dispatch never drops tokens).")
     else:
-        out = moe_grouped(x, p, k, all_experts=strategy == "dense",
-                          active=None if active is None or strategy == "dense" else active.reshape(-1))
+        # One row needs no mask: an inactive one's output is never read (and batch-1 decode stays as lean).
+        skip = active is not None and strategy != "dense" and x.shape[0] > 1
+        out = moe_grouped(x, p, k, all_experts=strategy == "dense", active=active.reshape(-1) if skip else None)
     return out.reshape(shape)
 
 
