@@ -182,19 +182,6 @@ struct I8View {
     const int8_t* p = q + j * ld;
     float sum = 0.f;
     int64_t k = 0;
-#ifdef __AVX512F__
-    auto widen16 = [&](int64_t at) {
-      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + at))));
-    };
-    __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
-    for (; k + 64 <= K; k += 64) {
-      b0 = _mm512_fmadd_ps(widen16(k), _mm512_loadu_ps(x + k), b0);
-      b1 = _mm512_fmadd_ps(widen16(k + 16), _mm512_loadu_ps(x + k + 16), b1);
-      b2 = _mm512_fmadd_ps(widen16(k + 32), _mm512_loadu_ps(x + k + 32), b2);
-      b3 = _mm512_fmadd_ps(widen16(k + 48), _mm512_loadu_ps(x + k + 48), b3);
-    }
-    sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)));
-#endif
 #ifdef __AVX2__
     auto widen = [&](int64_t at) {
       return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + at))));
@@ -209,7 +196,7 @@ struct I8View {
     const __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
     u = _mm_hadd_ps(u, u);
-    sum += _mm_cvtss_f32(_mm_hadd_ps(u, u));
+    sum = _mm_cvtss_f32(_mm_hadd_ps(u, u));
 #endif
     for (; k < K; ++k) sum += AtRaw(j, k) * x[k];
     return sum * s[j];
