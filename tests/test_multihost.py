@@ -91,7 +91,7 @@ def test_server_on_two_processes_equals_one(tmp_path, model):
 
     port = _free_port()
     argv = [LAUNCHER, "2", "4", sys.executable, "-m", "mixtral_jax.serve", "--mesh", MESH, "--port", str(port),
-            "--max_batch", "4", "--max_seq_len", "32", "--prefill_chunk", "8", "--prefill_batch", "2"]
+            "--max_batch", "4", "--max_seq_len", "32", "--prefill_chunk", "8", "--prefill_batch", "1"]
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "LOG_DIR": str(tmp_path)}
     log_0 = tmp_path / "process_0.log"
     launcher = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_0.open("w"), env=env,
