@@ -150,10 +150,11 @@ class Engine:
         self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
         # Prefill calls come in a few shapes [P, L], each compiled once: P prompts (1, 2, 4, ... prefill_batch)
         # so a lone prompt computes one row and a burst shares one call, at most about half its rows repeating
-        # another; L tokens each (C, C/2, C/4) so a prompt's first chunk, which holds T mod C of its T tokens,
-        # is not padded to C: a burst of short prompts computes about what their tokens need.
+        # another; L tokens each (C, C/2, C/4, those of 4 or more) so a prompt's first chunk, which holds
+        # T mod C of its T tokens, is not padded to C: a burst of short prompts computes about what they need.
         rows = sorted({min(2 ** j, prefill_batch) for j in range(prefill_batch.bit_length() + 1)})
-        lengths = sorted({prefill_chunk // 2 ** j for j in range(3) if prefill_chunk % 2 ** j == 0})
+        lengths = sorted({prefill_chunk // 2 ** j for j in range(3)
+                          if prefill_chunk % 2 ** j == 0 and prefill_chunk // 2 ** j >= min(prefill_chunk, 4)})
         self._prefill_shapes = [(p, n) for p in rows for n in lengths]
         # A prompt of T tokens sits at cache indices [pad, pad + T), pad = -T mod C: its chunks are whole and
         # its last chunk ends with its last token (prefill needs that position's logits only). Positions up
