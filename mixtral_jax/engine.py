@@ -1,10 +1,10 @@
 """Continuous batching: requests come and go in a fixed set of slots that share one KV cache.
 
 Each of `max_batch` slots holds one request. Between decode steps, waiting
-requests take free slots and their prompts are prefilled in fixed-size chunks,
-several prompts in one call (one chunk each per step while other slots decode,
-so running streams keep flowing); a finished, stopped or cancelled request frees its slot at once. A
-slot's tokens sit in its own cache row (position p at index p + pad, the pad
+requests take free slots and their prompts are prefilled in chunks, several
+prompts in one call (one call per step while other slots decode, so running
+streams keep flowing); a finished, stopped or cancelled request frees its slot
+at once. A slot's tokens sit in its own cache row (position p at index p + pad, the pad
 making the prompt's chunks whole), so every row decodes at its own index and
 no request sees another's keys. The host dispatches step N + 1 once step N
 is done (so a new request waits for one step, not two) and reads step N's
@@ -12,8 +12,8 @@ tokens while the device computes step N + 1.
 
 All shapes are fixed (prefill calls [P, L]: P prompts, a power of two up to
 `prefill_batch`, L tokens each, the chunk, its half or its quarter; one decode
-step [max_batch]; in slot_steps.py), so nothing compiles after `warmup()`; `compiles` counts
-what did compile on the engine's thread since. With several processes,
+step [max_batch]; in slot_steps.py), so nothing compiles after `warmup()`;
+`compiles` counts what did compile on the engine's thread since. With several processes,
 process 0 schedules and every other process runs the same device calls
 (`follow`).
 
@@ -55,7 +55,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 # Device calls, as process 0 sends them to the others.
-_IDLE, _DECODE, _STOP, _PREFILL = range(4)  # _PREFILL + j: a prefill of the j-th row count
+_IDLE, _DECODE, _STOP, _PREFILL = range(4)  # _PREFILL + j: a prefill call of the j-th shape
 # Seconds an idle multi-process engine waits before telling the other processes it is still there.
 _IDLE_S = 1.0
 
@@ -345,9 +345,9 @@ class Engine:
         self._waiting.append(_Slot(req, key_data, StreamDecoder(self.tokenizer, req.prompt, req.stop)))
 
     def step(self) -> bool:
-        """One scheduling round: wait for the decode step in flight, admit, prefill (one chunk of each of up to
-        `prefill_batch` prompts while others decode), dispatch the next decode step, then read the finished step's tokens while that one computes.
-        Returns whether it did any work."""
+        """One scheduling round: wait for the decode step in flight, admit, prefill (one call, one chunk of
+        each of up to `prefill_batch` prompts, while others decode), dispatch the next decode step, then read
+        the finished step's tokens while that one computes. Returns whether it did any work."""
         previous, self._pending = self._pending, []
         # Scheduling waits for the step in flight instead of queueing the next one behind it: a request that
         # arrived meanwhile is prefilled before the next decode step, not after two (head-of-line blocking).
@@ -373,8 +373,8 @@ class Engine:
         decoding = [i for i, s in enumerate(self._slots)
                     if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
         # With streams running, one call per step keeps their inter-token latency bounded by one call;
-        # with none, prefill everything waiting first. A call takes one chunk of each of several prompts: on
-        # any device a small chunk's cost is mostly reading the weights, which the rows share.
+        # with none, prefill everything waiting first. A call takes one chunk of each of several prompts, which
+        # share one read of the weights (most of a small chunk's cost on an accelerator).
         while prefilling:
             self._prefill(prefilling[:self._prefill_shapes[-1][0]])
             if decoding:
