@@ -4,9 +4,9 @@ and 16 requests at once, next to mj.generate's static batch.
   python benchmarks/ab_serve_engine.py OLD_COMMIT [--model tiny|bench] [--rounds 2]
 
 OLD_COMMIT's mixtral_jax/engine.py and slot_steps.py (`git show`) run on the working tree's other modules.
-Each round, for each engine: a 16-token request alone (best of 3), then the same request sent 5 times at random moments while
-15 long requests decode (median and worst first-token time), then 16 requests of 32 tokens at once (output
-tok/s); then mj.generate on the same 16 prompts as one batch. No HTTP: the engines directly. The bench model
+Each round, for each engine: a 16-token request alone (best of 3), then the same request sent 5 times at
+random moments while 15 long requests decode (median and worst first-token time), then 16 requests of 32
+tokens at once (output tok/s); then mj.generate on the same 16 prompts as one batch. No HTTP: the engines directly. The bench model
 is python -m mixtral_jax.bench's (random weights).
 """
 
