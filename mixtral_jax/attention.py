@@ -90,6 +90,8 @@ def write_cache(c: jax.Array, new: jax.Array, index, layer=None) -> jax.Array:
     """
     new = new.astype(c.dtype)
     zero = jnp.zeros((), jnp.int32)
+    if jnp.ndim(index) == 1 and index.shape[0] == 1:  # one row: the plain slice update (the vmapped one is slower)
+        index = index[0]
     if jnp.ndim(index) == 0:
         index = jnp.asarray(index, jnp.int32)
         at = (zero, zero, index, zero) if layer is None else (layer, zero, zero, index, zero)

@@ -148,6 +148,7 @@ class Engine:
                              f"got {max_seq_len}.")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
+        self.prefill_batch = prefill_batch
         # Prefill calls come in a few shapes [P, L], each compiled once: P prompts (1, 2, 4, ... prefill_batch)
         # so a lone prompt computes one row and a burst shares one call, at most about half its rows repeating
         # another; L tokens each (C, C/2, C/4, those of 4 or more) so a prompt's first chunk, which holds
@@ -376,7 +377,7 @@ class Engine:
         # with none, prefill everything waiting first. A call takes one chunk of each of several prompts, which
         # share one read of the weights (most of a small chunk's cost on an accelerator).
         while prefilling:
-            self._prefill(prefilling[:self._prefill_shapes[-1][0]])
+            self._prefill(prefilling[:self.prefill_batch])
             if decoding:
                 break
             prefilling = [i for i in prefilling if self._slots[i].done < len(self._slots[i].req.prompt)]

@@ -58,8 +58,7 @@ def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_d
     k_pos = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions, start)
     kv = jax.tree.map(rows, (cache["k"], cache["v"]))
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
-                                     cache_index=start[0] if p == 1 else start,  # one row: a plain slice update
-                                     k_pos=k_pos, last_only=True, mesh=mesh)
+                                     cache_index=start, k_pos=k_pos, last_only=True, mesh=mesh)
     last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the tokens
     nxt = sample_rows(last, key_data, jnp.zeros((p,), jnp.int32), temperature, top_k, top_p)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
