@@ -386,12 +386,20 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
     nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(target))
     absl_logging.info("restoring %s: %.2f GB of parameters", path, nbytes / 1e9)
     start = time.perf_counter()
-    quantizing = mode is not None and stored_mode is None
-    _check_stored_shapes(stored, abstract_params(cfg, dtype) if quantizing else target, path)
+    # The weights the mode quantizes that the checkpoint holds as float (all of them for a float checkpoint;
+    # the embedding of one converted before int8 and int4 covered it) are quantized while restoring.
+    todo = {key: spec for key, spec in model_lib.quantized(mode).items()
+            if not isinstance(functools.reduce(lambda t, k: t.get(k, {}), key, stored), Mapping)}
+    float_target = abstract_params(cfg, dtype)  # shapes only: what a float checkpoint stores
+    expected = {**target, "layers": {**target["layers"]}}
+    for key in todo:
+        into = functools.reduce(lambda t, k: t[k], key[:-1], expected)
+        into[key[-1]] = functools.reduce(lambda t, k: t[k], key, float_target)
+    _check_stored_shapes(stored, expected, path)
     with _quiet_orbax():
         try:
-            if quantizing:
-                params = _restore_quantizing(path, target, mode)
+            if todo:
+                params = _restore_quantizing(path, target, todo)
             else:
                 params = checkpointer.restore(path, target)
         except Exception as e:  # noqa: BLE001
@@ -411,11 +419,10 @@ def _stored_quantization(stored: Mapping) -> str | None:
     return experts if isinstance(stored.get("lm_head"), Mapping) else f"{experts}-experts"
 
 
-def _restore_quantizing(path: str, target: Mapping, mode: str) -> dict:
-    """Restores a float checkpoint with the weights `mode` covers quantized: everything else through
-    Orbax (a partial restore), each quantized weight through TensorStore: an expert weight one device
-    shard and one layer at a time, a dense one a layer at a time."""
-    todo = model_lib.quantized(mode)
+def _restore_quantizing(path: str, target: Mapping, todo: Mapping) -> dict:
+    """Restores a checkpoint with the float weights `todo` names (model.quantized's paths → (width, input
+    axes)) quantized: everything else through Orbax (a partial restore), each weight of `todo` through
+    TensorStore: an expert weight one device shard and one layer at a time, a dense one a layer at a time."""
     rest = {k: v for k, v in target.items() if k != "layers" and (k,) not in todo}
     rest["layers"] = {k: v for k, v in target["layers"].items() if ("layers", k) not in todo}
     params = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(

@@ -301,7 +301,8 @@ def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, dir
     try:
         for name, (key, fn) in GLOBAL_KEYS.items():
             axis = GLOBAL_ROW_AXIS[name]
-            # The lm_head's rows in HF are its output channels: a block of them quantizes on its own.
+            # The lm_head's rows in HF are its output channels, the embedding's its tokens: either way a block
+            # of them quantizes on its own.
             block = arrays[(name, "qvalue") if (name,) in quantized else (name,)].chunks[axis]
             for r in range(0, hf.shape(key)[0], block):
                 index = (slice(None),) * axis + (slice(r, r + block),)

@@ -47,13 +47,15 @@ class ParamSpec:
 
 def quantized(mode: str | None) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
     """The weights a quantization mode (quant.MODES) stores quantized: their paths in the stacked tree →
-    (width, input axes): the experts at the mode's width, the attention projections and lm_head at int8."""
+    (width, input axes): the experts at the mode's width; the attention projections, lm_head and embedding
+    (a scale per token's row) at int8."""
     if not mode:
         return {}
     out = {("layers", n): (quant.width(mode), (-2,)) for n in EXPERT_PARAMS}
     if quant.dense(mode):
         out |= {("layers", "wq"): ("int8", (-3,)), ("layers", "wk"): ("int8", (-3,)),
-                ("layers", "wv"): ("int8", (-3,)), ("layers", "wo"): ("int8", (-3, -2)), ("lm_head",): ("int8", (-2,))}
+                ("layers", "wv"): ("int8", (-3,)), ("layers", "wo"): ("int8", (-3, -2)), ("lm_head",): ("int8", (-2,)),
+                ("embed",): ("int8", (-1,))}
     return out
 
 
@@ -210,7 +212,7 @@ class Mixtral(nnx.Module):
         self.cfg = cfg
         self.mesh = mesh
         self.layout = layout_lib.check(layout_lib.of(params).name, mesh)
-        self.embed = nnx.Param(params["embed"])
+        self.embed = _to_nnx(params["embed"])
         self.layers = _to_nnx(params["layers"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = _to_nnx(params["lm_head"])
@@ -218,7 +220,7 @@ class Mixtral(nnx.Module):
     @property
     def dtype(self):
         """The compute dtype: activations, cache and all weights but (maybe) the experts'."""
-        return self.embed[...].dtype
+        return self.final_norm[...].dtype
 
     @property
     def expert_dtype(self):
@@ -237,7 +239,7 @@ class Mixtral(nnx.Module):
 
     def params(self) -> Params:
         """The parameters as a plain pytree of arrays (in this model's layout)."""
-        return {"embed": self.embed[...], "layers": _from_nnx(self.layers),
+        return {"embed": _from_nnx(self.embed), "layers": _from_nnx(self.layers),
                 "final_norm": self.final_norm[...], "lm_head": _from_nnx(self.lm_head)}
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -330,7 +332,7 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     """
     if collect_routing and router_logits:
         raise ValueError("ask for collect_routing or router_logits, not both.")
-    x = sharding.constrain(layers.embed(tokens, params["embed"]), mesh, ACT_BTD)
+    x = sharding.constrain(layers.embed(tokens, params["embed"], params["final_norm"].dtype), mesh, ACT_BTD)
     cos, sin = layers.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     layout = layout_lib.of(params)
     body = functools.partial(decoder_layer, cfg=cfg, layout=layout, positions=positions,
@@ -404,7 +406,7 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
         target = None if shardings is None else functools.reduce(lambda t, k: t[k], path, shardings)
 
         def quantize_one(w):
-            if len(path) == 1:  # lm_head: no layer axis
+            if len(path) == 1:  # embed, lm_head: no layer axis
                 q = quant.quantize(np.asarray(jax.device_get(w)), width, in_axes)
                 out = {k: jax.device_put(v, None if target is None else target[k]) for k, v in q.items()}
             else:

@@ -1,10 +1,10 @@
 """Weight-only quantization: int8 per output channel, int4 in groups along the input.
 
 Modes (`MODES`): "int8" and "int4" quantize the experts (int8 or int4) and the
-attention projections and lm_head (int8 in both, as llama.cpp's Q4_K_M keeps
-its output matrix at 6 bits); "int8-experts" and "int4-experts" only the
-experts. The embedding (a decode step reads one row of it), norms and router
-stay float.
+attention projections, lm_head and embedding (int8 in both, as llama.cpp's
+Q4_K_M keeps its output matrix at 6 bits; the embedding with a scale per
+token's row, so a lookup dequantizes only the rows it reads); "int8-experts"
+and "int4-experts" only the experts. Norms and router stay float.
 
 A quantized weight is a dict {"qvalue", "scale"} in place of the float array
 (the layout of Qwix's `QArray`: qvalue has the weight's shape, scale one value

@@ -170,10 +170,10 @@ def test_param_bytes_count_qvalues_and_scales(mode):
         experts = weights + 4 * l * e * (2 * f + d)
     else:  # half a byte each; a float16 scale per 32 inputs
         experts = weights // 2 + 2 * l * e * (2 * (d // 32) * f + (f // 32) * d)
-    # Attention projections and lm_head: int8, a float32 scale per output channel (wq: H * Dh, wk and wv: K * Dh,
-    # wo: D; lm_head: V), in the full modes.
-    dense_weights = l * (2 * d * h * dh + 2 * d * kv * dh) + d * v
-    dense_scales = l * (h * dh + 2 * kv * dh + d) + v
+    # Attention projections, lm_head and embedding: int8, a float32 scale per output channel (wq: H * Dh, wk
+    # and wv: K * Dh, wo: D; lm_head: V) or per token's row (embed: V), in the full modes.
+    dense_weights = l * (2 * d * h * dh + 2 * d * kv * dh) + 2 * d * v
+    dense_scales = l * (h * dh + 2 * kv * dh + d) + 2 * v
     dense = dense_weights + 4 * dense_scales if quant.dense(mode) else 4 * dense_weights
     floats = mj.param_bytes(CFG, "float32")
     got = mj.param_bytes(CFG, "float32", quantize=mode)
@@ -219,7 +219,7 @@ def test_quantized_model_equals_the_float_model_on_dequantized_weights_on_every_
     # The float model with the dequantized weights: the same arithmetic, the same bits.
     params = stacked.params()
     assert set(model_lib.quantized(mode)) == {("layers", n) for n in ("w1", "w3", "w2", "wq", "wk", "wv", "wo")} | {
-        ("lm_head",)}
+        ("lm_head",), ("embed",)}
     for key in model_lib.quantized(mode):
         model_lib._replace(params, key, lambda w: quant.dequantize(w, jnp.float32))
     float_model = mj.Mixtral(CFG, params)
@@ -275,6 +275,19 @@ def test_convert_quantize_equals_quantize_at_load(float_ckpt, hf_dir, tmp_path, 
     other = "int4" if mode == "int8" else "int8"
     with pytest.raises(mj.CheckpointError, match=f"holds {mode} weights; load it with quantize='{mode}'"):
         mj.load(out, quantize=other)
+
+
+def test_a_checkpoint_with_a_float_embedding_has_it_quantized_while_loading(float_ckpt, hf_dir, tmp_path,
+                                                                           monkeypatch):
+    # int8 and int4 checkpoints converted before those modes covered the embedding store it as float.
+    _, path = float_ckpt
+    full = model_lib.quantized
+    monkeypatch.setattr(model_lib, "quantized", lambda mode: {k: v for k, v in full(mode).items() if k != ("embed",)})
+    out = mj.convert_hf_checkpoint(hf_dir, tmp_path / "q", dtype="float32", quantize="int8")
+    monkeypatch.undo()
+    loaded = mj.load(out, dtype="float32", layout="stacked")
+    assert quant.is_quantized(loaded.params()["embed"]) and loaded.quantization == "int8"
+    assert _same(loaded.params(), mj.load(path, dtype="float32", layout="stacked", quantize="int8").params())
 
 
 def test_bad_quantize_values_are_one_clear_error(float_ckpt, hf_dir, tmp_path):
