@@ -1,4 +1,4 @@
-"""One process of the multi-host test: the sample CLI, then the last-position logits of the model it built.
+"""One process of the multi-host test: the sample CLI, then the last-position logits of the model it built or loaded.
 
     LOGITS_FILE=/tmp/logits.json launch/local_multiprocess.sh 2 4 python tests/multihost_worker.py \
         --mesh data=2,expert=2,tensor=2 --prompt_ids 1,2,3 --json
@@ -21,12 +21,13 @@ import mixtral_jax as mj
 from mixtral_jax import cli, sample
 
 built = []
-_init_random = mj.init_random
 
 
-def _keep(*args, **kwargs):
-    built.append(_init_random(*args, **kwargs))
-    return built[-1]
+def _keep(make):
+    def keep(*args, **kwargs):
+        built.append(make(*args, **kwargs))
+        return built[-1]
+    return keep
 
 
 def last_logits(model, prompt: list[int]) -> list[float]:
@@ -36,7 +37,8 @@ def last_logits(model, prompt: list[int]) -> list[float]:
 
 
 if __name__ == "__main__":
-    mj.init_random = _keep  # sample.run() calls mj.init_random: the model it builds is kept
+    # sample.run() calls mj.init_random or mj.load: the model it builds is kept.
+    mj.init_random, mj.load = _keep(mj.init_random), _keep(mj.load)
     try:
         app.run(sample.main, flags_parser=cli.parse_flags)
     except SystemExit as e:
