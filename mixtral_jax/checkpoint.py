@@ -428,28 +428,28 @@ def _restore_quantizing(path: str, target: Mapping, todo: Mapping) -> dict:
     params = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         item=rest, restore_args=ocp.checkpoint_utils.construct_restore_args(rest), partial_restore=True))
     context = ts.Context({"file_io_concurrency": {"limit": 128}})
-    for key, (width, in_axes) in todo.items():
+    for key, spec in todo.items():
         store = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{path}/",
                                                        "path": ".".join(key)}},
                         open=True, read=True, context=context).result()
         into = functools.reduce(lambda t, k: t[k], key[:-1], params)
         goal = functools.reduce(lambda t, k: t[k], key, target)
         if key[-1] in model_lib.EXPERT_PARAMS:
-            into[key[-1]] = _quantized_array(store, goal, width)
+            into[key[-1]] = _quantized_array(store, goal, spec.width)
         else:
-            into[key[-1]] = _quantized_dense(store, goal, in_axes, stacked=key[0] == "layers")
+            into[key[-1]] = _quantized_dense(store, goal, spec, stacked=key[0] == "layers")
     return params
 
 
-def _quantized_dense(store, target: Mapping, in_axes: tuple[int, ...], stacked: bool) -> dict:
-    """A dense weight (attention projection [L, ...] or lm_head) quantized to int8 into `target`'s
-    {"qvalue", "scale"} shardings: read and quantized on the host a layer at a time, then each device's
-    slice placed."""
+def _quantized_dense(store, target: Mapping, spec, stacked: bool) -> dict:
+    """A dense weight (attention projection [L, ...], lm_head or embedding) quantized as `spec`
+    (model.Quantized) into `target`'s {"qvalue", "scale"} shardings: read and quantized on the host a layer
+    at a time, then each device's slice placed."""
     if stacked:
-        parts = [quant.quantize(store[l].read().result(), "int8", in_axes) for l in range(store.shape[0])]
+        parts = [quant.quantize(store[l].read().result(), *spec) for l in range(store.shape[0])]
         host = {k: np.stack([p[k] for p in parts]) for k in ("qvalue", "scale")}
     else:
-        host = quant.quantize(store.read().result(), "int8", in_axes)
+        host = quant.quantize(store.read().result(), *spec)
     return {k: jax.make_array_from_callback(v.shape, target[k].sharding, lambda index, v=v: v[index])
             for k, v in host.items()}
 

@@ -294,8 +294,7 @@ def _write_checkpoint(hf: HFCheckpoint, cfg: MixtralConfig, dtype: np.dtype, dir
         """A weight as stored: float in `dtype`, or quantized from its `dtype` values."""
         if path not in quantized:
             return put(path, index, value)
-        width, in_axes = quantized[path]
-        for part, q in quant.quantize(np.asarray(value, dtype), width, in_axes).items():
+        for part, q in quant.quantize(np.asarray(value, dtype), *quantized[path]).items():
             put((*path, part), index, q)
 
     try:

@@ -97,8 +97,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def embed(tokens: jax.Array, table, dtype=None) -> jax.Array:
     """Token ids [B, T] -> embeddings [B, T, D] in `dtype` (default: the table's) from table [V, D], float
-    or int8 with a scale per row (quant.py): only the rows looked up are dequantized."""
+    or int8 with scales [V, D / group] (quant.py): only the rows looked up are dequantized."""
     if quant.is_quantized(table):
         rows = {k: jnp.take(a, tokens, axis=0) for k, a in table.items()}
-        return quant.dequantize(rows, dtype or jnp.float32, axis=-1)
+        return quant.dequantize(rows, dtype or jnp.float32)
     return jnp.take(table, tokens, axis=0).astype(dtype or table.dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +45,27 @@ class ParamSpec:
     init: str = "normal"  # "normal" (std 0.02, as HF's initializer_range) or "ones"
 
 
-def quantized(mode: str | None) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
-    """The weights a quantization mode (quant.MODES) stores quantized: their paths in the stacked tree →
-    (width, input axes): the experts at the mode's width; the attention projections, lm_head and embedding
-    (a scale per token's row) at int8."""
+class Quantized(NamedTuple):
+    """How one weight is quantized (quant.py): width, input axes (negative) and, for int8, None (a scale per
+    output channel) or a group size along its one input axis."""
+
+    width: str
+    in_axes: tuple[int, ...]
+    group: int | None = None
+
+
+def quantized(mode: str | None) -> dict[tuple[str, ...], Quantized]:
+    """The weights a quantization mode (quant.MODES) stores quantized, by their paths in the stacked tree: the
+    experts at the mode's width; the attention projections and lm_head at int8 per output channel; the
+    embedding at int8 in groups of quant.GROUP along each token's row (llama.cpp's q8_0 blocks: a lookup
+    dequantizes only its rows, and a scale per row cost the trained tiny model 2.4x int8's KL divergence)."""
     if not mode:
         return {}
-    out = {("layers", n): (quant.width(mode), (-2,)) for n in EXPERT_PARAMS}
+    out = {("layers", n): Quantized(quant.width(mode), (-2,)) for n in EXPERT_PARAMS}
     if quant.dense(mode):
-        out |= {("layers", "wq"): ("int8", (-3,)), ("layers", "wk"): ("int8", (-3,)),
-                ("layers", "wv"): ("int8", (-3,)), ("layers", "wo"): ("int8", (-3, -2)), ("lm_head",): ("int8", (-2,)),
-                ("embed",): ("int8", (-1,))}
+        out |= {("layers", "wq"): Quantized("int8", (-3,)), ("layers", "wk"): Quantized("int8", (-3,)),
+                ("layers", "wv"): Quantized("int8", (-3,)), ("layers", "wo"): Quantized("int8", (-3, -2)),
+                ("lm_head",): Quantized("int8", (-2,)), ("embed",): Quantized("int8", (-1,), quant.GROUP)}
     return out
 
 
@@ -92,10 +102,10 @@ def param_specs(cfg: MixtralConfig, quantize: str | None = None) -> Params:
         "final_norm": ParamSpec((d,), ("embed",), "ones"),
         "lm_head": ParamSpec((d, v), ("embed", "vocab")),
     }
-    for path, (width, in_axes) in quantized(quant.check_mode(quantize)).items():
+    for path, q in quantized(quant.check_mode(quantize)).items():
         _replace(specs, path, lambda spec: {
-            k: ParamSpec(shape, quant.axes(spec.axes, width, in_axes)[k], "quantized")
-            for k, (shape, _) in quant.shapes(spec.shape, width, in_axes).items()})
+            k: ParamSpec(shape, quant.axes(spec.axes, *q)[k], "quantized")
+            for k, (shape, _) in quant.shapes(spec.shape, *q).items()})
     return specs
 
 
@@ -151,9 +161,9 @@ def abstract_params(cfg: MixtralConfig, dtype="bfloat16", mesh=None, expert_dtyp
     """
     shapes = jax.eval_shape(functools.partial(init_params, cfg, dtype=jnp.dtype(dtype), expert_dtype=expert_dtype),
                             jax.random.key(0))
-    for path, (width, in_axes) in quantized(quant.check_mode(quantize)).items():
+    for path, q in quantized(quant.check_mode(quantize)).items():
         _replace(shapes, path, lambda a: {k: jax.ShapeDtypeStruct(shape, dt)
-                                          for k, (shape, dt) in quant.shapes(a.shape, width, in_axes).items()})
+                                          for k, (shape, dt) in quant.shapes(a.shape, *q).items()})
     if mesh is None:
         return shapes
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -402,15 +412,15 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
     params = _jitted_init(cfg, jnp.dtype(dtype), None if expert_dtype is None else jnp.dtype(expert_dtype),
                           mesh)(jax.random.key(seed))
     shardings = None if mesh is None or not quantize else param_shardings(cfg, mesh, quantize)
-    for path, (width, in_axes) in quantized(quantize).items():
+    for path, spec in quantized(quantize).items():
         target = None if shardings is None else functools.reduce(lambda t, k: t[k], path, shardings)
 
         def quantize_one(w):
             if len(path) == 1:  # embed, lm_head: no layer axis
-                q = quant.quantize(np.asarray(jax.device_get(w)), width, in_axes)
+                q = quant.quantize(np.asarray(jax.device_get(w)), *spec)
                 out = {k: jax.device_put(v, None if target is None else target[k]) for k, v in q.items()}
             else:
-                out = quant.quantize_layers(w, width, target, in_axes)
+                out = quant.quantize_layers(w, spec.width, target, spec.in_axes)
             w.delete()
             return out
 

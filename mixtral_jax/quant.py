@@ -77,11 +77,18 @@ def group_size(mode: str, in_dim: int) -> int:
     return in_dim if mode == "int8" else GROUP
 
 
-def shapes(shape: tuple[int, ...], mode: str, in_axes: tuple[int, ...] = (-2,)) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def shapes(shape: tuple[int, ...], mode: str, in_axes: tuple[int, ...] = (-2,),
+           group: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{"qvalue": (shape, dtype), "scale": (shape, dtype)} for a stacked float weight [..., in, out]
-    (`mode` a width; int8 may take its input from several axes `in_axes`, negative)."""
+    (`mode` a width; int8 may take its input from several axes `in_axes`, negative, or with `group` a
+    scale per `group` values of its one input axis)."""
     if mode == "int8":
-        scale = tuple(1 if i - len(shape) in in_axes else n for i, n in enumerate(shape))
+        if group is not None:
+            (a,) = in_axes
+            if shape[a] % group:
+                raise ValueError(f"int8 groups of {group} need an input size that is a multiple of {group}, got {shape[a]}.")
+        scale = tuple((1 if group is None else n // group) if i - len(shape) in in_axes else n
+                      for i, n in enumerate(shape))
         return {"qvalue": (tuple(shape), np.dtype(np.int8)), "scale": (scale, SCALE_DTYPE[mode])}
     *lead, in_dim, out = shape
     g = group_size(mode, in_dim)
@@ -93,11 +100,12 @@ def shapes(shape: tuple[int, ...], mode: str, in_axes: tuple[int, ...] = (-2,)) 
     return {"qvalue": ((*lead, packed, out), qdtype), "scale": ((*lead, in_dim // g, out), SCALE_DTYPE[mode])}
 
 
-def axes(float_axes: tuple, mode: str, in_axes: tuple[int, ...] = (-2,)) -> dict[str, tuple]:
-    """Logical axes of qvalue and scale from the float weight's: the same, but an int8 scale's
+def axes(float_axes: tuple, mode: str, in_axes: tuple[int, ...] = (-2,), group: int | None = None) -> dict[str, tuple]:
+    """Logical axes of qvalue and scale from the float weight's: the same, but a per-channel int8 scale's
     input dimensions (size 1) are replicated."""
     n = len(float_axes)
-    scale_axes = tuple(None if mode == "int8" and i - n in in_axes else a for i, a in enumerate(float_axes))
+    per_channel = mode == "int8" and group is None
+    scale_axes = tuple(None if per_channel and i - n in in_axes else a for i, a in enumerate(float_axes))
     return {"qvalue": tuple(float_axes), "scale": scale_axes}
 
 
@@ -116,17 +124,22 @@ def mode_of(w) -> str | None:
     return "int8" if w["qvalue"].dtype == np.int8 else "int4"
 
 
-def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,)) -> dict[str, np.ndarray]:
+def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,), group: int | None = None) -> dict[str, np.ndarray]:
     """Quantizes a stacked float weight [..., in, out] on the host (`mode` a width; int8: the input
-    may span several axes `in_axes`, negative).
+    may span several axes `in_axes`, negative, or with `group` a scale per `group` values of its one input
+    axis).
 
     Returns:
       {"qvalue", "scale"} NumPy arrays (shapes and dtypes from `shapes`).
     """
     w = np.asarray(w).astype(np.float32)
-    spec = shapes(w.shape, mode, in_axes)
+    spec = shapes(w.shape, mode, in_axes, group)
     qmax, sdt = QMAX[mode], SCALE_DTYPE[mode]
-    if mode == "int8":  # tiles: the whole input, reduced with the scale's dimensions kept
+    if mode == "int8" and group is not None:  # [..., in/g, g, ...], reduced over g
+        a = in_axes[0] % w.ndim
+        tiles = w.reshape(*w.shape[:a], w.shape[a] // group, group, *w.shape[a + 1:])
+        absmax = np.max(np.abs(tiles), axis=a + 1)
+    elif mode == "int8":  # tiles: the whole input, reduced with the scale's dimensions kept
         tiles, absmax = w, np.max(np.abs(w), axis=in_axes, keepdims=True)
     else:  # [..., in/g, g, out], reduced over g; the scale is broadcast back over g below
         *lead, in_dim, out = w.shape
@@ -137,7 +150,10 @@ def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,)) -> dict
     low = scale.astype(np.float64) * qmax < absmax  # exactly: a float32 product may round up
     scale = np.where(low, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)
     scale = np.where(absmax == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
-    wide = scale.astype(np.float32) if mode == "int8" else scale.astype(np.float32)[..., None, :]
+    if mode == "int8" and group is not None:
+        wide = np.expand_dims(scale.astype(np.float32), a + 1)
+    else:
+        wide = scale.astype(np.float32) if mode == "int8" else scale.astype(np.float32)[..., None, :]
     q = np.clip(np.rint(tiles / wide), -qmax, qmax).astype(np.int8)
     if mode == "int4":  # per group of 32: value i in the low nibble of byte i, 16 + i in the high one
         half = GROUP // 2
@@ -164,13 +180,17 @@ def _unpack(qvalue: jax.Array, axis: int) -> jax.Array:
 def dequantize(w, dtype, axis: int = -2) -> jax.Array:
     """The float weight in `dtype`: qvalue · scale in float32, rounded once to `dtype`.
 
-    A float weight is only cast. `axis` is the input dimension: -2 for
-    stacked [..., in, out], -1 for per_expert [out, in].
+    A float weight is only cast. `axis` is int4's input dimension: -2 for
+    stacked [..., in, out], -1 for per_expert [out, in] (int8 finds its
+    groups, if any, from the scale's shape).
     """
     if not is_quantized(w):
         return w.astype(dtype)
     q, scale = w["qvalue"], w["scale"]
-    if q.dtype == jnp.int8:  # the scale broadcasts: size 1 along the input
+    if q.dtype == jnp.int8:  # per channel, the scale broadcasts (size 1 along the input); in groups, repeated
+        for i, (n, m) in enumerate(zip(q.shape, scale.shape)):
+            if m not in (1, n):
+                scale = jnp.repeat(scale, n // m, axis=i)
         return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(dtype)
     axis = axis % q.ndim
     q = _unpack(q, axis)

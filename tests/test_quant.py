@@ -44,6 +44,26 @@ def test_round_trip_within_the_analytic_bound(mode):
     np.testing.assert_array_equal(quant.error_bound(q), bound.astype(np.float32))
 
 
+def test_int8_in_groups_along_the_last_axis_round_trips_within_the_bound_and_embeds_the_rows():
+    # The embedding's int8: [V, D] with a scale per 32 values of a row; a lookup dequantizes the rows it reads.
+    rs = np.random.RandomState(1)
+    w = (rs.standard_t(3, (40, 96)) * 0.02).astype(np.float32)
+    w[3, 40:50] *= 60  # an outlier inside one group
+    w[5, :32] = 0  # an all-zero group
+    q = quant.quantize(w, "int8", (-1,), 32)
+    assert (q["qvalue"].shape, q["scale"].shape, q["scale"].dtype) == ((40, 96), (40, 3), np.float32)
+    absmax = np.abs(w.reshape(40, 3, 32)).max(axis=2).astype(np.float64)
+    s = q["scale"].astype(np.float64)
+    assert (s * 127 >= absmax).all() and (s[absmax > 0] <= absmax[absmax > 0] / 127 * (1 + SCALE_ULP["int8"])).all()
+    deq = np.asarray(quant.dequantize(q, jnp.float32), np.float64)
+    bound = np.repeat(s, 32, axis=1) * (0.5 + 2 * 127 * EPS32)
+    err = np.abs(deq - w)
+    assert (err <= bound).all() and (err / bound).max() > 0.9
+    assert (err[3, 64:] <= 0.5 * absmax[3, 2] / 127 * 1.01).all()  # the outlier's group alone takes its step
+    tokens = np.array([[5, 3, 39], [0, 0, 7]])
+    np.testing.assert_array_equal(layers.embed(tokens, q, jnp.float32), deq.astype(np.float32)[tokens])
+
+
 def test_int4_packs_a_group_of_32_into_16_bytes_in_llama_cpp_order():
     w = np.zeros((32, 1), np.float32)
     w[[0, 16, 1, 17], 0] = [-7, 7, 3, -1]  # max |w| 7: scale exactly 1, qvalue = w
@@ -171,9 +191,9 @@ def test_param_bytes_count_qvalues_and_scales(mode):
     else:  # half a byte each; a float16 scale per 32 inputs
         experts = weights // 2 + 2 * l * e * (2 * (d // 32) * f + (f // 32) * d)
     # Attention projections, lm_head and embedding: int8, a float32 scale per output channel (wq: H * Dh, wk
-    # and wv: K * Dh, wo: D; lm_head: V) or per token's row (embed: V), in the full modes.
+    # and wv: K * Dh, wo: D; lm_head: V) or per 32 values of a token's row (embed: V * D / 32), in the full modes.
     dense_weights = l * (2 * d * h * dh + 2 * d * kv * dh) + 2 * d * v
-    dense_scales = l * (h * dh + 2 * kv * dh + d) + 2 * v
+    dense_scales = l * (h * dh + 2 * kv * dh + d) + v + v * d // 32
     dense = dense_weights + 4 * dense_scales if quant.dense(mode) else 4 * dense_weights
     floats = mj.param_bytes(CFG, "float32")
     got = mj.param_bytes(CFG, "float32", quantize=mode)
