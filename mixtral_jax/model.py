@@ -57,8 +57,9 @@ class Quantized(NamedTuple):
 def quantized(mode: str | None) -> dict[tuple[str, ...], Quantized]:
     """The weights a quantization mode (quant.MODES) stores quantized, by their paths in the stacked tree: the
     experts at the mode's width; the attention projections and lm_head at int8 per output channel; the
-    embedding at int8 in groups of quant.GROUP along each token's row (llama.cpp's q8_0 blocks: a lookup
-    dequantizes only its rows, and a scale per row cost the trained tiny model 2.4x int8's KL divergence)."""
+    embedding at int8 in groups of quant.GROUP along each token's row (llama.cpp's q8_0 blocks; a lookup
+    dequantizes only its rows; one scale per row, set by the row's largest value, cost measurably more
+    accuracy: docs/benchmarks.md#quantized-weights)."""
     if not mode:
         return {}
     out = {("layers", n): Quantized(quant.width(mode), (-2,)) for n in EXPERT_PARAMS}
