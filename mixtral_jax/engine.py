@@ -11,8 +11,9 @@ is done (so a new request waits for one step, not two) and reads step N's
 tokens while the device computes step N + 1.
 
 All shapes are fixed (prefill calls [P, L]: P prompts, a power of two up to
-`prefill_batch`, L tokens each, the chunk, its half or its quarter; one decode
-step [max_batch]; in slot_steps.py), so nothing compiles after `warmup()`;
+`prefill_batch`, L tokens each, the chunk, its half or its quarter; decode steps
+[P] over the P decoding slots, P a power of two below `max_batch`, or every slot;
+in slot_steps.py), so nothing compiles after `warmup()`;
 `compiles` counts what did compile on the engine's thread since. With several processes,
 process 0 schedules and every other process runs the same device calls
 (`follow`).
@@ -54,8 +55,9 @@ def _count_compile(event: str, duration: float, **_) -> None:
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
-# Device calls, as process 0 sends them to the others.
-_IDLE, _DECODE, _STOP, _PREFILL = range(4)  # _PREFILL + j: a prefill call of the j-th shape
+# Device calls, as process 0 sends them to the others: _PREFILL + j a prefill call of the j-th shape, after those
+# the decode steps of some slots (Engine._rows_kind + j: the j-th size).
+_IDLE, _DECODE, _STOP, _PREFILL = range(4)
 # Seconds an idle multi-process engine waits before telling the other processes it is still there.
 _IDLE_S = 1.0
 
@@ -157,6 +159,11 @@ class Engine:
         lengths = sorted({prefill_chunk // 2 ** j for j in range(3)
                           if prefill_chunk % 2 ** j == 0 and prefill_chunk // 2 ** j >= min(prefill_chunk, 4)})
         self._prefill_shapes = [(p, n) for p in rows for n in lengths]
+        # A decode step computes the decoding slots only when a power of two below max_batch holds them (the rest
+        # repeating one), else every slot: at low load a step costs what its requests need (on the CPU, a
+        # 16-slot step with one request decoding took 1.4x a 1-slot one: docs/serving.md).
+        self._decode_sizes = [2 ** j for j in range(max_batch.bit_length()) if 2 ** j < max_batch]
+        self._rows_kind = _PREFILL + len(self._prefill_shapes)
         # A prompt of T tokens sits at cache indices [pad, pad + T), pad = -T mod C: its chunks are whole and
         # its last chunk ends with its last token (prefill needs that position's logits only). Positions up
         # to max_seq_len - 2 are written, at indices below max_seq_len + C - 2; the next is where idle rows write.
@@ -180,6 +187,8 @@ class Engine:
         self._compiles_at_warmup: int | None = None
         # Prefill calls while serving, by the prompts they carried: {prompts: calls}.
         self.prefill_calls: collections.Counter = collections.Counter()
+        # Decode steps while serving, by the slots they computed (a size of `_decode_sizes`, or max_batch).
+        self.decode_calls: collections.Counter = collections.Counter()
         self.error: BaseException | None = None
         # Several processes: process 0 schedules and sends each device call's arguments to the others as one
         # fixed-size int32 vector (`_call`, `follow`), so every process runs the same steps.
@@ -188,6 +197,8 @@ class Engine:
         self._specs = {
             **{_PREFILL + j: [((p, n), i32), ((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32), ((p,), f32),
                               ((p,), i32), ((p,), f32)] for j, (p, n) in enumerate(self._prefill_shapes)},
+            **{self._rows_kind + j: [((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32), ((p,), i32), ((p,), f32),
+                                     ((p,), i32), ((p,), f32)] for j, p in enumerate(self._decode_sizes)},
             _DECODE: [((b,), i32), ((b,), i32), ((b, 2), u32), ((b,), i32), ((b,), f32), ((b,), i32), ((b,), f32)],
             _IDLE: [], _STOP: []}
         self._command_size = 1 + max(sum(int(np.prod(shape)) for shape, _ in spec) for spec in self._specs.values())
@@ -246,8 +257,14 @@ class Engine:
         # Every order the steps come in (prefill or decode after either): should a step return `_last` or the
         # cache in another sharding than it took them, that pairing compiles here, not while serving.
         order = [(k, 0) for k in "ppddpd"] + [(k, j) for j in range(1, len(self._prefill_shapes)) for k in "ppd"]
+        order += [(k, j) for j in range(len(self._decode_sizes)) for k in ("r", "r", "p", "r", "d", "r")]
         for kind, j in order:
-            if kind == "p":
+            if kind == "r":
+                p = self._decode_sizes[j]
+                self._call(self._rows_kind + j, (*[np.zeros((p,), np.int32)] * 3, np.zeros((p, 2), np.uint32),
+                                                 np.zeros((p,), np.int32), np.zeros((p,), np.float32),
+                                                 np.zeros((p,), np.int32), np.ones((p,), np.float32)))
+            elif kind == "p":
                 p, n = self._prefill_shapes[j]
                 self._call(_PREFILL + j, (np.zeros((p, n), np.int32), *[np.zeros((p,), np.int32)] * 3,
                                           np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32),
@@ -330,6 +347,10 @@ class Engine:
         return self._run_call(kind, args)
 
     def _run_call(self, kind: int, args: tuple):
+        if kind >= self._rows_kind:
+            self._last, self._cache = slot_steps.decode_rows(self._params, self._last, args[0], args[1], args[2],
+                                                             self._cache, *args[3:], **self._run)
+            return None
         if kind >= _PREFILL:
             tokens, start, offset, slot, key_data, temperature, top_k, top_p = args
             nxt, self._last, self._cache = slot_steps.prefill_chunk(
@@ -426,6 +447,10 @@ class Engine:
             self.prefill_calls[len(rows)] += 1
 
     def _decode_step(self, rows: list[int]) -> None:
+        size = next((j for j, p in enumerate(self._decode_sizes) if p >= len(rows)), None)
+        if size is not None:
+            self._decode_rows(rows, size)
+            return
         b = self.max_batch
         positions, offsets = np.full((b,), -1, np.int32), np.zeros((b,), np.int32)
         key_data = np.zeros((b, 2), np.uint32)
@@ -440,6 +465,28 @@ class Engine:
             s.issued += 1
         self._call(_DECODE, (positions, offsets, key_data, step, temperature, top_k, top_p))
         self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
+        if self._compiles_at_warmup is not None:
+            self.decode_calls[b] += 1
+
+    def _decode_rows(self, rows: list[int], size: int) -> None:
+        """A decode step of `rows`' slots only, in the call of the `size`-th size; the rows past them repeat the
+        first (the same values written twice)."""
+        p = self._decode_sizes[size]
+        slot, positions, offsets, step, top_k = (np.zeros((p,), np.int32) for _ in range(5))
+        key_data, temperature, top_p = np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32), np.ones((p,), np.float32)
+        for r, i in enumerate(rows):
+            s = self._slots[i]
+            req = s.req
+            slot[r], positions[r], offsets[r] = i, len(req.prompt) + s.issued - 1, s.offset
+            key_data[r], step[r] = s.key_data, s.issued
+            temperature[r], top_k[r], top_p[r] = req.temperature, req.top_k, req.top_p
+            s.issued += 1
+        for a in (slot, positions, offsets, key_data, step, temperature, top_k, top_p):
+            a[len(rows):] = a[0]
+        self._call(self._rows_kind + size, (slot, positions, offsets, key_data, step, temperature, top_k, top_p))
+        self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
+        if self._compiles_at_warmup is not None:
+            self.decode_calls[p] += 1
 
     def _append(self, i: int, token: int) -> None:
         """Records slot i's new token, sends its text, and frees the slot when the request is done."""

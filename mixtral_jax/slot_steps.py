@@ -1,5 +1,5 @@
-"""The serving engine's jitted steps over its slots: prefill one chunk of each of some slots, decode every slot,
-and per-row sampling keys (engine.py schedules them).
+"""The serving engine's jitted steps over its slots: prefill one chunk of each of some slots, decode every slot or
+some of them, and per-row sampling keys (engine.py schedules them).
 
 Every row of the KV cache is one slot; a slot's position p sits at cache index
 p + offset (the offset makes a prompt's chunks whole, see `Engine`). Tokens come
@@ -23,6 +23,23 @@ def _batch_axis(a: jax.Array) -> int:
     return max(a.ndim - 4, 0)
 
 
+# A call's P rows are read and written one slice each (P is static and small): a slice update is done in place
+# on every backend, where a scatter may copy the whole cache.
+def _rows(a: jax.Array, slot: jax.Array) -> jax.Array:
+    """Slots `slot` [P] of `a` along its slot axis."""
+    axis = _batch_axis(a)
+    return jnp.concatenate([jax.lax.dynamic_slice_in_dim(a, slot[r], 1, axis=axis) for r in range(slot.shape[0])],
+                           axis=axis)
+
+
+def _put(a: jax.Array, new: jax.Array, slot: jax.Array) -> jax.Array:
+    """`a` with its slots `slot` [P] replaced by the P rows of `new`."""
+    axis = _batch_axis(a)
+    for r in range(slot.shape[0]):
+        a = jax.lax.dynamic_update_slice_in_dim(a, jax.lax.slice_in_dim(new, r, r + 1, axis=axis), slot[r], axis)
+    return a
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
 def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_data, temperature, top_k, top_p,
                   *, cfg, strategy, mesh):
@@ -39,17 +56,8 @@ def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_d
     cache); a row's token only means something for a prompt's last chunk.
     """
     p, c = tokens.shape
-    # The P rows are read and written one slice each (P is static and small): a slice update is done in
-    # place on every backend, where a scatter may copy the whole cache.
-    rows = lambda a: jnp.concatenate([jax.lax.dynamic_slice_in_dim(a, slot[r], 1, axis=_batch_axis(a))
-                                      for r in range(p)], axis=_batch_axis(a))
-
-    def put(a, new):
-        for r in range(p):
-            a = jax.lax.dynamic_update_slice_in_dim(a, jax.lax.slice_in_dim(new, r, r + 1, axis=_batch_axis(a)),
-                                                    slot[r], _batch_axis(a))
-        return a
-
+    rows = lambda a: _rows(a, slot)
+    put = lambda a, new: _put(a, new, slot)
     q = start[:, None] - offset[:, None] + jnp.arange(c, dtype=jnp.int32)
     positions = jnp.where(q >= 0, q, -1)  # [P, C]
     # A request's first chunk (its first token at position <= 0) clears the slot's positions: the previous
@@ -82,6 +90,29 @@ def decode(params, tokens, positions, offsets, cache, key_data, step, temperatur
     nxt = sample_rows(sharding.constrain(logits[:, 0], mesh, (None, None)), key_data, step, temperature, top_k, top_p)
     # An idle row keeps its token: a prompt prefilled just before this step starts decoding from it.
     return sharding.constrain(jnp.where(positions >= 0, nxt, tokens), mesh, (None,)), {"k": k, "v": v, "pos": k_pos}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
+def decode_rows(params, last_tokens, slot, positions, offsets, cache, key_data, step, temperature, top_k, top_p, *,
+                cfg, strategy, mesh):
+    """One token for each of P slots only (`decode` computes every slot): row r decodes slot slot[r] from its
+    token in `last_tokens`, at position positions[r] and cache index positions[r] + offsets[r]. With few
+    slots decoding, a step then computes those rows, not all `max_batch`. A row may repeat another exactly.
+
+    Args:
+      slot, positions, offsets, step: int32 [P]; key_data: uint32 [P, 2]; temperature, top_k, top_p: [P].
+
+    Returns (last_tokens [B] with the P new tokens in rows `slot`, cache).
+    """
+    index = positions + offsets
+    k_pos = jax.vmap(lambda row, i, p: row.at[i].set(p))(_rows(cache["pos"], slot), index, positions)
+    kv = jax.tree.map(lambda a: _rows(a, slot), (cache["k"], cache["v"]))
+    logits, (k, v) = model_lib.apply(params, last_tokens[slot][:, None], positions[:, None], cfg=cfg,
+                                     strategy=strategy, cache=kv, cache_index=index, k_pos=k_pos, mesh=mesh)
+    nxt = sample_rows(sharding.constrain(logits[:, 0], mesh, (None, None)), key_data, step, temperature, top_k, top_p)
+    put = lambda a, new: _put(a, new, slot)
+    k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
+    return sharding.constrain(put(last_tokens, nxt), mesh, (None,)), {"k": k, "v": v, "pos": put(cache["pos"], k_pos)}
 
 
 def sample_rows(logits, key_data, step, temperature, top_k, top_p):

@@ -100,10 +100,12 @@ def test_engine_requests_equal_generate_alone(model, engine):
     n_new = [5, 12, 3, 9, 7, 16, 1, 10, 6, 11]
     greedy = [engine.submit(Request(p, n)) for p, n in zip(prompts, n_new)]
     sampled = [engine.submit(Request(p, 8, seed=100 + i, **SAMPLING)) for i, p in enumerate(prompts[:4])]
-    calls = engine.prefill_calls.copy()
+    calls, steps = engine.prefill_calls.copy(), engine.decode_calls.copy()
     _wait(greedy + sampled)
     batched = engine.prefill_calls - calls
     assert max(batched) > 1 and sum(batched.values()) < sum(-(-len(p) // CHUNK) for p in prompts + prompts[:4])
+    stepped = engine.decode_calls - steps  # steps of every slot, and steps of the decoding slots only
+    assert engine.max_batch in stepped and min(stepped) < engine.max_batch
     for r, p, n in zip(greedy, prompts, n_new):
         ref = mj.generate(model, [p], max_new_tokens=n)[0]
         assert r.tokens == ref
