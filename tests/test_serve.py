@@ -246,13 +246,16 @@ def test_engine_on_a_mesh_equals_generate_alone():
     eng = Engine(model, max_batch=4, max_seq_len=32, prefill_chunk=8, prefill_batch=2)
     eng.start()
     try:
-        prompts = _prompts([3, 11, 6], seed=4)
-        greedy = [eng.submit(Request(p, 6, stop_tokens=[])) for p in prompts]
-        sampled = eng.submit(Request(prompts[0], 6, stop_tokens=[], seed=7, **SAMPLING))
+        prompts, n_new = _prompts([3, 11, 6], seed=4), [6, 2, 4]
+        greedy = [eng.submit(Request(p, n, stop_tokens=[])) for p, n in zip(prompts, n_new)]
+        sampled = eng.submit(Request(prompts[0], 8, stop_tokens=[], seed=7, **SAMPLING))
         _wait(greedy + [sampled])
         assert eng.compiles == 0
+        # As requests end, the steps compute the 2, then the 1, still decoding.
+        assert {2, 1} <= set(eng.decode_calls) <= {4, 2, 1}
     finally:
         eng.stop()
     # Greedy references as one batch: its rows equal each prompt alone (test_generate.py).
-    assert [r.tokens for r in greedy] == mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[])
-    assert sampled.tokens == mj.generate(model, prompts[:1], max_new_tokens=6, stop_tokens=[], seed=7, **SAMPLING)[0]
+    ref = mj.generate(model, prompts, max_new_tokens=6, stop_tokens=[])
+    assert [r.tokens for r in greedy] == [row[:n] for row, n in zip(ref, n_new)]
+    assert sampled.tokens == mj.generate(model, prompts[:1], max_new_tokens=8, stop_tokens=[], seed=7, **SAMPLING)[0]
