@@ -447,43 +447,28 @@ class Engine:
             self.prefill_calls[len(rows)] += 1
 
     def _decode_step(self, rows: list[int]) -> None:
+        """One decode step of `rows`' slots: a call over those slots only when a size of `_decode_sizes` holds
+        them (the rows past them repeating the first: the same values written twice), else over every slot
+        (the idle ones at position -1)."""
         size = next((j for j, p in enumerate(self._decode_sizes) if p >= len(rows)), None)
-        if size is not None:
-            self._decode_rows(rows, size)
-            return
-        b = self.max_batch
-        positions, offsets = np.full((b,), -1, np.int32), np.zeros((b,), np.int32)
-        key_data = np.zeros((b, 2), np.uint32)
-        step = np.zeros((b,), np.int32)
-        temperature, top_p, top_k = np.zeros((b,), np.float32), np.ones((b,), np.float32), np.zeros((b,), np.int32)
-        for i in rows:
-            s = self._slots[i]
-            r = s.req
-            positions[i], offsets[i] = len(r.prompt) + s.issued - 1, s.offset
-            key_data[i], step[i] = s.key_data, s.issued
-            temperature[i], top_p[i], top_k[i] = r.temperature, r.top_p, r.top_k
-            s.issued += 1
-        self._call(_DECODE, (positions, offsets, key_data, step, temperature, top_k, top_p))
-        self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
-        if self._compiles_at_warmup is not None:
-            self.decode_calls[b] += 1
-
-    def _decode_rows(self, rows: list[int], size: int) -> None:
-        """A decode step of `rows`' slots only, in the call of the `size`-th size; the rows past them repeat the
-        first (the same values written twice)."""
-        p = self._decode_sizes[size]
+        p = self.max_batch if size is None else self._decode_sizes[size]
         slot, positions, offsets, step, top_k = (np.zeros((p,), np.int32) for _ in range(5))
         key_data, temperature, top_p = np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32), np.ones((p,), np.float32)
+        positions[:] = -1
         for r, i in enumerate(rows):
+            at = i if size is None else r  # the step over every slot has slot i in row i
             s = self._slots[i]
             req = s.req
-            slot[r], positions[r], offsets[r] = i, len(req.prompt) + s.issued - 1, s.offset
-            key_data[r], step[r] = s.key_data, s.issued
-            temperature[r], top_k[r], top_p[r] = req.temperature, req.top_k, req.top_p
+            slot[at], positions[at], offsets[at] = i, len(req.prompt) + s.issued - 1, s.offset
+            key_data[at], step[at] = s.key_data, s.issued
+            temperature[at], top_k[at], top_p[at] = req.temperature, req.top_k, req.top_p
             s.issued += 1
-        for a in (slot, positions, offsets, key_data, step, temperature, top_k, top_p):
-            a[len(rows):] = a[0]
-        self._call(self._rows_kind + size, (slot, positions, offsets, key_data, step, temperature, top_k, top_p))
+        if size is None:
+            self._call(_DECODE, (positions, offsets, key_data, step, temperature, top_k, top_p))
+        else:
+            for a in (slot, positions, offsets, key_data, step, temperature, top_k, top_p):
+                a[len(rows):] = a[0]
+            self._call(self._rows_kind + size, (slot, positions, offsets, key_data, step, temperature, top_k, top_p))
         self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
         if self._compiles_at_warmup is not None:
             self.decode_calls[p] += 1
