@@ -213,14 +213,18 @@ def _check_flags() -> None:
         raise UsageError(str(e)) from None
 
 
-def load_model(checkpoint, cfg, seed: int, dtype: str, mesh):
-    """The model the server runs and a phrase naming its source: `checkpoint`, or random weights of `cfg`."""
+def load_model(checkpoint, cfg, seed: int, dtype: str, mesh, quantize: str | None = None):
+    """The model the server runs and a phrase naming its source: `checkpoint`, or random weights of `cfg`
+    (quantized as `quantize` says, or as the checkpoint is stored)."""
     import mixtral_jax as mj
 
     if checkpoint:
-        return mj.load(checkpoint, dtype=dtype, mesh=mesh), f"weights from {checkpoint}"
-    return (mj.init_random(cfg, seed=seed, dtype=dtype, mesh=mesh),
-            "RANDOM weights (no --checkpoint): its text is noise, not a real model's output")
+        model = mj.load(checkpoint, dtype=dtype, mesh=mesh, quantize=quantize)
+        source = f"weights from {checkpoint}"
+    else:
+        model = mj.init_random(cfg, seed=seed, dtype=dtype, mesh=mesh, quantize=quantize)
+        source = "RANDOM weights (no --checkpoint): its text is noise, not a real model's output"
+    return model, source + (f", quantized {model.quantization}" if model.quantization else "")
 
 
 def run() -> int:
@@ -256,7 +260,7 @@ def run() -> int:
     dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     mesh = mj.make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     say = lambda msg: print(f"[mixtral_jax] {msg}", file=sys.stderr, flush=True)
-    model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh)
+    model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh, FLAGS.quantize)
     tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
     engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer,
                     prefill_batch=FLAGS.prefill_batch)
@@ -283,7 +287,7 @@ def main(argv):
         sys.exit(2)
     try:
         sys.exit(run())
-    except (UsageError, OSError) as e:
+    except (UsageError, OSError, ValueError) as e:  # ValueError: a damaged or mismatched checkpoint, among others
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -303,6 +307,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("prefill_batch", None, "Prompts prefilled together in one call at most; default "
                          "min(max_batch, 8).")
     flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
+    flags.DEFINE_string("quantize", None, "Quantize the weights while loading, as `sample --quantize`: int8, int4, "
+                        "int8-experts or int4-experts (a checkpoint written with convert --quantize is served as stored).")
     flags.DEFINE_integer("seed", 0, "Seed of the random weights (without --checkpoint).")
     flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (which serves HTTP).")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")

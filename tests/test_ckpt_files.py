@@ -258,12 +258,13 @@ def test_save_writes_digests_that_load_verifies(good_ckpt, tmp_path):
         mj.load(path)
 
 
-def test_sample_cli_names_the_damaged_file(good_ckpt, tmp_path):
+@pytest.mark.parametrize("cli", ["sample", "serve"])
+def test_cli_names_the_damaged_file(good_ckpt, tmp_path, cli):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(good_ckpt, ckpt)
     rel = _biggest_data_file(ckpt)
     _flip_byte(ckpt / rel)
-    r = _cli("sample", "--checkpoint", ckpt, "--max_new_tokens", "2")
+    r = _cli(cli, "--checkpoint", ckpt, *(["--max_new_tokens", "2"] if cli == "sample" else ["--max_seq_len", "64"]))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")
     assert os.path.basename(rel) in r.stderr

@@ -91,6 +91,13 @@ def _wait(reqs, timeout=60):
 SAMPLING = dict(temperature=0.9, top_k=40, top_p=0.8)
 
 
+def test_serve_loads_the_model_quantized_as_asked():
+    from mixtral_jax.serve import load_model
+
+    model, source = load_model(None, mj.load_config("tiny"), 0, "float32", None, "int4-experts")
+    assert model.quantization == "int4-experts" and source.endswith(", quantized int4-experts")
+
+
 def test_engine_requests_equal_generate_alone(model, engine):
     """Greedy and seeded sampled requests, more than the slots, prompts of 1 to 5 chunks, each equal to
     mj.generate of its prompt alone (same seed): what else runs changes nothing, not even prompts
