@@ -159,10 +159,13 @@ class Engine:
         lengths = sorted({prefill_chunk // 2 ** j for j in range(3)
                           if prefill_chunk % 2 ** j == 0 and prefill_chunk // 2 ** j >= min(prefill_chunk, 4)})
         self._prefill_shapes = [(p, n) for p in rows for n in lengths]
-        # A decode step computes the decoding slots only when a power of two below max_batch holds them (the rest
-        # repeating one), else every slot: at low load a step costs what its requests need (on the CPU, a
-        # 16-slot step with one request decoding took 1.4x a 1-slot one: docs/serving.md).
-        self._decode_sizes = [2 ** j for j in range(max_batch.bit_length()) if 2 ** j < max_batch]
+        # On one device a decode step computes the decoding slots only when a power of two below max_batch holds
+        # them (the rest repeating one), else every slot: at low load a step costs what its requests need (on the
+        # CPU, a 16-slot step with one request decoding took 1.4x a 1-slot one: docs/serving.md). On a mesh the
+        # slots are sharded and picking some moves their cache rows between devices, which costs more than the
+        # step over every slot saves there (the TPU compiler's cost analysis, docs/serving.md): every slot.
+        self._decode_sizes = [] if model.mesh is not None else [
+            2 ** j for j in range(max_batch.bit_length()) if 2 ** j < max_batch]
         self._rows_kind = _PREFILL + len(self._prefill_shapes)
         # A prompt of T tokens sits at cache indices [pad, pad + T), pad = -T mod C: its chunks are whole and
         # its last chunk ends with its last token (prefill needs that position's logits only). Positions up

@@ -359,3 +359,26 @@ def test_tpu_decode_reads_the_weights_about_once(topo, mesh, quantize):
     held = r["params_bytes_per_device"] + r["kv_cache_bytes_per_device"]
     assert r["decode"]["costs_exact"]
     assert held <= r["decode_hbm_bytes_per_device"] <= 1.6 * held
+
+
+def test_tpu_engine_prefill_moves_its_slots_rows_not_the_whole_cache():
+    # The serving engine's prefill call reads and writes P slots of a cache whose slot axis is sharded
+    # (v5e:2x4, expert=8: 2 of 16 slots per chip). In the TPU compiler's program its collectives move
+    # about those P slots' keys and values, not the whole cache (a slice at a traced index of a sharded
+    # axis is an all-gather of everything: 16x these rows here).
+    from jax.sharding import Mesh
+
+    from mixtral_jax import slot_steps
+
+    cfg, b, s, p, n = TPU_TEST, 16, 128, 2, 16
+    mesh = Mesh(np.array(topology.tpu_devices("v5e:2x4")).reshape(1, 8, 1), sharding.MESH_AXES)
+    cache = plan._abstract_cache(cfg, b, s, mesh, jnp.bfloat16)
+    rep = NamedSharding(mesh, P())
+    arg = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    compiled = slot_steps.prefill_chunk.lower(
+        model_lib.abstract_params(cfg, "bfloat16", mesh), arg(jnp.int32, p, n), arg(jnp.int32, p),
+        arg(jnp.int32, p), arg(jnp.int32, p), cache, arg(jnp.int32, b), arg(jnp.uint32, p, 2), arg(jnp.float32, p),
+        arg(jnp.int32, p), arg(jnp.float32, p), cfg=cfg, strategy="sparse", mesh=mesh).compile()
+    moved = hlo.total_bytes(hlo.collectives(compiled.as_text()))
+    slot_kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * s * cfg.head_dim * 2  # one slot's k and v, bf16
+    assert p * slot_kv <= moved < 2 * p * slot_kv

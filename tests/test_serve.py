@@ -258,8 +258,8 @@ def test_engine_on_a_mesh_equals_generate_alone():
         sampled = eng.submit(Request(prompts[0], 8, stop_tokens=[], seed=7, **SAMPLING))
         _wait(greedy + [sampled])
         assert eng.compiles == 0
-        # As requests end, the steps compute the 2, then the 1, still decoding.
-        assert {2, 1} <= set(eng.decode_calls) <= {4, 2, 1}
+        # On a mesh every decode step computes every slot (picking some would move their cache rows).
+        assert set(eng.decode_calls) == {4}
     finally:
         eng.stop()
     # Greedy references as one batch: its rows equal each prompt alone (test_generate.py).
