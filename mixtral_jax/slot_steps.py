@@ -25,8 +25,8 @@ def _batch_axis(a: jax.Array) -> int:
 
 # A call's P rows are read and written one slice each on one device (P is static and small): a slice update is
 # done in place, where a scatter may copy the whole cache. On a mesh the slot axis is sharded, and a slice at a
-# traced index makes XLA all-gather the whole array (the TPU compiler: 1.09 GB of collectives per call on two
-# 8x7B layers, v5e:2x4 expert=8): there each device masks its own shard instead, so only the P rows travel.
+# traced index makes XLA all-gather the whole array (docs/serving.md#on-a-mesh-and-on-several-hosts): there each
+# device masks its own shard instead, so only the P rows travel.
 def _rows(a: jax.Array, slot: jax.Array, mesh=None) -> jax.Array:
     """Slots `slot` [P] of `a` along its slot axis."""
     axis = _batch_axis(a)
