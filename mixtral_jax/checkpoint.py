@@ -420,8 +420,8 @@ def _stored_quantization(stored: Mapping) -> str | None:
 
 
 def _restore_quantizing(path: str, target: Mapping, todo: Mapping) -> dict:
-    """Restores a checkpoint with the float weights `todo` names (model.quantized's paths → (width, input
-    axes)) quantized: everything else through Orbax (a partial restore), each weight of `todo` through
+    """Restores a checkpoint with the float weights `todo` names (model.quantized's paths → model.Quantized)
+    quantized: everything else through Orbax (a partial restore), each weight of `todo` through
     TensorStore: an expert weight one device shard and one layer at a time, a dense one a layer at a time."""
     rest = {k: v for k, v in target.items() if k != "layers" and (k,) not in todo}
     rest["layers"] = {k: v for k, v in target["layers"].items() if ("layers", k) not in todo}

@@ -2,8 +2,8 @@
 
 Modes (`MODES`): "int8" and "int4" quantize the experts (int8 or int4) and the
 attention projections, lm_head and embedding (int8 in both, as llama.cpp's
-Q4_K_M keeps its output matrix at 6 bits; the embedding with a scale per
-token's row, so a lookup dequantizes only the rows it reads); "int8-experts"
+Q4_K_M keeps its output matrix at 6 bits; the embedding with a scale per 32
+values of a token's row, so a lookup dequantizes only the rows it reads); "int8-experts"
 and "int4-experts" only the experts. Norms and router stay float.
 
 A quantized weight is a dict {"qvalue", "scale"} in place of the float array
@@ -135,25 +135,19 @@ def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,), group: 
     w = np.asarray(w).astype(np.float32)
     spec = shapes(w.shape, mode, in_axes, group)
     qmax, sdt = QMAX[mode], SCALE_DTYPE[mode]
-    if mode == "int8" and group is not None:  # [..., in/g, g, ...], reduced over g
+    group = GROUP if mode == "int4" else group  # int8 without one: a scale per output channel
+    if group is None:  # tiles: the whole input, reduced with the scale's dimensions kept
+        tiles, absmax = w, np.max(np.abs(w), axis=in_axes, keepdims=True)
+    else:  # [..., in/g, g, ...] along the one input axis, reduced over g; the scale is broadcast back below
         a = in_axes[0] % w.ndim
         tiles = w.reshape(*w.shape[:a], w.shape[a] // group, group, *w.shape[a + 1:])
         absmax = np.max(np.abs(tiles), axis=a + 1)
-    elif mode == "int8":  # tiles: the whole input, reduced with the scale's dimensions kept
-        tiles, absmax = w, np.max(np.abs(w), axis=in_axes, keepdims=True)
-    else:  # [..., in/g, g, out], reduced over g; the scale is broadcast back over g below
-        *lead, in_dim, out = w.shape
-        tiles = w.reshape(*lead, in_dim // GROUP, GROUP, out)
-        absmax = np.max(np.abs(tiles), axis=-2)  # [..., in/g, out]
     scale = (absmax / qmax).astype(sdt)
     # Rounded up, so no |w| / scale exceeds qmax and no value is clipped: the bound stays scale / 2.
     low = scale.astype(np.float64) * qmax < absmax  # exactly: a float32 product may round up
     scale = np.where(low, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)
     scale = np.where(absmax == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
-    if mode == "int8" and group is not None:
-        wide = np.expand_dims(scale.astype(np.float32), a + 1)
-    else:
-        wide = scale.astype(np.float32) if mode == "int8" else scale.astype(np.float32)[..., None, :]
+    wide = scale.astype(np.float32) if group is None else np.expand_dims(scale.astype(np.float32), a + 1)
     q = np.clip(np.rint(tiles / wide), -qmax, qmax).astype(np.int8)
     if mode == "int4":  # per group of 32: value i in the low nibble of byte i, 16 + i in the high one
         half = GROUP // 2
