@@ -67,19 +67,29 @@ def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_d
     cache); a row's token only means something for a prompt's last chunk.
     """
     p, c = tokens.shape
-    rows = lambda a: _rows(a, slot, mesh)
-    put = lambda a, new: _put(a, new, slot, mesh)
     q = start[:, None] - offset[:, None] + jnp.arange(c, dtype=jnp.int32)
-    positions = jnp.where(q >= 0, q, -1)  # [P, C]
     # A request's first chunk (its first token at position <= 0) clears the slot's positions: the previous
     # request's keys go invisible.
-    pos_rows = jnp.where(q[:, :1] <= 0, -1, rows(cache["pos"]))
-    k_pos = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions, start)
+    return _on_slots(params, tokens, jnp.where(q >= 0, q, -1), start, q[:, 0] <= 0, slot, cache, last_tokens,
+                     key_data, jnp.zeros((p,), jnp.int32), temperature, top_k, top_p, cfg=cfg, strategy=strategy,
+                     mesh=mesh)
+
+
+def _on_slots(params, tokens, positions, index, clear, slot, cache, last_tokens, key_data, step, temperature, top_k,
+              top_p, *, cfg, strategy, mesh):
+    """The model on P slots' own cache rows: row r's tokens [L] at positions [L] from cache index index[r] of
+    slot slot[r] (its positions first cleared where `clear`), then a token sampled after each row's last one.
+
+    Returns (those tokens [P], last_tokens [B] with them in rows `slot`, cache)."""
+    rows = lambda a: _rows(a, slot, mesh)
+    put = lambda a, new: _put(a, new, slot, mesh)
+    pos_rows = jnp.where(clear[:, None], -1, rows(cache["pos"]))
+    k_pos = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions, index)
     kv = jax.tree.map(rows, (cache["k"], cache["v"]))
     logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
-                                     cache_index=start, k_pos=k_pos, last_only=True, mesh=mesh)
+                                     cache_index=index, k_pos=k_pos, last_only=True, mesh=mesh)
     last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the tokens
-    nxt = sample_rows(last, key_data, jnp.zeros((p,), jnp.int32), temperature, top_k, top_p)
+    nxt = sample_rows(last, key_data, step, temperature, top_k, top_p)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
     pos, last_tokens = put(cache["pos"], k_pos), sharding.constrain(put(last_tokens, nxt), mesh, (None,))
     return sharding.constrain(nxt, mesh, (None,)), last_tokens, {"k": k, "v": v, "pos": pos}
@@ -115,15 +125,10 @@ def decode_rows(params, last_tokens, slot, positions, offsets, cache, key_data, 
 
     Returns (last_tokens [B] with the P new tokens in rows `slot`, cache).
     """
-    index = positions + offsets
-    k_pos = jax.vmap(lambda row, i, p: row.at[i].set(p))(_rows(cache["pos"], slot, mesh), index, positions)
-    kv = jax.tree.map(lambda a: _rows(a, slot, mesh), (cache["k"], cache["v"]))
-    logits, (k, v) = model_lib.apply(params, last_tokens[slot][:, None], positions[:, None], cfg=cfg,
-                                     strategy=strategy, cache=kv, cache_index=index, k_pos=k_pos, mesh=mesh)
-    nxt = sample_rows(sharding.constrain(logits[:, 0], mesh, (None, None)), key_data, step, temperature, top_k, top_p)
-    put = lambda a, new: _put(a, new, slot, mesh)
-    k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
-    return sharding.constrain(put(last_tokens, nxt), mesh, (None,)), {"k": k, "v": v, "pos": put(cache["pos"], k_pos)}
+    _, last_tokens, cache = _on_slots(params, last_tokens[slot][:, None], positions[:, None], positions + offsets,
+                                      jnp.zeros(slot.shape, bool), slot, cache, last_tokens, key_data, step,
+                                      temperature, top_k, top_p, cfg=cfg, strategy=strategy, mesh=mesh)
+    return last_tokens, cache
 
 
 def sample_rows(logits, key_data, step, temperature, top_k, top_p):
