@@ -10,6 +10,12 @@ no request sees another's keys. The host dispatches step N + 1 once step N
 is done (so a new request waits for one step, not two) and reads step N's
 tokens while the device computes step N + 1.
 
+On one device a decode step runs as `decode_parts` calls, each over some of the
+layers: a prompt that arrives while a step computes is prefilled after the
+part in flight, so it waits for a part, not a whole step (head-of-line
+blocking); its slot is not one the step computes, so the step's tokens do not
+change.
+
 All shapes are fixed (prefill calls [P, L]: P prompts, a power of two up to
 `prefill_batch`, L tokens each, the chunk, its half or its quarter; decode steps
 [P] over the P decoding slots, P a power of two below `max_batch`, or every slot;
@@ -56,7 +62,8 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 # Device calls, as process 0 sends them to the others: _PREFILL + j a prefill call of the j-th shape, after those
-# the decode steps of some slots (Engine._rows_kind + j: the j-th size).
+# the decode steps of some slots (Engine._rows_kind + j: the j-th size); a decode call's first argument is the
+# part of the step it runs.
 _IDLE, _DECODE, _STOP, _PREFILL = range(4)
 # Seconds an idle multi-process engine waits before telling the other processes it is still there.
 _IDLE_S = 1.0
@@ -135,10 +142,15 @@ class Engine:
         take a power of two rows (or this), each size compiled once at warm-up.
       tokenizer: for text and stop strings (None: tokens only).
       strategy: single-device MoE dispatch strategy.
+      decode_parts: calls a decode step runs as, each over a run of the layers (a prompt that arrives waits for
+        one part at most before its prefill); default 2 in the per_expert layout (one CPU device), where a part
+        is a slice of its lists of layers. The stacked layout runs a step as one call: a slice of its stacked
+        weights or cache would be a copy.
     """
 
     def __init__(self, model: model_lib.Mixtral, max_batch: int = 16, max_seq_len: int | None = None,
-                 prefill_chunk: int = 64, tokenizer=None, strategy: str = "sparse", prefill_batch: int | None = None):
+                 prefill_chunk: int = 64, tokenizer=None, strategy: str = "sparse", prefill_batch: int | None = None,
+                 decode_parts: int | None = None):
         cfg = model.cfg
         max_seq_len = max_seq_len or min(4096, cfg.max_position_embeddings)
         prefill_batch = prefill_batch or min(max_batch, 8)
@@ -148,6 +160,11 @@ class Engine:
         if not 1 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's positions), "
                              f"got {max_seq_len}.")
+        per_expert = model.layout == "per_expert"
+        decode_parts = decode_parts or (min(2, cfg.num_hidden_layers) if per_expert else 1)
+        if not 1 <= decode_parts <= (cfg.num_hidden_layers if per_expert else 1):
+            raise ValueError(f"decode_parts must be in [1, {cfg.num_hidden_layers}] (the layers) in the per_expert "
+                             f"layout and 1 in the stacked one, got {decode_parts} in the {model.layout} layout.")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.max_batch, self.max_seq_len, self.chunk = max_batch, max_seq_len, prefill_chunk
         self.prefill_batch = prefill_batch
@@ -175,6 +192,15 @@ class Engine:
         self._params = model.params()
         self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
         self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
+        # Part i of a decode step runs layers [lo, hi) of _spans[i], with params holding those layers only.
+        n = cfg.num_hidden_layers
+        self._spans = [(n * i // decode_parts, n * (i + 1) // decode_parts) for i in range(decode_parts)]
+        self._part_params = [self._params if decode_parts == 1 else {**self._params, "layers": self._params["layers"][lo:hi]}
+                             for lo, hi in self._spans]
+        self._h = None  # the residual stream between parts of the step in progress
+        # The step in progress: (kind, its arguments, its [(row, slot)], the next part), or None.
+        self._stepping: tuple[int, tuple, list[tuple[int, _Slot]], int] | None = None
+        self._inflight: jax.Array | None = None  # what the last decode call returns
         self._slots: list[_Slot | None] = [None] * max_batch
         # Each decoding slot's previous token, on device; replicated as the steps return it, so the first step
         # compiles the executable every later one uses.
@@ -200,9 +226,10 @@ class Engine:
         self._specs = {
             **{_PREFILL + j: [((p, n), i32), ((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32), ((p,), f32),
                               ((p,), i32), ((p,), f32)] for j, (p, n) in enumerate(self._prefill_shapes)},
-            **{self._rows_kind + j: [((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32), ((p,), i32), ((p,), f32),
-                                     ((p,), i32), ((p,), f32)] for j, p in enumerate(self._decode_sizes)},
-            _DECODE: [((b,), i32), ((b,), i32), ((b, 2), u32), ((b,), i32), ((b,), f32), ((b,), i32), ((b,), f32)],
+            **{self._rows_kind + j: [((1,), i32), ((p,), i32), ((p,), i32), ((p,), i32), ((p, 2), u32), ((p,), i32),
+                                     ((p,), f32), ((p,), i32), ((p,), f32)] for j, p in enumerate(self._decode_sizes)},
+            _DECODE: [((1,), i32), ((b,), i32), ((b,), i32), ((b, 2), u32), ((b,), i32), ((b,), f32), ((b,), i32),
+                      ((b,), f32)],
             _IDLE: [], _STOP: []}
         self._command_size = 1 + max(sum(int(np.prod(shape)) for shape, _ in spec) for spec in self._specs.values())
 
@@ -255,26 +282,35 @@ class Engine:
         """Compiles every step (on the calling thread, which then must run the engine)."""
         self._admit(Request([1], 1))  # the per-request key
         self._waiting.clear()
-        b = self.max_batch
-        one = lambda dtype, v: np.full((b,), v, dtype)
-        # Every order the steps come in (prefill or decode after either): should a step return `_last` or the
-        # cache in another sharding than it took them, that pairing compiles here, not while serving.
-        order = [(k, 0) for k in "ppddpd"] + [(k, j) for j in range(1, len(self._prefill_shapes)) for k in "ppd"]
-        order += [(k, j) for j in range(len(self._decode_sizes)) for k in ("r", "r", "p", "r", "d", "r")]
-        for kind, j in order:
-            if kind == "r":
-                p = self._decode_sizes[j]
-                self._call(self._rows_kind + j, (*[np.zeros((p,), np.int32)] * 3, np.zeros((p, 2), np.uint32),
-                                                 np.zeros((p,), np.int32), np.zeros((p,), np.float32),
-                                                 np.zeros((p,), np.int32), np.ones((p,), np.float32)))
-            elif kind == "p":
-                p, n = self._prefill_shapes[j]
-                self._call(_PREFILL + j, (np.zeros((p, n), np.int32), *[np.zeros((p,), np.int32)] * 3,
-                                          np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32),
-                                          np.zeros((p,), np.int32), np.ones((p,), np.float32)))
-            else:
-                self._call(_DECODE, (one(np.int32, -1), one(np.int32, 0), np.zeros((b, 2), np.uint32),
-                                     one(np.int32, 0), one(np.float32, 0), one(np.int32, 0), one(np.float32, 1)))
+        b, parts = self.max_batch, len(self._spans)
+
+        def decode_args(p):  # positions (-1: idle rows), offsets, key data, step, temperature, top_k, top_p
+            return (np.full((p,), -1, np.int32), np.zeros((p,), np.int32), np.zeros((p, 2), np.uint32),
+                    np.zeros((p,), np.int32), np.zeros((p,), np.float32), np.zeros((p,), np.int32),
+                    np.ones((p,), np.float32))
+
+        calls = {"d": (_DECODE, decode_args(b))}
+        for j, p in enumerate(self._decode_sizes):  # slot 0 at position 0
+            calls[f"r{j}"] = (self._rows_kind + j, (*[np.zeros((p,), np.int32)] * 2, *decode_args(p)[1:]))
+        for j, (p, n) in enumerate(self._prefill_shapes):
+            calls[f"p{j}"] = (_PREFILL + j, (np.zeros((p, n), np.int32), *[np.zeros((p,), np.int32)] * 3,
+                                             np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32),
+                                             np.zeros((p,), np.int32), np.ones((p,), np.float32)))
+        # Every order the calls come in (a prefill or a decode step after either; a prefill between two parts
+        # of a step): should a call return `_last` or the cache in another sharding than it took them, that
+        # pairing compiles here, not while serving.
+        order = ["p0", "p0", "d", "d", "p0", "d"] + [c for j in range(1, len(self._prefill_shapes))
+                                                      for c in (f"p{j}", f"p{j}", "d")]
+        order += [c for j in range(len(self._decode_sizes)) for c in (f"r{j}", f"r{j}", "p0", f"r{j}", "d", f"r{j}")]
+        for name in order:
+            kind, args = calls[name]
+            if kind >= _PREFILL and kind < self._rows_kind:
+                self._call(kind, args)
+                continue
+            for part in range(parts):
+                self._call(kind, (np.array([part], np.int32), *args))
+                if part == 0 < parts - 1 and name in ("d", "r0"):
+                    self._call(*calls["p0"])
         if self._multi:
             self._call(_IDLE, ())
         _host(self._last)
@@ -350,19 +386,33 @@ class Engine:
         return self._run_call(kind, args)
 
     def _run_call(self, kind: int, args: tuple):
-        if kind >= self._rows_kind:
-            self._last, self._cache = slot_steps.decode_rows(self._params, self._last, args[0], args[1], args[2],
-                                                             self._cache, *args[3:], **self._run)
-            return None
+        if kind >= self._rows_kind or kind == _DECODE:  # a part of a decode step
+            part, args = int(args[0][0]), args[1:]
+            (lo, hi), last = self._spans[part], part == len(self._spans) - 1
+            cache = self._cache if len(self._spans) == 1 else {
+                "k": self._cache["k"][lo:hi], "v": self._cache["v"][lo:hi], "pos": self._cache["pos"]}
+            run = dict(first=part == 0, last=last, **self._run)
+            if kind == _DECODE:
+                out, cache = slot_steps.decode(self._part_params[part], self._last, self._h, args[0], args[1], cache,
+                                               *args[2:], idle_index=np.int32(self.idle_index), **run)
+            else:
+                out, cache = slot_steps.decode_rows(self._part_params[part], self._last, self._h, args[0], args[1],
+                                                    args[2], cache, *args[3:], **run)
+            if len(self._spans) > 1:
+                k, v = self._cache["k"], self._cache["v"]
+                cache = {"k": k[:lo] + cache["k"] + k[hi:], "v": v[:lo] + cache["v"] + v[hi:], "pos": cache["pos"]}
+            self._cache = cache
+            if last:
+                self._last, self._h = out, None
+            else:
+                self._h = out
+            return out
         if kind >= _PREFILL:
             tokens, start, offset, slot, key_data, temperature, top_k, top_p = args
             nxt, self._last, self._cache = slot_steps.prefill_chunk(
                 self._params, tokens, start, offset, slot, self._cache, self._last, key_data, temperature, top_k,
                 top_p, **self._run)
             return nxt
-        if kind == _DECODE:
-            self._last, self._cache = slot_steps.decode(self._params, self._last, args[0], args[1], self._cache,
-                                                        *args[2:], idle_index=np.int32(self.idle_index), **self._run)
         return None
 
     def _admit(self, req: Request) -> None:
@@ -370,13 +420,15 @@ class Engine:
         self._waiting.append(_Slot(req, key_data, StreamDecoder(self.tokenizer, req.prompt, req.stop)))
 
     def step(self) -> bool:
-        """One scheduling round: wait for the decode step in flight, admit, prefill (one call, one chunk of
-        each of up to `prefill_batch` prompts, while others decode), dispatch the next decode step, then read
-        the finished step's tokens while that one computes. Returns whether it did any work."""
+        """One scheduling round: wait for the decode call in flight (a step, or a part of one), admit, prefill
+        (one call, one chunk of each of up to `prefill_batch` prompts, while others decode), dispatch the next
+        decode call (the step's next part, or the next step), then read a finished step's tokens while that
+        one computes. Returns whether it did any work."""
         previous, self._pending = self._pending, []
-        # Scheduling waits for the step in flight instead of queueing the next one behind it: a request that
-        # arrived meanwhile is prefilled before the next decode step, not after two (head-of-line blocking).
-        jax.block_until_ready([tokens for tokens, _ in previous])
+        # Scheduling waits for the call in flight instead of queueing the next one behind it: a request that
+        # arrived meanwhile is prefilled before the next decode call, not after two (head-of-line blocking).
+        jax.block_until_ready(self._inflight)
+        self._inflight = None
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -384,39 +436,41 @@ class Engine:
                 break
             if item is not None:
                 self._admit(item)
+        # The slots a step in progress computes stay theirs until it ends: its later parts write their rows.
+        busy = set() if self._stepping is None else {i for i, _ in self._stepping[2]}
         for i, s in enumerate(self._slots):
-            if s is not None and s.req.cancelled:
+            if s is not None and s.req.cancelled and i not in busy:
                 self._finish(i, None, "cancelled")
         while self._waiting and self._waiting[0].req.cancelled:
             s = self._waiting.popleft()
             self._emit(s.req, Event(None, "", "cancelled"))
         for i in range(self.max_batch):
-            if self._slots[i] is None and self._waiting:
+            if self._slots[i] is None and self._waiting and i not in busy:
                 self._slots[i] = self._waiting.popleft()
                 self._slots[i].offset = -len(self._slots[i].req.prompt) % self.chunk
         prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.done < len(s.req.prompt)]
-        decoding = [i for i, s in enumerate(self._slots)
-                    if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
-        # With streams running, one call per step keeps their inter-token latency bounded by one call;
-        # with none, prefill everything waiting first. A call takes one chunk of each of several prompts, which
-        # share one read of the weights (most of a small chunk's cost on an accelerator).
+        decoding = [] if busy else [i for i, s in enumerate(self._slots)
+                                    if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
+        # With streams running, one call per decode call keeps their inter-token latency bounded; with none,
+        # prefill everything waiting first. A call takes one chunk of each of several prompts, which share one
+        # read of the weights (most of a small chunk's cost on an accelerator).
         while prefilling:
             self._prefill(prefilling[:self.prefill_batch])
-            if decoding:
+            if busy or decoding:
                 break
             prefilling = [i for i in prefilling if self._slots[i].done < len(self._slots[i].req.prompt)]
-        if decoding:
-            self._decode_step(decoding)
+        if busy or decoding:
+            self._decode_part(decoding)
         # The host reads step N's tokens while the device computes step N + 1 (dispatched just above). A row
         # that stops at step N has one step N + 1 computed for nothing; its token is dropped here. First
-        # tokens (from this step's prefill) are read now too: they wait for the prefill only, not the decode.
+        # tokens (from this round's prefill) are read now too: they wait for the prefill only, not the decode.
         first, self._first = self._first, []
         for tokens, rows in previous + first:
             tokens = _host(tokens)
             for r, s in rows:
                 if s.req.finish_reason is None:
                     self._append(self._slots.index(s), int(tokens[r]))
-        return bool(prefilling or decoding or previous or first)
+        return bool(prefilling or decoding or busy or previous or first)
 
     def _prefill(self, rows: list[int]) -> None:
         """One chunk of each of `rows`' prompts, in one call of the smallest shape [P, L] that holds them; the
@@ -449,32 +503,41 @@ class Engine:
         if self._compiles_at_warmup is not None:
             self.prefill_calls[len(rows)] += 1
 
-    def _decode_step(self, rows: list[int]) -> None:
-        """One decode step of `rows`' slots: a call over those slots only when a size of `_decode_sizes` holds
-        them (the rows past them repeating the first: the same values written twice), else over every slot
-        (the idle ones at position -1)."""
-        size = next((j for j, p in enumerate(self._decode_sizes) if p >= len(rows)), None)
-        p = self.max_batch if size is None else self._decode_sizes[size]
-        slot, positions, offsets, step, top_k = (np.zeros((p,), np.int32) for _ in range(5))
-        key_data, temperature, top_p = np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32), np.ones((p,), np.float32)
-        positions[:] = -1
-        for r, i in enumerate(rows):
-            at = i if size is None else r  # the step over every slot has slot i in row i
-            s = self._slots[i]
-            req = s.req
-            slot[at], positions[at], offsets[at] = i, len(req.prompt) + s.issued - 1, s.offset
-            key_data[at], step[at] = s.key_data, s.issued
-            temperature[at], top_k[at], top_p[at] = req.temperature, req.top_k, req.top_p
-            s.issued += 1
-        if size is None:
-            self._call(_DECODE, (positions, offsets, key_data, step, temperature, top_k, top_p))
-        else:
-            for a in (slot, positions, offsets, key_data, step, temperature, top_k, top_p):
-                a[len(rows):] = a[0]
-            self._call(self._rows_kind + size, (slot, positions, offsets, key_data, step, temperature, top_k, top_p))
-        self._pending.append((self._last, [(i, self._slots[i]) for i in rows]))
+    def _decode_part(self, rows: list[int]) -> None:
+        """The next part of the decode step in progress, or the first of a new step of `rows`' slots: over those
+        slots only when a size of `_decode_sizes` holds them (the rows past them repeating the first: the same
+        values written twice), else over every slot (the idle ones at position -1)."""
+        if self._stepping is None:
+            size = next((j for j, p in enumerate(self._decode_sizes) if p >= len(rows)), None)
+            p = self.max_batch if size is None else self._decode_sizes[size]
+            slot, positions, offsets, step, top_k = (np.zeros((p,), np.int32) for _ in range(5))
+            key_data, temperature, top_p = np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32), np.ones((p,), np.float32)
+            positions[:] = -1
+            for r, i in enumerate(rows):
+                at = i if size is None else r  # the step over every slot has slot i in row i
+                s = self._slots[i]
+                req = s.req
+                slot[at], positions[at], offsets[at] = i, len(req.prompt) + s.issued - 1, s.offset
+                key_data[at], step[at] = s.key_data, s.issued
+                temperature[at], top_k[at], top_p[at] = req.temperature, req.top_k, req.top_p
+                s.issued += 1
+            if size is None:
+                kind, args = _DECODE, (positions, offsets, key_data, step, temperature, top_k, top_p)
+            else:
+                args = (slot, positions, offsets, key_data, step, temperature, top_k, top_p)
+                for a in args:
+                    a[len(rows):] = a[0]
+                kind = self._rows_kind + size
+            self._stepping = (kind, args, [(i, self._slots[i]) for i in rows], 0)
+        kind, args, rows, part = self._stepping
+        self._inflight = self._call(kind, (np.array([part], np.int32), *args))
+        if part + 1 < len(self._spans):
+            self._stepping = (kind, args, rows, part + 1)
+            return
+        self._stepping = None
+        self._pending.append((self._last, rows))
         if self._compiles_at_warmup is not None:
-            self.decode_calls[p] += 1
+            self.decode_calls[args[0].shape[0]] += 1
 
     def _append(self, i: int, token: int) -> None:
         """Records slot i's new token, sends its text, and frees the slot when the request is done."""

@@ -307,7 +307,7 @@ def _rematerialised(body):
 def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: MixtralConfig,
           strategy: str = "sparse", cache=None, cache_index=None, k_pos=None, collect_routing=False,
           last_only=False, mesh=None, capacity_factor=None, segment_ids=None, router_logits=False,
-          remat=False, adapt_layer=None):
+          remat=False, adapt_layer=None, from_h=False, to_h=False):
     """The decoder on token ids; the pure function behind forward, prefill and decode.
 
     Args:
@@ -335,6 +335,10 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
         of keeping its activations.
       adapt_layer: optional static callable mapping one layer's weights to
         those used (LoRA adds its A·B there, one layer at a time).
+      from_h, to_h: run some of the layers only (the serving engine splits a decode step so: engine.py),
+        in the per_expert layout, `params["layers"]` and the cache lists holding those layers: `tokens` is
+        the residual stream [B, T, D] entering the first of them when `from_h`; `to_h` returns
+        (the residual stream after the last of them, updated cache) instead of logits.
 
     Returns:
       (logits [B, T, V] float32, updated cache or None), plus, when
@@ -343,7 +347,8 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     """
     if collect_routing and router_logits:
         raise ValueError("ask for collect_routing or router_logits, not both.")
-    x = sharding.constrain(layers.embed(tokens, params["embed"], params["final_norm"].dtype), mesh, ACT_BTD)
+    x = tokens if from_h else layers.embed(tokens, params["embed"], params["final_norm"].dtype)
+    x = sharding.constrain(x, mesh, ACT_BTD)
     cos, sin = layers.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
     layout = layout_lib.of(params)
     body = functools.partial(decoder_layer, cfg=cfg, layout=layout, positions=positions,
@@ -354,7 +359,10 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     if remat:
         body = _rematerialised(body)
     collect = collect_routing or router_logits
-    h, new_cache, routing = layout.layers(params, x, cache, body, last_only=last_only and not collect, mesh=mesh)
+    h, new_cache, routing = layout.layers(params, x, cache, body, last_only=last_only and not (collect or to_h),
+                                          mesh=mesh)
+    if to_h:
+        return h, new_cache
     if last_only:
         h = h[:, -1:]
     h = layers.rms_norm(h, params["final_norm"], cfg.rms_norm_eps)

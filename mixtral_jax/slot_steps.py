@@ -76,59 +76,86 @@ def prefill_chunk(params, tokens, start, offset, slot, cache, last_tokens, key_d
 
 
 def _on_slots(params, tokens, positions, index, clear, slot, cache, last_tokens, key_data, step, temperature, top_k,
-              top_p, *, cfg, strategy, mesh):
+              top_p, *, cfg, strategy, mesh, first=True, last=True):
     """The model on P slots' own cache rows: row r's tokens [L] at positions [L] from cache index index[r] of
     slot slot[r] (its positions first cleared where `clear`), then a token sampled after each row's last one.
+    Some of the layers only, unless `first` and `last` (see `decode`): `tokens` is then the residual stream
+    from the previous part, or the part returns it.
 
-    Returns (those tokens [P], last_tokens [B] with them in rows `slot`, cache)."""
+    Returns (those tokens [P], or the residual stream [P, L, D] unless `last`; last_tokens [B] with the tokens in
+    rows `slot`; cache)."""
     rows = lambda a: _rows(a, slot, mesh)
     put = lambda a, new: _put(a, new, slot, mesh)
-    pos_rows = jnp.where(clear[:, None], -1, rows(cache["pos"]))
-    k_pos = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions, index)
+    pos_rows = rows(cache["pos"])
+    if first:  # the first part writes the new positions; the later parts see them
+        pos_rows = jnp.where(clear[:, None], -1, pos_rows)
+        pos_rows = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions,
+                                                                                             index)
     kv = jax.tree.map(rows, (cache["k"], cache["v"]))
-    logits, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
-                                     cache_index=index, k_pos=k_pos, last_only=True, mesh=mesh)
-    last = sharding.constrain(logits[:, -1], mesh, (None, None))  # replicated: every process may read the tokens
-    nxt = sample_rows(last, key_data, step, temperature, top_k, top_p)
+    out, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
+                                  cache_index=index, k_pos=pos_rows, last_only=True, mesh=mesh, from_h=not first,
+                                  to_h=not last)
     k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
-    pos, last_tokens = put(cache["pos"], k_pos), sharding.constrain(put(last_tokens, nxt), mesh, (None,))
-    return sharding.constrain(nxt, mesh, (None,)), last_tokens, {"k": k, "v": v, "pos": pos}
+    cache = {"k": k, "v": v, "pos": put(cache["pos"], pos_rows) if first else cache["pos"]}
+    if not last:
+        return out, last_tokens, cache
+    logits = sharding.constrain(out[:, -1], mesh, (None, None))  # replicated: every process may read the tokens
+    nxt = sample_rows(logits, key_data, step, temperature, top_k, top_p)
+    last_tokens = sharding.constrain(put(last_tokens, nxt), mesh, (None,))
+    return sharding.constrain(nxt, mesh, (None,)), last_tokens, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
-def decode(params, tokens, positions, offsets, cache, key_data, step, temperature, top_k, top_p, *, cfg, strategy,
-            mesh, idle_index):
+# A decode step may run as several calls, each over some of the layers (`first`: from the tokens, `last`: to
+# the sampled tokens, the others passing on the residual stream `h`): between them the engine can prefill a
+# prompt that arrived, into another slot (engine.py). `params` and the cache then hold those layers only.
+_STEP_STATIC = ("cfg", "strategy", "mesh", "first", "last")
+
+
+@functools.partial(jax.jit, static_argnames=_STEP_STATIC, donate_argnames=("cache",))
+def decode(params, tokens, h, positions, offsets, cache, key_data, step, temperature, top_k, top_p, *, cfg, strategy,
+           mesh, idle_index, first=True, last=True):
     """One token for every slot: row r writes cache index positions[r] + offsets[r]; an idle row
     (position -1) writes the spare index `idle_index` with position -1, which no query ever sees.
 
-    Returns (next token int32 [B] (an idle row's `tokens` entry), cache).
+    Args:
+      tokens: int32 [B], each slot's last token (the first part reads them; the last part keeps an idle
+        row's, so pass them as they are when it runs).
+      h: the residual stream [B, 1, D] the previous part returned (None in the first part).
+
+    Returns (next token int32 [B] (an idle row's `tokens` entry), or the residual stream unless `last`; cache).
     """
     b = tokens.shape[0]
     index = jnp.where(positions >= 0, positions + offsets, idle_index)
-    k_pos = cache["pos"].at[jnp.arange(b), index].set(positions)
-    logits, (k, v) = model_lib.apply(params, tokens[:, None], positions[:, None], cfg=cfg, strategy=strategy,
-                                     cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos, mesh=mesh)
-    nxt = sample_rows(sharding.constrain(logits[:, 0], mesh, (None, None)), key_data, step, temperature, top_k, top_p)
+    k_pos = cache["pos"].at[jnp.arange(b), index].set(positions) if first else cache["pos"]
+    out, (k, v) = model_lib.apply(params, tokens[:, None] if first else h, positions[:, None], cfg=cfg,
+                                  strategy=strategy, cache=(cache["k"], cache["v"]), cache_index=index, k_pos=k_pos,
+                                  mesh=mesh, from_h=not first, to_h=not last)
+    cache = {"k": k, "v": v, "pos": k_pos}
+    if not last:
+        return out, cache
+    nxt = sample_rows(sharding.constrain(out[:, 0], mesh, (None, None)), key_data, step, temperature, top_k, top_p)
     # An idle row keeps its token: a prompt prefilled just before this step starts decoding from it.
-    return sharding.constrain(jnp.where(positions >= 0, nxt, tokens), mesh, (None,)), {"k": k, "v": v, "pos": k_pos}
+    return sharding.constrain(jnp.where(positions >= 0, nxt, tokens), mesh, (None,)), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "strategy", "mesh"), donate_argnames=("cache",))
-def decode_rows(params, last_tokens, slot, positions, offsets, cache, key_data, step, temperature, top_k, top_p, *,
-                cfg, strategy, mesh):
+@functools.partial(jax.jit, static_argnames=_STEP_STATIC, donate_argnames=("cache",))
+def decode_rows(params, last_tokens, h, slot, positions, offsets, cache, key_data, step, temperature, top_k, top_p, *,
+                cfg, strategy, mesh, first=True, last=True):
     """One token for each of P slots only (`decode` computes every slot): row r decodes slot slot[r] from its
     token in `last_tokens`, at position positions[r] and cache index positions[r] + offsets[r]. With few
     slots decoding, a step then computes those rows, not all `max_batch`. A row may repeat another exactly.
 
     Args:
       slot, positions, offsets, step: int32 [P]; key_data: uint32 [P, 2]; temperature, top_k, top_p: [P].
+      h: as in `decode`, [P, 1, D].
 
-    Returns (last_tokens [B] with the P new tokens in rows `slot`, cache).
+    Returns (last_tokens [B] with the P new tokens in rows `slot`, or the residual stream unless `last`; cache).
     """
-    _, last_tokens, cache = _on_slots(params, last_tokens[slot][:, None], positions[:, None], positions + offsets,
-                                      jnp.zeros(slot.shape, bool), slot, cache, last_tokens, key_data, step,
-                                      temperature, top_k, top_p, cfg=cfg, strategy=strategy, mesh=mesh)
-    return last_tokens, cache
+    out, last_tokens, cache = _on_slots(
+        params, last_tokens[slot][:, None] if first else h, positions[:, None], positions + offsets,
+        jnp.zeros(slot.shape, bool), slot, cache, last_tokens, key_data, step, temperature, top_k, top_p, cfg=cfg,
+        strategy=strategy, mesh=mesh, first=first, last=last)
+    return (last_tokens if last else out), cache
 
 
 def sample_rows(logits, key_data, step, temperature, top_k, top_p):

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 import mixtral_jax as mj
-from mixtral_jax.engine import Engine, Request
+from mixtral_jax.engine import _DECODE, Engine, Request
 from mixtral_jax.serve import build_app
 
 MAX_SEQ_LEN = 64
@@ -101,24 +101,54 @@ def test_serve_loads_the_model_quantized_as_asked():
 def test_engine_requests_equal_generate_alone(model, engine):
     """Greedy and seeded sampled requests, more than the slots, prompts of 1 to 5 chunks, each equal to
     mj.generate of its prompt alone (same seed): what else runs changes nothing, not even prompts
-    prefilled in the same call."""
+    prefilled in the same call or between the parts of a decode step."""
     # Prompts up to 16 tokens and 16 new ones: the references share one compiled prefill and decode.
     prompts = _prompts([1, 3, 8, 9, 16, 5, 12, 2, 15, 7], seed=0)
     n_new = [5, 12, 3, 9, 7, 16, 1, 10, 6, 11]
+    # The device calls, in order: a decode step runs as parts, and prompts are prefilled between them.
+    log, run_call = [], engine._run_call
+    engine._run_call = lambda kind, args: log.append((kind, args)) or run_call(kind, args)
     greedy = [engine.submit(Request(p, n)) for p, n in zip(prompts, n_new)]
     sampled = [engine.submit(Request(p, 8, seed=100 + i, **SAMPLING)) for i, p in enumerate(prompts[:4])]
     calls, steps = engine.prefill_calls.copy(), engine.decode_calls.copy()
     _wait(greedy + sampled)
+    # One request decoding alone (a step over its slot only) while a prompt of 4 chunks arrives.
+    alone = engine.submit(Request(prompts[1], 24))
+    while len(alone.tokens) < 2:
+        time.sleep(0.001)
+    beside = engine.submit(Request(prompts[4], 4))
+    _wait([alone, beside])
+    engine._run_call = run_call
     batched = engine.prefill_calls - calls
     assert max(batched) > 1 and sum(batched.values()) < sum(-(-len(p) // CHUNK) for p in prompts + prompts[:4])
     stepped = engine.decode_calls - steps  # steps of every slot, and steps of the decoding slots only
     assert engine.max_batch in stepped and min(stepped) < engine.max_batch
+    # Decode calls are (part, ...); a prefill between part 0 and part 1 of both kinds of step.
+    part = [int(args[0][0]) if kind == _DECODE or kind >= engine._rows_kind else None for kind, args in log]
+    between = {log[i][0] for i in range(len(log) - 2)
+               if part[i] == 0 and part[i + 1] is None and log[i + 2][0] == log[i][0] and part[i + 2] == 1}
+    assert _DECODE in between and max(between) >= engine._rows_kind
     for r, p, n in zip(greedy, prompts, n_new):
         ref = mj.generate(model, [p], max_new_tokens=n)[0]
         assert r.tokens == ref
         assert r.finish_reason == ("stop" if ref[-1] == model.cfg.eos_token_id else "length")
     for i, (r, p) in enumerate(zip(sampled, prompts)):
         assert r.tokens == mj.generate(model, [p], max_new_tokens=8, seed=100 + i, **SAMPLING)[0]
+    assert alone.tokens == mj.generate(model, [prompts[1]], max_new_tokens=24)[0]
+    assert beside.tokens == mj.generate(model, [prompts[4]], max_new_tokens=4)[0]
+
+
+def test_engine_gives_a_stopped_requests_slot_away_only_after_the_step_that_computes_it(model, engine):
+    """A request that stops on a token is computed once more by the next decode step, whose later parts
+    write its slot; a prompt waiting for a slot must not be prefilled into it between those parts."""
+    prompts = _prompts([3, 5, 2, 6, 4, 7, 3, 5, 2], seed=5)
+    stopper = mj.generate(model, [prompts[0]], max_new_tokens=2, stop_tokens=[])[0]
+    reqs = [engine.submit(Request(prompts[0], 12, stop_tokens=[stopper[1]]))]
+    reqs += [engine.submit(Request(p, 12, stop_tokens=[])) for p in prompts[1:]]  # the last waits for a slot
+    _wait(reqs)
+    assert reqs[0].tokens == stopper and reqs[0].finish_reason == "stop"
+    for r, p in zip(reqs[1:], prompts[1:]):
+        assert r.tokens == mj.generate(model, [p], max_new_tokens=12, stop_tokens=[])[0]
 
 
 def test_engine_stops_on_token_ids_and_strings(model, engine, tok):
@@ -249,6 +279,8 @@ def test_engine_on_a_mesh_equals_generate_alone():
     """The engine over an expert-parallel mesh of this process's 8 devices: greedy and seeded sampled
     requests, sent together, equal mj.generate of the same model; nothing compiles after warm-up."""
     model = mj.init_random(mj.load_config("tiny"), seed=0, mesh=mj.make_mesh("expert=4,tensor=2"))
+    with pytest.raises(ValueError, match="decode_parts must be in"):  # a stacked layer slice would be a copy
+        Engine(model, max_batch=4, max_seq_len=32, decode_parts=2)
     # Calls of 1 or 2 prompts of 4 or 8 tokens: the prompts' first pieces (3, 11 mod 8, 6) take both lengths.
     eng = Engine(model, max_batch=4, max_seq_len=32, prefill_chunk=8, prefill_batch=2)
     eng.start()
