@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mixtral_jax import cpu_kernel, quant
+from mixtral_jax import cpu_kernel, int4_tpu, quant
 from mixtral_jax.layout import EXPERT_PARAMS
 
 STRATEGIES = ("sparse", "dense")
@@ -138,10 +138,25 @@ def _f32_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def every_expert(xs: jax.Array, experts) -> jax.Array:
-    """Every stacked expert on every row, as one batched product: xs [M, D] → [E, M, D] float32."""
-    w1, w3, w2 = (quant.dequantize(experts[n], xs.dtype) for n in EXPERT_PARAMS)
-    h = jax.nn.silu(jnp.einsum("MD,EDF->EMF", xs, w1)) * jnp.einsum("MD,EDF->EMF", xs, w3)
-    return _f32_product("EMF,EFD->EMD", h, w2)
+    """Every stacked expert on every row, as one batched product: xs [M, D] → [E, M, D] float32.
+
+    int4 experts on TPU go through int4_tpu.py's kernel, which reads them as stored; XLA would write
+    each layer's weights out dequantized first (its scales run along the contracted axis)."""
+    def xla(xs, experts):
+        w1, w3, w2 = (quant.dequantize(experts[n], xs.dtype) for n in EXPERT_PARAMS)
+        h = jax.nn.silu(jnp.einsum("MD,EDF->EMF", xs, w1)) * jnp.einsum("MD,EDF->EMF", xs, w3)
+        return _f32_product("EMF,EFD->EMD", h, w2)
+
+    if quant.mode_of(experts["w1"]) != "int4":
+        return xla(xs, experts)
+
+    def tpu(xs, experts):
+        w1, w3, w2 = (experts[n] for n in EXPERT_PARAMS)
+        h = jax.nn.silu(int4_tpu.matmul(xs[None], w1, xs.dtype)) * int4_tpu.matmul(xs[None], w3, xs.dtype)
+        return int4_tpu.matmul(h, w2, jnp.float32)
+
+    # Chosen when lowering, so a TPU compile from a CPU host gets the kernel.
+    return jax.lax.platform_dependent(xs, experts, tpu=tpu, default=xla)
 
 
 def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:

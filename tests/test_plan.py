@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mixtral_jax as mj
-from mixtral_jax import hlo, model as model_lib, plan, sharding, topology
+from mixtral_jax import hlo, model as model_lib, plan, quant, sharding, topology
 from mixtral_jax.config import from_hf_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,6 +360,33 @@ def test_tpu_decode_reads_the_weights_about_once(topo, mesh, quantize):
     held = r["params_bytes_per_device"] + r["kv_cache_bytes_per_device"]
     assert r["decode"]["costs_exact"]
     assert held <= r["decode_hbm_bytes_per_device"] <= 1.6 * held
+
+
+def test_tpu_int4_experts_are_read_as_stored_not_dequantized_first():
+    # int4's scales run along the contracted axis, so XLA cannot fuse its dequantize into the product: it
+    # wrote each layer's experts out in float32 first, a decode step reading 34x the bytes it holds. The
+    # Pallas kernel (int4_tpu.py) reads the nibbles and scales; no float expert is in the TPU program. What
+    # stays is the layer scan's copy of a layer's slice before any custom call (docs/planning.md).
+    from mixtral_jax import moe
+
+    dev = jax.sharding.SingleDeviceSharding(topology.tpu_devices("v5e:1x1")[0])
+    arg = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=dev)
+    layers, e, m, d, f = 4, 8, 8, 1024, 4096
+    q = lambda k, n: {"qvalue": arg(jnp.uint8, layers, e, k // 2, n), "scale": arg(jnp.float16, layers, e, k // 32, n)}
+
+    def decode(x, w):
+        return jax.lax.scan(lambda h, lp: (h + jnp.sum(moe.every_expert(h, lp), 0).astype(h.dtype), None), x, w)[0]
+
+    compiled = jax.jit(decode).lower(arg(jnp.bfloat16, m, d), {"w1": q(d, f), "w3": q(d, f), "w2": q(f, d)}).compile()
+    text = compiled.as_text()
+    assert text.count('custom_call_target="tpu_custom_call"') == 3
+    for dtype in ("f32", "bf16"):  # a dequantized w1 / w3 or w2, in any dimension order
+        for shape in ({e, d, f}, {e, f, d}):
+            assert not any(set(map(int, dims.split(","))) == shape and dims.count(",") == 2
+                           for dims in re.findall(dtype + r"\[([\d,]+)\]", text))
+    held = 3 * e * (d // 2 * f + d // quant.GROUP * f * 2)  # one layer (cost analysis counts a scan body once)
+    cost = compiled.cost_analysis()
+    assert (cost[0] if isinstance(cost, list) else cost)["bytes accessed"] < 4 * held
 
 
 def test_tpu_engine_prefill_moves_its_slots_rows_not_the_whole_cache():

@@ -320,3 +320,25 @@ def test_bad_quantize_values_are_one_clear_error(float_ckpt, hf_dir, tmp_path):
             call()
     with pytest.raises(ValueError, match="expert_dtype and quantize both set the experts' storage"):
         mj.load(path, quantize="int8", expert_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("experts,rows,inputs,outputs", [(2, 8, 1024, 1024), (3, 3, 96, 256), (2, 1, 2048, 384)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_int4_tpu_kernel_equals_the_product_on_the_dequantized_weights(experts, rows, inputs, outputs, shared):
+    """The TPU kernel, in Pallas's interpreter: x (shared by every expert, or one per expert) times int4
+    experts equals the float32 product on quant.dequantize's weights, up to the order of the sums. Some
+    scales are float16 subnormals (the kernel decodes float16 bits itself); 2048 inputs take 2 tiles."""
+    from mixtral_jax import int4_tpu
+
+    rs = np.random.RandomState(0)
+    w = rs.randn(experts, inputs, outputs).astype(np.float32) * 0.02
+    w[:, :32, :7] *= 1e-4
+    w = jax.tree.map(jnp.asarray, quant.quantize(w, "int4"))
+    assert np.sum(np.asarray(w["scale"]) < np.finfo(np.float16).tiny) > 0
+    x = jnp.asarray(rs.randn(1 if shared else experts, rows, inputs), jnp.bfloat16)
+    ref = jnp.einsum("XMD,EDF->EMF" if shared else "EMD,EDF->EMF", x.astype(jnp.float32),
+                     quant.dequantize(w, jnp.bfloat16).astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    got = int4_tpu.matmul(x, w, jnp.float32, interpret=True)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    bf16 = int4_tpu.matmul(x, w, jnp.bfloat16, interpret=True)
+    assert bf16.dtype == jnp.bfloat16 and np.max(np.abs(np.asarray(bf16, np.float32) - ref)) <= 2 ** -8 * np.max(np.abs(ref))

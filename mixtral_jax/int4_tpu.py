@@ -1,0 +1,90 @@
+"""int4 weights' products on TPU: a Pallas kernel that reads the packed nibbles and their float16 scales and
+dequantizes them in VMEM, tile by tile.
+
+XLA cannot fuse int4's dequantize into the product (a scale per 32 inputs is a scale along the contracted
+axis): it writes each layer's experts out in float32 and reads them back, 34x the bytes a decode step holds
+(docs/planning.md#8x7b-in-int8-on-a-v5e-4). This kernel reads each weight tile once, as stored.
+
+The arithmetic is `quant.dequantize`'s (qvalue · scale in float32, rounded once to the activations' dtype),
+then the product in that dtype with float32 accumulation, as XLA's; only the order of the sums differs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from mixtral_jax import quant
+
+_HALF = quant.GROUP // 2  # a group of 32 inputs is 16 bytes: input i in byte i's low nibble, 16 + i in its high one
+
+
+def _tile(n: int, sizes=(512, 256, 128)) -> int:
+    """The largest of `sizes` dividing n (TPU blocks are multiples of 128 lanes), else n itself."""
+    return next((t for t in sizes if n % t == 0), n)
+
+
+def _kernel(x_low_ref, x_high_ref, q_ref, scale_ref, o_ref, acc_ref):
+    """o[e] = x_low · low(q[e]) · scale + x_high · high(q[e]) · scale, summed over the input tiles (grid axis 2)."""
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    b = q_ref[0].astype(jnp.int32)
+    low, high = (b << 28) >> 28, (b << 24) >> 28  # each nibble to the top, then an arithmetic shift: signed
+    # The scales read as float16 bits (v5e has no float16 vectors); all are positive and finite.
+    bits = scale_ref[0].astype(jnp.int32) & 0xFFFF
+    exponent, mantissa = (bits >> 10) & 31, bits & 1023
+    normal = pltpu.bitcast(((exponent + 112) << 23) | (mantissa << 13), jnp.float32)
+    scale = jnp.where(exponent == 0, mantissa.astype(jnp.float32) * 2.0 ** -24, normal)  # [groups, n]
+    groups, n = scale.shape
+    scale = jnp.broadcast_to(scale[:, None, :], (groups, _HALF, n)).reshape(groups * _HALF, n)  # one per byte row
+    dt = x_low_ref.dtype
+    acc_ref[...] += (
+        jnp.dot(x_low_ref[0], (low.astype(jnp.float32) * scale).astype(dt), preferred_element_type=jnp.float32)
+        + jnp.dot(x_high_ref[0], (high.astype(jnp.float32) * scale).astype(dt), preferred_element_type=jnp.float32))
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _():
+        o_ref[0] = acc_ref[...].astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
+def matmul(x: jax.Array, w: dict, out_dtype, interpret: bool = False) -> jax.Array:
+    """x [X, M, K] times each of E int4 matrices w ({"qvalue": uint8 [E, K/2, N], "scale": float16 [E, K/32, N]},
+    quant.py's stacked form) → [E, M, N] in `out_dtype`; X is 1 (the same rows for every matrix) or E.
+
+    `interpret` runs the kernel in Pallas's interpreter (any platform: the tests' reference check).
+    """
+    q, scale = w["qvalue"], w["scale"]
+    e, kp, n = q.shape
+    xe, m, k = x.shape
+    if k != 2 * kp or xe not in (1, e) or scale.shape != (e, k // quant.GROUP, n):
+        raise ValueError(f"int4 product of x {x.shape} with qvalue {q.shape} and scale {scale.shape}: shapes disagree.")
+    # The inputs each byte row pairs: x's columns g * 32 + i (low nibbles) and g * 32 + 16 + i (high), i < 16.
+    split = x.reshape(xe, m, k // quant.GROUP, 2, _HALF)
+    x_low, x_high = split[:, :, :, 0].reshape(xe, m, kp), split[:, :, :, 1].reshape(xe, m, kp)
+    tk, tn = _tile(kp), _tile(n)
+    x_map = (lambda i, j, l: (i, 0, l)) if xe > 1 else (lambda i, j, l: (0, 0, l))
+    x_bytes = x.size * x.dtype.itemsize * (n // tn) * (e // xe)  # x's tiles are read again for each output tile
+    cost = pl.CostEstimate(flops=2 * e * m * k * n, transcendentals=0,
+                           bytes_accessed=q.size + scale.size * 2 + x_bytes + e * m * n * jnp.dtype(out_dtype).itemsize)
+    # Inside shard_map the output varies over every mesh axis an input does.
+    mat = jax.typeof(q).mat
+    mat = mat.update(varying=frozenset().union(*(jax.typeof(a).mat.varying for a in (x, q, scale))))
+    return pl.pallas_call(
+        _kernel, grid=(e, n // tn, kp // tk),
+        in_specs=[pl.BlockSpec((1, m, tk), x_map), pl.BlockSpec((1, m, tk), x_map),
+                  pl.BlockSpec((1, tk, tn), lambda i, j, l: (i, l, j)),
+                  pl.BlockSpec((1, tk // _HALF, tn), lambda i, j, l: (i, l, j))],
+        out_specs=pl.BlockSpec((1, m, tn), lambda i, j, l: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((e, m, n), out_dtype, manual_axis_type=mat),
+        scratch_shapes=[pltpu.VMEM((m, tn), jnp.float32)],
+        cost_estimate=cost, interpret=interpret,
+    )(x_low, x_high, q, jax.lax.bitcast_convert_type(scale, jnp.int16))
