@@ -151,8 +151,8 @@ def _expert_parallel_local(x, valid, router, w1, w3, w2, *, k: int, capacity: in
     """
     n, d = x.shape
     num_experts = router.shape[1]
-    e_loc = jax.tree.leaves(w1)[0].shape[0]
     ep, tp = jax.lax.axis_size("expert"), jax.lax.axis_size("tensor")
+    e_loc = num_experts // ep
     shard = jax.lax.axis_index("expert")
     with jax.named_scope("route"):
         weights, chosen = route(x, router, k)  # [n, k]
@@ -249,11 +249,15 @@ def moe_expert_parallel(x: jax.Array, p, k: int, mesh: Mesh, capacity_factor: fl
 
 
 def _weight_spec(w, axes, mesh):
-    """PartitionSpec of a stacked expert weight, or of a quantized one's qvalue and scale (sharded alike)."""
+    """PartitionSpec of a stacked expert weight, or of a quantized one's qvalue and scale (sharded alike; with
+    every layer and the layer's index when the layer scan passes it whole: quant.at_layer)."""
     if quant.is_quantized(w):
         quant.check_split(w["qvalue"].shape[-1] if axes[-1] == "ffn" else w["scale"].shape[-2] * quant.GROUP,
                           quant.mode_of(w), mesh.shape["tensor"])
         qaxes = quant.axes(axes, quant.mode_of(w))
+        if "layer" in w:
+            return {"layer": P(), **{k: sharding.logical_to_spec(("layers", *qaxes[k]), mesh, w[k].shape)
+                                     for k in ("qvalue", "scale")}}
         return {k: sharding.logical_to_spec(qaxes[k], mesh, w[k].shape) for k in ("qvalue", "scale")}
     return sharding.logical_to_spec(axes, mesh, w.shape)
 

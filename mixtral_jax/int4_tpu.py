@@ -28,8 +28,9 @@ def _tile(n: int, sizes=(512, 256, 128)) -> int:
     return next((t for t in sizes if n % t == 0), n)
 
 
-def _kernel(x_low_ref, x_high_ref, q_ref, scale_ref, o_ref, acc_ref):
+def _kernel(layer_ref, x_low_ref, x_high_ref, q_ref, scale_ref, o_ref, acc_ref):
     """o[e] = x_low · low(q[e]) · scale + x_high · high(q[e]) · scale, summed over the input tiles (grid axis 2)."""
+    del layer_ref  # used by the index maps only
     k = pl.program_id(2)
 
     @pl.when(k == 0)
@@ -60,10 +61,15 @@ def matmul(x: jax.Array, w: dict, out_dtype, interpret: bool = False) -> jax.Arr
     """x [X, M, K] times each of E int4 matrices w ({"qvalue": uint8 [E, K/2, N], "scale": float16 [E, K/32, N]},
     quant.py's stacked form) → [E, M, N] in `out_dtype`; X is 1 (the same rows for every matrix) or E.
 
-    `interpret` runs the kernel in Pallas's interpreter (any platform: the tests' reference check).
+    `w` may also be every layer's, [L, E, ...], with "layer": the layer's index (as the layer scan passes
+    int4 experts, quant.at_layer): the kernel reads that layer's weight tiles where they lie, with no slice
+    copied out first. `interpret` runs the kernel in Pallas's interpreter (any platform: the tests' reference check).
     """
-    q, scale = w["qvalue"], w["scale"]
-    e, kp, n = q.shape
+    q, scale = w["qvalue"], quant.at_layer(w)["scale"]
+    layer = jnp.asarray(w.get("layer", 0), jnp.int32).reshape(1)
+    if "layer" not in w:
+        q = q[None]  # one layer
+    _, e, kp, n = q.shape
     xe, m, k = x.shape
     if k != 2 * kp or xe not in (1, e) or scale.shape != (e, k // quant.GROUP, n):
         raise ValueError(f"int4 product of x {x.shape} with qvalue {q.shape} and scale {scale.shape}: shapes disagree.")
@@ -71,20 +77,26 @@ def matmul(x: jax.Array, w: dict, out_dtype, interpret: bool = False) -> jax.Arr
     split = x.reshape(xe, m, k // quant.GROUP, 2, _HALF)
     x_low, x_high = split[:, :, :, 0].reshape(xe, m, kp), split[:, :, :, 1].reshape(xe, m, kp)
     tk, tn = _tile(kp), _tile(n)
-    x_map = (lambda i, j, l: (i, 0, l)) if xe > 1 else (lambda i, j, l: (0, 0, l))
+    x_map = (lambda i, j, l, layer: (i, 0, l)) if xe > 1 else (lambda i, j, l, layer: (0, 0, l))
+    w_map = lambda i, j, l, layer: (layer[0], i, l, j)
     x_bytes = x.size * x.dtype.itemsize * (n // tn) * (e // xe)  # x's tiles are read again for each output tile
     cost = pl.CostEstimate(flops=2 * e * m * k * n, transcendentals=0,
-                           bytes_accessed=q.size + scale.size * 2 + x_bytes + e * m * n * jnp.dtype(out_dtype).itemsize)
+                           bytes_accessed=(e * kp * n + e * k // quant.GROUP * n * 2 + x_bytes
+                                           + e * m * n * jnp.dtype(out_dtype).itemsize))
     # Inside shard_map the output varies over every mesh axis an input does.
     mat = jax.typeof(q).mat
     mat = mat.update(varying=frozenset().union(*(jax.typeof(a).mat.varying for a in (x, q, scale))))
     return pl.pallas_call(
-        _kernel, grid=(e, n // tn, kp // tk),
-        in_specs=[pl.BlockSpec((1, m, tk), x_map), pl.BlockSpec((1, m, tk), x_map),
-                  pl.BlockSpec((1, tk, tn), lambda i, j, l: (i, l, j)),
-                  pl.BlockSpec((1, tk // _HALF, tn), lambda i, j, l: (i, l, j))],
-        out_specs=pl.BlockSpec((1, m, tn), lambda i, j, l: (i, 0, j)),
+        _kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(e, n // tn, kp // tk),
+            in_specs=[pl.BlockSpec((1, m, tk), x_map), pl.BlockSpec((1, m, tk), x_map),
+                      pl.BlockSpec((pl.Squeezed(), 1, tk, tn), w_map),
+                      pl.BlockSpec((1, tk // _HALF, tn), lambda i, j, l, layer: (i, l, j))],
+            out_specs=pl.BlockSpec((1, m, tn), lambda i, j, l, layer: (i, 0, j)),
+            scratch_shapes=[pltpu.VMEM((m, tn), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct((e, m, n), out_dtype, manual_axis_type=mat),
-        scratch_shapes=[pltpu.VMEM((m, tn), jnp.float32)],
         cost_estimate=cost, interpret=interpret,
-    )(x_low, x_high, q, jax.lax.bitcast_convert_type(scale, jnp.int16))
+    # Mosaic loads no float16 on v5e and takes the bits instead: a bitcast, which XLA makes a copy (of one
+    # layer's scales, 1/9 of its bytes; on every layer's at once it would be hoisted out of the layer loop).
+    )(layer, x_low, x_high, q, jax.lax.bitcast_convert_type(scale, jnp.int16))

@@ -88,8 +88,17 @@ class Stacked:
                 kv = tuple(sharding.constrain(c, mesh, sharding.CACHE_AXES["k"]) for c in kv)
             return (h, kv), routing
 
+        # int4 experts go to a custom call on TPU (int4_tpu.py), which would get a copy of the layer's slice
+        # were the scan to slice them: they are passed whole with the layer's index, and sliced where used.
+        whole = {n: w for n, w in params["layers"].items() if quant.mode_of(w) == "int4"}
+        sliced = {n: w for n, w in params["layers"].items() if n not in whole}
+
+        def layer_step(carry, xs):
+            lp, l = xs
+            return step(carry, ({**lp, **{n: {**w, "layer": l} for n, w in whole.items()}}, l))
+
         num_layers = params["layers"]["attn_norm"].shape[0]
-        (h, cache), routing = jax.lax.scan(step, (h, cache), (params["layers"], jnp.arange(num_layers)))
+        (h, cache), routing = jax.lax.scan(layer_step, (h, cache), (sliced, jnp.arange(num_layers)))
         return h, cache, routing
 
     @staticmethod

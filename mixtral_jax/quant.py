@@ -171,6 +171,14 @@ def _unpack(qvalue: jax.Array, axis: int) -> jax.Array:
     return both.reshape(shape)
 
 
+def at_layer(w):
+    """A quantized weight the layer scan passes whole, with the layer's index ({"qvalue", "scale", "layer"}:
+    `layout.Stacked.layers`), as that layer's {"qvalue", "scale"}; any other weight as it is."""
+    if not (is_quantized(w) and "layer" in w):
+        return w
+    return {k: jax.lax.dynamic_index_in_dim(w[k], w["layer"], keepdims=False) for k in ("qvalue", "scale")}
+
+
 def dequantize(w, dtype, axis: int = -2) -> jax.Array:
     """The float weight in `dtype`: qvalue · scale in float32, rounded once to `dtype`.
 
@@ -180,6 +188,7 @@ def dequantize(w, dtype, axis: int = -2) -> jax.Array:
     """
     if not is_quantized(w):
         return w.astype(dtype)
+    w = at_layer(w)
     q, scale = w["qvalue"], w["scale"]
     if q.dtype == jnp.int8:  # per channel, the scale broadcasts (size 1 along the input); in groups, repeated
         for i, (n, m) in enumerate(zip(q.shape, scale.shape)):
