@@ -202,6 +202,8 @@ def _check_flags() -> None:
         raise UsageError(f"--prefill_chunk must be >= 1, got {FLAGS.prefill_chunk}.")
     if FLAGS.prefill_batch is not None and FLAGS.prefill_batch < 1:
         raise UsageError(f"--prefill_batch must be >= 1, got {FLAGS.prefill_batch}.")
+    if FLAGS.decode_parts is not None and FLAGS.decode_parts < 1:
+        raise UsageError(f"--decode_parts must be >= 1, got {FLAGS.decode_parts}.")
     if FLAGS.max_seq_len < 2:
         raise UsageError(f"--max_seq_len must be >= 2, got {FLAGS.max_seq_len}.")
     if not 0 < FLAGS.port < 65536:
@@ -263,7 +265,7 @@ def run() -> int:
     model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh, FLAGS.quantize)
     tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
     engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer,
-                    prefill_batch=FLAGS.prefill_batch)
+                    prefill_batch=FLAGS.prefill_batch, decode_parts=FLAGS.decode_parts)
     if jax.process_index() != 0:
         engine.follow()
         return 0
@@ -306,6 +308,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens prefilled per chunk between decode steps.")
     flags.DEFINE_integer("prefill_batch", None, "Prompts prefilled together in one call at most; default "
                          "min(max_batch, 8).")
+    flags.DEFINE_integer("decode_parts", None, "Calls a decode step runs as, each over a run of the layers, so a "
+                         "new prompt waits for one part, not a step; default 2 on one CPU device, 1 elsewhere.")
     flags.DEFINE_string("dtype", None, "Parameter dtype; default float32 on CPU, bfloat16 on TPU/GPU.")
     flags.DEFINE_string("quantize", None, "Quantize the weights while loading, as `sample --quantize`: int8, int4, "
                         "int8-experts or int4-experts (a checkpoint written with convert --quantize is served as stored).")

@@ -275,6 +275,17 @@ def test_no_compile_after_warmup_and_metrics(engine, server):
     assert _metric(server, "mixtral_slots") == SLOTS and _metric(server, "mixtral_queue_length") == 0
 
 
+@pytest.mark.parametrize("flags,message", [(["--decode_parts", "0"], "--decode_parts must be >= 1, got 0."),
+                                           (["--decode_parts", "5"], "decode_parts must be in [1, 4] (the layers)")])
+def test_serve_cli_bad_decode_parts_is_one_line_and_exit_2(flags, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mixtral_jax.serve", *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert message in r.stderr.strip().splitlines()[-1]
+
+
 def test_engine_on_a_mesh_equals_generate_alone():
     """The engine over an expert-parallel mesh of this process's 8 devices: greedy and seeded sampled
     requests, sent together, equal mj.generate of the same model; nothing compiles after warm-up."""
