@@ -195,8 +195,8 @@ class Engine:
         # Part i of a decode step runs layers [lo, hi) of _spans[i], with params holding those layers only.
         n = cfg.num_hidden_layers
         self._spans = [(n * i // decode_parts, n * (i + 1) // decode_parts) for i in range(decode_parts)]
-        self._part_params = [self._params if decode_parts == 1 else {**self._params, "layers": self._params["layers"][lo:hi]}
-                             for lo, hi in self._spans]
+        self._part_params = [self._params if decode_parts == 1 else
+                             {**self._params, "layers": self._params["layers"][lo:hi]} for lo, hi in self._spans]
         self._h = None  # the residual stream between parts of the step in progress
         # The step in progress: (kind, its arguments, its [(row, slot)], the next part), or None.
         self._stepping: tuple[int, tuple, list[tuple[int, _Slot]], int] | None = None
@@ -304,7 +304,7 @@ class Engine:
         order += [c for j in range(len(self._decode_sizes)) for c in (f"r{j}", f"r{j}", "p0", f"r{j}", "d", f"r{j}")]
         for name in order:
             kind, args = calls[name]
-            if kind >= _PREFILL and kind < self._rows_kind:
+            if _PREFILL <= kind < self._rows_kind:
                 self._call(kind, args)
                 continue
             for part in range(parts):
@@ -449,8 +449,9 @@ class Engine:
                 self._slots[i] = self._waiting.popleft()
                 self._slots[i].offset = -len(self._slots[i].req.prompt) % self.chunk
         prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.done < len(s.req.prompt)]
-        decoding = [] if busy else [i for i, s in enumerate(self._slots)
-                                    if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
+        decoding = [] if busy else [
+            i for i, s in enumerate(self._slots)
+            if s is not None and s.done == len(s.req.prompt) and 0 < s.issued < s.req.max_tokens]
         # With streams running, one call per decode call keeps their inter-token latency bounded; with none,
         # prefill everything waiting first. A call takes one chunk of each of several prompts, which share one
         # read of the weights (most of a small chunk's cost on an accelerator).
@@ -511,7 +512,8 @@ class Engine:
             size = next((j for j, p in enumerate(self._decode_sizes) if p >= len(rows)), None)
             p = self.max_batch if size is None else self._decode_sizes[size]
             slot, positions, offsets, step, top_k = (np.zeros((p,), np.int32) for _ in range(5))
-            key_data, temperature, top_p = np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32), np.ones((p,), np.float32)
+            key_data, temperature = np.zeros((p, 2), np.uint32), np.zeros((p,), np.float32)
+            top_p = np.ones((p,), np.float32)
             positions[:] = -1
             for r, i in enumerate(rows):
                 at = i if size is None else r  # the step over every slot has slot i in row i
