@@ -67,8 +67,8 @@ for i in range(args.rounds):
             time.sleep(0.05 * rs.rand())
             busy.append(first_token(engine))
         wait(longs)
-        print(f"round {i} decode_parts {parts}: 16 x 32 at once {at_once:.1f} tok/s; one request {alone_ms:.1f} ms/token; "
-              f"head of line {np.median(busy) / alone:.2f}x median, {max(busy) / alone:.2f}x worst "
+        print(f"round {i} decode_parts {parts}: 16 x 32 at once {at_once:.1f} tok/s; one request "
+              f"{alone_ms:.1f} ms/token; head of line {np.median(busy) / alone:.2f}x median, {max(busy) / alone:.2f}x worst "
               f"(alone {alone * 1e3:.1f} ms); load average {os.getloadavg()[0]:.1f}", flush=True)
 for parts, engine in engines.items():
     print(f"decode_parts {parts}: compiles after warm-up {engine.compiles}")
