@@ -86,7 +86,8 @@ def shapes(shape: tuple[int, ...], mode: str, in_axes: tuple[int, ...] = (-2,),
         if group is not None:
             (a,) = in_axes
             if shape[a] % group:
-                raise ValueError(f"int8 groups of {group} need an input size that is a multiple of {group}, got {shape[a]}.")
+                raise ValueError(f"int8 groups of {group} need an input size that is a multiple of {group}, "
+                                 f"got {shape[a]}.")
         scale = tuple((1 if group is None else n // group) if i - len(shape) in in_axes else n
                       for i, n in enumerate(shape))
         return {"qvalue": (tuple(shape), np.dtype(np.int8)), "scale": (scale, SCALE_DTYPE[mode])}
@@ -124,7 +125,8 @@ def mode_of(w) -> str | None:
     return "int8" if w["qvalue"].dtype == np.int8 else "int4"
 
 
-def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,), group: int | None = None) -> dict[str, np.ndarray]:
+def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,),
+             group: int | None = None) -> dict[str, np.ndarray]:
     """Quantizes a stacked float weight [..., in, out] on the host (`mode` a width; int8: the input
     may span several axes `in_axes`, negative, or with `group` a scale per `group` values of its one input
     axis).
