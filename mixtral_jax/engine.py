@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mixtral_jax import layout as layout_lib
 from mixtral_jax import model as model_lib
 from mixtral_jax import slot_steps
 from mixtral_jax.generate import init_cache
@@ -160,9 +161,10 @@ class Engine:
         if not 1 < max_seq_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}] (the model's positions), "
                              f"got {max_seq_len}.")
-        per_expert = model.layout == "per_expert"
-        decode_parts = decode_parts or (min(2, cfg.num_hidden_layers) if per_expert else 1)
-        if not 1 <= decode_parts <= (cfg.num_hidden_layers if per_expert else 1):
+        self._layout = layout_lib.get(model.layout)
+        most = cfg.num_hidden_layers if self._layout.splits else 1
+        decode_parts = decode_parts or min(2, most)
+        if not 1 <= decode_parts <= most:
             raise ValueError(f"decode_parts must be in [1, {cfg.num_hidden_layers}] (the layers) in the per_expert "
                              f"layout and 1 in the stacked one, got {decode_parts} in the {model.layout} layout.")
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
@@ -192,11 +194,9 @@ class Engine:
         self._params = model.params()
         self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
         self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
-        # Part i of a decode step runs layers [lo, hi) of _spans[i], with params holding those layers only.
+        # Part i of a decode step runs layers [lo, hi) of _spans[i].
         n = cfg.num_hidden_layers
         self._spans = [(n * i // decode_parts, n * (i + 1) // decode_parts) for i in range(decode_parts)]
-        self._part_params = [self._params if decode_parts == 1 else
-                             {**self._params, "layers": self._params["layers"][lo:hi]} for lo, hi in self._spans]
         self._h = None  # the residual stream between parts of the step in progress
         # The step in progress: (kind, its arguments, its [(row, slot)], the next part), or None.
         self._stepping: tuple[int, tuple, list[tuple[int, _Slot]], int] | None = None
@@ -389,19 +389,15 @@ class Engine:
         if kind >= self._rows_kind or kind == _DECODE:  # a part of a decode step
             part, args = int(args[0][0]), args[1:]
             (lo, hi), last = self._spans[part], part == len(self._spans) - 1
-            cache = self._cache if len(self._spans) == 1 else {
-                "k": self._cache["k"][lo:hi], "v": self._cache["v"][lo:hi], "pos": self._cache["pos"]}
+            params, cache = self._layout.layer_span(self._params, self._cache, lo, hi)
             run = dict(first=part == 0, last=last, **self._run)
             if kind == _DECODE:
-                out, cache = slot_steps.decode(self._part_params[part], self._last, self._h, args[0], args[1], cache,
-                                               *args[2:], idle_index=np.int32(self.idle_index), **run)
+                out, cache = slot_steps.decode(params, self._last, self._h, args[0], args[1], cache, *args[2:],
+                                               idle_index=np.int32(self.idle_index), **run)
             else:
-                out, cache = slot_steps.decode_rows(self._part_params[part], self._last, self._h, args[0], args[1],
-                                                    args[2], cache, *args[3:], **run)
-            if len(self._spans) > 1:
-                k, v = self._cache["k"], self._cache["v"]
-                cache = {"k": k[:lo] + cache["k"] + k[hi:], "v": v[:lo] + cache["v"] + v[hi:], "pos": cache["pos"]}
-            self._cache = cache
+                out, cache = slot_steps.decode_rows(params, self._last, self._h, args[0], args[1], args[2], cache,
+                                                    *args[3:], **run)
+            self._cache = self._layout.put_layer_span(self._cache, cache, lo, hi)
             if last:
                 self._last, self._h = out, None
             else:

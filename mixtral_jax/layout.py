@@ -49,6 +49,7 @@ class Stacked:
     """Layers stacked on a leading L axis and scanned."""
 
     name = "stacked"
+    splits = False  # a run of layers as a call of its own (`layer_span`) would slice the stacked arrays: a copy
 
     # Quantized weights (quant.py) are dequantized to the activations' dtype before their product, as
     # Qwix's weight-only dot does: the same products as the float model's on the dequantized weights.
@@ -106,6 +107,18 @@ class Stacked:
         return params
 
     @staticmethod
+    def layer_span(params, cache, lo: int, hi: int):
+        """(params, cache) holding layers [lo, hi) only: here every layer (`splits` is False)."""
+        assert lo == 0 and hi == params["layers"]["attn_norm"].shape[0], (lo, hi)
+        return params, cache
+
+    @staticmethod
+    def put_layer_span(cache, part, lo: int, hi: int):
+        """`cache` with layers [lo, hi) from `part` (what `layer_span`'s cache became): here all of it."""
+        del cache, lo, hi
+        return part
+
+    @staticmethod
     def init_cache(shapes, dtype, make_sharded):
         """k, v [L, B, K, S, Dh]; made through `make_sharded` (jit with out_shardings on a mesh)."""
         return make_sharded(lambda: {"k": jnp.zeros(shapes["k"], dtype), "v": jnp.zeros(shapes["v"], dtype),
@@ -116,6 +129,7 @@ class PerExpert:
     """One buffer per layer and expert, HF's [out, in] orientation, layers unrolled (one CPU device)."""
 
     name = "per_expert"
+    splits = True  # its lists of layers slice for free
 
     @staticmethod
     def qkv(x, lp, head_dim: int):
@@ -163,6 +177,18 @@ class PerExpert:
     def from_stacked(params):
         """Stacked params (deleted as they are split) in this layout: `unstack_params`."""
         return unstack_params(params)
+
+    @staticmethod
+    def layer_span(params, cache, lo: int, hi: int):
+        """(params, cache) holding layers [lo, hi) only, for `model.apply(from_h=, to_h=)`: list slices."""
+        return ({**params, "layers": params["layers"][lo:hi]},
+                {"k": cache["k"][lo:hi], "v": cache["v"][lo:hi], "pos": cache["pos"]})
+
+    @staticmethod
+    def put_layer_span(cache, part, lo: int, hi: int):
+        """`cache` with layers [lo, hi) from `part` (what `layer_span`'s cache became)."""
+        k, v = cache["k"], cache["v"]
+        return {"k": k[:lo] + part["k"] + k[hi:], "v": v[:lo] + part["v"] + v[hi:], "pos": part["pos"]}
 
     @staticmethod
     def init_cache(shapes, dtype, make_sharded):
