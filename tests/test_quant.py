@@ -126,6 +126,34 @@ def test_cpu_kernel_reads_quantized_weights_directly(moe_case, panel_min_rows):
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group", [32, 64])
+def test_cpu_kernel_int4_row_dots_in_blocks_of_128_equal_float64_products(group):
+    """The decode path's int4 row-dot products read 128 values per load in a reordered input: D 448 is 3 whole
+    blocks and 2 groups more, F 256 two blocks; 1 to 5 rows per expert (every row count the
+    products take at once, and 4 + 1); groups of 64 take the scales one at a time."""
+    d, f = 448, 256
+    rs = np.random.RandomState(3)
+    experts, deq = [], []
+    for _ in range(4):
+        ws = {n: rs.randn(*shape).astype(np.float32) * 0.1 for n, shape in (("w1", (f, d)), ("w3", (f, d)),
+                                                                           ("w2", (d, f)))}
+        q = {n: quant.transpose(quant.quantize(w.T, "int4")) for n, w in ws.items()}  # [out, in], groups of 32
+        if group == 64:  # the same values with one float16 scale per 64 (the larger of each pair's)
+            q = {n: {"qvalue": v["qvalue"], "scale": np.maximum(v["scale"][:, 0::2], v["scale"][:, 1::2])}
+                 for n, v in q.items()}
+        experts.append({n: {k: jnp.asarray(a) for k, a in v.items()} for n, v in q.items()})
+        deq.append({n: np.asarray(quant.dequantize(v, jnp.float32, axis=-1), np.float64) for n, v in q.items()})
+    sizes = np.array([1, 2, 4, 5])  # 12 rows; 2 rows past the end come out zero
+    x = rs.randn(14, d).astype(np.float32)
+    ours = np.asarray(cpu_kernel.moe_cpu(jnp.asarray(x), jnp.asarray(sizes, jnp.int32), experts,
+                                         panel_min_rows=10**6))
+    want = np.zeros((14, d))
+    for r, e in enumerate(np.repeat(np.arange(4), sizes)):
+        a, b = (deq[e][n] @ x[r].astype(np.float64) for n in ("w1", "w3"))
+        want[r] = deq[e]["w2"] @ (a / (1 + np.exp(-a)) * b)
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("rows,path", [(1, "kernel"), (5, "kernel"), (70, "kernel"), (5, "xla")])
 def test_int8_dense_product_equals_the_float64_one_with_the_dequantized_weight(rows, path, monkeypatch):
     """layers.linear_t with an int8 [out, in] weight (attention projections, lm_head): the kernel's row-dot
