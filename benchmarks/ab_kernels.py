@@ -105,8 +105,8 @@ def main():
     experts = [int((sizes > 0).sum()) for sizes, _ in params]
     bits = {"f32": 32, "bf16": 16, "int8": 8, "int4": 4.5}[args.format]
     read = sum(experts) * 3 * D * F * bits / 8
-    print(f"rows={args.rows} {args.format}: A {med[0] * 1e3:.2f} ms  B {med[1] * 1e3:.2f} ms  A/B {med[0] / med[1]:.3f}  "
-          f"weights read GB/s A {read / med[0] / 1e9:.1f} B {read / med[1] / 1e9:.1f}")
+    print(f"rows={args.rows} {args.format}: A {med[0] * 1e3:.2f} ms  B {med[1] * 1e3:.2f} ms  "
+          f"A/B {med[0] / med[1]:.3f}  weights read GB/s A {read / med[0] / 1e9:.1f} B {read / med[1] / 1e9:.1f}")
 
 
 if __name__ == "__main__":

@@ -103,9 +103,10 @@ inline v16 Widen8(const int8_t* q) {
   return __builtin_convertvector(*reinterpret_cast<const i8x16*>(q), v16);
 #endif
 }
-// 32 int4 values from 16 bytes, sign-extended: a group of 32 values is 16 bytes holding value i in
-// the low nibble of byte i and value 16 + i in the high one (llama.cpp's Q4_0 order), so each half
-// comes from one load, with no interleaving; out[0] the low nibbles, out[1] the high ones.
+// 32 int4 values from 16 bytes, sign-extended (the panel path, and a row-dot's values past its last
+// 128-value block): a group of 32 values is 16 bytes holding value i in the low nibble of byte i and
+// value 16 + i in the high one (llama.cpp's Q4_0 order), so each half comes from one load, with no
+// interleaving; out[0] the low nibbles, out[1] the high ones.
 inline void Widen4(const uint8_t* q, v16* out) {
 #ifdef __AVX512F__
   // Every byte in its own 32-bit lane; vpermps reads only an index's low 4 bits, so a table of the 16
@@ -288,7 +289,8 @@ struct I4View {
       v16 w[2];
       LoadStep(j, k, w);
       for (int r = 0; r < NR; ++r) {
-        const v16 part = w[0] * *reinterpret_cast<const v16*>(xs[r] + k) + w[1] * *reinterpret_cast<const v16*>(xs[r] + k + 16);
+        const v16 part = w[0] * *reinterpret_cast<const v16*>(xs[r] + k) +
+                         w[1] * *reinterpret_cast<const v16*>(xs[r] + k + 16);
         acc[r] = _mm512_add_ps(acc[r], reinterpret_cast<const __m512&>(part));
       }
     }
@@ -477,7 +479,7 @@ struct Call {
   const float* x;  // [n, d], each row in InputSlot<W>'s order
   float* y;        // [n, d]
   std::vector<Expert<W>> experts;  // the ones with rows
-  float* h;                     // [n, f]: the calling thread's scratch (each row is one expert's), in InputSlot<W>'s order
+  float* h;  // [n, f]: the calling thread's scratch (each row is one expert's), in InputSlot<W>'s order
   int64_t rows1, rows2;  // weight rows per chunk in phase 1 and 2
   Chunks phase1, phase2;
 
