@@ -65,6 +65,15 @@ def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None,
     return layout_lib.get(layout).init_cache(shapes, dtype, make)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis as int32 (the first largest value, or the first NaN), as two plain
+    reductions: XLA:CPU runs argmax's reduction of (value, index) pairs element by element, 150 µs for
+    32,000 logits against 18 µs for these (docs/benchmarks.md#greedy-tokens-in-two-reductions)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if a row has one, then equal to nothing
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where((logits == top) | jnp.isnan(logits), index, logits.shape[-1]), axis=-1)
+
+
 def sample_logits(logits: jax.Array, keys: jax.Array, temperature=0.0, top_k=0, top_p=1.0) -> jax.Array:
     """Samples one token per row.
 
@@ -78,7 +87,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature=0.0, top_k=0, 
     Returns:
       int32 [B].
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     fixed = lambda v, off: isinstance(v, (int, float)) and v == off  # a setting known, at trace time, to be off
     if fixed(temperature, 0.0):
         return greedy

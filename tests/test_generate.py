@@ -144,6 +144,21 @@ def test_sampling_seeded_and_top_k1_is_greedy():
     assert a != greedy
 
 
+def test_greedy_tokens_equal_numpy_argmax_with_ties_infinities_and_nans():
+    rs = np.random.RandomState(0)
+    x = rs.randint(-3, 4, (9, 700)).astype(np.float32)  # many ties for the largest value
+    x[1, :] = -np.inf
+    x[2, 5] = np.inf
+    x[3, [10, 400]] = np.nan  # numpy's argmax: the first NaN, as jnp.argmax
+    x[4, :] = np.nan
+    x[5, 699] = 100.0
+    got = np.asarray(gen.greedy_tokens(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(gen.greedy_tokens(jnp.asarray(x[:2].reshape(2, 1, 700)))),
+                                  np.argmax(x[:2], axis=-1)[:, None])
+
+
 def test_sample_logits_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = jax.random.split(jax.random.key(0), 4000)
