@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax import layers
+from mixtral_jax import cpu_kernel, layers
 from mixtral_jax.layout import Stacked
 
 # Prefill splits the queries into chunks of this many tokens; chunk i attends
@@ -89,6 +89,9 @@ def write_cache(c: jax.Array, new: jax.Array, index, layer=None) -> jax.Array:
     row at its own slot (the serving engine's rows hold requests that started at different times).
     """
     new = new.astype(c.dtype)
+    if layer is None and cpu_kernel.usable(c):  # in place, one buffer for the write and the reads after it
+        rows = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), c.shape[:1])
+        return cpu_kernel.write_cache_cpu(c, new, rows)
     zero = jnp.zeros((), jnp.int32)
     if jnp.ndim(index) == 1 and index.shape[0] == 1:  # one row: the plain slice update (the vmapped one is slower)
         index = index[0]

@@ -8,7 +8,9 @@ products split each matrix in fixed halves and left a core idle 9% of a
 batch-1 step, docs/performance.md#why-a-kernel-for-decode); from PANEL_MIN_ROWS
 rows, register tiles over packed panels of each expert's rows, as fast as
 XLA's grouped matmuls and with nothing to compile per expert. `linear_cpu` is
-the row-dot product for one row times an [out, in] weight.
+the row-dot product for one row times an [out, in] weight. `write_cache_cpu`
+writes new keys or values into a layer's KV cache in place, one buffer for
+the write and the attention's reads after it.
 
 They are compiled at first use with the host's g++ (4-5 s) into a cache
 folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
@@ -36,6 +38,7 @@ import jaxlib
 # (another version of this package in the same process) never clash.
 TARGET = "mixtral_jax_moe_cpu"
 LINEAR_TARGET = "mixtral_jax_linear_cpu"
+WRITE_CACHE_TARGET = "mixtral_jax_write_cache_cpu"
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
 # Weight bytes per chunk of work a core takes: long contiguous runs stream faster
 # (docs/performance.md#thresholds-and-chunk-sizes).
@@ -98,11 +101,13 @@ def available() -> bool:
         print(f"[mixtral_jax] the CPU MoE kernel is not available, so the MoE block runs as XLA ops "
               f"(set MIXTRAL_JAX_CPU_KERNEL=0 to skip this check): {err}", file=sys.stderr, flush=True)
         return False
-    global TARGET, LINEAR_TARGET
+    global TARGET, LINEAR_TARGET, WRITE_CACHE_TARGET
     key = _library_path().stem.rsplit("-", 1)[-1]
     TARGET, LINEAR_TARGET = f"mixtral_jax_moe_cpu_{key}", f"mixtral_jax_linear_cpu_{key}"
+    WRITE_CACHE_TARGET = f"mixtral_jax_write_cache_cpu_{key}"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MoeCpu), platform="cpu")
     jax.ffi.register_ffi_target(LINEAR_TARGET, jax.ffi.pycapsule(lib.LinearCpu), platform="cpu")
+    jax.ffi.register_ffi_target(WRITE_CACHE_TARGET, jax.ffi.pycapsule(lib.WriteCacheCpu), platform="cpu")
     return True
 
 
@@ -160,3 +165,13 @@ def linear_cpu(x: jax.Array, w, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
     call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], weights[0].shape[0]), jnp.float32),
                             vmap_method="sequential")
     return call(x, *weights, chunk_bytes=int(chunk_bytes))
+
+
+def write_cache_cpu(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """cache [B, K, S, Dh] float32 with update [B, K, T, Dh] written at slots [index[b], index[b] + T) of
+    each row b (index [B] int32, clamped as dynamic_update_slice's), in place: the result aliases `cache`."""
+    if not available():
+        raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
+    call = jax.ffi.ffi_call(WRITE_CACHE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={0: 0}, vmap_method="sequential")
+    return call(cache, update.astype(cache.dtype), index.astype(jnp.int32))

@@ -215,3 +215,37 @@ def test_bad_generate_inputs(prompts, kwargs, match):
     _, model = _pair()
     with pytest.raises(ValueError, match=match):
         mj.generate(model, prompts, **kwargs)
+
+
+def test_cpu_cache_write_equals_numpy_with_per_row_slots_and_dynamic_update_slice_clamping():
+    from mixtral_jax import cpu_kernel
+    rs = np.random.RandomState(0)
+    cache = rs.randn(3, 2, 16, 8).astype(np.float32)
+    for t, index in ((1, [0, 7, 15]), (4, [2, 14, -3])):  # 14 + 4 > 16 and -3 clamp, as dynamic_update_slice
+        new = rs.randn(3, 2, t, 8).astype(np.float32)
+        want = cache.copy()
+        for r, i in enumerate(index):
+            at = min(max(i, 0), 16 - t)
+            want[r, :, at:at + t] = new[r]
+        got = jax.jit(cpu_kernel.write_cache_cpu)(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(index, jnp.int32))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_cpu_decode_step_writes_the_kv_cache_in_place():
+    """XLA fused the cache's dynamic_update_slice into both of its users (the output and the attention's
+    read), and then copied every layer's k and v cache 4 times per decode step: 64 MB a token at a
+    4096-slot cache of the bench model. The write is now one in-place kernel call; the compiled step
+    must hold no copy of a cache-shaped array."""
+    # The bench model's attention (D 1024, 16 heads, 4 kv heads: XLA's fusions depend on the shapes), small
+    # elsewhere; one CPU device: the per_expert layout, a cache array per layer.
+    cfg = mj.config.from_hf_dict(dict(vocab_size=512, hidden_size=1024, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=16, num_key_value_heads=4, num_local_experts=8,
+                                      num_experts_per_tok=2, max_position_embeddings=1024, rope_theta=1e6))
+    model, b, slots = mj.init_random(cfg), 1, 256
+    cache = gen.init_cache(cfg, b, slots, model.dtype, None, model.layout)
+    run = dict(cfg=cfg, strategy="sparse", sampling=gen.SamplingParams(), mesh=None, capacity_factor=None)
+    hlo = gen.decode_step.lower(model.params(), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
+                                jnp.int32(0), cache, jax.random.key(0), 1, **run).compile().as_text()
+    shape = "f32[%d,%d,%d,%d]" % (b, cfg.num_key_value_heads, slots, cfg.head_dim)
+    copies = [line for line in hlo.splitlines() if " copy(" in line and line.split("=")[1].strip().startswith(shape)]
+    assert "write_cache_cpu" in hlo and not copies, copies[:3]

@@ -965,3 +965,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LinearCpu, LinearCpuImpl,
                                   .RemainingArgs()               // w [O, I] (int8: then its scales [O, 1])
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, O]
                                   .Attr<int64_t>("chunk_bytes"));  // weight bytes per chunk of work
+
+namespace {
+
+// cache [B, K, S, Dh] with new [B, K, T, Dh] written at slots [index[b], index[b] + T) of row b, in place
+// (the result aliases the cache): a decode step's KV-cache write as one operation XLA neither fuses nor
+// duplicates, so the attention that reads the written cache reads this same buffer
+// (docs/benchmarks.md#long-prompts).
+ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> update, ffi::Buffer<ffi::S32> index,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  auto cd = cache.dimensions(), ud = update.dimensions();
+  if (cd.size() != 4 || ud.size() != 4 || ud[0] != cd[0] || ud[1] != cd[1] || ud[3] != cd[3] || ud[2] > cd[2] ||
+      index.dimensions().size() != 1 || index.dimensions()[0] != cd[0])
+    return ffi::Error::InvalidArgument("write_cache_cpu: cache [B, K, S, Dh], update [B, K, T, Dh], index [B]");
+  const int64_t b = cd[0], k = cd[1], s = cd[2], dh = cd[3], t = ud[2];
+  float* dst = out->typed_data();
+  if (dst != cache.typed_data()) std::copy(cache.typed_data(), cache.typed_data() + b * k * s * dh, dst);
+  for (int64_t r = 0; r < b; ++r) {
+    // As dynamic_update_slice: the start is clamped so the update fits.
+    const int64_t at = std::min<int64_t>(std::max<int64_t>(index.typed_data()[r], 0), s - t);
+    for (int64_t h = 0; h < k; ++h)
+      std::copy(update.typed_data() + ((r * k + h) * t) * dh, update.typed_data() + ((r * k + h) * t + t) * dh,
+                dst + ((r * k + h) * s + at) * dh);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCacheCpu, WriteCacheCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cache [B, K, S, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // update [B, K, T, Dh]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // index [B]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // the cache, written (aliases the first argument)
