@@ -30,6 +30,9 @@
 // few rows (a decode step's attention projections and lm_head, layers.linear_t),
 // w float32 or int8 with a scale per row.
 //
+// WriteCacheCpu writes a step's keys or values into a layer's KV cache in place (its result aliases the
+// cache), as one call XLA neither fuses nor duplicates.
+//
 // Built at first use by mixtral_jax/cpu_kernel.py with the host's g++.
 #include <algorithm>
 #include <atomic>
