@@ -140,7 +140,8 @@ inline float hsum(v16 v) {
 // A quantized value is widened and multiplied by its scale in float32: the value
 // mixtral_jax.quant.dequantize gives, so the products are those with the dequantized weights.
 struct F32View {
-  static constexpr bool kRowScale = false, kRowDot = false, kOwnDots = false, kPermuted = false;
+  static constexpr bool kRowScale = false, kPermuted = false;
+  template <int NR> static constexpr bool kOwnDots = false;
   static constexpr int kBits = 32, kStep = 16;
   const float* w;
   int64_t ld;
@@ -150,7 +151,8 @@ struct F32View {
   const void* Addr(int64_t j, int64_t k) const { return w + j * ld + k; }
 };
 struct BF16View {
-  static constexpr bool kRowScale = false, kRowDot = false, kOwnDots = false, kPermuted = false;
+  static constexpr bool kRowScale = false, kPermuted = false;
+  template <int NR> static constexpr bool kOwnDots = false;
   static constexpr int kBits = 16, kStep = 16;
   const bf16* w;
   int64_t ld;
@@ -169,7 +171,8 @@ inline int GroupShift(int64_t groups, int64_t group) {
 // and multiplies by the scale once (kRowScale: LoadRaw, AtRaw, RowScale), a product fewer per 16 values.
 struct I8View {
   static constexpr int kBits = 8, kStep = 16;
-  static constexpr bool kRowScale = true, kRowDot = true, kOwnDots = false, kPermuted = false;
+  static constexpr bool kRowScale = true, kPermuted = false;
+  template <int NR> static constexpr bool kOwnDots = NR == 1;  // one activation row (a decode step's): RowDot
   const int8_t* q;
   const float* s;
   int64_t ld;
@@ -205,6 +208,8 @@ struct I8View {
     for (; k < K; ++k) sum += AtRaw(j, k) * x[k];
     return sum * s[j];
   }
+  template <int NR>
+  void OwnDots(int64_t j, const float* const* xs, int64_t K, float* out) const { out[0] = RowDot(j, xs[0], K); }
   const void* Addr(int64_t j, int64_t k) const { return q + j * ld + k; }
 };
 #ifdef __AVX512F__
@@ -218,7 +223,8 @@ constexpr bool kAvx512 = false;
 struct I4View {
   // With AVX-512, a few activation rows (a decode step's) take OwnDots, which reads their values in
   // the order of Slot; the panel path widens rows with LoadStep / Load in the stored order.
-  static constexpr bool kRowScale = false, kRowDot = false, kOwnDots = kAvx512, kPermuted = kAvx512;
+  static constexpr bool kRowScale = false, kPermuted = kAvx512;
+  template <int NR> static constexpr bool kOwnDots = kAvx512;
   static constexpr int kBits = 4, kStep = 32;
   const uint8_t* q;
   const uint16_t* s;
@@ -368,10 +374,7 @@ inline void SiluInPlace(float* v, int64_t n) {
 // out[j][r] = dot(row j0 + j of w, xs[r]) over K floats, for NF weight rows, NR activation rows.
 template <int NF, int NR, typename V>
 inline void Dots(const V& w, int64_t j0, const float* const* xs, int64_t K, float out[4][4]) {
-  if constexpr (V::kRowDot && NR == 1) {  // int8, one activation row (a decode step's): V::RowDot
-    for (int j = 0; j < NF; ++j) out[j][0] = w.RowDot(j0 + j, xs[0], K);
-    return;
-  } else if constexpr (V::kOwnDots) {  // int4 (xs in V::Slot's order)
+  if constexpr (V::template kOwnDots<NR>) {  // the view's own products (int8's one row, int4's few rows)
     for (int j = 0; j < NF; ++j) w.template OwnDots<NR>(j0 + j, xs, K, out[j]);
     return;
   }
