@@ -19,9 +19,14 @@ takes H and Dh), its scale size 1 on each. int4 packs each group of 32 as 16
 bytes, value i in the low nibble of byte i and value 16 + i in the high one
 (llama.cpp's Q4_0 order: the CPU kernel widens 16 consecutive values from one load).
 
-Symmetric: w ≈ qvalue · scale with qvalue in [-qmax, qmax] (127 or 7) and
-scale = max|w| / qmax over the tile, rounded UP to the scale dtype, so
-|w - dequantize(w)| ≤ scale / 2 holds for every element (`error_bound`).
+Symmetric (no zero point): w ≈ qvalue · scale with qvalue in QRANGE, [-127, 127]
+for int8 and all 16 nibble values [-8, 7] for int4 (as llama.cpp's Q4_0). The
+scale is the smallest one, rounded UP to the scale dtype, with which every
+w / scale of the tile lies within half a step of that range, so
+|w - dequantize(w)| ≤ scale / 2 holds for every element (`error_bound`); a
+group whose largest magnitude is negative gets 8.5 steps for it, a positive
+one 7.5, against 7 for max|w| / 7 (16% lower KLD on the bench model:
+docs/benchmarks.md#quantized-weights).
 int8 scales are float32 (4 bytes per D weights); int4 scales float16 (as
 llama.cpp's Q4_0 blocks: 0.5 + 2/32 = 0.5625 bytes per weight).
 
@@ -47,7 +52,7 @@ WIDTHS = ("int8", "int4")  # what a weight is stored in (an expert: its mode's w
 # (and F / tensor for tensor ≤ 64), and 128 would cut the bytes by 8% while doubling the
 # spread a group's largest weight sets (docs/benchmarks.md#quantized-weights).
 GROUP = 32
-QMAX = {"int8": 127, "int4": 7}
+QRANGE = {"int8": (-127, 127), "int4": (-8, 7)}  # the values a qvalue takes
 SCALE_DTYPE = {"int8": np.dtype(np.float32), "int4": np.dtype(np.float16)}
 
 
@@ -136,21 +141,22 @@ def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,),
     """
     w = np.asarray(w).astype(np.float32)
     spec = shapes(w.shape, mode, in_axes, group)
-    qmax, sdt = QMAX[mode], SCALE_DTYPE[mode]
+    (lo, hi), sdt = QRANGE[mode], SCALE_DTYPE[mode]
     group = GROUP if mode == "int4" else group  # int8 without one: a scale per output channel
     if group is None:  # tiles: the whole input, reduced with the scale's dimensions kept
-        tiles, absmax = w, np.max(np.abs(w), axis=in_axes, keepdims=True)
+        tiles, reduce = w, dict(axis=in_axes, keepdims=True)
     else:  # [..., in/g, g, ...] along the one input axis, reduced over g; the scale is broadcast back below
         a = in_axes[0] % w.ndim
-        tiles = w.reshape(*w.shape[:a], w.shape[a] // group, group, *w.shape[a + 1:])
-        absmax = np.max(np.abs(tiles), axis=a + 1)
-    scale = (absmax / qmax).astype(sdt)
-    # Rounded up, so no |w| / scale exceeds qmax and no value is clipped: the bound stays scale / 2.
-    low = scale.astype(np.float64) * qmax < absmax  # exactly: a float32 product may round up
-    scale = np.where(low, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)
-    scale = np.where(absmax == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
+        tiles, reduce = w.reshape(*w.shape[:a], w.shape[a] // group, group, *w.shape[a + 1:]), dict(axis=a + 1)
+    # The smallest scale with every w / scale in [lo - 1/2, hi + 1/2]: rounding, then clipping to [lo, hi],
+    # errs by at most half a step.
+    top, bottom = (np.asarray(f(tiles, **reduce), np.float64) for f in (np.max, np.min))
+    need = np.maximum(np.maximum(top, 0) / (hi + 0.5), np.maximum(-bottom, 0) / (0.5 - lo))
+    scale = need.astype(sdt)
+    scale = np.where(scale < need, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)  # rounded up
+    scale = np.where(need == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
     wide = scale.astype(np.float32) if group is None else np.expand_dims(scale.astype(np.float32), a + 1)
-    q = np.clip(np.rint(tiles / wide), -qmax, qmax).astype(np.int8)
+    q = np.clip(np.rint(tiles / wide), lo, hi).astype(np.int8)
     if mode == "int4":  # per group of 32: value i in the low nibble of byte i, 16 + i in the high one
         half = GROUP // 2
         q = (q[..., :half, :] & 0xF).astype(np.uint8) | ((q[..., half:, :] & 0xF).astype(np.uint8) << 4)
@@ -212,11 +218,12 @@ def transpose(w):
 
 def error_bound(w: dict) -> np.ndarray:
     """The analytic bound on |w - dequantize(w)| per element of a stacked weight: scale / 2 of its tile,
-    plus float32 rounding of the division and of qvalue · scale (2 · qmax ulps of the scale)."""
+    plus float32 rounding of the division and of qvalue · scale (2 · top ulps of the scale, top the largest
+    |w| / scale: 128 or 8.5)."""
     scale = np.asarray(w["scale"], np.float32)
-    qmax = QMAX[mode_of(w)]
+    lo, hi = QRANGE[mode_of(w)]
     in_dim = np.asarray(w["qvalue"]).shape[-2] * (1 if mode_of(w) == "int8" else 2)
-    per_tile = scale * (0.5 + 2 * qmax * np.finfo(np.float32).eps)
+    per_tile = scale * (0.5 + 2 * (max(-lo, hi) + 0.5) * np.finfo(np.float32).eps)
     return np.repeat(per_tile, in_dim // scale.shape[-2], axis=-2)
 
 
