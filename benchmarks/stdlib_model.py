@@ -63,6 +63,7 @@ def main():
     args = parser.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.plot_dir, exist_ok=True)
     build_data(args.out)
     model, env = os.path.join(args.out, "model"), dict(os.environ, PYTHONPATH=ROOT)
     if not os.path.isdir(model):

@@ -81,18 +81,26 @@ def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool, segments=None):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def write_cache(c: jax.Array, new: jax.Array, index, layer=None) -> jax.Array:
+def write_cache(c: jax.Array, new: jax.Array, index, layer=None, rows=None) -> jax.Array:
     """Writes new [B, K, T, Dh] into c [B, K, S, Dh] (or layer `layer` of c [L, B, K, S, Dh]) at slots
     [index, index + T).
 
     `index` is a scalar (every row at the same slot, as generate's left-padded batch) or int [B], each
     row at its own slot (the serving engine's rows hold requests that started at different times).
+    With `rows` (int [P], new [P, K, T, Dh]), new's row r goes to c's row rows[r] instead: the serving
+    engine's few decoding slots write their keys into the whole cache, which is never copied.
     """
     new = new.astype(c.dtype)
     if layer is None and cpu_kernel.usable(c):  # in place, one buffer for the write and the reads after it
-        rows = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), c.shape[:1])
-        return cpu_kernel.write_cache_cpu(c, new, rows)
+        at = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), new.shape[:1])
+        return cpu_kernel.write_cache_cpu(c, new, at, rows)
     zero = jnp.zeros((), jnp.int32)
+    if rows is not None:  # P is static and small: one slice update per row, each in place
+        at = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), rows.shape)
+        for r in range(rows.shape[0]):
+            start = (rows[r], zero, at[r], zero) if layer is None else (layer, rows[r], zero, at[r], zero)
+            c = jax.lax.dynamic_update_slice(c, new[r:r + 1] if layer is None else new[None, r:r + 1], start)
+        return c
     if jnp.ndim(index) == 1 and index.shape[0] == 1:  # one row: the plain slice update (the vmapped one is slower)
         index = index[0]
     if jnp.ndim(index) == 0:
@@ -106,7 +114,7 @@ def write_cache(c: jax.Array, new: jax.Array, index, layer=None) -> jax.Array:
 
 
 def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None,
-                   last_query=False, layout=Stacked, segments=None):
+                   cache_rows=None, last_query=False, layout=Stacked, segments=None):
     """One attention block (no residual) on normalised input.
 
     Args:
@@ -122,6 +130,8 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         [cache_index, cache_index + T) (of `layer`), in place.
       cache_index: int slot where x's first token goes: a scalar, or [B], one per row.
       layer: scalar layer index into a stacked cache, or None.
+      cache_rows: optional int [B]: x's row b uses the cache's row cache_rows[b] (the cache may hold
+        more rows than x: the serving engine's slots); None: row b.
       last_query: keys and values for all T positions (and the cache), but
         the output for the last position only: out [B, 1, D].
       layout: the weights' layout (layout.Stacked or layout.PerExpert).
@@ -141,8 +151,11 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     if cache is None:
         new_cache = None
     else:
-        ck, cv = write_cache(cache[0], k, cache_index, layer), write_cache(cache[1], v, cache_index, layer)
-        k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])
+        ck, cv = (write_cache(c, new, cache_index, layer, cache_rows) for c, new in ((cache[0], k), (cache[1], v)))
+        if cache_rows is None:
+            k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])
+        else:  # the rows' keys and values gathered for the attention: a copy of P rows, read only
+            k, v = (c[cache_rows] if layer is None else c[layer, cache_rows] for c in (ck, cv))
         new_cache = (ck, cv)
     # The prompt's own slots start at 0 when there is no cache or a prefill writes from slot 0:
     # then query i never sees a slot past i, and later slots (empty) need not be read at all.

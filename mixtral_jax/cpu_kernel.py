@@ -9,8 +9,8 @@ batch-1 step, docs/performance.md#why-a-kernel-for-decode); from PANEL_MIN_ROWS
 rows, register tiles over packed panels of each expert's rows, as fast as
 XLA's grouped matmuls and with nothing to compile per expert. `linear_cpu` is
 the row-dot product for one row times an [out, in] weight. `write_cache_cpu`
-writes new keys or values into a layer's KV cache in place, one buffer for
-the write and the attention's reads after it.
+writes new keys or values into rows of a layer's KV cache in place, one
+buffer for the write and the attention's reads after it.
 
 They are compiled at first use with the host's g++ (4-5 s) into a cache
 folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
@@ -167,11 +167,13 @@ def linear_cpu(x: jax.Array, w, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
     return call(x, *weights, chunk_bytes=int(chunk_bytes))
 
 
-def write_cache_cpu(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
-    """cache [B, K, S, Dh] float32 with update [B, K, T, Dh] written at slots [index[b], index[b] + T) of
-    each row b (index [B] int32, clamped as dynamic_update_slice's), in place: the result aliases `cache`."""
+def write_cache_cpu(cache: jax.Array, update: jax.Array, index: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """cache [B, K, S, Dh] float32 with update [P, K, T, Dh] written at slots [index[r], index[r] + T) of
+    cache row rows[r] for each update row r (index [P] int32, clamped as dynamic_update_slice's; rows [P],
+    default 0..B-1 with P = B), in place: the result aliases `cache`."""
     if not available():
         raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
+    rows = jnp.arange(update.shape[0], dtype=jnp.int32) if rows is None else rows
     call = jax.ffi.ffi_call(WRITE_CACHE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
                             input_output_aliases={0: 0}, vmap_method="sequential")
-    return call(cache, update.astype(cache.dtype), index.astype(jnp.int32))
+    return call(cache, update.astype(cache.dtype), index.astype(jnp.int32), rows.astype(jnp.int32))

@@ -258,11 +258,11 @@ class Mixtral(nnx.Module):
 
 
 def decoder_layer(h, lp, *, cfg: MixtralConfig, layout, positions, k_pos, cos, sin, strategy, cache=None,
-                  cache_index=None, layer=None, collect_routing=False, mesh=None, capacity_factor=None,
+                  cache_index=None, cache_rows=None, layer=None, collect_routing=False, mesh=None, capacity_factor=None,
                   last_only=False, segments=None, router_logits=False, adapt_layer=None):
     """One pre-norm decoder layer: h + attn(norm(h)), then + moe(norm(h)). h [B, T, D].
 
-    `lp` is one layer's weights in `layout` (layout.py); `cache` and `layer` as in
+    `lp` is one layer's weights in `layout` (layout.py); `cache`, `cache_rows` and `layer` as in
     `attention.self_attention`. With `last_only`, keys and values (and the
     cache) cover all T positions, and the rest only the last: h [B, 1, D] out.
     `segments` [B, T]: packed sequences, attention stays within a segment.
@@ -276,8 +276,8 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, layout, positions, k_pos, cos, s
         lp = adapt_layer(lp)
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
-        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, layer=layer, last_query=last_only,
-        layout=layout, segments=segments)
+        sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, cache_rows=cache_rows, layer=layer,
+        last_query=last_only, layout=layout, segments=segments)
     if last_only:
         h = h[:, -1:]
     h = sharding.constrain(h + a, mesh, ACT_BTD)
@@ -305,7 +305,7 @@ def _rematerialised(body):
 
 
 def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: MixtralConfig,
-          strategy: str = "sparse", cache=None, cache_index=None, k_pos=None, collect_routing=False,
+          strategy: str = "sparse", cache=None, cache_index=None, cache_rows=None, k_pos=None, collect_routing=False,
           last_only=False, mesh=None, capacity_factor=None, segment_ids=None, router_logits=False,
           remat=False, adapt_layer=None, from_h=False, to_h=False):
     """The decoder on token ids; the pure function behind forward, prefill and decode.
@@ -320,7 +320,9 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
         `layout.PerExpert.init_cache`); updated in place at slots
         [cache_index, cache_index + T).
       cache_index: slot of the first token when `cache` is given: a scalar, or int [B], one per row.
-      k_pos: [B, S] key positions (negative: empty) when `cache` is given.
+      cache_rows: optional int [B]: the cache row each row of `tokens` uses, where the cache holds more
+        rows (the serving engine's slots, written in place: attention.write_cache); None: row b.
+      k_pos: [B, S] key positions (negative: empty) when `cache` is given, for the rows of `tokens`.
       collect_routing: also return every layer's router choices.
       last_only: logits for the last position only ([B, 1, V]; prefill needs no more).
         The layout may then skip the last layer's MoE for the other positions.
@@ -353,7 +355,8 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
     layout = layout_lib.of(params)
     body = functools.partial(decoder_layer, cfg=cfg, layout=layout, positions=positions,
                              k_pos=positions if cache is None else k_pos, cos=cos, sin=sin,
-                             strategy=strategy, cache_index=cache_index, collect_routing=collect_routing,
+                             strategy=strategy, cache_index=cache_index, cache_rows=cache_rows,
+                             collect_routing=collect_routing,
                              mesh=mesh, capacity_factor=capacity_factor, segments=segment_ids,
                              router_logits=router_logits, adapt_layer=adapt_layer)
     if remat:

@@ -26,7 +26,8 @@ def _batch_axis(a: jax.Array) -> int:
 # A call's P rows are read and written one slice each on one device (P is static and small): a slice update is
 # done in place, where a scatter may copy the whole cache. On a mesh the slot axis is sharded, and a slice at a
 # traced index makes XLA all-gather the whole array (docs/serving.md#on-a-mesh-and-on-several-hosts): there each
-# device masks its own shard instead, so only the P rows travel.
+# device masks its own shard instead, so only the P rows travel. (The KV cache on one device takes neither:
+# `_on_slots` writes its new keys in place.)
 def _rows(a: jax.Array, slot: jax.Array, mesh=None) -> jax.Array:
     """Slots `slot` [P] of `a` along its slot axis."""
     axis = _batch_axis(a)
@@ -91,11 +92,14 @@ def _on_slots(params, tokens, positions, index, clear, slot, cache, last_tokens,
         pos_rows = jnp.where(clear[:, None], -1, pos_rows)
         pos_rows = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions,
                                                                                              index)
-    kv = jax.tree.map(rows, (cache["k"], cache["v"]))
+    # One device: the rows' new keys go straight into the whole cache (attention.write_cache's `rows`),
+    # and only the attention reads a copy of the P rows. On a mesh: the masked rows, written back whole.
+    kv = (cache["k"], cache["v"]) if mesh is None else jax.tree.map(rows, (cache["k"], cache["v"]))
     out, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
-                                  cache_index=index, k_pos=pos_rows, last_only=True, mesh=mesh, from_h=not first,
-                                  to_h=not last)
-    k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
+                                  cache_index=index, cache_rows=slot if mesh is None else None, k_pos=pos_rows,
+                                  last_only=True, mesh=mesh, from_h=not first, to_h=not last)
+    if mesh is not None:
+        k, v = jax.tree.map(put, cache["k"], k), jax.tree.map(put, cache["v"], v)
     cache = {"k": k, "v": v, "pos": put(cache["pos"], pos_rows) if first else cache["pos"]}
     if not last:
         return out, last_tokens, cache

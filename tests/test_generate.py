@@ -231,6 +231,28 @@ def test_cpu_cache_write_equals_numpy_with_per_row_slots_and_dynamic_update_slic
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("path", ["kernel", "stacked"])
+def test_cache_write_into_chosen_rows_equals_numpy(path):
+    """The serving engine's decoding slots write straight into the whole cache: update row r goes to cache row
+    rows[r] (both the CPU kernel and the slice updates of a stacked [L, B, K, S, Dh] cache, as on TPU/GPU)."""
+    from mixtral_jax import attention
+    rs = np.random.RandomState(1)
+    cache = rs.randn(2, 4, 2, 16, 8).astype(np.float32)  # [L, B, K, S, Dh]
+    for t, rows, index in ((1, [2, 0], [5, 15]), (3, [3, 3, 1], [14, 14, 0])):  # a repeated row, a clamped start
+        new = rs.randn(len(rows), 2, t, 8).astype(np.float32)
+        want = cache.copy()
+        for r, (row, i) in enumerate(zip(rows, index)):
+            at = min(max(i, 0), 16 - t)
+            want[1, row, :, at:at + t] = new[r]
+        args = jnp.asarray(new), jnp.asarray(index, jnp.int32)
+        if path == "kernel":
+            got = jax.jit(attention.write_cache)(jnp.asarray(cache[1]), *args, rows=jnp.asarray(rows, jnp.int32))
+            np.testing.assert_array_equal(got, want[1])
+        else:
+            got = jax.jit(attention.write_cache)(jnp.asarray(cache), *args, 1, jnp.asarray(rows, jnp.int32))
+            np.testing.assert_array_equal(got, want)
+
+
 def test_cpu_decode_step_writes_the_kv_cache_in_place():
     """XLA fused the cache's dynamic_update_slice into both of its users (the output and the attention's
     read), and then copied every layer's k and v cache 4 times per decode step: 64 MB a token at a

@@ -31,7 +31,8 @@
 // w float32 or int8 with a scale per row.
 //
 // WriteCacheCpu writes a step's keys or values into a layer's KV cache in place (its result aliases the
-// cache), as one call XLA neither fuses nor duplicates.
+// cache), as one call XLA neither fuses nor duplicates; each update row goes to a cache row of its own
+// (the serving engine's decoding slots).
 //
 // Built at first use by mixtral_jax/cpu_kernel.py with the host's g++.
 #include <algorithm>
@@ -979,20 +980,26 @@ namespace {
 // duplicates, so the attention that reads the written cache reads this same buffer
 // (docs/benchmarks.md#long-prompts).
 ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> update, ffi::Buffer<ffi::S32> index,
-                             ffi::ResultBuffer<ffi::F32> out) {
+                             ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out) {
   auto cd = cache.dimensions(), ud = update.dimensions();
-  if (cd.size() != 4 || ud.size() != 4 || ud[0] != cd[0] || ud[1] != cd[1] || ud[3] != cd[3] || ud[2] > cd[2] ||
-      index.dimensions().size() != 1 || index.dimensions()[0] != cd[0])
-    return ffi::Error::InvalidArgument("write_cache_cpu: cache [B, K, S, Dh], update [B, K, T, Dh], index [B]");
-  const int64_t b = cd[0], k = cd[1], s = cd[2], dh = cd[3], t = ud[2];
+  if (cd.size() != 4 || ud.size() != 4 || ud[1] != cd[1] || ud[3] != cd[3] || ud[2] > cd[2] ||
+      index.dimensions().size() != 1 || index.dimensions()[0] != ud[0] || rows.dimensions().size() != 1 ||
+      rows.dimensions()[0] != ud[0])
+    return ffi::Error::InvalidArgument(
+        "write_cache_cpu: cache [B, K, S, Dh], update [P, K, T, Dh], index [P] and rows [P]");
+  const int64_t b = cd[0], k = cd[1], s = cd[2], dh = cd[3], p = ud[0], t = ud[2];
+  for (int64_t r = 0; r < p; ++r)
+    if (rows.typed_data()[r] < 0 || rows.typed_data()[r] >= b)
+      return ffi::Error::InvalidArgument("write_cache_cpu: a row index is outside the cache's rows");
   float* dst = out->typed_data();
   if (dst != cache.typed_data()) std::copy(cache.typed_data(), cache.typed_data() + b * k * s * dh, dst);
-  for (int64_t r = 0; r < b; ++r) {
+  for (int64_t r = 0; r < p; ++r) {
     // As dynamic_update_slice: the start is clamped so the update fits.
     const int64_t at = std::min<int64_t>(std::max<int64_t>(index.typed_data()[r], 0), s - t);
+    const int64_t row = rows.typed_data()[r];
     for (int64_t h = 0; h < k; ++h)
       std::copy(update.typed_data() + ((r * k + h) * t) * dh, update.typed_data() + ((r * k + h) * t + t) * dh,
-                dst + ((r * k + h) * s + at) * dh);
+                dst + ((row * k + h) * s + at) * dh);
   }
   return ffi::Error::Success();
 }
@@ -1002,6 +1009,7 @@ ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCacheCpu, WriteCacheCpuImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cache [B, K, S, Dh]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // update [B, K, T, Dh]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // index [B]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // update [P, K, T, Dh]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // index [P]: the first slot of each update row
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows [P]: the cache row of each update row
                                   .Ret<ffi::Buffer<ffi::F32>>());  // the cache, written (aliases the first argument)
