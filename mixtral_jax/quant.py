@@ -22,11 +22,11 @@ bytes, value i in the low nibble of byte i and value 16 + i in the high one
 Symmetric (no zero point): w ≈ qvalue · scale with qvalue in QRANGE, [-127, 127]
 for int8 and all 16 nibble values [-8, 7] for int4 (as llama.cpp's Q4_0). The
 scale is the smallest one, rounded UP to the scale dtype, with which every
-w / scale of the tile lies within half a step of that range, so
-|w - dequantize(w)| ≤ scale / 2 holds for every element (`error_bound`); a
-group whose largest magnitude is negative gets 8.5 steps for it, a positive
-one 7.5, against 7 for max|w| / 7 (16% lower KLD on the bench model:
-docs/benchmarks.md#quantized-weights).
+w / scale of the tile lies within that range: nothing is clipped, so
+|w - dequantize(w)| ≤ scale / 2 holds for every element (`error_bound`), and
+the value that sets the scale is represented exactly. An int4 group whose
+largest magnitude is negative maps it to -8, so its step is 1/8 finer than
+max|w| / 7 (docs/benchmarks.md#quantized-weights).
 int8 scales are float32 (4 bytes per D weights); int4 scales float16 (as
 llama.cpp's Q4_0 blocks: 0.5 + 2/32 = 0.5625 bytes per weight).
 
@@ -148,10 +148,10 @@ def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,),
     else:  # [..., in/g, g, ...] along the one input axis, reduced over g; the scale is broadcast back below
         a = in_axes[0] % w.ndim
         tiles, reduce = w.reshape(*w.shape[:a], w.shape[a] // group, group, *w.shape[a + 1:]), dict(axis=a + 1)
-    # The smallest scale with every w / scale in [lo - 1/2, hi + 1/2]: rounding, then clipping to [lo, hi],
-    # errs by at most half a step.
+    # The smallest scale with every w / scale in [lo, hi]: nothing is clipped, and the value that sets the
+    # scale (a trained model's largest weights matter most) is represented exactly.
     top, bottom = (np.asarray(f(tiles, **reduce), np.float64) for f in (np.max, np.min))
-    need = np.maximum(np.maximum(top, 0) / (hi + 0.5), np.maximum(-bottom, 0) / (0.5 - lo))
+    need = np.maximum(np.maximum(top, 0) / hi, np.maximum(-bottom, 0) / -lo)
     scale = need.astype(sdt)
     scale = np.where(scale < need, np.nextafter(scale, np.asarray(np.inf, sdt)), scale)  # rounded up
     scale = np.where(need == 0, np.asarray(1, sdt), scale)  # an all-zero tile: any scale, qvalue 0
@@ -219,11 +219,11 @@ def transpose(w):
 def error_bound(w: dict) -> np.ndarray:
     """The analytic bound on |w - dequantize(w)| per element of a stacked weight: scale / 2 of its tile,
     plus float32 rounding of the division and of qvalue · scale (2 · top ulps of the scale, top the largest
-    |w| / scale: 128 or 8.5)."""
+    |w| / scale: 127 or 8)."""
     scale = np.asarray(w["scale"], np.float32)
     lo, hi = QRANGE[mode_of(w)]
     in_dim = np.asarray(w["qvalue"]).shape[-2] * (1 if mode_of(w) == "int8" else 2)
-    per_tile = scale * (0.5 + 2 * (max(-lo, hi) + 0.5) * np.finfo(np.float32).eps)
+    per_tile = scale * (0.5 + 2 * max(-lo, hi) * np.finfo(np.float32).eps)
     return np.repeat(per_tile, in_dim // scale.shape[-2], axis=-2)
 
 

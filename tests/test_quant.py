@@ -18,14 +18,14 @@ EPS32 = np.finfo(np.float32).eps
 
 
 def _check_scales(tiles, s, lo, hi, sdt):
-    """Every tile's scale lets each w / scale round to [lo, hi] with at most half a step of clipping, and is the
-    smallest such one in its dtype: one unit below, some value of the tile would fall outside (tiles [..., g, ...]
-    over axis -2, s [..., 1, ...], float64)."""
+    """Every tile's scale puts each w / scale within [lo, hi] (nothing clipped), and is the smallest such one in
+    its dtype: one unit below, some value of the tile would fall outside (tiles [..., g, ...] over axis -2,
+    s [..., 1, ...], float64)."""
     ratio = tiles / s
-    assert ((ratio >= lo - 0.5) & (ratio <= hi + 0.5)).all()
+    assert ((ratio >= lo) & (ratio <= hi)).all()
     below = np.nextafter(s.astype(sdt), np.asarray(0, sdt)).astype(np.float64)
     r = tiles / below
-    outside = ((r < lo - 0.5) | (r > hi + 0.5)).any(axis=-2, keepdims=True)
+    outside = ((r < lo) | (r > hi)).any(axis=-2, keepdims=True)
     nonzero = (tiles != 0).any(axis=-2, keepdims=True)
     assert outside[nonzero].all()
 
@@ -45,7 +45,7 @@ def test_round_trip_within_the_analytic_bound(mode):
     _check_scales(w.reshape(2, 64 // g, g, 48).astype(np.float64), s[:, :, None], lo, hi, q["scale"].dtype)
     deq = np.asarray(quant.dequantize(q, jnp.float32), np.float64)
     err = np.abs(deq - w)
-    bound = np.repeat(s, g, axis=1) * (0.5 + 2 * (max(-lo, hi) + 0.5) * EPS32)  # half a step, plus float32 rounding
+    bound = np.repeat(s, g, axis=1) * (0.5 + 2 * max(-lo, hi) * EPS32)  # half a step, plus float32 rounding
     assert (err <= bound).all()
     assert (err / bound).max() > 0.9  # the bound is attained: it says something
     assert (deq[1, :32, 7] == 0).all()
@@ -54,7 +54,7 @@ def test_round_trip_within_the_analytic_bound(mode):
 
 def test_int4_uses_all_16_values_and_errs_less_than_the_largest_magnitude_over_7():
     # A group whose largest magnitude is negative maps it to -8; against the textbook scale max|w| / 7 over
-    # [-7, 7] (llama.cpp's Q4_0 takes -8 too), the RMS error on normal weights is about 7% lower.
+    # [-7, 7] (llama.cpp's Q4_0 takes -8 too), the RMS error on normal weights is about 5% lower.
     rs = np.random.RandomState(3)
     w = rs.standard_normal((2048, 64)).astype(np.float32)
     q = quant.quantize(w, "int4")
@@ -65,7 +65,7 @@ def test_int4_uses_all_16_values_and_errs_less_than_the_largest_magnitude_over_7
     plain_scale = (np.abs(tiles).max(axis=1, keepdims=True) / 7).astype(np.float16).astype(np.float64)
     plain = np.clip(np.rint(tiles / plain_scale), -7, 7) * plain_scale
     rms = lambda d: np.sqrt(np.mean((d.reshape(tiles.shape) - tiles) ** 2))
-    assert rms(deq) < 0.95 * rms(plain)
+    assert rms(deq) < 0.97 * rms(plain)
 
 
 def test_int8_in_groups_along_the_last_axis_round_trips_within_the_bound_and_embeds_the_rows():
@@ -80,7 +80,7 @@ def test_int8_in_groups_along_the_last_axis_round_trips_within_the_bound_and_emb
     s = q["scale"].astype(np.float64)
     _check_scales(w.reshape(40, 3, 32).astype(np.float64).transpose(0, 2, 1), s[:, None, :], -127, 127, np.float32)
     deq = np.asarray(quant.dequantize(q, jnp.float32), np.float64)
-    bound = np.repeat(s, 32, axis=1) * (0.5 + 2 * 127.5 * EPS32)
+    bound = np.repeat(s, 32, axis=1) * (0.5 + 2 * 127 * EPS32)
     err = np.abs(deq - w)
     assert (err <= bound).all() and (err / bound).max() > 0.9
     assert (err[3, 64:] <= 0.5 * absmax[3, 2] / 127 * 1.01).all()  # the outlier's group alone takes its step
@@ -90,14 +90,13 @@ def test_int8_in_groups_along_the_last_axis_round_trips_within_the_bound_and_emb
 
 def test_int4_packs_a_group_of_32_into_16_bytes_in_llama_cpp_order():
     w = np.zeros((32, 1), np.float32)
-    w[[0, 16, 1, 17], 0] = [-8, 7, 3, -1]  # scale 8 / 8.5 (0.9414 in float16), so qvalue = w
+    w[[0, 16, 1, 17], 0] = [-8, 7, 3, -1]  # scale exactly 1, qvalue = w
     q = quant.quantize(w, "int4")
-    assert q["scale"][0, 0] == np.float16(0.9414)
+    assert q["scale"][0, 0] == 1
     assert q["qvalue"][0, 0] == (-8 & 0xF) | (7 << 4) == 120  # value i in the low nibble of byte i, 16 + i high
     assert q["qvalue"][1, 0] == 3 | ((-1 & 0xF) << 4) == 243
-    deq = w * np.float32(np.float16(0.9414))
-    np.testing.assert_array_equal(quant.dequantize(q, jnp.float32), deq)
-    np.testing.assert_array_equal(quant.dequantize(quant.transpose(q), jnp.float32, axis=-1), deq.T)
+    np.testing.assert_array_equal(quant.dequantize(q, jnp.float32), w)
+    np.testing.assert_array_equal(quant.dequantize(quant.transpose(q), jnp.float32, axis=-1), w.T)
 
 
 @pytest.fixture(scope="module", params=quant.WIDTHS)
@@ -209,7 +208,7 @@ def test_int8_weights_with_several_input_axes_stay_within_the_bound():
     _check_scales(w.reshape(2, 32, 16).astype(np.float64), q["scale"].reshape(2, 1, 16).astype(np.float64),
                   -127, 127, np.float32)
     err = np.abs(np.asarray(quant.dequantize(q, jnp.float32), np.float64) - w)
-    assert (err <= q["scale"] * (0.5 + 2 * 127.5 * EPS32)).all()
+    assert (err <= q["scale"] * (0.5 + 2 * 127 * EPS32)).all()
     assert quant.axes(("layers", "heads", "head_dim", "embed"), "int8", (-3, -2))["scale"] == (
         "layers", None, None, "embed")
 
