@@ -17,12 +17,13 @@ K = 2
 EPS32 = np.finfo(np.float32).eps
 
 
-def _check_scales(tiles, s, lo, hi, sdt):
-    """Every tile's scale puts each w / scale within [lo, hi] (nothing clipped), and is the smallest such one in
-    its dtype: one unit below, some value of the tile would fall outside (tiles [..., g, ...] over axis -2,
-    s [..., 1, ...], float64)."""
+def _check_scales(tiles, s, lo, hi, sdt, slack=0.0):
+    """Every tile's scale puts each w / scale within `slack` steps of [lo, hi] (int8: 0, nothing clipped; int4:
+    half a step, so clipping errs no more than rounding), and is no larger than the smallest scale that clips
+    nothing: one unit below it in its dtype, some value of the tile would fall outside [lo, hi] (tiles
+    [..., g, ...] over axis -2, s [..., 1, ...], float64)."""
     ratio = tiles / s
-    assert ((ratio >= lo) & (ratio <= hi)).all()
+    assert ((ratio >= lo - slack) & (ratio <= hi + slack)).all()
     below = np.nextafter(s.astype(sdt), np.asarray(0, sdt)).astype(np.float64)
     r = tiles / below
     outside = ((r < lo) | (r > hi)).any(axis=-2, keepdims=True)
@@ -42,30 +43,43 @@ def test_round_trip_within_the_analytic_bound(mode):
     assert (q["qvalue"].dtype, q["scale"].dtype, q["scale"].shape) == (
         (np.int8, np.float32, (2, 1, 48)) if mode == "int8" else (np.uint8, np.float16, (2, 2, 48)))
     s = q["scale"].astype(np.float64)
-    _check_scales(w.reshape(2, 64 // g, g, 48).astype(np.float64), s[:, :, None], lo, hi, q["scale"].dtype)
+    slack = 0.5 if mode == "int4" else 0.0
+    _check_scales(w.reshape(2, 64 // g, g, 48).astype(np.float64), s[:, :, None], lo, hi, q["scale"].dtype, slack)
     deq = np.asarray(quant.dequantize(q, jnp.float32), np.float64)
     err = np.abs(deq - w)
-    bound = np.repeat(s, g, axis=1) * (0.5 + 2 * max(-lo, hi) * EPS32)  # half a step, plus float32 rounding
+    bound = np.repeat(s, g, axis=1) * (0.5 + 2 * (max(-lo, hi) + slack) * EPS32)  # half a step, plus float32 rounding
     assert (err <= bound).all()
     assert (err / bound).max() > 0.9  # the bound is attained: it says something
     assert (deq[1, :32, 7] == 0).all()
     np.testing.assert_array_equal(quant.error_bound(q), bound.astype(np.float32))
 
 
-def test_int4_uses_all_16_values_and_errs_less_than_the_largest_magnitude_over_7():
-    # A group whose largest magnitude is negative maps it to -8; against the textbook scale max|w| / 7 over
-    # [-7, 7] (llama.cpp's Q4_0 takes -8 too), the RMS error on normal weights is about 5% lower.
+def test_int4_scale_search_errs_less_than_the_scale_that_clips_nothing_and_than_max_over_7():
+    # Each group's scale is the one of its candidates with the least squared error weighted by |w| + the
+    # group's RMS; the candidates include the smallest scale that clips nothing, so under that weighting no
+    # group errs more than with it. Against the textbook max|w| / 7 over [-7, 7], whose step is coarser,
+    # the plain RMS error on normal weights drops by about 10%; the groups use all 16 values.
     rs = np.random.RandomState(3)
     w = rs.standard_normal((2048, 64)).astype(np.float32)
     q = quant.quantize(w, "int4")
-    deq = np.asarray(quant.dequantize(q, jnp.float32), np.float64)
-    values = np.rint(deq.reshape(64, 32, 64) / q["scale"].astype(np.float64)[:, None, :])
-    assert values.min() == -8 and values.max() == 7
     tiles = w.reshape(64, 32, 64).astype(np.float64)
+    s = q["scale"].astype(np.float64)[:, None, :]
+    deq = np.asarray(quant.dequantize(q, jnp.float32), np.float64).reshape(tiles.shape)
+    assert np.rint(deq / s).min() == -8 and np.rint(deq / s).max() == 7
+    weight = np.abs(tiles) + np.sqrt(np.mean(tiles ** 2, axis=1, keepdims=True))
+    clip_free = np.maximum(tiles.max(axis=1, keepdims=True) / 7, -tiles.min(axis=1, keepdims=True) / 8)
+    clip_free = clip_free.astype(np.float16).astype(np.float64)
+    clip_free = np.where(clip_free * 7 < tiles.max(axis=1, keepdims=True), np.nextafter(clip_free.astype(np.float16),
+                         np.float16(np.inf)).astype(np.float64), clip_free)  # rounded up, as every scale
+    clip_free = np.where(clip_free * 8 < -tiles.min(axis=1, keepdims=True), np.nextafter(
+        clip_free.astype(np.float16), np.float16(np.inf)).astype(np.float64), clip_free)
+    other = np.clip(np.rint(tiles / clip_free), -8, 7) * clip_free
+    mine_err, other_err = ((weight * (d - tiles) ** 2).sum(axis=1) for d in (deq, other))
+    assert (mine_err <= other_err * (1 + 1e-6)).all() and (mine_err < other_err).mean() > 0.3
     plain_scale = (np.abs(tiles).max(axis=1, keepdims=True) / 7).astype(np.float16).astype(np.float64)
     plain = np.clip(np.rint(tiles / plain_scale), -7, 7) * plain_scale
-    rms = lambda d: np.sqrt(np.mean((d.reshape(tiles.shape) - tiles) ** 2))
-    assert rms(deq) < 0.97 * rms(plain)
+    rms = lambda d: np.sqrt(np.mean((d - tiles) ** 2))
+    assert rms(deq) < 0.93 * rms(plain)
 
 
 def test_int8_in_groups_along_the_last_axis_round_trips_within_the_bound_and_embeds_the_rows():
