@@ -152,11 +152,15 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         new_cache = None
     else:
         ck, cv = (write_cache(c, new, cache_index, layer, cache_rows) for c, new in ((cache[0], k), (cache[1], v)))
+        new_cache = (ck, cv)
+        if t == 1 and layer is None and cpu_kernel.usable(q, ck):  # a decode step: the admitted slots only
+            rows = jnp.arange(b, dtype=jnp.int32) if cache_rows is None else cache_rows
+            out = cpu_kernel.attend_cpu(q[:, 0], ck, cv, rows, positions[:, 0], k_pos, sliding_window)
+            return layout.out(out.reshape(b, 1, -1), p), new_cache
         if cache_rows is None:
             k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])
         else:  # the rows' keys and values gathered for the attention: a copy of P rows, read only
             k, v = (c[cache_rows] if layer is None else c[layer, cache_rows] for c in (ck, cv))
-        new_cache = (ck, cv)
     # The prompt's own slots start at 0 when there is no cache or a prefill writes from slot 0:
     # then query i never sees a slot past i, and later slots (empty) need not be read at all.
     prefix = cache is None or (isinstance(cache_index, int) and cache_index == 0)

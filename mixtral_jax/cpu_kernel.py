@@ -10,7 +10,8 @@ rows, register tiles over packed panels of each expert's rows, as fast as
 XLA's grouped matmuls and with nothing to compile per expert. `linear_cpu` is
 the row-dot product for one row times an [out, in] weight. `write_cache_cpu`
 writes new keys or values into rows of a layer's KV cache in place, one
-buffer for the write and the attention's reads after it.
+buffer for the write and the attention's reads after it; `attend_cpu` is a
+decode step's attention over the slots a row's mask admits, read in place.
 
 They are compiled at first use with the host's g++ (4-5 s) into a cache
 folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
@@ -39,6 +40,7 @@ import jaxlib
 TARGET = "mixtral_jax_moe_cpu"
 LINEAR_TARGET = "mixtral_jax_linear_cpu"
 WRITE_CACHE_TARGET = "mixtral_jax_write_cache_cpu"
+ATTEND_TARGET = "mixtral_jax_attend_cpu"
 SOURCE = Path(__file__).parent / "csrc" / "moe_cpu.cc"
 # Weight bytes per chunk of work a core takes: long contiguous runs stream faster
 # (docs/performance.md#thresholds-and-chunk-sizes).
@@ -101,13 +103,14 @@ def available() -> bool:
         print(f"[mixtral_jax] the CPU MoE kernel is not available, so the MoE block runs as XLA ops "
               f"(set MIXTRAL_JAX_CPU_KERNEL=0 to skip this check): {err}", file=sys.stderr, flush=True)
         return False
-    global TARGET, LINEAR_TARGET, WRITE_CACHE_TARGET
+    global TARGET, LINEAR_TARGET, WRITE_CACHE_TARGET, ATTEND_TARGET
     key = _library_path().stem.rsplit("-", 1)[-1]
     TARGET, LINEAR_TARGET = f"mixtral_jax_moe_cpu_{key}", f"mixtral_jax_linear_cpu_{key}"
-    WRITE_CACHE_TARGET = f"mixtral_jax_write_cache_cpu_{key}"
+    WRITE_CACHE_TARGET, ATTEND_TARGET = f"mixtral_jax_write_cache_cpu_{key}", f"mixtral_jax_attend_cpu_{key}"
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.MoeCpu), platform="cpu")
     jax.ffi.register_ffi_target(LINEAR_TARGET, jax.ffi.pycapsule(lib.LinearCpu), platform="cpu")
     jax.ffi.register_ffi_target(WRITE_CACHE_TARGET, jax.ffi.pycapsule(lib.WriteCacheCpu), platform="cpu")
+    jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.AttendCpu), platform="cpu")
     return True
 
 
@@ -177,3 +180,16 @@ def write_cache_cpu(cache: jax.Array, update: jax.Array, index: jax.Array, rows:
     call = jax.ffi.ffi_call(WRITE_CACHE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
                             input_output_aliases={0: 0}, vmap_method="sequential")
     return call(cache, update.astype(cache.dtype), index.astype(jnp.int32), rows.astype(jnp.int32))
+
+
+def attend_cpu(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+               window: int | None = None) -> jax.Array:
+    """Decode attention, one query per row, float32: q [P, H, Dh] over the slots of cache rows `rows` [P] of
+    k, v [B, K, S, Dh] that attention.attention_mask admits (k_pos [P, S] >= 0 and <= q_pos [P], within
+    `window`), softmax in float32 → [P, H, Dh]. Reads only those slots, in place; a row that admits none
+    gets zeros."""
+    if not available():
+        raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
+    call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q, k, v, rows.astype(jnp.int32), q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
+                window=int(window or 0))

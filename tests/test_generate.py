@@ -231,6 +231,38 @@ def test_cpu_cache_write_equals_numpy_with_per_row_slots_and_dynamic_update_slic
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_cpu_decode_attention_equals_float64_over_the_admitted_slots(window):
+    """cpu_kernel.attend_cpu (a decode step's attention on the CPU, reading only the slots the mask admits, in
+    the cache rows it is given) against a float64 softmax over attention.attention_mask's slots."""
+    from mixtral_jax import attention, cpu_kernel
+    rs = np.random.RandomState(2)
+    b, kv, s, h = 5, 2, 40, 6
+    for dh in (64, 8):  # whole vectors of 16, and the scalar tail alone
+        k, v = (rs.randn(b, kv, s, dh).astype(np.float32) for _ in range(2))
+        rows = np.array([3, 0, 3, 4], np.int32)  # a repeated row; cache rows 1 and 2 unused
+        q = (rs.randn(4, h, dh) * 3).astype(np.float32)
+        q_pos = np.array([17, 39, 4, 0], np.int32)
+        k_pos = np.tile(np.arange(s, dtype=np.int32), (4, 1))
+        k_pos[0, 10:20] = -1  # empty slots inside the context
+        k_pos[2] = np.arange(s) - 30  # a slot holds position p at index p + 30 (the engine's offsets)
+        k_pos[3] = -1  # no admitted slot: an idle serving row, zeros
+        got = np.asarray(jax.jit(cpu_kernel.attend_cpu, static_argnums=6)(q, k, v, rows, q_pos, k_pos, window))
+        mask = np.asarray(attention.attention_mask(jnp.asarray(q_pos[:, None]), jnp.asarray(k_pos), window))[:, 0]
+        for r in range(4):
+            kr, vr = k[rows[r]].astype(np.float64), v[rows[r]].astype(np.float64)  # [K, S, Dh]
+            for head in range(h):
+                g = head // (h // kv)
+                if not mask[r].any():
+                    np.testing.assert_array_equal(got[r, head], 0)
+                    continue
+                scores = kr[g] @ q[r, head].astype(np.float64) / np.sqrt(dh)
+                scores = np.where(mask[r], scores, -np.inf)
+                p = np.exp(scores - scores.max())
+                want = (p / p.sum()) @ vr[g]
+                np.testing.assert_allclose(got[r, head], want, rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("path", ["kernel", "stacked"])
 def test_cache_write_into_chosen_rows_equals_numpy(path):
     """The serving engine's decoding slots write straight into the whole cache: update row r goes to cache row

@@ -315,7 +315,7 @@ def test_decoding_a_few_slots_writes_their_keys_into_the_whole_cache_in_place():
     """decode_rows (a step over P of the engine's slots) once copied the P slots' whole cache rows out of every
     layer's k and v cache and wrote them back: O(P · max_seq_len) a step, 4x one request's time per token at
     4096 positions on the bench model. Now every op that yields a whole-cache array is the in-place kernel
-    write, and the P rows are only read (a slice the attention takes)."""
+    write, and nothing copies a slot's row: the attention kernel reads the rows in place."""
     from mixtral_jax import slot_steps
     cfg = mj.load_config("tiny")
     eng = Engine(mj.init_random(cfg, seed=0), max_batch=4, max_seq_len=256, prefill_chunk=64)
@@ -329,3 +329,6 @@ def test_decoding_a_few_slots_writes_their_keys_into_the_whole_cache_in_place():
                 if "=" in line and line.split("=", 1)[1].strip().startswith(shape + "{")]
         writes = [m for m in made if m == "custom-call"]
         assert len(writes) == 2 * cfg.num_hidden_layers and set(made) <= {"custom-call", "parameter"}, made
+        row = "f32[%d,%s" % (p, shape.split(",", 1)[1])
+        assert not [line for line in hlo.splitlines() if "=" in line and
+                    line.split("=", 1)[1].strip().startswith(row + "{")], "a copy of the slots' cache rows"

@@ -336,14 +336,9 @@ inline const float* RowsAsFloat(const V& w, int64_t lo, int64_t hi, std::vector<
 
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-// silu(a) = a / (1 + exp(-a)) for 16 floats at once. exp is Cephes' expf
-// (2^n e^r with r in [-ln2/2, ln2/2] and its polynomial for e^r), with -a
-// clamped to [-87, 88] so 2^n stays a normal float: beyond, a / (1 + exp(-a))
-// is a to float precision, or below 3e-36 in magnitude. Within 2.31 ulp of
-// float64 silu over [-120, 120], as the same formula with libm's expf, whose
-// scalar calls showed in a prefill's profile (docs/performance.md#silu-16-values-at-a-time).
-inline v16 Silu16(v16 a) {
-  v16 x = -a;
+// exp(x) for 16 floats at once: Cephes' expf (2^n e^r with r in [-ln2/2, ln2/2] and its polynomial for
+// e^r), x clamped to [-87, 88] so 2^n stays a normal float.
+inline v16 Exp16(v16 x) {
   x = x < -87.f ? v16{} - 87.f : x;
   x = x > 88.f ? v16{} + 88.f : x;
   const v16 t = x * 1.44269504088896341f + 12582912.f;  // 1.5 * 2^23: rounds x / ln2 to an integer n
@@ -357,8 +352,14 @@ inline v16 Silu16(v16 a) {
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.f;  // e^r
   const i32x16 scale = (reinterpret_cast<const i32x16&>(t) - 0x4B400000 + 127) << 23;  // 2^n
-  return a / (1.f + p * reinterpret_cast<const v16&>(scale));
+  return p * reinterpret_cast<const v16&>(scale);
 }
+
+// silu(a) = a / (1 + exp(-a)) for 16 floats at once. Beyond Exp16's clamp, a / (1 + exp(-a)) is a to
+// float precision, or below 3e-36 in magnitude. Within 2.31 ulp of float64 silu over [-120, 120], as the
+// same formula with libm's expf, whose scalar calls showed in a prefill's profile
+// (docs/performance.md#silu-16-values-at-a-time).
+inline v16 Silu16(v16 a) { return a / (1.f + Exp16(-a)); }
 
 // silu over n floats in place.
 inline void SiluInPlace(float* v, int64_t n) {
@@ -1004,6 +1005,119 @@ ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
+// Decode attention, one query per row: row r's H heads over the slots of cache row rows[r] that its mask
+// admits (k_pos >= 0, k_pos <= q_pos, and q_pos - k_pos < window when window > 0), softmax in float32.
+// Only the admitted slots' keys and values are read, in place: the cost follows the context, not the
+// cache's length, and a serving slot's row is never copied out. A row that admits no slot (an idle
+// serving slot, whose output nobody reads) gets zeros. Work items are (row, kv head) pairs, each the
+// G = H / K query heads that share the kv head.
+struct AttendCall {
+  const float *q, *k, *v;  // q [P, H, Dh]; k, v [B, K, S, Dh]
+  const int32_t *rows, *q_pos, *k_pos;  // [P], [P], [P, S]
+  float* out;  // [P, H, Dh]
+  int64_t h, kv, s, dh, window;
+  float scale;
+  Chunks chunks;
+
+  void Work(bool wait) {
+    chunks.Take([this](int64_t c) { Item(c); });
+    if (wait) chunks.Wait();
+  }
+
+  float Dot(const float* a, const float* b) const {
+    int64_t i = 0;
+    float acc = 0.f;
+    if (dh >= 16) {
+      v16 sum = Load16(a) * Load16(b);
+      for (i = 16; i + 16 <= dh; i += 16) sum += Load16(a + i) * Load16(b + i);
+      acc = hsum(sum);
+    }
+    for (; i < dh; ++i) acc += a[i] * b[i];
+    return acc;
+  }
+
+  void Item(int64_t c) {
+    const int64_t r = c / kv, head = c % kv, g = h / kv;
+    const int32_t* kp = k_pos + r * s;
+    const int32_t qp = q_pos[r];
+    static thread_local std::vector<int32_t> slots;
+    static thread_local std::vector<float> p;
+    slots.clear();
+    for (int64_t j = 0; j < s; ++j)
+      if (kp[j] >= 0 && kp[j] <= qp && (window <= 0 || qp - kp[j] < window)) slots.push_back(static_cast<int32_t>(j));
+    float* o = out + (r * h + head * g) * dh;
+    std::fill(o, o + g * dh, 0.f);
+    const int64_t n = static_cast<int64_t>(slots.size());
+    if (n == 0) return;
+    const int64_t ld = (n + 15) / 16 * 16;  // each query head's scores padded to whole vectors
+    p.assign(g * ld, 0.f);
+    const float* kb = k + (rows[r] * kv + head) * s * dh;
+    const float* vb = v + (rows[r] * kv + head) * s * dh;
+    const float* qr = q + (r * h + head * g) * dh;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* key = kb + slots[i] * dh;
+      for (int64_t a = 0; a < g; ++a) p[a * ld + i] = Dot(qr + a * dh, key) * scale;
+    }
+    for (int64_t a = 0; a < g; ++a) {
+      float* pa = p.data() + a * ld;
+      const float top = *std::max_element(pa, pa + n);
+      float total = 0.f;
+      for (int64_t i = 0; i < ld; i += 16) {
+        v16 e = Exp16(*reinterpret_cast<const v16*>(pa + i) - top);
+        for (int64_t j = std::max<int64_t>(n - i, 0); j < 16; ++j) e[j] = 0.f;  // the padding
+        *reinterpret_cast<v16*>(pa + i) = e;
+        total += hsum(e);
+      }
+      const float inv = 1.f / total;
+      for (int64_t i = 0; i < n; ++i) pa[i] *= inv;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float* value = vb + slots[i] * dh;
+      for (int64_t a = 0; a < g; ++a) {
+        const float w = p[a * ld + i];
+        float* oa = o + a * dh;
+        int64_t d = 0;
+        for (; d + 16 <= dh; d += 16) *reinterpret_cast<v16*>(oa + d) += w * Load16(value + d);
+        for (; d < dh; ++d) oa[d] += w * value[d];
+      }
+    }
+  }
+};
+
+ffi::Error AttendCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                         ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> k_pos,
+                         ffi::ResultBuffer<ffi::F32> out, int64_t window) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  auto vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || !std::equal(vd.begin(), vd.end(), kd.begin()) || qd[2] != kd[3] || kd[1] == 0 || qd[1] % kd[1] ||
+      rows.dimensions().size() != 1 || rows.dimensions()[0] != qd[0] || q_pos.dimensions().size() != 1 ||
+      q_pos.dimensions()[0] != qd[0] || k_pos.dimensions().size() != 2 || k_pos.dimensions()[0] != qd[0] ||
+      k_pos.dimensions()[1] != kd[2])
+    return ffi::Error::InvalidArgument(
+        "attend_cpu: q [P, H, Dh], k and v [B, K, S, Dh] with K dividing H, rows and q_pos [P], k_pos [P, S]");
+  for (int64_t r = 0; r < qd[0]; ++r)
+    if (rows.typed_data()[r] < 0 || rows.typed_data()[r] >= kd[0])
+      return ffi::Error::InvalidArgument("attend_cpu: a row index is outside the cache's rows");
+  auto call = std::make_shared<AttendCall>();
+  AttendCall& c = *call;
+  c.q = q.typed_data();
+  c.k = k.typed_data();
+  c.v = v.typed_data();
+  c.rows = rows.typed_data();
+  c.q_pos = q_pos.typed_data();
+  c.k_pos = k_pos.typed_data();
+  c.out = out->typed_data();
+  c.h = qd[1];
+  c.kv = kd[1];
+  c.s = kd[2];
+  c.dh = kd[3];
+  c.window = window;
+  c.scale = 1.f / std::sqrt(static_cast<float>(c.dh));
+  c.chunks.count = qd[0] * kd[1];
+  RunOnCores(pool, call);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCacheCpu, WriteCacheCpuImpl,
@@ -1013,3 +1127,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCacheCpu, WriteCacheCpuImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // index [P]: the first slot of each update row
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows [P]: the cache row of each update row
                                   .Ret<ffi::Buffer<ffi::F32>>());  // the cache, written (aliases the first argument)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttendCpu, AttendCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [P, H, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k cache [B, K, S, Dh]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v cache [B, K, S, Dh]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows [P]: each query row's cache row
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos [P]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_pos [P, S]: negative marks an empty slot
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [P, H, Dh]
+                                  .Attr<int64_t>("window"));     // sliding window, 0: none
