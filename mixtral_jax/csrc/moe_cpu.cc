@@ -1005,6 +1005,16 @@ ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
+// Lane j of the result is the sum of x[j]'s 16 lanes: four rounds of adding the even and the odd lanes of
+// neighbouring vectors, each halving their number.
+inline v16 Sum16(v16* x) {
+  for (int n = 16; n > 1; n /= 2)
+    for (int i = 0; i < n / 2; ++i)
+      x[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+             __builtin_shufflevector(x[2 * i], x[2 * i + 1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return x[0];
+}
+
 // Decode attention, one query per row: row r's H heads over the slots of cache row rows[r] that its mask
 // admits (k_pos >= 0, k_pos <= q_pos, and q_pos - k_pos < window when window > 0), softmax in float32.
 // Only the admitted slots' keys and values are read, in place: the cost follows the context, not the
@@ -1054,9 +1064,28 @@ struct AttendCall {
     const float* kb = k + (rows[r] * kv + head) * s * dh;
     const float* vb = v + (rows[r] * kv + head) * s * dh;
     const float* qr = q + (r * h + head * g) * dh;
-    for (int64_t i = 0; i < n; ++i) {
-      const float* key = kb + slots[i] * dh;
-      for (int64_t a = 0; a < g; ++a) p[a * ld + i] = Dot(qr + a * dh, key) * scale;
+    if (dh % 16 == 0) {
+      // 16 slots at a time: each slot's products as one vector, the 16 vectors summed lane-wise into one
+      // (no horizontal sum per score).
+      for (int64_t i0 = 0; i0 < n; i0 += 16) {
+        const int64_t m = std::min<int64_t>(16, n - i0);
+        for (int64_t a = 0; a < g; ++a) {
+          const float* qa = qr + a * dh;
+          v16 acc[16];
+          for (int64_t j = 0; j < 16; ++j) {
+            acc[j] = v16{};
+            if (j >= m) continue;
+            const float* key = kb + slots[i0 + j] * dh;
+            for (int64_t d = 0; d < dh; d += 16) acc[j] += Load16(qa + d) * Load16(key + d);
+          }
+          *reinterpret_cast<v16*>(p.data() + a * ld + i0) = Sum16(acc) * scale;
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float* key = kb + slots[i] * dh;
+        for (int64_t a = 0; a < g; ++a) p[a * ld + i] = Dot(qr + a * dh, key) * scale;
+      }
     }
     for (int64_t a = 0; a < g; ++a) {
       float* pa = p.data() + a * ld;
