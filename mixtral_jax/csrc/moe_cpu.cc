@@ -466,11 +466,12 @@ struct Chunks {
 
 // Runs call->Work(false) on up to (cores - 1) threads of XLA's pool, then
 // call->Work(true) here. `call` is shared, so a helper that starts after the
-// call returned finds no chunk left and touches nothing else.
+// call returned finds no chunk left and touches nothing else. `items`: the most
+// chunks any phase has; with one, no helper is woken (it would find nothing).
 template <typename CallT>
-void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call) {
-  const int64_t helpers =
-      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1;
+void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call, int64_t items) {
+  const int64_t helpers = std::min<int64_t>(
+      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1, items - 1);
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([call] { call->Work(false); });
   call->Work(true);
 }
@@ -745,7 +746,7 @@ void RunLinear(ffi::ThreadPool& pool, const float* x, const W& w, float* y, int6
   // Chunks hold chunk_bytes of weights, whatever their dtype.
   c.rows = std::max<int64_t>(4, 8 * chunk_bytes / (W::kBits * std::max<int64_t>(1, in)));
   c.chunks.count = (out + c.rows - 1) / c.rows;
-  RunOnCores(pool, call);
+  RunOnCores(pool, call, c.chunks.count);
 }
 
 ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight,
@@ -813,7 +814,7 @@ ffi::Error RunPanels(ffi::ThreadPool& pool, Call<W>& c) {
   pc.phase0.count = panels;
   pc.phase1.count = static_cast<int64_t>(pc.experts.size()) * pc.chunks1;
   pc.phase2.count = (pc.d + pc.rows2 - 1) / pc.rows2;
-  RunOnCores(pool, call);
+  RunOnCores(pool, call, std::max({pc.phase0.count, pc.phase1.count, pc.phase2.count}));
   return ffi::Error::Success();
 }
 
@@ -878,7 +879,7 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, in
   c.rows2 = std::max<int64_t>(4, 8 * chunk_bytes / (bits * f * static_cast<int64_t>(c.experts.size())));
   c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((f + c.rows1 - 1) / c.rows1);
   c.phase2.count = (d + c.rows2 - 1) / c.rows2;
-  RunOnCores(pool, call);
+  RunOnCores(pool, call, std::max(c.phase1.count, c.phase2.count));
   return ffi::Error::Success();
 }
 
@@ -1143,7 +1144,7 @@ ffi::Error AttendCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   c.window = window;
   c.scale = 1.f / std::sqrt(static_cast<float>(c.dh));
   c.chunks.count = qd[0] * kd[1];
-  RunOnCores(pool, call);
+  RunOnCores(pool, call, c.chunks.count);
   return ffi::Error::Success();
 }
 
