@@ -28,9 +28,8 @@ the smallest that clips nothing (each rounded UP to float16): the one with the
 least squared error weighted by |w| + the group's RMS, llama.cpp's weighting
 for its K-quants without an importance matrix (a trained model's larger
 weights matter more). Either way |w - dequantize(w)| ≤ scale / 2 for every
-element (`error_bound`). Against max|w| / 7 over [-7, 7] the int4 search cost
-1.7x the quantizing time and gave 16% less KLD on the bench model
-(docs/benchmarks.md#the-int4-scale).
+element (`error_bound`). What the search costs and gains against max|w| / 7
+over [-7, 7]: docs/benchmarks.md#the-int4-scale.
 int8 scales are float32 (4 bytes per D weights); int4 scales float16 (as
 llama.cpp's Q4_0 blocks: 0.5 + 2/32 = 0.5625 bytes per weight).
 
@@ -57,6 +56,8 @@ WIDTHS = ("int8", "int4")  # what a weight is stored in (an expert: its mode's w
 # spread a group's largest weight sets (docs/benchmarks.md#quantized-weights).
 GROUP = 32
 QRANGE = {"int8": (-127, 127), "int4": (-8, 7)}  # the values a qvalue takes
+# How far past QRANGE, in steps, a w / scale may lie (then clipped, erring no more than rounding does).
+SLACK = {"int8": 0.0, "int4": 0.5}
 SCALE_DTYPE = {"int8": np.dtype(np.float32), "int4": np.dtype(np.float16)}
 
 
@@ -163,7 +164,8 @@ def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,),
     scale = _round_up(clip_free, sdt)
     spread = (lambda s: s) if group is None else (lambda s: np.expand_dims(s, a + 1))
     if mode == "int4":  # the other 3 candidates, down to half a step of clipping; the least weighted error
-        finest = np.where(zero, 1, np.maximum(top / (hi + 0.5), bottom / (0.5 - lo)))
+        slack = SLACK[mode]
+        finest = np.where(zero, 1, np.maximum(top / (hi + slack), bottom / (slack - lo)))
         importance = np.abs(tiles) + np.sqrt(np.mean(np.square(tiles), axis=a + 1, keepdims=True))
         error = lambda s: np.sum(importance * np.square(_snap(tiles, spread(s.astype(np.float32)), lo, hi) - tiles),
                                  axis=a + 1)
@@ -248,9 +250,11 @@ def error_bound(w: dict) -> np.ndarray:
     plus float32 rounding of the division and of qvalue · scale (2 · top ulps of the scale, top the largest
     |w| / scale: 127 or 8.5)."""
     scale = np.asarray(w["scale"], np.float32)
-    lo, hi = QRANGE[mode_of(w)]
-    in_dim = np.asarray(w["qvalue"]).shape[-2] * (1 if mode_of(w) == "int8" else 2)
-    per_tile = scale * (0.5 + 2 * (max(-lo, hi) + (mode_of(w) == "int4") / 2) * np.finfo(np.float32).eps)
+    mode = mode_of(w)
+    lo, hi = QRANGE[mode]
+    top = max(-lo, hi) + SLACK[mode]
+    in_dim = np.asarray(w["qvalue"]).shape[-2] * (1 if mode == "int8" else 2)
+    per_tile = scale * (0.5 + 2 * top * np.finfo(np.float32).eps)
     return np.repeat(per_tile, in_dim // scale.shape[-2], axis=-2)
 
 

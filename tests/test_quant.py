@@ -67,12 +67,10 @@ def test_int4_scale_search_errs_less_than_the_scale_that_clips_nothing_and_than_
     deq = np.asarray(quant.dequantize(q, jnp.float32), np.float64).reshape(tiles.shape)
     assert np.rint(deq / s).min() == -8 and np.rint(deq / s).max() == 7
     weight = np.abs(tiles) + np.sqrt(np.mean(tiles ** 2, axis=1, keepdims=True))
-    clip_free = np.maximum(tiles.max(axis=1, keepdims=True) / 7, -tiles.min(axis=1, keepdims=True) / 8)
-    clip_free = clip_free.astype(np.float16).astype(np.float64)
-    clip_free = np.where(clip_free * 7 < tiles.max(axis=1, keepdims=True), np.nextafter(clip_free.astype(np.float16),
-                         np.float16(np.inf)).astype(np.float64), clip_free)  # rounded up, as every scale
-    clip_free = np.where(clip_free * 8 < -tiles.min(axis=1, keepdims=True), np.nextafter(
-        clip_free.astype(np.float16), np.float16(np.inf)).astype(np.float64), clip_free)
+    top, bottom = tiles.max(axis=1, keepdims=True), -tiles.min(axis=1, keepdims=True)
+    clip_free = np.maximum(top / 7, bottom / 8).astype(np.float16)
+    up = (clip_free.astype(np.float64) * 7 < top) | (clip_free.astype(np.float64) * 8 < bottom)
+    clip_free = np.where(up, np.nextafter(clip_free, np.float16(np.inf)), clip_free).astype(np.float64)  # rounded up
     other = np.clip(np.rint(tiles / clip_free), -8, 7) * clip_free
     mine_err, other_err = ((weight * (d - tiles) ** 2).sum(axis=1) for d in (deq, other))
     assert (mine_err <= other_err * (1 + 1e-6)).all() and (mine_err < other_err).mean() > 0.3
