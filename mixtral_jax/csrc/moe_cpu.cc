@@ -1021,13 +1021,15 @@ inline v16 Sum16(v16* x) {
 // Only the admitted slots' keys and values are read, in place: the cost follows the context, not the
 // cache's length, and a serving slot's row is never copied out. A row that admits no slot (an idle
 // serving slot, whose output nobody reads) gets zeros. Work items are (row, kv head) pairs, each the
-// G = H / K query heads that share the kv head.
+// G = H / K query heads that share the kv head; each row's admitted slots are listed once, before.
 struct AttendCall {
   const float *q, *k, *v;  // q [P, H, Dh]; k, v [B, K, S, Dh]
-  const int32_t *rows, *q_pos, *k_pos;  // [P], [P], [P, S]
-  float* out;  // [P, H, Dh]
-  int64_t h, kv, s, dh, window;
+  const int32_t* rows;     // [P]
+  float* out;              // [P, H, Dh]
+  int64_t h, kv, s, dh;
   float scale;
+  std::vector<int32_t> slots;  // every row's admitted slots, row r's at [first[r], first[r + 1])
+  std::vector<int64_t> first;
   Chunks chunks;
 
   void Work(bool wait) {
@@ -1049,16 +1051,11 @@ struct AttendCall {
 
   void Item(int64_t c) {
     const int64_t r = c / kv, head = c % kv, g = h / kv;
-    const int32_t* kp = k_pos + r * s;
-    const int32_t qp = q_pos[r];
-    static thread_local std::vector<int32_t> slots;
+    const int32_t* slot = slots.data() + first[r];
     static thread_local std::vector<float> p;
-    slots.clear();
-    for (int64_t j = 0; j < s; ++j)
-      if (kp[j] >= 0 && kp[j] <= qp && (window <= 0 || qp - kp[j] < window)) slots.push_back(static_cast<int32_t>(j));
     float* o = out + (r * h + head * g) * dh;
     std::fill(o, o + g * dh, 0.f);
-    const int64_t n = static_cast<int64_t>(slots.size());
+    const int64_t n = first[r + 1] - first[r];
     if (n == 0) return;
     const int64_t ld = (n + 15) / 16 * 16;  // each query head's scores padded to whole vectors
     p.assign(g * ld, 0.f);
@@ -1076,7 +1073,7 @@ struct AttendCall {
           for (int64_t j = 0; j < 16; ++j) {
             acc[j] = v16{};
             if (j >= m) continue;
-            const float* key = kb + slots[i0 + j] * dh;
+            const float* key = kb + slot[i0 + j] * dh;
             for (int64_t d = 0; d < dh; d += 16) acc[j] += Load16(qa + d) * Load16(key + d);
           }
           *reinterpret_cast<v16*>(p.data() + a * ld + i0) = Sum16(acc) * scale;
@@ -1084,7 +1081,7 @@ struct AttendCall {
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
-        const float* key = kb + slots[i] * dh;
+        const float* key = kb + slot[i] * dh;
         for (int64_t a = 0; a < g; ++a) p[a * ld + i] = Dot(qr + a * dh, key) * scale;
       }
     }
@@ -1102,7 +1099,7 @@ struct AttendCall {
       for (int64_t i = 0; i < n; ++i) pa[i] *= inv;
     }
     for (int64_t i = 0; i < n; ++i) {
-      const float* value = vb + slots[i] * dh;
+      const float* value = vb + slot[i] * dh;
       for (int64_t a = 0; a < g; ++a) {
         const float w = p[a * ld + i];
         float* oa = o + a * dh;
@@ -1134,14 +1131,19 @@ ffi::Error AttendCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   c.k = k.typed_data();
   c.v = v.typed_data();
   c.rows = rows.typed_data();
-  c.q_pos = q_pos.typed_data();
-  c.k_pos = k_pos.typed_data();
   c.out = out->typed_data();
   c.h = qd[1];
   c.kv = kd[1];
   c.s = kd[2];
   c.dh = kd[3];
-  c.window = window;
+  c.first.push_back(0);
+  for (int64_t r = 0; r < qd[0]; ++r) {  // attention.attention_mask's rule
+    const int32_t* kp = k_pos.typed_data() + r * c.s;
+    const int32_t qp = q_pos.typed_data()[r];
+    for (int64_t j = 0; j < c.s; ++j)
+      if (kp[j] >= 0 && kp[j] <= qp && (window <= 0 || qp - kp[j] < window)) c.slots.push_back(static_cast<int32_t>(j));
+    c.first.push_back(static_cast<int64_t>(c.slots.size()));
+  }
   c.scale = 1.f / std::sqrt(static_cast<float>(c.dh));
   c.chunks.count = qd[0] * kd[1];
   RunOnCores(pool, call, c.chunks.count);
