@@ -91,12 +91,11 @@ def write_cache(c: jax.Array, new: jax.Array, index, layer=None, rows=None) -> j
     engine's few decoding slots write their keys into the whole cache, which is never copied.
     """
     new = new.astype(c.dtype)
+    at = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), new.shape[:1])  # each row's first slot
     if layer is None and cpu_kernel.usable(c):  # in place, one buffer for the write and the reads after it
-        at = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), new.shape[:1])
         return cpu_kernel.write_cache_cpu(c, new, at, rows)
     zero = jnp.zeros((), jnp.int32)
     if rows is not None:  # P is static and small: one slice update per row, each in place
-        at = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), rows.shape)
         for r in range(rows.shape[0]):
             start = (rows[r], zero, at[r], zero) if layer is None else (layer, rows[r], zero, at[r], zero)
             c = jax.lax.dynamic_update_slice(c, new[r:r + 1] if layer is None else new[None, r:r + 1], start)

@@ -92,8 +92,9 @@ def _on_slots(params, tokens, positions, index, clear, slot, cache, last_tokens,
         pos_rows = jnp.where(clear[:, None], -1, pos_rows)
         pos_rows = jax.vmap(lambda row, pos, i: jax.lax.dynamic_update_slice(row, pos, (i,)))(pos_rows, positions,
                                                                                              index)
-    # One device: the rows' new keys go straight into the whole cache (attention.write_cache's `rows`),
-    # and only the attention reads a copy of the P rows. On a mesh: the masked rows, written back whole.
+    # One device: the rows' new keys go straight into the whole cache (attention.write_cache's `rows`), where
+    # the CPU's attention kernel reads them (XLA's attention reads a copy of the P rows). On a mesh: the masked
+    # rows, written back whole.
     kv = (cache["k"], cache["v"]) if mesh is None else jax.tree.map(rows, (cache["k"], cache["v"]))
     out, (k, v) = model_lib.apply(params, tokens, positions, cfg=cfg, strategy=strategy, cache=kv,
                                   cache_index=index, cache_rows=slot if mesh is None else None, k_pos=pos_rows,
