@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 
 import functools
-import math
 from typing import Any
 
 from mixtral_jax import layers, quant, sharding
@@ -237,7 +236,7 @@ def _unstack_fn(name: str, num_layers: int):
         experts = lambda w: range(jax.tree.leaves(w)[0].shape[1])
         return jax.jit(lambda w: [[jax.tree.map(lambda a: a[l, e].T, w) for e in experts(w)]
                                   for l in range(num_layers)])
-    if name == "wo":  # (an int8 scale [L, H, Dh / 32, D] -> L [D, H * Dh / 32])
+    if name == "wo":  # (an int8 scale [L, 1, 1, D] -> L [D, 1])
         return jax.jit(lambda w: [jax.tree.map(lambda a: a[l].reshape(-1, a.shape[-1]).T, w)
                                   for l in range(num_layers)])
     return jax.jit(lambda w: [w[l] for l in range(num_layers)])
@@ -246,7 +245,7 @@ def _unstack_fn(name: str, num_layers: int):
 @functools.partial(jax.jit, static_argnums=3)
 def _fuse_qkv(wq, wk, wv, num_layers: int):
     """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> L [(H + 2K) * Dh, D] buffers (quantized: qvalues alike,
-    int8 scales [L, D / 32, H, Dh] ... -> L [(H + 2K) * Dh, D / 32])."""
+    int8 scales [L, 1, H, Dh] ... -> L [(H + 2K) * Dh, 1])."""
     fuse = lambda *ws: [jnp.concatenate([w[l].reshape(w.shape[1], -1) for w in ws], axis=1).T
                         for l in range(num_layers)]
     if not isinstance(wq, dict):
@@ -304,10 +303,8 @@ def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | 
     if name in EXPERT_PARAMS:
         return jax.tree.map(lambda a: a.T, lp["experts"][e][name])
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    # An int8 scale's input dimensions (D for wq, wk, wv; H and Dh for wo): size 1 per output channel, the
-    # last one divided by the group size in groups.
-    inputs = lambda a, *dims: (1,) * len(dims) if a.shape[1] == 1 else (
-        *dims[:-1], dims[-1] * a.shape[1] // math.prod(dims))
+    # An int8 scale has size 1 along the input (D for wq, wk, wv; H and Dh for wo).
+    inputs = lambda a, *dims: dims if a.shape[1] > 1 else (1,) * len(dims)
     if name == "wo":
         return jax.tree.map(lambda a: a.T.reshape(*inputs(a, h, dh), d), lp["wo"])
     if name in ("wq", "wk", "wv"):
