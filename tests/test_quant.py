@@ -204,7 +204,8 @@ def test_int8_dense_product_equals_the_float64_one_with_the_dequantized_weight(r
     if path == "xla":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     x = rs.randn(rows, 100).astype(np.float32)
-    ours = np.asarray(jax.jit(layers.linear_t)(x, q))
+    # A fresh trace: jax.jit(layers.linear_t) would reuse the kernel case's trace of the same shapes.
+    ours = np.asarray(jax.jit(lambda x, q: layers.linear_t(x, q))(x, q))
     np.testing.assert_allclose(ours, x.astype(np.float64) @ deq.T.astype(np.float64), rtol=1e-5, atol=1e-6)
     if rows > layers.FEATURE_MAJOR_MAX_ROWS:  # dequantized first: the float path's bits (XLA:CPU picks another
         # dot routine for a few rows of a computed weight than of a parameter, so only here)
