@@ -351,16 +351,18 @@ MID = from_hf_dict(dict(vocab_size=1024, hidden_size=1024, intermediate_size=409
                         num_experts_per_tok=2, max_position_embeddings=1024, rope_theta=1e6), name="mid")
 
 
-@pytest.mark.parametrize("topo,mesh,quantize", [("v5e:2x4", "expert=8", None), ("v5e:1x1", "expert=1", "int8")])
-def test_tpu_decode_reads_the_weights_about_once(topo, mesh, quantize):
+@pytest.mark.parametrize("topo,mesh,quantize,most", [("v5e:2x4", "expert=8", None, 1.6),
+                                                     ("v5e:1x1", "expert=1", "int8", 1.3)])
+def test_tpu_decode_reads_the_weights_about_once(topo, mesh, quantize, most):
     # A decode step is memory-bound: it should read every weight it holds about once. A grouped
     # matmul that copies each layer's experts out of the layer scan's stacked buffer first (what
     # lax.ragged_dot's custom call makes XLA do) reads them three times: 2.9-3.1x here. int8
-    # experts: the dequantize must fuse into the product, not write the float weights out.
+    # (experts, attention projections, lm_head): each dequantize must fuse into its product, not write
+    # the float weights out: 1.20x here; attention scales per 32 inputs, which stop that fusion, 1.46x.
     r = plan.dry_run(MID, mesh, batch=8, max_seq_len=256, prompt_len=16, topology=topo, quantize=quantize)
     held = r["params_bytes_per_device"] + r["kv_cache_bytes_per_device"]
     assert r["decode"]["costs_exact"]
-    assert held <= r["decode_hbm_bytes_per_device"] <= 1.6 * held
+    assert held <= r["decode_hbm_bytes_per_device"] <= most * held
 
 
 def test_tpu_int4_experts_are_read_as_stored_not_dequantized_first():
