@@ -31,7 +31,7 @@ import tensorstore as ts
 from absl import logging as absl_logging
 from jax.sharding import SingleDeviceSharding
 
-from mixtral_jax import ckpt_files, layout as layout_lib, model as model_lib, quant
+from mixtral_jax import ckpt_files, cpu_kernel, layout as layout_lib, model as model_lib, quant
 from mixtral_jax.ckpt_files import CheckpointError
 from mixtral_jax.config import CONFIG_FILE, MixtralConfig, load_config
 from mixtral_jax.model import Mixtral, abstract_params
@@ -407,6 +407,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
     seconds = time.perf_counter() - start
     absl_logging.info("restored %s in %.1f s (%.2f GB/s)", path, seconds, nbytes / 1e9 / max(seconds, 1e-9))
     params = layout_lib.get(layout).from_stacked(params)
+    cpu_kernel.use_huge_pages(params)
     return Mixtral(cfg, params, mesh)
 
 

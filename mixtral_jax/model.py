@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mixtral_jax import attention, layers, layout as layout_lib, moe, quant, sharding
+from mixtral_jax import attention, cpu_kernel, layers, layout as layout_lib, moe, quant, sharding
 from mixtral_jax.config import MixtralConfig
 
 Params = dict[str, Any]
@@ -437,7 +437,9 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
             return out
 
         _replace(params, path, quantize_one)
-    return Mixtral(cfg, layout_lib.get(layout).from_stacked(params), mesh)
+    params = layout_lib.get(layout).from_stacked(params)
+    cpu_kernel.use_huge_pages(params)
+    return Mixtral(cfg, params, mesh)
 
 
 @functools.cache
