@@ -126,10 +126,11 @@ MADV_COLLAPSE = 25  # linux/mman.h, Linux 6.1+
 
 def use_huge_pages(params) -> int:
     """Asks Linux to back the memory of `params`' CPU buffers with 2 MiB pages now (madvise MADV_COLLAPSE
-    on each 2 MiB region a buffer touches; XLA's allocations get 4 KiB pages where THP is "madvise",
-    as on this host). A decode step streams every weight it reads once, and on 4 KiB pages it ran 4-5%
-    slower (docs/performance.md#weights-on-huge-pages). A hint: where the platform or kernel declines
-    (not Linux, THP "never", a kernel before 6.1) nothing changes. Returns the bytes collapsed."""
+    on each 2 MiB region a buffer touches; XLA's allocations get 4 KiB pages where THP is "madvise").
+    A decode step streams every weight it reads once, and each 4 KiB page is a TLB entry and a stop for
+    the hardware prefetcher (docs/performance.md#weights-on-huge-pages). A hint: where the platform or
+    kernel declines (not Linux, THP "never", a kernel before 6.1) nothing changes. Returns the bytes
+    collapsed."""
     if not sys.platform.startswith("linux"):
         return 0
     regions = set()
