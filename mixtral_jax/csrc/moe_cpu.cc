@@ -981,6 +981,11 @@ namespace {
 // (the result aliases the cache): a decode step's KV-cache write as one operation XLA neither fuses nor
 // duplicates, so the attention that reads the written cache reads this same buffer
 // (docs/benchmarks.md#long-prompts).
+// Whether every one of the n row indices lies in [0, b): the cache rows a call reads or writes.
+inline bool RowsInside(const int32_t* rows, int64_t n, int64_t b) {
+  return std::all_of(rows, rows + n, [b](int32_t r) { return r >= 0 && r < b; });
+}
+
 ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> update, ffi::Buffer<ffi::S32> index,
                              ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out) {
   auto cd = cache.dimensions(), ud = update.dimensions();
@@ -990,9 +995,8 @@ ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> 
     return ffi::Error::InvalidArgument(
         "write_cache_cpu: cache [B, K, S, Dh], update [P, K, T, Dh], index [P] and rows [P]");
   const int64_t b = cd[0], k = cd[1], s = cd[2], dh = cd[3], p = ud[0], t = ud[2];
-  for (int64_t r = 0; r < p; ++r)
-    if (rows.typed_data()[r] < 0 || rows.typed_data()[r] >= b)
-      return ffi::Error::InvalidArgument("write_cache_cpu: a row index is outside the cache's rows");
+  if (!RowsInside(rows.typed_data(), p, b))
+    return ffi::Error::InvalidArgument("write_cache_cpu: a row index is outside the cache's rows");
   float* dst = out->typed_data();
   if (dst != cache.typed_data()) std::copy(cache.typed_data(), cache.typed_data() + b * k * s * dh, dst);
   for (int64_t r = 0; r < p; ++r) {
@@ -1122,9 +1126,8 @@ ffi::Error AttendCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
       k_pos.dimensions()[1] != kd[2])
     return ffi::Error::InvalidArgument(
         "attend_cpu: q [P, H, Dh], k and v [B, K, S, Dh] with K dividing H, rows and q_pos [P], k_pos [P, S]");
-  for (int64_t r = 0; r < qd[0]; ++r)
-    if (rows.typed_data()[r] < 0 || rows.typed_data()[r] >= kd[0])
-      return ffi::Error::InvalidArgument("attend_cpu: a row index is outside the cache's rows");
+  if (!RowsInside(rows.typed_data(), qd[0], kd[0]))
+    return ffi::Error::InvalidArgument("attend_cpu: a row index is outside the cache's rows");
   auto call = std::make_shared<AttendCall>();
   AttendCall& c = *call;
   c.q = q.typed_data();
