@@ -167,14 +167,17 @@ def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,),
         slack = SLACK[mode]
         finest = np.where(zero, 1, np.maximum(top / (hi + slack), bottom / (slack - lo)))
         importance = np.abs(tiles) + np.sqrt(np.mean(np.square(tiles), axis=a + 1, keepdims=True))
-        error = lambda s: np.sum(importance * np.square(_snap(tiles, spread(s.astype(np.float32)), lo, hi) - tiles),
-                                 axis=a + 1)
+
+        def error(s):
+            wide = spread(s.astype(np.float32))
+            return np.sum(importance * np.square(_levels(tiles, wide, lo, hi) * wide - tiles), axis=a + 1)
+
         best = error(scale)
         for f in (0, 1 / 3, 2 / 3):
             s = _round_up(finest + (clip_free - finest) * f, sdt)
             err = error(s)
             scale, best = np.where(err < best, s, scale), np.minimum(err, best)
-    q = np.clip(np.rint(tiles / spread(scale.astype(np.float32))), lo, hi).astype(np.int8)
+    q = _levels(tiles, spread(scale.astype(np.float32)), lo, hi).astype(np.int8)
     if mode == "int4":  # per group of 32: value i in the low nibble of byte i, 16 + i in the high one
         half = GROUP // 2
         q = (q[..., :half, :] & 0xF).astype(np.uint8) | ((q[..., half:, :] & 0xF).astype(np.uint8) << 4)
@@ -189,9 +192,9 @@ def _round_up(need: np.ndarray, dtype) -> np.ndarray:
     return np.where(scale < need, np.nextafter(scale, np.asarray(np.inf, dtype)), scale)
 
 
-def _snap(tiles: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The dequantized tiles with this scale (float32)."""
-    return np.clip(np.rint(tiles / scale), lo, hi) * scale
+def _levels(tiles: np.ndarray, scale: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The tiles' quantized values with this scale (float32 integers in [lo, hi]): times scale, dequantized."""
+    return np.clip(np.rint(tiles / scale), lo, hi)
 
 
 def _unpack(qvalue: jax.Array, axis: int) -> jax.Array:
