@@ -56,14 +56,13 @@ def layers(rng, rows: int, fmt: str):
         top = np.argsort(-rng.standard_normal((tokens, E)), axis=1)[:, :TOP]
         sizes = np.bincount(top.ravel(), minlength=E).astype(np.int32)
         weights = []
-        for _ in range(E):
-            for shape in ((F, D), (F, D), (D, F)):
-                w = rng.standard_normal(shape, np.float32) * 0.05
-                if fmt in ("int8", "int4"):  # quant.quantize takes [in, out]; transpose gives the HF layout
-                    q = quant.transpose(quant.quantize(w.T, fmt))
-                    weights += [jnp.asarray(q["qvalue"]), jnp.asarray(q["scale"])]
-                else:
-                    weights.append(jnp.asarray(w, {"f32": jnp.float32, "bf16": jnp.bfloat16}[fmt]))
+        for shape in ((E, F, D), (E, F, D), (E, D, F)):  # w1, w3, w2, each stacked over the experts
+            w = rng.standard_normal(shape, np.float32) * 0.05
+            if fmt in ("int8", "int4"):  # quant.quantize takes [in, out]; transpose gives the HF layout
+                q = quant.transpose(quant.quantize(quant.transpose(w), fmt))
+                weights += [jnp.asarray(q["qvalue"]), jnp.asarray(q["scale"])]
+            else:
+                weights.append(jnp.asarray(w, {"f32": jnp.float32, "bf16": jnp.bfloat16}[fmt]))
         out.append((jnp.asarray(sizes), weights))
     return out
 

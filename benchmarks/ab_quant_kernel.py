@@ -40,8 +40,7 @@ ws = {n: (rs.randn(e, *((d, f) if n != "w2" else (f, d))) * 0.02).astype(np.floa
 fmts = {"f32": lambda w: jnp.asarray(w), "bf16": lambda w: jnp.asarray(w, jnp.bfloat16),
         "int8": lambda w: {k: jnp.asarray(v) for k, v in quant.quantize(w, "int8").items()},
         "int4": lambda w: {k: jnp.asarray(v) for k, v in quant.quantize(w, "int4").items()}}
-experts = {k: [{n: quant.transpose(jax.tree.map(lambda a: a[i], fn(ws[n]))) for n in ws} for i in range(e)]
-           for k, fn in fmts.items()}
+experts = {k: {n: quant.transpose(fn(ws[n])) for n in ws} for k, fn in fmts.items()}  # per_expert: [E, out, in]
 moe = jax.jit(lambda x, g, ex: cpu_kernel.moe_cpu(x, g, ex))
 step = {}
 for rows, sizes, reps in ((2, [1, 0, 0, 1, 0, 0, 0, 0], 60), (1024, [128] * 8, 3)):

@@ -156,24 +156,26 @@ def moe_usable(x: jax.Array, weights: list) -> bool:
     return {w.dtype for w in weights} in ({jnp.dtype(jnp.float32)}, {jnp.dtype(jnp.bfloat16)}) and usable(x)
 
 
-def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: list[dict], chunk_bytes: int = CHUNK_BYTES,
+def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: dict, chunk_bytes: int = CHUNK_BYTES,
             panel_min_rows: int | None = None) -> jax.Array:
     """The grouped FFN: each contiguous group of rows through its expert's SwiGLU.
 
     xs [M, D] float32, rows sorted by expert; group_sizes [E] int32 (rows past
-    their sum come out zero); experts: E dicts of HF-layout w1, w3 [F, D] and
-    w2 [D, F], all float32, all bfloat16, or all quantized alike ({"qvalue",
-    "scale"} of quant.py in the same orientation: int8 with a scale per row, or
-    int4 packed two per byte with float16 group scales), widened (times their
-    scale) to float32 as they are read: the products are float32 products with
-    the dequantized weights.
+    their sum come out zero); experts: {"w1", "w3": [E, F, D], "w2": [E, D, F]},
+    each weight stacked over the E experts in HF's [out, in] orientation (the
+    per_expert layout's), all float32, all bfloat16, or all quantized alike
+    ({"qvalue", "scale"} of quant.py in the same orientation: int8 with a scale
+    per row, or int4 packed two per byte with float16 group scales), widened
+    (times their scale) to float32 as they are read: the products are float32
+    products with the dequantized weights. Each expert is read in place, at its
+    offset in the stacked buffer.
     → [M, D] float32. Row-dot products below `panel_min_rows` rows (default
     PANEL_MIN_ROWS, or PANEL_MIN_ROWS_BF16 for bfloat16 weights), packed panels from there.
     """
     if not available():
         raise RuntimeError("the CPU MoE kernel is not available (see the warning above, or "
                            "MIXTRAL_JAX_CPU_KERNEL=0); use moe.grouped_ffn, which falls back to XLA ops.")
-    weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
+    weights = [experts[n] for n in ("w1", "w3", "w2")]
     if panel_min_rows is None:  # the panel path widens narrower weights before its tiles run
         panel_min_rows = PANEL_MIN_ROWS if not isinstance(weights[0], dict) and weights[0].dtype == jnp.float32 \
             else PANEL_MIN_ROWS_BF16

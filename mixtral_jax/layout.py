@@ -5,10 +5,12 @@ Two layouts of the same weights:
   stacked     (TPU/GPU, any mesh; the checkpoint's layout) layers stacked on a
               leading L axis and run with `jax.lax.scan`, so compile time does
               not grow with depth (tree in model.py's docstring).
-  per_expert  (one CPU device, the default there) one buffer per layer and per
-              (layer, expert), every matrix in HF's [out, in] orientation,
-              layers unrolled. XLA:CPU copies any slice of a stacked weight
-              before a dot (docs/performance.md#stacked-weights-are-copied-the-per_expert-layout), so a decode step
+  per_expert  (one CPU device, the default there) one buffer per layer and
+              weight, every matrix in HF's [out, in] orientation, a layer's
+              experts stacked in one buffer per weight that the C++ kernel
+              reads at each expert's offset, layers unrolled. XLA:CPU copies
+              any slice of a stacked weight before a dot
+              (docs/performance.md#stacked-weights-are-copied-the-per_expert-layout), so a decode step
               over stacked weights would move each weight it reads again;
               whole buffers are read in place (figures: docs/performance.md, "MoE").
 
@@ -18,7 +20,7 @@ Two layouts of the same weights:
           wqkv      [(H + 2K) * Dh, D]   (wq, wk, wv concatenated)    wo [D, H * Dh]
           mlp_norm  [D]
           router    [D, E]
-          experts   list of E dicts: w1, w3 [F, D], w2 [D, F]
+          experts   w1, w3 [E, F, D], w2 [E, D, F]
         final_norm  [D]
         lm_head     [V, D]
 
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 from mixtral_jax import layers, quant, sharding
 from mixtral_jax.config import MixtralConfig
@@ -43,6 +45,16 @@ Params = dict[str, Any]
 
 LAYOUTS = ("stacked", "per_expert")
 EXPERT_PARAMS = ("w1", "w3", "w2")
+
+
+class HFExperts(NamedTuple):
+    """A per_expert layer's experts as `moe.grouped_ffn` takes them: each weight stacked over the E experts
+    in HF's [out, in] orientation, w1, w3 [E, F, D], w2 [E, D, F] (float, or quant.py's {"qvalue", "scale"}
+    in the same orientation). Stacked-layout experts are a dict of [E, in, out] weights instead."""
+
+    w1: Any
+    w3: Any
+    w2: Any
 
 
 class Stacked:
@@ -126,7 +138,8 @@ class Stacked:
 
 
 class PerExpert:
-    """One buffer per layer and expert, HF's [out, in] orientation, layers unrolled (one CPU device)."""
+    """One buffer per layer and weight (a layer's experts stacked), HF's [out, in] orientation, layers
+    unrolled (one CPU device)."""
 
     name = "per_expert"
     splits = True  # its lists of layers slice for free
@@ -230,12 +243,10 @@ def check(layout: str | None, mesh=None) -> str:
 
 @functools.cache  # one jit per (name, depth): a fresh one per load would compile every time
 def _unstack_fn(name: str, num_layers: int):
-    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L lists of E [b, a] buffers;
+    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L [E, b, a] buffers;
     wo [L, H, Dh, D] -> L [D, H * Dh]."""
     if name in EXPERT_PARAMS:  # a float weight, or a quantized one's {"qvalue", "scale"} (quant.py)
-        experts = lambda w: range(jax.tree.leaves(w)[0].shape[1])
-        return jax.jit(lambda w: [[jax.tree.map(lambda a: a[l, e].T, w) for e in experts(w)]
-                                  for l in range(num_layers)])
+        return jax.jit(lambda w: [jax.tree.map(lambda a: jnp.swapaxes(a[l], -1, -2), w) for l in range(num_layers)])
     if name == "wo":  # (an int8 scale [L, 1, 1, D] -> L [D, 1])
         return jax.jit(lambda w: [jax.tree.map(lambda a: a[l].reshape(-1, a.shape[-1]).T, w)
                                   for l in range(num_layers)])
@@ -263,7 +274,7 @@ def unstack_params(params: Params) -> Params:
     """
     layers = dict(params["layers"])
     num_layers = layers["attn_norm"].shape[0]
-    out_layers = [{"experts": [{} for _ in range(layers["router"].shape[2])]} for _ in range(num_layers)]
+    out_layers = [{"experts": {}} for _ in range(num_layers)]
     qkv = [layers.pop(name) for name in ("wq", "wk", "wv")]
     for l, w in enumerate(_fuse_qkv(*qkv, num_layers)):
         out_layers[l]["wqkv"] = w
@@ -276,8 +287,7 @@ def unstack_params(params: Params) -> Params:
             a.delete()
         for l in range(num_layers):
             if name in EXPERT_PARAMS:
-                for e, w in enumerate(split[l]):
-                    out_layers[l]["experts"][e][name] = w
+                out_layers[l]["experts"][name] = split[l]
             else:
                 out_layers[l][name] = split[l]
     lm_head = params["lm_head"]
@@ -301,7 +311,7 @@ def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | 
     """
     lp = params["layers"][l]
     if name in EXPERT_PARAMS:
-        return jax.tree.map(lambda a: a.T, lp["experts"][e][name])
+        return jax.tree.map(lambda a: a[e].T, lp["experts"][name])
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     # An int8 scale has size 1 along the input (D for wq, wk, wv; H and Dh for wo).
     inputs = lambda a, *dims: dims if a.shape[1] > 1 else (1,) * len(dims)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mixtral_jax import cpu_kernel, int4_tpu, quant
-from mixtral_jax.layout import EXPERT_PARAMS
+from mixtral_jax.layout import EXPERT_PARAMS, HFExperts
 
 STRATEGIES = ("sparse", "dense")
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -104,17 +104,17 @@ def grouped_ffn(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:
       xs: [M, D] rows sorted by expert.
       group_sizes: [G] int32 rows per expert, in order.
       experts: the G experts' weights, either stacked {w1, w3: [G, D, F], w2:
-        [G, F, D]} or the per_expert layout's list of G dicts {w1, w3: [F, D],
-        w2: [D, F]} (HF's [out, in]).
+        [G, F, D]} or the per_expert layout's `HFExperts` (w1, w3 [G, F, D],
+        w2 [G, D, F]: HF's [out, in]).
 
     Returns:
       [M, D] float32 (a partial sum when F is a slice of the experts' hidden size).
     """
     with jax.named_scope("grouped_ffn"):
-        stacked = isinstance(experts, dict)
-        weights = [experts[n] for n in EXPERT_PARAMS] if stacked else [w[n] for w in experts for n in EXPERT_PARAMS]
+        stacked = not isinstance(experts, HFExperts)
+        weights = [experts[n] for n in EXPERT_PARAMS] if stacked else list(experts)
         if not stacked and cpu_kernel.moe_usable(xs, weights):
-            return cpu_kernel.moe_cpu(xs, group_sizes, experts)
+            return cpu_kernel.moe_cpu(xs, group_sizes, experts._asdict())
         _warn_if_widened(xs, weights)
         if stacked and xs.shape[0] > DENSE_MAX_ROWS:
             return _grouped_ffn_ragged(xs, group_sizes, experts)
@@ -163,18 +163,18 @@ def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax
     """`grouped_ffn` as every row through every expert, each row keeping its own expert's result.
 
     Stacked weights run as one batched product over the experts (reading each weight once);
-    per_expert ones (HF's [out, in]) one expert at a time.
+    per_expert ones (`HFExperts`) one expert at a time.
     """
     ends = jnp.cumsum(group_sizes)
     expert_of_row = jnp.searchsorted(ends, jnp.arange(xs.shape[0]), side="right", method="compare_all")  # [M]
-    if isinstance(experts, dict):
+    if not isinstance(experts, HFExperts):
         y = every_expert(xs, experts)  # [E, M, D]
         mine = expert_of_row[None, :] == jnp.arange(y.shape[0])[:, None]  # [E, M]
         # where, not a product: an unused expert's NaN stays out.
         return jnp.sum(jnp.where(mine[:, :, None], y, 0.0), axis=0)
     out = jnp.zeros(xs.shape, jnp.float32)
-    for e, w in enumerate(experts):
-        w1, w3, w2 = (quant.dequantize(w[n], xs.dtype, axis=-1).T for n in EXPERT_PARAMS)
+    for e in range(group_sizes.shape[0]):
+        w1, w3, w2 = (quant.dequantize(jax.tree.map(lambda a: a[e], w), xs.dtype, axis=-1).T for w in experts)
         y = jnp.dot(jax.nn.silu(xs @ w1) * (xs @ w3), w2, preferred_element_type=jnp.float32)
         out = jnp.where((expert_of_row == e)[:, None], y, out)
     return out
@@ -199,7 +199,7 @@ def moe_grouped(x: jax.Array, p, k: int, all_experts: bool = False, active: jax.
     num_experts = p["router"].shape[1]
     with jax.named_scope("route"):
         weights, chosen = route(x, p["router"], k)  # [N, k]
-    if isinstance(experts, dict) and (all_experts or n <= DENSE_MAX_ROWS):
+    if not isinstance(experts, HFExperts) and (all_experts or n <= DENSE_MAX_ROWS):
         with jax.named_scope("grouped_ffn"):
             _warn_if_widened(x, list(experts.values()))
             y = every_expert(x, experts)  # [E, N, D]
@@ -233,8 +233,9 @@ def dense_gates(weights: jax.Array, experts: jax.Array, num_experts: int) -> jax
 
 
 def expert_weights(p):
-    """A layer's experts as `grouped_ffn` takes them: the per_expert list, or the stacked w1, w3, w2."""
-    return p["experts"] if "experts" in p else {n: p[n] for n in EXPERT_PARAMS}
+    """A layer's experts as `grouped_ffn` takes them: the per_expert layout's `HFExperts`, or the stacked
+    w1, w3, w2."""
+    return HFExperts(**p["experts"]) if "experts" in p else {n: p[n] for n in EXPERT_PARAMS}
 
 
 # ---------------------------------------------------------------- entry point

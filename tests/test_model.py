@@ -178,11 +178,17 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
+def _nan_expert(w, e):
+    """w [E, ...] with expert e's weights NaN."""
+    w = np.array(w)
+    w[e] = np.nan
+    return w
+
+
 def _per_expert(p, dtype="float32"):
-    """Stacked MoE weights -> the per_expert layout (HF's [out, in] tensors, one per expert, in `dtype`)."""
-    cast = lambda w: jnp.asarray(w.T, dtype) if dtype != "float32" else w.T
-    return {"router": p["router"],
-            "experts": [{n: cast(p[n][e]) for n in ("w1", "w3", "w2")} for e in range(len(p["w1"]))]}
+    """Stacked MoE weights -> the per_expert layout (each weight's E experts in HF's [out, in], in `dtype`)."""
+    cast = lambda w: jnp.asarray(np.swapaxes(w, -1, -2), dtype) if dtype != "float32" else np.swapaxes(w, -1, -2)
+    return {"router": p["router"], "experts": {n: cast(p[n]) for n in ("w1", "w3", "w2")}}
 
 
 def _steer(x, p, toward=(), away=(), strength=8.0):
@@ -265,14 +271,14 @@ def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
     xs = np.random.RandomState(m).randn(m, 32).astype(np.float32)
     gs = jnp.asarray(sizes, jnp.int32)
     stacked = impl in ("ragged_dot", "reference_stacked")
-    experts = {n: p[n] for n in ("w1", "w3", "w2")} if stacked else _per_expert(p)["experts"]
+    experts = {n: p[n] for n in ("w1", "w3", "w2")} if stacked else layout_lib.HFExperts(**_per_expert(p)["experts"])
     if impl == "ragged_dot":
         fn = moe._grouped_ffn_ragged  # grouped_ffn takes it beyond DENSE_MAX_ROWS rows
     elif impl.startswith("reference"):
         fn = moe.grouped_ffn_reference
     else:
         assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
-        fn = cpu_kernel.moe_cpu
+        fn, experts = cpu_kernel.moe_cpu, experts._asdict()
     ours = jax.jit(fn)(xs, gs, experts)
     np.testing.assert_allclose(ours, _grouped_ffn_numpy(xs, sizes, p), rtol=1e-4, atol=1e-5)
 
@@ -285,7 +291,7 @@ def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     chosen = set(np.argsort(-(x @ p["router"]), axis=1)[:, :2].ravel())
     unused = next(e for e in range(8) if e not in chosen)
     pe = _per_expert(p)
-    pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
+    pe["experts"] = {k: _nan_expert(v, unused) for k, v in pe["experts"].items()}
     out = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
     np.testing.assert_allclose(out, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
 
@@ -405,7 +411,7 @@ def test_dense_strategy_runs_every_expert(cpu_path):
     x = np.random.RandomState(0).randn(1, 32).astype(np.float32)
     unused = next(e for e in range(8) if e not in set(np.argsort(-(x @ p["router"]), axis=1)[0, :2]))
     pe = _per_expert(p)
-    pe["experts"][unused] = {k: np.full_like(v, np.nan) for k, v in pe["experts"][unused].items()}
+    pe["experts"] = {k: _nan_expert(v, unused) for k, v in pe["experts"].items()}
     sparse = jax.jit(lambda x, p: moe.moe(x, p, 2))(x, pe)
     dense = jax.jit(lambda x, p: moe.moe(x, p, 2, "dense"))(x, pe)
     np.testing.assert_allclose(sparse, testing.moe_loop_reference(x, p, 2), rtol=1e-4, atol=1e-5)
@@ -415,8 +421,8 @@ def test_dense_strategy_runs_every_expert(cpu_path):
 def test_cpu_kernel_registers_itself_on_first_use():
     # A fresh process that calls the kernel before anything asked `available()`.
     code = ("import jax, numpy as np; from mixtral_jax import moe, testing; "
-            "p = {'router': np.eye(8, 8, dtype=np.float32), 'experts': [{'w1': np.ones((4, 8), np.float32), "
-            "'w3': np.ones((4, 8), np.float32), 'w2': np.ones((8, 4), np.float32)}] * 8}; "
+            "p = {'router': np.eye(8, 8, dtype=np.float32), 'experts': {'w1': np.ones((8, 4, 8), np.float32), "
+            "'w3': np.ones((8, 4, 8), np.float32), 'w2': np.ones((8, 8, 4), np.float32)}}; "
             "print(float(jax.jit(lambda x, p: moe.moe(x, p, 2))(np.ones((1, 8), np.float32), p).sum()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -539,10 +545,10 @@ def test_init_random_dtype_and_eval_shape():
     per_expert = mj.init_random(cfg, seed=0, dtype="bfloat16")  # the default on one CPU device
     assert per_expert.layout == "per_expert"
     layers = per_expert.params()["layers"]
-    assert len(layers) == 4 and len(layers[0]["experts"]) == 8
-    assert layers[0]["experts"][3]["w1"].shape == (224, 64) and layers[0]["experts"][3]["w2"].shape == (64, 224)
-    # Same seed, same weights: per_expert is the stacked tensors split and put in HF's [out, in] layout.
-    np.testing.assert_array_equal(layers[2]["experts"][3]["w2"], model.params()["layers"]["w2"][2, 3].T)
+    assert len(layers) == 4
+    assert layers[0]["experts"]["w1"].shape == (8, 224, 64) and layers[0]["experts"]["w2"].shape == (8, 64, 224)
+    # Same seed, same weights: per_expert is the stacked tensors split by layer and put in HF's [out, in] layout.
+    np.testing.assert_array_equal(layers[2]["experts"]["w2"][3], model.params()["layers"]["w2"][2, 3].T)
     stacked = model.params()["layers"]
     np.testing.assert_array_equal(layers[1]["wqkv"][:64], stacked["wq"][1].reshape(64, -1).T)  # H * Dh = 64
     np.testing.assert_array_equal(layers[1]["wqkv"][-32:], stacked["wv"][1].reshape(64, -1).T)  # K * Dh = 32

@@ -123,9 +123,7 @@ def moe_case(request):
 
 
 def _per_expert(p):
-    return {"router": p["router"],
-            "experts": [{n: quant.transpose(jax.tree.map(lambda a: a[e], p[n])) for n in ("w1", "w3", "w2")}
-                        for e in range(8)]}
+    return {"router": p["router"], "experts": {n: quant.transpose(p[n]) for n in ("w1", "w3", "w2")}}
 
 
 @pytest.mark.parametrize("n", [3, 130])  # a few rows: every expert once per row; many: lax.ragged_dot
@@ -141,7 +139,7 @@ def test_stacked_moe_equals_loop_reference_and_the_float_path_bit_for_bit(moe_ca
 def test_per_expert_moe_equals_loop_reference(moe_case, path, monkeypatch):
     _, q, deq, x, ref = moe_case
     experts = _per_expert(q)["experts"]
-    weights = [w[n] for w in experts for n in ("w1", "w3", "w2")]
+    weights = [experts[n] for n in ("w1", "w3", "w2")]
     if path == "xla":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     assert cpu_kernel.moe_usable(jnp.asarray(x), weights) == (path == "kernel")
@@ -181,7 +179,8 @@ def test_cpu_kernel_int4_row_dots_in_blocks_of_128_equal_float64_products(group)
         deq.append({n: np.asarray(quant.dequantize(v, jnp.float32, axis=-1), np.float64) for n, v in q.items()})
     sizes = np.array([1, 2, 4, 5])  # 12 rows; 2 rows past the end come out zero
     x = rs.randn(14, d).astype(np.float32)
-    ours = np.asarray(cpu_kernel.moe_cpu(jnp.asarray(x), jnp.asarray(sizes, jnp.int32), experts,
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *experts)  # each weight [E, out, in], as the per_expert layout
+    ours = np.asarray(cpu_kernel.moe_cpu(jnp.asarray(x), jnp.asarray(sizes, jnp.int32), stacked,
                                          panel_min_rows=10**6))
     want = np.zeros((14, d))
     for r, e in enumerate(np.repeat(np.arange(4), sizes)):

@@ -128,10 +128,11 @@ class HostProbe:
         self.kernel = None
         if cpu_kernel.usable(self.x):
             f = self.weight_bytes // (3 * 4 * 1024)  # w1, w3 [F, 1024] and w2 [1024, F]
-            expert = {name: jax.random.normal(jax.random.fold_in(k_w, i), shape, jnp.float32)
-                      for i, (name, shape) in enumerate((("w1", (f, 1024)), ("w3", (f, 1024)), ("w2", (1024, f))))}
+            expert = {name: jax.random.normal(jax.random.fold_in(k_w, i), shape, jnp.float32)  # one expert
+                      for i, (name, shape) in enumerate((("w1", (1, f, 1024)), ("w3", (1, f, 1024)),
+                                                         ("w2", (1, 1024, f))))}
             self.kernel_bytes = 3 * f * 1024 * 4
-            self.kernel = jax.jit(lambda x, g, e: cpu_kernel.moe_cpu(x, g, [e]))
+            self.kernel = jax.jit(lambda x, g, e: cpu_kernel.moe_cpu(x, g, e))
             self.kernel_args = (self.x, jnp.ones((1,), jnp.int32), expert)  # one group: the one row
         self.sample()  # compiles every shape
 

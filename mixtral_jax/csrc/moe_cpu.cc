@@ -5,8 +5,8 @@
 //
 // where the rows x are sorted by expert and group_sizes[e] says how many of
 // them, from the previous group's end, are expert e's; rows past the last
-// group come out zero. Weights are HF [out, in] matrices, one buffer each:
-// w1_e, w3_e [F, D], w2_e [D, F], all float32, all bfloat16, or all quantized
+// group come out zero. Weights are HF [out, in] matrices stacked over the
+// experts, one buffer per weight: w1, w3 [E, F, D], w2 [E, D, F], all float32, all bfloat16, or all quantized
 // (mixtral_jax/quant.py: int8 with a float32 scale per row, or int4 packed two
 // per byte in blocks of 32 columns with a float16 scale per group of columns); x, y and all arithmetic
 // are float32 (a weight is widened, times its scale, as it is read).
@@ -897,41 +897,53 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const ffi::DataType dtype = first->element_type();
   const bool quantized = dtype == ffi::DataType::S8 || dtype == ffi::DataType::U8;
   const int64_t per_matrix = quantized ? 2 : 1;  // quantized: values, then scales
-  if (static_cast<int64_t>(weights.size()) != 3 * per_matrix * num_experts)
-    return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 (with their scales, if quantized) per expert");
+  if (static_cast<int64_t>(weights.size()) != 3 * per_matrix)
+    return ffi::Error::InvalidArgument("moe_cpu: expected w1, w3, w2 stacked over the experts (each followed by "
+                                       "its scales, if quantized)");
   if (!quantized && dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("moe_cpu: expert weights must be float32, bfloat16, int8 or packed int4");
   const ffi::DataType scale_dtype = dtype == ffi::DataType::S8 ? ffi::DataType::F32 : ffi::DataType::F16;
   const int64_t packing = dtype == ffi::DataType::U8 ? 2 : 1;  // int4: two values per byte
-  const int64_t f = first->dimensions().size() == 2 ? first->dimensions()[0] : -1;
-  // Each matrix: its data, its [rows, groups] scales (quantized), its rows and columns (values).
+  const int64_t bytes = dtype == ffi::DataType::F32 ? 4 : dtype == ffi::DataType::BF16 ? 2 : 1;  // per stored element
+  const int64_t scale_bytes = scale_dtype == ffi::DataType::F32 ? 4 : 2;
+  const int64_t f = first->dimensions().size() == 3 ? first->dimensions()[1] : -1;
+  // Expert e's matrix of each stacked weight: its data, its [rows, groups] scales (quantized), its rows
+  // and columns (values), read in place at e's offset (one operand per weight, not per expert: a decode
+  // step's dispatch costs per operand, docs/performance.md#one-buffer-per-layer-and-weight).
   struct Matrix { const void *w, *s; int64_t rows, cols, groups; };
-  std::vector<Matrix> mats;
-  for (int64_t i = 0; i < 3 * num_experts; ++i) {
+  std::vector<Matrix> mats(3 * num_experts);
+  for (int64_t i = 0; i < 3; ++i) {
     auto w = weights.get<ffi::AnyBuffer>(per_matrix * i);
     if (!w.has_value() || w->element_type() != dtype)
       return ffi::Error::InvalidArgument("moe_cpu: expert weights must all have one dtype");
     auto wd = w->dimensions();
-    const bool down = i % 3 == 2;  // w2 [D, F]; w1, w3 [F, D]
+    const bool down = i == 2;  // w2 [E, D, F]; w1, w3 [E, F, D]
     const int64_t rows = down ? d : f, cols = down ? f : d;
-    if (wd.size() != 2 || wd[0] != rows || wd[1] * packing != cols)
-      return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [F, D] and w2 [D, F] (int4: half the columns)");
-    Matrix m{w->untyped_data(), nullptr, rows, cols, 1};
+    if (wd.size() != 3 || wd[0] != num_experts || wd[1] != rows || wd[2] * packing != cols)
+      return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [E, F, D] and w2 [E, D, F] (int4: half the "
+                                         "columns), E the length of group_sizes");
+    const char* data = static_cast<const char*>(w->untyped_data());
+    const char* scales = nullptr;
+    int64_t groups = 1;
     if (quantized) {
       auto s = weights.get<ffi::AnyBuffer>(per_matrix * i + 1);
-      if (!s.has_value() || s->element_type() != scale_dtype || s->dimensions().size() != 2 ||
-          s->dimensions()[0] != rows || s->dimensions()[1] < 1 || cols % s->dimensions()[1] != 0)
-        return ffi::Error::InvalidArgument("moe_cpu: scales must be [rows, groups] (int8: float32, int4: float16)");
-      m.s = s->untyped_data();
-      m.groups = s->dimensions()[1];
+      if (!s.has_value() || s->element_type() != scale_dtype || s->dimensions().size() != 3 ||
+          s->dimensions()[0] != num_experts || s->dimensions()[1] != rows || s->dimensions()[2] < 1 ||
+          cols % s->dimensions()[2] != 0)
+        return ffi::Error::InvalidArgument("moe_cpu: scales must be [E, rows, groups] (int8: float32, int4: float16)");
+      scales = static_cast<const char*>(s->untyped_data());
+      groups = s->dimensions()[2];
       // int8: one scale per row; int4: 32 values loaded at once (Widen4) share one scale, and a
       // group's column is found by a shift.
-      const int64_t group = cols / m.groups;
-      if (packing == 1 ? m.groups != 1 : group % 32 != 0 || (group & (group - 1)) != 0)
+      const int64_t group = cols / groups;
+      if (packing == 1 ? groups != 1 : group % 32 != 0 || (group & (group - 1)) != 0)
         return ffi::Error::InvalidArgument("moe_cpu: int8 weights need one scale per row, int4 groups of a power "
                                            "of two >= 32 columns");
     }
-    mats.push_back(m);
+    for (int64_t e = 0; e < num_experts; ++e)
+      mats[3 * e + i] = Matrix{data + e * rows * wd[2] * bytes,
+                               scales == nullptr ? nullptr : scales + e * rows * groups * scale_bytes, rows, cols,
+                               groups};
   }
   auto run = [&](auto make) {
     std::vector<decltype(make(mats[0]))> views;
@@ -962,7 +974,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [M, D], rows sorted by expert
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_sizes [E]
-                                  .RemainingArgs()               // w1, w3, w2 per expert (each + scales)
+                                  .RemainingArgs()               // w1, w3, w2 stacked [E, ...] (each + scales)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, D]
                                   .Attr<int64_t>("chunk_bytes")    // weight bytes per chunk of work
                                   .Attr<int64_t>("panel_min_rows"));  // from this many rows: panels
