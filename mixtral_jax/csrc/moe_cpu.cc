@@ -37,6 +37,9 @@
 // Built at first use by mixtral_jax/cpu_kernel.py with the host's g++.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <functional>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <immintrin.h>
@@ -464,15 +467,86 @@ struct Chunks {
   }
 };
 
-// Runs call->Work(false) on up to (cores - 1) threads of XLA's pool, then
-// call->Work(true) here. `call` is shared, so a helper that starts after the
+// A helper that has done its part of a call stays this long taking the next calls' parts (Lingering)
+// before it goes back to XLA's pool. A decode step makes 49 kernel calls a few microseconds apart; a
+// pool thread woken for each arrived tens of microseconds into calls of 25-400 (docs/performance.md#a-helper-that-lingers).
+constexpr int64_t kLingerNs = 300'000;
+
+typedef std::shared_ptr<std::function<void()>> Job;
+
+// The newest call's helper work, for the helpers lingering after earlier calls.
+struct Lingering {
+  std::mutex mu;
+  Job job;             // the newest call's helper work
+  int64_t wanted = 0;  // helpers it still wants
+  std::atomic<uint64_t> published{0};
+  std::atomic<int64_t> idle{0};  // helpers lingering now
+};
+inline Lingering& Lingerers() {
+  static Lingering l;
+  return l;
+}
+inline int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// A pool task: the call's helper work, then up to kLingerNs after each part taking the next calls' parts
+// (no pause instruction in the loop: it is a checked clock). A part taken after its call returned finds
+// no chunk left and touches nothing.
+inline void Help(Job job) {
+  (*job)();
+  Lingering& l = Lingerers();
+  l.idle.fetch_add(1);
+  uint64_t seen = l.published.load(std::memory_order_acquire);
+  int64_t until = NowNs() + kLingerNs;
+  while (true) {
+    const uint64_t now_seq = l.published.load(std::memory_order_acquire);
+    if (now_seq != seen) {
+      seen = now_seq;
+      Job next;
+      {
+        std::lock_guard<std::mutex> lock(l.mu);
+        if (l.wanted > 0) {
+          --l.wanted;
+          next = l.job;
+        }
+      }
+      if (next) {
+        l.idle.fetch_sub(1);
+        (*next)();
+        l.idle.fetch_add(1);
+        until = NowNs() + kLingerNs;
+      }
+    } else if (NowNs() > until) {
+      break;
+    }
+  }
+  l.idle.fetch_sub(1);
+}
+
+// Runs call->Work(false) on up to (cores - 1) helpers, lingering ones first (Help), the rest scheduled on
+// XLA's pool, then call->Work(true) here. `call` is shared, so a helper that starts after the
 // call returned finds no chunk left and touches nothing else. `items`: the most
-// chunks any phase has; with one, no helper is woken (it would find nothing).
+// chunks any phase has; with one, no helper is asked (it would find nothing).
 template <typename CallT>
 void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call, int64_t items) {
   const int64_t helpers = std::min<int64_t>(
       std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1, items - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([call] { call->Work(false); });
+  if (helpers > 0) {
+    Job job = std::make_shared<std::function<void()>>([call] { call->Work(false); });
+    Lingering& l = Lingerers();
+    const int64_t lingering = std::min(helpers, l.idle.load(std::memory_order_acquire));
+    if (lingering > 0) {
+      {
+        std::lock_guard<std::mutex> lock(l.mu);
+        l.job = job;
+        l.wanted = lingering;
+      }
+      l.published.fetch_add(1, std::memory_order_release);
+    }
+    for (int64_t t = lingering; t < helpers; ++t) pool.Schedule([job] { Help(job); });
+  }
   call->Work(true);
 }
 
