@@ -983,7 +983,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t f = first->dimensions().size() == 3 ? first->dimensions()[1] : -1;
   // Expert e's matrix of each stacked weight: its data, its [rows, groups] scales (quantized), its rows
   // and columns (values), read in place at e's offset (one operand per weight, not per expert: a decode
-  // step's dispatch costs per operand, docs/performance.md#one-buffer-per-layer-and-weight).
+  // step's dispatch costs per operand, docs/performance.md#one-buffer-per-layer-and-weight-a-decode-steps-dispatch).
   struct Matrix { const void *w, *s; int64_t rows, cols, groups; };
   std::vector<Matrix> mats(3 * num_experts);
   for (int64_t i = 0; i < 3; ++i) {
