@@ -430,6 +430,17 @@ def test_cpu_kernel_registers_itself_on_first_use():
     assert float(out.stdout.split()[-1]) == pytest.approx(8 * 4 * h, rel=1e-5)  # gates sum to 1
 
 
+def test_cpu_kernel_rejects_experts_not_stacked_per_weight():
+    # The kernel takes each weight stacked over the experts ([E, out, in]); one expert's [out, in] matrix,
+    # or a stack of another length than group_sizes, is refused with the expected form, not read out of bounds.
+    assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
+    w = _per_expert(testing.moe_params(8))["experts"]
+    x, sizes = jnp.ones((2, 32), jnp.float32), jnp.asarray([1, 1, 0, 0, 0, 0, 0, 0], jnp.int32)
+    for bad in ({**w, "w1": w["w1"][0]}, {n: a[:4] for n, a in w.items()}):
+        with pytest.raises(Exception, match=r"w1, w3 must be \[E, F, D\] and w2 \[E, D, F\]"):
+            jax.block_until_ready(cpu_kernel.moe_cpu(x, sizes, {n: jnp.asarray(a) for n, a in bad.items()}))
+
+
 def test_cpu_kernel_build_failure_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXTRAL_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
