@@ -22,9 +22,9 @@
 // tiles of weight rows times packed panels of each expert's token rows,
 // compute-bound, in three phases (pack, w1/w3 -> h, w2 -> y).
 //
-// Helpers come from XLA's intra-op thread pool; the calling thread works too
-// and alone finishes whatever no helper took, so a busy pool only slows the
-// call down.
+// Helpers come from XLA's intra-op thread pool, and one that has done its part
+// stays a while for the next call's (Help); the calling thread works too and
+// alone finishes whatever no helper took, so a busy pool only slows the call down.
 //
 // The same row-dot product serves LinearCpu: x [n, in] @ w [out, in]^T for a
 // few rows (a decode step's attention projections and lm_head, layers.linear_t),
@@ -38,12 +38,12 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <functional>
-#include <mutex>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <immintrin.h>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -483,8 +483,8 @@ struct Lingering {
   std::atomic<int64_t> idle{0};  // helpers lingering now
 };
 inline Lingering& Lingerers() {
-  static Lingering l;
-  return l;
+  static Lingering* l = new Lingering;  // never destroyed: a helper may still linger while the process exits
+  return *l;
 }
 inline int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
