@@ -470,7 +470,7 @@ struct Chunks {
 // A helper that has done its part of a call stays this long taking the next calls' parts (Lingering)
 // before it goes back to XLA's pool. A decode step makes 49 kernel calls a few microseconds apart; a
 // pool thread woken for each arrived tens of microseconds into calls of 25-400 (docs/performance.md#a-helper-that-lingers).
-constexpr int64_t kLingerNs = 300'000;
+constexpr int64_t kLingerNs = 50'000;  // spans the gaps within a step, not those between steps
 
 typedef std::shared_ptr<std::function<void()>> Job;
 
