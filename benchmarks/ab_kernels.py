@@ -12,7 +12,8 @@ x + 0.1 * moe(x) chained. --rows 2 is a batch-1 decode step's top-2 (the
 row-dot products), 1024 a 512-token prompt's (the panel path). Prints the
 largest difference of the two outputs, the medians, A/B and the weight bytes
 read per second. A.cc is typically `git show OLD:mixtral_jax/csrc/moe_cpu.cc`
-saved to a file, B.cc the working tree's.
+saved to a file, B.cc the working tree's; both must take each weight stacked over
+the experts (the kernel's operands from f0985c6 on).
 """
 
 import argparse
