@@ -283,6 +283,35 @@ def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
     np.testing.assert_allclose(ours, _grouped_ffn_numpy(xs, sizes, p), rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_kernel_calls_from_two_threads_each_get_their_own_result():
+    # A helper lingers after its part of a call and takes the next call's part, from any thread's call
+    # (csrc/moe_cpu.cc, Help): many short calls from two threads at once, each on its own rows, must
+    # each equal the float64 loop on those rows.
+    import threading
+
+    assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
+    p = testing.moe_params(4, seed=1)
+    experts = {n: jnp.asarray(np.swapaxes(p[n], -1, -2)) for n in ("w1", "w3", "w2")}
+    sizes = [3, 1, 0, 4]
+    run = jax.jit(lambda x: cpu_kernel.moe_cpu(x, jnp.asarray(sizes, jnp.int32), experts))
+    inputs = [np.random.RandomState(t).randn(8, 32).astype(np.float32) for t in range(2)]
+    want = [_grouped_ffn_numpy(x, sizes, p) for x in inputs]
+    run(inputs[0]).block_until_ready()  # compiled before the threads start
+    worst = [0.0, 0.0]
+
+    def calls(t):
+        for _ in range(200):
+            got = np.asarray(run(inputs[t]))
+            worst[t] = max(worst[t], float(np.abs(got - want[t]).max() / np.abs(want[t]).max()))
+
+    threads = [threading.Thread(target=calls, args=(t,)) for t in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert max(worst) < 1e-5, worst
+
+
 @pytest.mark.parametrize("n", [1, 4])
 def test_sparse_decode_skips_unchosen_experts(n, cpu_path):
     # An expert whose weights are NaN must not touch the output when no token chose it.
