@@ -40,7 +40,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <immintrin.h>
 #include <memory>
 #include <mutex>
@@ -472,12 +471,18 @@ struct Chunks {
 // pool thread woken for each arrived tens of microseconds into calls of 25-400 (docs/performance.md#a-helper-that-lingers).
 constexpr int64_t kLingerNs = 50'000;  // spans the gaps within a step, not those between steps
 
-typedef std::shared_ptr<std::function<void()>> Job;
+// A kernel call's work, taken in chunks by every thread that runs Work: a helper's Work(false) returns
+// when it finds no chunk left, the calling thread's Work(true) once every chunk is done.
+struct Parts {
+  virtual ~Parts() = default;
+  virtual void Work(bool wait) = 0;
+};
+typedef std::shared_ptr<Parts> Job;
 
-// The newest call's helper work, for the helpers lingering after earlier calls.
+// The newest call, for the helpers lingering after earlier calls.
 struct Lingering {
   std::mutex mu;
-  Job job;             // the newest call's helper work
+  Job job;             // the newest call
   int64_t wanted = 0;  // helpers it still wants
   std::atomic<uint64_t> published{0};
   std::atomic<int64_t> idle{0};  // helpers lingering now
@@ -495,7 +500,7 @@ inline int64_t NowNs() {
 // (no pause instruction in the loop: it is a checked clock). A part taken after its call returned finds
 // no chunk left and touches nothing.
 inline void Help(Job job) {
-  (*job)();
+  job->Work(false);
   Lingering& l = Lingerers();
   l.idle.fetch_add(1);
   uint64_t seen = l.published.load(std::memory_order_acquire);
@@ -514,7 +519,7 @@ inline void Help(Job job) {
       }
       if (next) {
         l.idle.fetch_sub(1);
-        (*next)();
+        next->Work(false);
         l.idle.fetch_add(1);
         until = NowNs() + kLingerNs;
       }
@@ -529,23 +534,21 @@ inline void Help(Job job) {
 // XLA's pool, then call->Work(true) here. `call` is shared, so a helper that starts after the
 // call returned finds no chunk left and touches nothing else. `items`: the most
 // chunks any phase has; with one, no helper is asked (it would find nothing).
-template <typename CallT>
-void RunOnCores(ffi::ThreadPool& pool, const std::shared_ptr<CallT>& call, int64_t items) {
+inline void RunOnCores(ffi::ThreadPool& pool, const Job& call, int64_t items) {
   const int64_t helpers = std::min<int64_t>(
       std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1, items - 1);
   if (helpers > 0) {
-    Job job = std::make_shared<std::function<void()>>([call] { call->Work(false); });
     Lingering& l = Lingerers();
     const int64_t lingering = std::min(helpers, l.idle.load(std::memory_order_acquire));
     if (lingering > 0) {
       {
         std::lock_guard<std::mutex> lock(l.mu);
-        l.job = job;
+        l.job = call;
         l.wanted = lingering;
       }
       l.published.fetch_add(1, std::memory_order_release);
     }
-    for (int64_t t = lingering; t < helpers; ++t) pool.Schedule([job] { Help(job); });
+    for (int64_t t = lingering; t < helpers; ++t) pool.Schedule([call] { Help(call); });
   }
   call->Work(true);
 }
@@ -557,7 +560,7 @@ struct Expert {
 };
 
 template <typename W>
-struct Call {
+struct Call : Parts {
   int64_t n, d, f;
   const float* x;  // [n, d], each row in InputSlot<W>'s order
   float* y;        // [n, d]
@@ -615,7 +618,7 @@ struct Call {
 
   // Takes chunks of both phases until none is left; the calling thread (`wait`)
   // returns only once phase 2 is done, a helper as soon as it finds no work.
-  void Work(bool wait) {
+  void Work(bool wait) override {
     phase1.Take([this](int64_t c) { Phase1(c); });
     phase1.Wait();
     phase2.Take([this](int64_t c) { Phase2(c); });
@@ -683,7 +686,7 @@ inline void Tiles(const float* a, int64_t lda, int64_t lo, int64_t hi, const flo
 }
 
 template <typename W>
-struct PanelCall {
+struct PanelCall : Parts {
   int64_t n, d, f;
   const float* x;  // [n, d]
   float* y;        // [n, d]
@@ -767,7 +770,7 @@ struct PanelCall {
     }
   }
 
-  void Work(bool wait) {
+  void Work(bool wait) override {
     phase0.Take([this](int64_t c) { Pack(c); });
     phase0.Wait();
     phase1.Take([this](int64_t c) { Phase1(c); });
@@ -780,7 +783,7 @@ struct PanelCall {
 // y [n, out] = x [n, in] @ w [out, in]^T, for a few rows: the same row-dot
 // product, chunks of weight rows taken from one counter, one phase.
 template <typename W>
-struct LinearCall {
+struct LinearCall : Parts {
   const float* x;
   W w;
   float* y;
@@ -800,7 +803,7 @@ struct LinearCall {
     }
   }
 
-  void Work(bool wait) {
+  void Work(bool wait) override {
     chunks.Take([this](int64_t c) { Chunk(c); });
     if (wait) chunks.Wait();
   }
@@ -978,8 +981,6 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("moe_cpu: expert weights must be float32, bfloat16, int8 or packed int4");
   const ffi::DataType scale_dtype = dtype == ffi::DataType::S8 ? ffi::DataType::F32 : ffi::DataType::F16;
   const int64_t packing = dtype == ffi::DataType::U8 ? 2 : 1;  // int4: two values per byte
-  const int64_t bytes = dtype == ffi::DataType::F32 ? 4 : dtype == ffi::DataType::BF16 ? 2 : 1;  // per stored element
-  const int64_t scale_bytes = scale_dtype == ffi::DataType::F32 ? 4 : 2;
   const int64_t f = first->dimensions().size() == 3 ? first->dimensions()[1] : -1;
   // Expert e's matrix of each stacked weight: its data, its [rows, groups] scales (quantized), its rows
   // and columns (values), read in place at e's offset (one operand per weight, not per expert: a decode
@@ -998,7 +999,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                                          "columns), E the length of group_sizes");
     const char* data = static_cast<const char*>(w->untyped_data());
     const char* scales = nullptr;
-    int64_t groups = 1;
+    int64_t groups = 1, scale_stride = 0;
     if (quantized) {
       auto s = weights.get<ffi::AnyBuffer>(per_matrix * i + 1);
       if (!s.has_value() || s->element_type() != scale_dtype || s->dimensions().size() != 3 ||
@@ -1006,6 +1007,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
           cols % s->dimensions()[2] != 0)
         return ffi::Error::InvalidArgument("moe_cpu: scales must be [E, rows, groups] (int8: float32, int4: float16)");
       scales = static_cast<const char*>(s->untyped_data());
+      scale_stride = static_cast<int64_t>(s->size_bytes()) / num_experts;
       groups = s->dimensions()[2];
       // int8: one scale per row; int4: 32 values loaded at once (Widen4) share one scale, and a
       // group's column is found by a shift.
@@ -1014,9 +1016,9 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         return ffi::Error::InvalidArgument("moe_cpu: int8 weights need one scale per row, int4 groups of a power "
                                            "of two >= 32 columns");
     }
+    const int64_t stride = static_cast<int64_t>(w->size_bytes()) / num_experts;  // one expert's bytes
     for (int64_t e = 0; e < num_experts; ++e)
-      mats[3 * e + i] = Matrix{data + e * rows * wd[2] * bytes,
-                               scales == nullptr ? nullptr : scales + e * rows * groups * scale_bytes, rows, cols,
+      mats[3 * e + i] = Matrix{data + e * stride, scales == nullptr ? nullptr : scales + e * scale_stride, rows, cols,
                                groups};
   }
   auto run = [&](auto make) {
@@ -1112,7 +1114,7 @@ inline v16 Sum16(v16* x) {
 // cache's length, and a serving slot's row is never copied out. A row that admits no slot (an idle
 // serving slot, whose output nobody reads) gets zeros. Work items are (row, kv head) pairs, each the
 // G = H / K query heads that share the kv head; each row's admitted slots are listed once, before.
-struct AttendCall {
+struct AttendCall : Parts {
   const float *q, *k, *v;  // q [P, H, Dh]; k, v [B, K, S, Dh]
   const int32_t* rows;     // [P]
   float* out;              // [P, H, Dh]
@@ -1122,7 +1124,7 @@ struct AttendCall {
   std::vector<int64_t> first;
   Chunks chunks;
 
-  void Work(bool wait) {
+  void Work(bool wait) override {
     chunks.Take([this](int64_t c) { Item(c); });
     if (wait) chunks.Wait();
   }
