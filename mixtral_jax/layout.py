@@ -246,7 +246,7 @@ def _unstack_fn(name: str, num_layers: int):
     """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L [E, b, a] buffers;
     wo [L, H, Dh, D] -> L [D, H * Dh]."""
     if name in EXPERT_PARAMS:  # a float weight, or a quantized one's {"qvalue", "scale"} (quant.py)
-        return jax.jit(lambda w: [jax.tree.map(lambda a: jnp.swapaxes(a[l], -1, -2), w) for l in range(num_layers)])
+        return jax.jit(lambda w: [quant.transpose(jax.tree.map(lambda a: a[l], w)) for l in range(num_layers)])
     if name == "wo":  # (an int8 scale [L, 1, 1, D] -> L [D, 1])
         return jax.jit(lambda w: [jax.tree.map(lambda a: a[l].reshape(-1, a.shape[-1]).T, w)
                                   for l in range(num_layers)])
