@@ -534,9 +534,12 @@ inline void Help(Job job) {
 // XLA's pool, then call->Work(true) here. `call` is shared, so a helper that starts after the
 // call returned finds no chunk left and touches nothing else. `items`: the most
 // chunks any phase has; with one, no helper is asked (it would find nothing).
+inline int64_t Cores(ffi::ThreadPool& pool) {
+  return std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency()));
+}
+
 inline void RunOnCores(ffi::ThreadPool& pool, const Job& call, int64_t items) {
-  const int64_t helpers = std::min<int64_t>(
-      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency())) - 1, items - 1);
+  const int64_t helpers = std::min<int64_t>(Cores(pool) - 1, items - 1);
   if (helpers > 0) {
     Lingering& l = Lingerers();
     const int64_t lingering = std::min(helpers, l.idle.load(std::memory_order_acquire));
@@ -820,8 +823,12 @@ void RunLinear(ffi::ThreadPool& pool, const float* x, const W& w, float* y, int6
   c.n = n;
   c.in = in;
   c.out = out;
-  // Chunks hold chunk_bytes of weights, whatever their dtype.
+  // Chunks hold chunk_bytes of weights, whatever their dtype, and a call has at least two per core: a
+  // decode step's attention weights are 1-1.5 MiB each, one or two chunks, so one core read most of them
+  // (docs/performance.md#thresholds-and-chunk-sizes).
   c.rows = std::max<int64_t>(4, 8 * chunk_bytes / (W::kBits * std::max<int64_t>(1, in)));
+  const int64_t per_core = 2 * Cores(pool);
+  c.rows = std::min(c.rows, std::max<int64_t>(4, ((out + per_core - 1) / per_core + 3) / 4 * 4));
   c.chunks.count = (out + c.rows - 1) / c.rows;
   RunOnCores(pool, call, c.chunks.count);
 }
