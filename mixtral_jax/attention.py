@@ -81,6 +81,12 @@ def attend(q, k, v, q_pos, k_pos, sliding_window, prefix: bool, segments=None):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def _static(layer) -> bool:
+    """Whether a cache's layer is known when tracing (None: the cache is one layer's): the CPU kernels'
+    attribute. The layer scan's index is traced."""
+    return layer is None or isinstance(layer, int)
+
+
 def write_cache(c: jax.Array, new: jax.Array, index, layer=None, rows=None) -> jax.Array:
     """Writes new [B, K, T, Dh] into c [B, K, S, Dh] (or layer `layer` of c [L, B, K, S, Dh]) at slots
     [index, index + T).
@@ -89,11 +95,12 @@ def write_cache(c: jax.Array, new: jax.Array, index, layer=None, rows=None) -> j
     row at its own slot (the serving engine's rows hold requests that started at different times).
     With `rows` (int [P], new [P, K, T, Dh]), new's row r goes to c's row rows[r] instead: the serving
     engine's few decoding slots write their keys into the whole cache, which is never copied.
+    A Python int `layer` (the per_expert layout's unrolled layers) lets the CPU kernel write it in place.
     """
     new = new.astype(c.dtype)
     at = jnp.broadcast_to(jnp.asarray(index, jnp.int32).reshape(-1), new.shape[:1])  # each row's first slot
-    if layer is None and cpu_kernel.usable(c):  # in place, one buffer for the write and the reads after it
-        return cpu_kernel.write_cache_cpu(c, new, at, rows)
+    if _static(layer) and cpu_kernel.usable(c):  # in place, one buffer for the write and the reads after it
+        return cpu_kernel.write_cache_cpu(c, new, at, rows, layer)
     zero = jnp.zeros((), jnp.int32)
     if rows is not None:  # P is static and small: one slice update per row, each in place
         for r in range(rows.shape[0]):
@@ -128,7 +135,8 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         when `layer` is given; x's keys and values are written at slots
         [cache_index, cache_index + T) (of `layer`), in place.
       cache_index: int slot where x's first token goes: a scalar, or [B], one per row.
-      layer: scalar layer index into a stacked cache, or None.
+      layer: layer index into a stacked cache (a Python int: the per_expert layout's, written and read
+        in place by the CPU kernels; traced: the layer scan's), or None.
       cache_rows: optional int [B]: x's row b uses the cache's row cache_rows[b] (the cache may hold
         more rows than x: the serving engine's slots); None: row b.
       last_query: keys and values for all T positions (and the cache), but
@@ -152,9 +160,9 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     else:
         ck, cv = (write_cache(c, new, cache_index, layer, cache_rows) for c, new in ((cache[0], k), (cache[1], v)))
         new_cache = (ck, cv)
-        if t == 1 and layer is None and cpu_kernel.usable(q, ck):  # a decode step: the admitted slots only
+        if t == 1 and _static(layer) and cpu_kernel.usable(q, ck):  # a decode step: the admitted slots only
             rows = jnp.arange(b, dtype=jnp.int32) if cache_rows is None else cache_rows
-            out = cpu_kernel.attend_cpu(q[:, 0], ck, cv, rows, positions[:, 0], k_pos, sliding_window)
+            out = cpu_kernel.attend_cpu(q[:, 0], ck, cv, rows, positions[:, 0], k_pos, sliding_window, layer)
             return layout.out(out.reshape(b, 1, -1), p), new_cache
         if cache_rows is None:
             k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])

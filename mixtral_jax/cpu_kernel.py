@@ -157,7 +157,7 @@ def moe_usable(x: jax.Array, weights: list) -> bool:
 
 
 def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: dict, chunk_bytes: int = CHUNK_BYTES,
-            panel_min_rows: int | None = None) -> jax.Array:
+            panel_min_rows: int | None = None, layer: int | None = None) -> jax.Array:
     """The grouped FFN: each contiguous group of rows through its expert's SwiGLU.
 
     xs [M, D] float32, rows sorted by expert; group_sizes [E] int32 (rows past
@@ -171,6 +171,9 @@ def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: dict, chunk_bytes: i
     offset in the stacked buffer.
     → [M, D] float32. Row-dot products below `panel_min_rows` rows (default
     PANEL_MIN_ROWS, or PANEL_MIN_ROWS_BF16 for bfloat16 weights), packed panels from there.
+    With `layer` (an int), each weight stacks every layer's, [L, E, ...], and layer `layer`'s is read
+    where it lies (XLA would copy the slice; one operand per weight for all layers keeps a decode
+    step's dispatch short: docs/performance.md#every-layer-in-one-buffer-per-weight). So in every kernel here.
     """
     if not available():
         raise RuntimeError("the CPU MoE kernel is not available (see the warning above, or "
@@ -182,11 +185,17 @@ def moe_cpu(xs: jax.Array, group_sizes: jax.Array, experts: dict, chunk_bytes: i
     weights = [a for w in weights for a in ((w["qvalue"], w["scale"]) if isinstance(w, dict) else (w,))]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(xs.shape, jnp.float32), vmap_method="sequential")
     return call(xs, group_sizes.astype(jnp.int32), *weights, chunk_bytes=int(chunk_bytes),
-                panel_min_rows=int(panel_min_rows))
+                panel_min_rows=int(panel_min_rows), layer=_layer(layer))
 
 
-def linear_cpu(x: jax.Array, w, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
-    """x [N, I] @ w [O, I]ᵀ → [N, O], float32, for a few rows (the row-dot product of `moe_cpu`).
+def _layer(layer: int | None) -> int:
+    """The kernels' `layer` attribute: -1 for operands that are one layer's."""
+    return -1 if layer is None else int(layer)
+
+
+def linear_cpu(x: jax.Array, w, chunk_bytes: int = CHUNK_BYTES, layer: int | None = None) -> jax.Array:
+    """x [N, I] @ w [O, I]ᵀ → [N, O], float32, for a few rows (the row-dot product of `moe_cpu`); with
+    `layer`, w stacks every layer's [L, O, I] (and scales [L, O, 1]).
 
     w: float32, or int8 per output row (quant.py: {"qvalue" [O, I], "scale" [O, 1]}), widened times its
     scale as it is read: the products are float32 products with the dequantized weight.
@@ -194,31 +203,34 @@ def linear_cpu(x: jax.Array, w, chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
     if not available():
         raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
     weights = (w["qvalue"], w["scale"]) if isinstance(w, dict) else (w,)
-    call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], weights[0].shape[0]), jnp.float32),
+    call = jax.ffi.ffi_call(LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], weights[0].shape[-2]), jnp.float32),
                             vmap_method="sequential")
-    return call(x, *weights, chunk_bytes=int(chunk_bytes))
+    return call(x, *weights, chunk_bytes=int(chunk_bytes), layer=_layer(layer))
 
 
-def write_cache_cpu(cache: jax.Array, update: jax.Array, index: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+def write_cache_cpu(cache: jax.Array, update: jax.Array, index: jax.Array, rows: jax.Array | None = None,
+                    layer: int | None = None) -> jax.Array:
     """cache [B, K, S, Dh] float32 with update [P, K, T, Dh] written at slots [index[r], index[r] + T) of
     cache row rows[r] for each update row r (index [P] int32, clamped as dynamic_update_slice's; rows [P],
-    default 0..B-1 with P = B), in place: the result aliases `cache`."""
+    default 0..B-1 with P = B), in place: the result aliases `cache`. With `layer`, cache is every layer's
+    [L, B, K, S, Dh] and layer `layer`'s is written."""
     if not available():
         raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
     rows = jnp.arange(update.shape[0], dtype=jnp.int32) if rows is None else rows
     call = jax.ffi.ffi_call(WRITE_CACHE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
                             input_output_aliases={0: 0}, vmap_method="sequential")
-    return call(cache, update.astype(cache.dtype), index.astype(jnp.int32), rows.astype(jnp.int32))
+    return call(cache, update.astype(cache.dtype), index.astype(jnp.int32), rows.astype(jnp.int32),
+                layer=_layer(layer))
 
 
 def attend_cpu(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-               window: int | None = None) -> jax.Array:
+               window: int | None = None, layer: int | None = None) -> jax.Array:
     """Decode attention, one query per row, float32: q [P, H, Dh] over the slots of cache rows `rows` [P] of
-    k, v [B, K, S, Dh] that attention.attention_mask admits (k_pos [P, S] >= 0 and <= q_pos [P], within
-    `window`), softmax in float32 → [P, H, Dh]. Reads only those slots, in place; a row that admits none
-    gets zeros."""
+    k, v [B, K, S, Dh] (with `layer`: layer `layer` of k, v [L, B, K, S, Dh]) that attention.attention_mask
+    admits (k_pos [P, S] >= 0 and <= q_pos [P], within `window`), softmax in float32 → [P, H, Dh]. Reads
+    only those slots, in place; a row that admits none gets zeros."""
     if not available():
         raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")
     call = jax.ffi.ffi_call(ATTEND_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
     return call(q, k, v, rows.astype(jnp.int32), q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
-                window=int(window or 0))
+                window=int(window or 0), layer=_layer(layer))

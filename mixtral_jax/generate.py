@@ -54,8 +54,8 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None,
                layout: str = "stacked") -> dict[str, jax.Array]:
-    """An empty KV cache: k, v [L, B, K, S, Dh] in `dtype` (or in the per_expert layout, lists of L
-    [B, K, S, Dh]); pos [B, S] int32, -1 = empty slot.
+    """An empty KV cache: k, v [L, B, K, S, Dh] in `dtype` (in either layout); pos [B, S] int32, -1 = empty
+    slot.
 
     With `mesh`, created directly in `sharding.cache_shardings` (never whole on one device).
     """

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -12,6 +15,24 @@ from mixtral_jax import cpu_kernel, quant
 # they run feature-major, beyond it token-major, whichever XLA:CPU runs faster
 # (docs/performance.md#feature-major-products-for-few-rows).
 FEATURE_MAJOR_MAX_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLayer:
+    """Layer `layer` (a Python int) of a weight that stacks every layer's, [L, ...], float or quant.py's
+    {"qvalue", "scale"} (the per_expert layout, layout.py): the CPU kernels read that layer where it lies;
+    XLA ops take the slice (`at_layer`), which XLA:CPU copies."""
+
+    stack: Any
+    layer: int
+
+
+jax.tree_util.register_dataclass(AtLayer, data_fields=["stack"], meta_fields=["layer"])
+
+
+def at_layer(w):
+    """An `AtLayer`'s layer as an array (or quantized dict) of its own; any other weight as it is."""
+    return jax.tree.map(lambda a: a[w.layer], w.stack) if isinstance(w, AtLayer) else w
 
 
 def linear_t(x: jax.Array, w, preferred_element_type=None) -> jax.Array:
@@ -33,19 +54,21 @@ def linear_t(x: jax.Array, w, preferred_element_type=None) -> jax.Array:
 
     Args:
       x: [N, I] activations.
-      w: [O, I] weight, or an int8 one {"qvalue" [O, I], "scale" [O, 1]}.
+      w: [O, I] weight, or an int8 one {"qvalue" [O, I], "scale" [O, 1]}; or an `AtLayer` of such weights.
       preferred_element_type: the products' accumulation / output dtype (None: x's).
 
     Returns:
       [N, O].
     """
     f32_out = preferred_element_type in (None, jnp.float32)
-    if quant.is_quantized(w):
+    stack, layer = (w.stack, w.layer) if isinstance(w, AtLayer) else (w, None)
+    if quant.is_quantized(stack):
         if x.shape[0] <= FEATURE_MAJOR_MAX_ROWS and f32_out and cpu_kernel.usable(x):
-            return cpu_kernel.linear_cpu(x, w)
-        w = quant.dequantize(w, x.dtype, axis=-1)
-    if x.shape[0] == 1 and f32_out and cpu_kernel.usable(x, w):
-        return cpu_kernel.linear_cpu(x, w)
+            return cpu_kernel.linear_cpu(x, stack, layer=layer)
+        w = quant.dequantize(at_layer(w), x.dtype, axis=-1)
+    elif x.shape[0] == 1 and f32_out and cpu_kernel.usable(x, stack):
+        return cpu_kernel.linear_cpu(x, stack, layer=layer)
+    w = at_layer(w)
     if x.shape[0] > FEATURE_MAJOR_MAX_ROWS:
         return jnp.einsum("NI,OI->NO", x, w, preferred_element_type=preferred_element_type)
     out_t = jnp.einsum("OI,IN->ON", w, x.T, preferred_element_type=preferred_element_type)

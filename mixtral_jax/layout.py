@@ -5,22 +5,23 @@ Two layouts of the same weights:
   stacked     (TPU/GPU, any mesh; the checkpoint's layout) layers stacked on a
               leading L axis and run with `jax.lax.scan`, so compile time does
               not grow with depth (tree in model.py's docstring).
-  per_expert  (one CPU device, the default there) one buffer per layer and
-              weight, every matrix in HF's [out, in] orientation, a layer's
-              experts stacked in one buffer per weight that the C++ kernel
-              reads at each expert's offset, layers unrolled. XLA:CPU copies
-              any slice of a stacked weight before a dot
-              (docs/performance.md#stacked-weights-are-copied-the-per_expert-layout), so a decode step
-              over stacked weights would move each weight it reads again;
-              whole buffers are read in place (figures: docs/performance.md, "MoE").
+  per_expert  (one CPU device, the default there) every matrix in HF's
+              [out, in] orientation, still one buffer per weight for all
+              the layers (and a layer's experts), layers unrolled: the C++
+              kernels read layer l (and expert e) where it lies, at its
+              offset. XLA:CPU copies any slice of a stacked weight before a
+              dot (docs/performance.md#stacked-weights-are-copied-the-per_expert-layout),
+              so XLA ops would move each weight a decode step reads again;
+              one operand per weight, not per layer, keeps a decode step's
+              dispatch short (docs/performance.md#every-layer-in-one-buffer-per-weight).
 
         embed       [V, D]
-        layers      list of L dicts:
-          attn_norm [D]
-          wqkv      [(H + 2K) * Dh, D]   (wq, wk, wv concatenated)    wo [D, H * Dh]
-          mlp_norm  [D]
-          router    [D, E]
-          experts   w1, w3 [E, F, D], w2 [E, D, F]
+        layers
+          attn_norm [L, D]
+          wqkv      [L, (H + 2K) * Dh, D]   (wq, wk, wv concatenated)    wo [L, D, H * Dh]
+          mlp_norm  [L, D]
+          router    [L, D, E]
+          experts   w1, w3 [L, E, F, D], w2 [L, E, D, F]
         final_norm  [D]
         lm_head     [V, D]
 
@@ -32,14 +33,16 @@ test which layout they hold.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-import functools
-from typing import Any, NamedTuple
-
 from mixtral_jax import layers, quant, sharding
 from mixtral_jax.config import MixtralConfig
+from mixtral_jax.layers import AtLayer
 
 Params = dict[str, Any]
 
@@ -47,14 +50,29 @@ LAYOUTS = ("stacked", "per_expert")
 EXPERT_PARAMS = ("w1", "w3", "w2")
 
 
-class HFExperts(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class HFExperts:
     """A per_expert layer's experts as `moe.grouped_ffn` takes them: each weight stacked over the E experts
     in HF's [out, in] orientation, w1, w3 [E, F, D], w2 [E, D, F] (float, or quant.py's {"qvalue", "scale"}
-    in the same orientation). Stacked-layout experts are a dict of [E, in, out] weights instead."""
+    in the same orientation); with `layer` (a Python int, static under jit), every layer's, [L, E, ...],
+    of which layer `layer`'s run. Stacked-layout experts are a dict of [E, in, out] weights instead."""
 
     w1: Any
     w3: Any
     w2: Any
+    layer: int | None = None
+
+    def weights(self) -> list:
+        """[w1, w3, w2] as stored (every layer's when `layer` is set)."""
+        return [self.w1, self.w3, self.w2]
+
+    def expert(self, e: int) -> list:
+        """Expert e's [w1, w3, w2] ([out, in] each), sliced out (a copy on XLA:CPU)."""
+        at = (e,) if self.layer is None else (self.layer, e)
+        return [jax.tree.map(lambda a: a[at], w) for w in self.weights()]
+
+
+jax.tree_util.register_dataclass(HFExperts, data_fields=["w1", "w3", "w2"], meta_fields=["layer"])
 
 
 class Stacked:
@@ -137,19 +155,32 @@ class Stacked:
                                      "pos": jnp.full(shapes["pos"], -1, jnp.int32)})
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSpan:
+    """Layers [lo, hi) of a per_expert layer tree (`PerExpert.layer_span`): the same buffers, the span
+    static, so a serving engine's decode part runs its layers without slicing (copying) any weight."""
+
+    layers: Any
+    lo: int
+    hi: int
+
+
+jax.tree_util.register_dataclass(LayerSpan, data_fields=["layers"], meta_fields=["lo", "hi"])
+
+
 class PerExpert:
-    """One buffer per layer and weight (a layer's experts stacked), HF's [out, in] orientation, layers
-    unrolled (one CPU device)."""
+    """HF's [out, in] orientation, one buffer per weight for all the layers, layers unrolled (one CPU
+    device): layer l's products read their weights in place (`AtLayer`, `HFExperts.layer`)."""
 
     name = "per_expert"
-    splits = True  # its lists of layers slice for free
+    splits = True  # a run of layers is a static span of the same buffers (`layer_span`)
 
     @staticmethod
     def qkv(x, lp, head_dim: int):
         """One product with the fused wqkv [(H + 2K) * Dh, D]."""
         b, t, d = x.shape
-        q_dim = jax.tree.leaves(lp["wo"])[0].shape[1]  # the float weight, or a quantized one's qvalue
-        kv_dim = (jax.tree.leaves(lp["wqkv"])[0].shape[0] - q_dim) // 2
+        q_dim = jax.tree.leaves(lp["wo"])[0].shape[-1]  # the float weight, or a quantized one's qvalue
+        kv_dim = (jax.tree.leaves(lp["wqkv"])[0].shape[-2] - q_dim) // 2
         dh = head_dim
         qkv = layers.linear_t(x.reshape(b * t, d), lp["wqkv"]).reshape(b, t, -1)
         return (qkv[..., :q_dim].reshape(b, t, -1, dh), qkv[..., q_dim:q_dim + kv_dim].reshape(b, t, -1, dh),
@@ -167,55 +198,65 @@ class PerExpert:
         return rows.reshape(*h.shape[:-1], -1)
 
     @staticmethod
+    def layer(tree, l: int):
+        """Layer l's weights as the layer body takes them: the products' as `AtLayer`s and `HFExperts` of
+        layer l, read in place by the kernels; the norms and router ([D], [D, E]) sliced."""
+        out = {}
+        for name, w in tree.items():
+            if name == "experts":
+                out[name] = HFExperts(**w, layer=l)
+            elif name in ("wqkv", "wo"):
+                out[name] = AtLayer(w, l)
+            else:
+                out[name] = jax.tree.map(lambda a: a[l], w)
+        return out
+
+    @staticmethod
     def layers(params, h, cache, body, last_only: bool, mesh=None):
-        """Unrolled (one device, so `mesh` has nothing to pin): every weight and cache entry is its own buffer, read and updated in place.
+        """Unrolled (one device, so `mesh` has nothing to pin), every layer's weights and cache read and
+        written in place at that layer (the CPU kernels' `layer`); a `LayerSpan` runs its layers only.
 
         With `last_only`, the last layer needs its keys and values (the cache)
         at every position but its attention output and MoE only at the last
         one: 1/L of the prompt's MoE work skipped, with equal logits and cache.
         """
-        new_k, new_v, routings = [], [], []
-        num_layers = len(params["layers"])
-        for l, lp in enumerate(params["layers"]):
-            h, layer_cache, routing = body(h, lp, cache=None if cache is None else (cache[0][l], cache[1][l]),
-                                           last_only=last_only and l == num_layers - 1)
+        tree, lo, hi = params["layers"], 0, None
+        if isinstance(tree, LayerSpan):
+            tree, lo, hi = tree.layers, tree.lo, tree.hi
+        hi = tree["attn_norm"].shape[0] if hi is None else hi
+        routings = []
+        for l in range(lo, hi):
+            h, cache, routing = body(h, PerExpert.layer(tree, l), cache=cache, layer=l,
+                                     last_only=last_only and l == hi - 1)
             routings.append(routing)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
         routing = None if routings[0] is None else jax.tree.map(lambda *r: jnp.stack(r), *routings)
-        return h, None if cache is None else (new_k, new_v), routing
+        return h, cache, routing
 
     @staticmethod
     def from_stacked(params):
-        """Stacked params (deleted as they are split) in this layout: `unstack_params`."""
+        """Stacked params (deleted as they are converted) in this layout: `unstack_params`."""
         return unstack_params(params)
 
     @staticmethod
     def layer_span(params, cache, lo: int, hi: int):
-        """(params, cache) holding layers [lo, hi) only, for `model.apply(from_h=, to_h=)`: list slices."""
-        return ({**params, "layers": params["layers"][lo:hi]},
-                {"k": cache["k"][lo:hi], "v": cache["v"][lo:hi], "pos": cache["pos"]})
+        """(params, cache) running layers [lo, hi) only, for `model.apply(from_h=, to_h=)`: a static
+        `LayerSpan` of the same buffers, and the whole cache (written in place at those layers)."""
+        return {**params, "layers": LayerSpan(params["layers"], lo, hi)}, cache
 
     @staticmethod
     def put_layer_span(cache, part, lo: int, hi: int):
-        """`cache` with layers [lo, hi) from `part` (what `layer_span`'s cache became)."""
-        k, v = cache["k"], cache["v"]
-        return {"k": k[:lo] + part["k"] + k[hi:], "v": v[:lo] + part["v"] + v[hi:], "pos": part["pos"]}
+        """`cache` after a span's call (`part`, the whole cache it wrote in place)."""
+        del cache, lo, hi
+        return part
 
-    @staticmethod
-    def init_cache(shapes, dtype, make_sharded):
-        """k, v: lists of L [B, K, S, Dh] buffers, one per unrolled layer (one device: no sharding)."""
-        del make_sharded
-        per_layer, num_layers = shapes["k"][1:], shapes["k"][0]
-        return {"k": [jnp.zeros(per_layer, dtype) for _ in range(num_layers)],
-                "v": [jnp.zeros(per_layer, dtype) for _ in range(num_layers)],
-                "pos": jnp.full(shapes["pos"], -1, jnp.int32)}
+    # k, v [L, B, K, S, Dh] as the stacked layout's: the kernels write and read layer l where it lies.
+    init_cache = Stacked.init_cache
 
 
 def of(params) -> type[Stacked] | type[PerExpert]:
     """The layout of a parameter tree."""
-    return PerExpert if isinstance(params["layers"], list) else Stacked
+    tree = params["layers"]
+    return PerExpert if isinstance(tree, LayerSpan) or "wqkv" in tree else Stacked
 
 
 def get(name: str):
@@ -241,61 +282,55 @@ def check(layout: str | None, mesh=None) -> str:
 # ---------------------------------------------------------------- conversions (load, save)
 
 
-@functools.cache  # one jit per (name, depth): a fresh one per load would compile every time
-def _unstack_fn(name: str, num_layers: int):
-    """Jitted [L, ...] -> L per-layer buffers; experts [L, E, a, b] -> L [E, b, a] buffers;
-    wo [L, H, Dh, D] -> L [D, H * Dh]."""
+@functools.cache  # one jit per name: a fresh one per load would compile every time
+def _to_hf_fn(name: str):
+    """Jitted stacked -> per_expert orientation of one layer parameter: experts [L, E, in, out] ->
+    [L, E, out, in]; wo [L, H, Dh, D] -> [L, D, H * Dh] (an int8 scale [L, 1, 1, D] -> [L, D, 1]); None
+    for a parameter kept as it is."""
     if name in EXPERT_PARAMS:  # a float weight, or a quantized one's {"qvalue", "scale"} (quant.py)
-        return jax.jit(lambda w: [quant.transpose(jax.tree.map(lambda a: a[l], w)) for l in range(num_layers)])
-    if name == "wo":  # (an int8 scale [L, 1, 1, D] -> L [D, 1])
-        return jax.jit(lambda w: [jax.tree.map(lambda a: a[l].reshape(-1, a.shape[-1]).T, w)
-                                  for l in range(num_layers)])
-    return jax.jit(lambda w: [w[l] for l in range(num_layers)])
+        return jax.jit(quant.transpose)
+    if name == "wo":
+        return jax.jit(lambda w: quant.transpose(jax.tree.map(lambda a: a.reshape(a.shape[0], -1, a.shape[-1]), w)))
+    return None
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _fuse_qkv(wq, wk, wv, num_layers: int):
-    """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> L [(H + 2K) * Dh, D] buffers (quantized: qvalues alike,
-    int8 scales [L, 1, H, Dh] ... -> L [(H + 2K) * Dh, 1])."""
-    fuse = lambda *ws: [jnp.concatenate([w[l].reshape(w.shape[1], -1) for w in ws], axis=1).T
-                        for l in range(num_layers)]
-    if not isinstance(wq, dict):
-        return fuse(wq, wk, wv)
-    parts = {k: fuse(wq[k], wk[k], wv[k]) for k in wq}
-    return [{k: parts[k][l] for k in parts} for l in range(num_layers)]
+@jax.jit
+def _fuse_qkv(wq, wk, wv):
+    """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> [L, (H + 2K) * Dh, D] (quantized: qvalues alike, int8
+    scales [L, 1, H, Dh] ... -> [L, (H + 2K) * Dh, 1])."""
+    fuse = lambda *ws: quant.transpose(jnp.concatenate([w.reshape(*w.shape[:2], -1) for w in ws], axis=-1))
+    return jax.tree.map(fuse, wq, wk, wv)
 
 
 def unstack_params(params: Params) -> Params:
     """Stacked -> per_expert layout, one parameter at a time (wq, wk, wv together: they are fused).
 
-    Each stacked array is deleted once split, so the peak is the model plus
-    its largest parameter (an expert tensor, bigger than wq, wk and wv
+    Each stacked array is deleted once converted, so the peak is the model
+    plus its largest parameter (an expert tensor, bigger than wq, wk and wv
     together), not two models.
     """
-    layers = dict(params["layers"])
-    num_layers = layers["attn_norm"].shape[0]
-    out_layers = [{"experts": {}} for _ in range(num_layers)]
-    qkv = [layers.pop(name) for name in ("wq", "wk", "wv")]
-    for l, w in enumerate(_fuse_qkv(*qkv, num_layers)):
-        out_layers[l]["wqkv"] = w
+    stacked = dict(params["layers"])
+    out, experts = {}, {}
+    qkv = [stacked.pop(name) for name in ("wq", "wk", "wv")]
+    out["wqkv"] = _fuse_qkv(*qkv)
     for a in jax.tree.leaves(qkv):
         a.delete()
-    for name in list(layers):
-        stacked = layers.pop(name)
-        split = _unstack_fn(name, num_layers)(stacked)
-        for a in jax.tree.leaves(stacked):
-            a.delete()
-        for l in range(num_layers):
-            if name in EXPERT_PARAMS:
-                out_layers[l]["experts"][name] = split[l]
-            else:
-                out_layers[l][name] = split[l]
+    for name in list(stacked):
+        w = stacked.pop(name)
+        fn = _to_hf_fn(name)
+        if fn is not None:
+            converted = fn(w)
+            for a in jax.tree.leaves(w):
+                a.delete()
+            w = converted
+        (experts if name in EXPERT_PARAMS else out)[name] = w
+    out["experts"] = experts
     lm_head = params["lm_head"]
-    lm_head_t = jax.jit(lambda w: jax.tree.map(jnp.transpose, w))(lm_head)  # [V, D] (int8 scale [V, 1])
+    lm_head_t = jax.jit(quant.transpose)(lm_head)  # [V, D] (int8 scale [V, 1])
     for a in jax.tree.leaves(lm_head):
         a.delete()
     return {**{k: v for k, v in params.items() if k not in ("layers", "lm_head")},
-            "layers": out_layers, "lm_head": lm_head_t}
+            "layers": out, "lm_head": lm_head_t}
 
 
 def stacked_global(params: Params, name: str):
@@ -309,15 +344,16 @@ def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | 
     Matrices are transposed back from HF's [out, in] orientation; wq, wk, wv
     are cut out of wqkv.
     """
-    lp = params["layers"][l]
+    tree = params["layers"]
     if name in EXPERT_PARAMS:
-        return jax.tree.map(lambda a: a[e].T, lp["experts"][name])
+        return jax.tree.map(lambda a: a[l, e].T, tree["experts"][name])
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     # An int8 scale has size 1 along the input (D for wq, wk, wv; H and Dh for wo).
     inputs = lambda a, *dims: dims if a.shape[1] > 1 else (1,) * len(dims)
     if name == "wo":
-        return jax.tree.map(lambda a: a.T.reshape(*inputs(a, h, dh), d), lp["wo"])
+        return jax.tree.map(lambda a: a[l].T.reshape(*inputs(a[l], h, dh), d), tree["wo"])
     if name in ("wq", "wk", "wv"):
         start, heads = {"wq": (0, h), "wk": (h * dh, kv), "wv": ((h + kv) * dh, kv)}[name]
-        return jax.tree.map(lambda a: a[start:start + heads * dh].T.reshape(*inputs(a, d), heads, dh), lp["wqkv"])
-    return lp[name]
+        return jax.tree.map(lambda a: a[l, start:start + heads * dh].T.reshape(*inputs(a[l], d), heads, dh),
+                            tree["wqkv"])
+    return jax.tree.map(lambda a: a[l], tree[name])

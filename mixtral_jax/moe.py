@@ -112,9 +112,9 @@ def grouped_ffn(xs: jax.Array, group_sizes: jax.Array, experts) -> jax.Array:
     """
     with jax.named_scope("grouped_ffn"):
         stacked = not isinstance(experts, HFExperts)
-        weights = [experts[n] for n in EXPERT_PARAMS] if stacked else list(experts)
+        weights = [experts[n] for n in EXPERT_PARAMS] if stacked else experts.weights()
         if not stacked and cpu_kernel.moe_usable(xs, weights):
-            return cpu_kernel.moe_cpu(xs, group_sizes, experts._asdict())
+            return cpu_kernel.moe_cpu(xs, group_sizes, dict(zip(EXPERT_PARAMS, weights)), layer=experts.layer)
         _warn_if_widened(xs, weights)
         if stacked and xs.shape[0] > DENSE_MAX_ROWS:
             return _grouped_ffn_ragged(xs, group_sizes, experts)
@@ -174,7 +174,7 @@ def grouped_ffn_reference(xs: jax.Array, group_sizes: jax.Array, experts) -> jax
         return jnp.sum(jnp.where(mine[:, :, None], y, 0.0), axis=0)
     out = jnp.zeros(xs.shape, jnp.float32)
     for e in range(group_sizes.shape[0]):
-        w1, w3, w2 = (quant.dequantize(jax.tree.map(lambda a: a[e], w), xs.dtype, axis=-1).T for w in experts)
+        w1, w3, w2 = (quant.dequantize(w, xs.dtype, axis=-1).T for w in experts.expert(e))
         y = jnp.dot(jax.nn.silu(xs @ w1) * (xs @ w3), w2, preferred_element_type=jnp.float32)
         out = jnp.where((expert_of_row == e)[:, None], y, out)
     return out
@@ -235,7 +235,9 @@ def dense_gates(weights: jax.Array, experts: jax.Array, num_experts: int) -> jax
 def expert_weights(p):
     """A layer's experts as `grouped_ffn` takes them: the per_expert layout's `HFExperts`, or the stacked
     w1, w3, w2."""
-    return HFExperts(**p["experts"]) if "experts" in p else {n: p[n] for n in EXPERT_PARAMS}
+    if "experts" not in p:
+        return {n: p[n] for n in EXPERT_PARAMS}
+    return p["experts"] if isinstance(p["experts"], HFExperts) else HFExperts(**p["experts"])
 
 
 # ---------------------------------------------------------------- entry point

@@ -217,29 +217,37 @@ def test_bad_generate_inputs(prompts, kwargs, match):
         mj.generate(model, prompts, **kwargs)
 
 
-def test_cpu_cache_write_equals_numpy_with_per_row_slots_and_dynamic_update_slice_clamping():
+@pytest.mark.parametrize("layer", [None, 1])
+def test_cpu_cache_write_equals_numpy_with_per_row_slots_and_dynamic_update_slice_clamping(layer):
+    # With `layer`, the cache holds every layer's [L, B, K, S, Dh] (the per_expert layout's): layer 1 is
+    # written where it lies and layers 0 and 2 stay as they were.
     from mixtral_jax import cpu_kernel
     rs = np.random.RandomState(0)
-    cache = rs.randn(3, 2, 16, 8).astype(np.float32)
+    cache = rs.randn(*(() if layer is None else (3,)), 3, 2, 16, 8).astype(np.float32)
     for t, index in ((1, [0, 7, 15]), (4, [2, 14, -3])):  # 14 + 4 > 16 and -3 clamp, as dynamic_update_slice
         new = rs.randn(3, 2, t, 8).astype(np.float32)
         want = cache.copy()
         for r, i in enumerate(index):
             at = min(max(i, 0), 16 - t)
-            want[r, :, at:at + t] = new[r]
-        got = jax.jit(cpu_kernel.write_cache_cpu)(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(index, jnp.int32))
+            (want if layer is None else want[layer])[r, :, at:at + t] = new[r]
+        write = jax.jit(lambda c, n, i: cpu_kernel.write_cache_cpu(c, n, i, layer=layer))
+        got = write(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(index, jnp.int32))
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_cpu_decode_attention_equals_float64_over_the_admitted_slots(window):
+@pytest.mark.parametrize("window,layer", [(None, None), (5, None), (5, 2)])
+def test_cpu_decode_attention_equals_float64_over_the_admitted_slots(window, layer):
     """cpu_kernel.attend_cpu (a decode step's attention on the CPU, reading only the slots the mask admits, in
-    the cache rows it is given) against a float64 softmax over attention.attention_mask's slots."""
+    the cache rows it is given) against a float64 softmax over attention.attention_mask's slots; with `layer`,
+    over layer 2 of caches holding 3 layers (the others different random values)."""
     from mixtral_jax import attention, cpu_kernel
     rs = np.random.RandomState(2)
     b, kv, s, h = 5, 2, 40, 6
     for dh in (64, 8):  # whole vectors of 16, and the scalar tail alone
         k, v = (rs.randn(b, kv, s, dh).astype(np.float32) for _ in range(2))
+        stacks = [rs.randn(3, b, kv, s, dh).astype(np.float32) for _ in range(2)]
+        if layer is not None:
+            stacks[0][layer], stacks[1][layer] = k, v
         rows = np.array([3, 0, 3, 4], np.int32)  # a repeated row; cache rows 1 and 2 unused
         q = (rs.randn(4, h, dh) * 3).astype(np.float32)
         q_pos = np.array([17, 39, 4, 0], np.int32)
@@ -247,7 +255,8 @@ def test_cpu_decode_attention_equals_float64_over_the_admitted_slots(window):
         k_pos[0, 10:20] = -1  # empty slots inside the context
         k_pos[2] = np.arange(s) - 30  # a slot holds position p at index p + 30 (the engine's offsets)
         k_pos[3] = -1  # no admitted slot: an idle serving row, zeros
-        got = np.asarray(jax.jit(cpu_kernel.attend_cpu, static_argnums=6)(q, k, v, rows, q_pos, k_pos, window))
+        attend = jax.jit(lambda *a: cpu_kernel.attend_cpu(*a, window=window, layer=layer))
+        got = np.asarray(attend(q, *((k, v) if layer is None else stacks), rows, q_pos, k_pos))
         mask = np.asarray(attention.attention_mask(jnp.asarray(q_pos[:, None]), jnp.asarray(k_pos), window))[:, 0]
         for r in range(4):
             kr, vr = k[rows[r]].astype(np.float64), v[rows[r]].astype(np.float64)  # [K, S, Dh]
@@ -291,7 +300,7 @@ def test_cpu_decode_step_writes_the_kv_cache_in_place():
     4096-slot cache of the bench model. The write is now one in-place kernel call; the compiled step
     must hold no copy of a cache-shaped array."""
     # The bench model's attention (D 1024, 16 heads, 4 kv heads: XLA's fusions depend on the shapes), small
-    # elsewhere; one CPU device: the per_expert layout, a cache array per layer.
+    # elsewhere; one CPU device: the per_expert layout, every layer's cache in one k and one v array.
     cfg = mj.config.from_hf_dict(dict(vocab_size=512, hidden_size=1024, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=16, num_key_value_heads=4, num_local_experts=8,
                                       num_experts_per_tok=2, max_position_embeddings=1024, rope_theta=1e6))
@@ -300,6 +309,32 @@ def test_cpu_decode_step_writes_the_kv_cache_in_place():
     run = dict(cfg=cfg, strategy="sparse", sampling=gen.SamplingParams(), mesh=None, capacity_factor=None)
     hlo = gen.decode_step.lower(model.params(), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
                                 jnp.int32(0), cache, jax.random.key(0), 1, **run).compile().as_text()
-    shape = "f32[%d,%d,%d,%d]" % (b, cfg.num_key_value_heads, slots, cfg.head_dim)
-    copies = [line for line in hlo.splitlines() if " copy(" in line and line.split("=")[1].strip().startswith(shape)]
+    layer = "%d,%d,%d,%d]" % (b, cfg.num_key_value_heads, slots, cfg.head_dim)
+    shapes = ("f32[" + layer, "f32[%d,%s" % (cfg.num_hidden_layers, layer))  # one layer's, every layer's
+    copies = [line for line in hlo.splitlines()
+              if " copy(" in line and line.split("=")[1].strip().startswith(shapes)]
     assert "write_cache_cpu" in hlo and not copies, copies[:3]
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_cpu_decode_step_reads_each_layers_weights_in_place(quantize):
+    """The per_expert layout keeps one buffer per weight for all the layers (a decode step's dispatch costs
+    per array); the kernels read layer l where it lies. No operation of the compiled step may yield one
+    layer's slice of a weight matrix or of the cache (XLA:CPU copies a slice: each weight read twice more)."""
+    cfg = mj.load_config("tiny")
+    model = mj.init_random(cfg, quantize=quantize)
+    params, b, slots = model.params(), 1, 64
+    cache = gen.init_cache(cfg, b, slots, model.dtype, None, model.layout)
+    run = dict(cfg=cfg, strategy="sparse", sampling=gen.SamplingParams(), mesh=None, capacity_factor=None)
+    hlo = gen.decode_step.lower(params, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
+                                jnp.int32(0), cache, jax.random.key(0), 1, **run).compile().as_text()
+    dtypes = {"float32": "f32", "int8": "s8", "uint8": "u8", "float16": "f16"}
+    matrices = {n: params["layers"][n] for n in ("wqkv", "wo")} | params["layers"]["experts"]
+    # (An int8 weight's scales [out, 1] are left out: one layer's would be the shape of an activation column.)
+    sliced = {"%s[%s]" % (dtypes[a.dtype.name], ",".join(map(str, a.shape[1:])))
+              for a in jax.tree.leaves(matrices) + [cache["k"]] if a.shape[-1] > 1}
+    made = [line.split("=", 1)[1].split("{")[0].strip() for line in hlo.splitlines()
+            if "=" in line and "parameter(" not in line]
+    # Beside them only embed, final_norm, lm_head (quantized: embed's and lm_head's scales too), the norms, router.
+    assert len(jax.tree.leaves(params)) == (6 if quantize is None else 8) + len(jax.tree.leaves(matrices))
+    assert not sliced & set(made), sliced & set(made)

@@ -17,7 +17,7 @@ import torch
 from transformers.models.mixtral import modeling_mixtral as hf_mixtral
 
 import mixtral_jax as mj
-from mixtral_jax import attention, convert, cpu_kernel, layers, model as model_lib, moe, testing
+from mixtral_jax import attention, convert, cpu_kernel, layers, model as model_lib, moe, quant, testing
 from mixtral_jax import layout as layout_lib
 from mixtral_jax.config import from_hf_dict
 from mixtral_jax.model import Mixtral
@@ -278,7 +278,7 @@ def test_grouped_ffn_implementations_match_numpy(impl, sizes, m):
         fn = moe.grouped_ffn_reference
     else:
         assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
-        fn, experts = cpu_kernel.moe_cpu, experts._asdict()
+        fn, experts = cpu_kernel.moe_cpu, _per_expert(p)["experts"]
     ours = jax.jit(fn)(xs, gs, experts)
     np.testing.assert_allclose(ours, _grouped_ffn_numpy(xs, sizes, p), rtol=1e-4, atol=1e-5)
 
@@ -470,6 +470,44 @@ def test_cpu_kernel_rejects_experts_not_stacked_per_weight():
             jax.block_until_ready(cpu_kernel.moe_cpu(x, sizes, {n: jnp.asarray(a) for n, a in bad.items()}))
 
 
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_cpu_kernels_read_one_layer_of_every_layers_buffer(quantize):
+    # The per_expert layout keeps one buffer per weight for all the layers; the MoE and linear kernels read
+    # layer l where it lies (`layer`). Three layers of different weights: layer l's MoE equals the float64
+    # loop over that layer's (dequantized) weights, its linear product x @ w[l]ᵀ; a layer past the stack's
+    # end is refused.
+    assert cpu_kernel.available(), "the CPU MoE kernel did not build (is g++ installed?)"
+    ps = [testing.moe_params(8, f=64, seed=s) for s in range(3)]  # F a whole number of int4 groups
+    experts = {}
+    for n in ("w1", "w3", "w2"):
+        w = np.stack([p[n] for p in ps])  # [L, E, in, out]
+        if quantize:
+            q = quant.quantize(w, quantize[:4], in_axes=(-2,))
+            for p, deq in zip(ps, np.asarray(quant.dequantize(q, jnp.float32))):
+                p[n] = deq  # the reference runs on the weights the kernel reads
+            w = q
+        experts[n] = quant.transpose(jax.tree.map(jnp.asarray, w))  # [L, E, out, in]
+    x = np.random.RandomState(3).randn(5, 32).astype(np.float32)
+    for l in range(3):
+        lp = {"router": jnp.asarray(ps[l]["router"]), "experts": layout_lib.HFExperts(**experts, layer=l)}
+        ours = jax.jit(lambda x, lp: moe.moe(x, lp, 2))(x, lp)
+        np.testing.assert_allclose(ours, testing.moe_loop_reference(x, ps[l], 2), rtol=1e-4, atol=1e-5)
+    w = np.random.RandomState(4).randn(3, 40, 32).astype(np.float32)  # [L, O, I]
+    stack, ref = w, w.astype(np.float64)
+    if quantize:
+        stack = quant.transpose(quant.quantize(np.swapaxes(w, -1, -2), "int8"))  # attention weights: int8
+        ref = np.asarray(quant.dequantize(quant.transpose(stack), jnp.float32), np.float64).swapaxes(-1, -2)
+    stack = jax.tree.map(jnp.asarray, stack)
+    for l in range(3):
+        got = jax.jit(lambda x, w: cpu_kernel.linear_cpu(x, w, layer=l))(x[:1], stack)
+        np.testing.assert_allclose(got, x[:1].astype(np.float64) @ ref[l].T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match=r"linear_cpu: x must be \[N, I\] and w \[O, I\]"):
+        jax.block_until_ready(cpu_kernel.linear_cpu(jnp.asarray(x[:1]), stack, layer=3))
+    sizes = jnp.asarray([5, 5, 0, 0, 0, 0, 0, 0], jnp.int32)
+    with pytest.raises(Exception, match=r"w1, w3 must be \[E, F, D\] and w2 \[E, D, F\]"):
+        jax.block_until_ready(cpu_kernel.moe_cpu(jnp.ones((10, 32), jnp.float32), sizes, experts, layer=3))
+
+
 def test_cpu_kernel_build_failure_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXTRAL_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
@@ -585,14 +623,15 @@ def test_init_random_dtype_and_eval_shape():
     per_expert = mj.init_random(cfg, seed=0, dtype="bfloat16")  # the default on one CPU device
     assert per_expert.layout == "per_expert"
     layers = per_expert.params()["layers"]
-    assert len(layers) == 4
-    assert layers[0]["experts"]["w1"].shape == (8, 224, 64) and layers[0]["experts"]["w2"].shape == (8, 64, 224)
-    # Same seed, same weights: per_expert is the stacked tensors split by layer and put in HF's [out, in] layout.
-    np.testing.assert_array_equal(layers[2]["experts"]["w2"][3], model.params()["layers"]["w2"][2, 3].T)
+    assert layers["experts"]["w1"].shape == (4, 8, 224, 64) and layers["experts"]["w2"].shape == (4, 8, 64, 224)
+    # Same seed, same weights: per_expert is the stacked tensors in HF's [out, in] layout, still one buffer per
+    # weight for all the layers (wq, wk, wv fused).
+    np.testing.assert_array_equal(layers["experts"]["w2"][2, 3], model.params()["layers"]["w2"][2, 3].T)
     stacked = model.params()["layers"]
-    np.testing.assert_array_equal(layers[1]["wqkv"][:64], stacked["wq"][1].reshape(64, -1).T)  # H * Dh = 64
-    np.testing.assert_array_equal(layers[1]["wqkv"][-32:], stacked["wv"][1].reshape(64, -1).T)  # K * Dh = 32
-    np.testing.assert_array_equal(layers[1]["wo"], stacked["wo"][1].reshape(-1, 64).T)
+    np.testing.assert_array_equal(layers["wqkv"][1, :64], stacked["wq"][1].reshape(64, -1).T)  # H * Dh = 64
+    np.testing.assert_array_equal(layers["wqkv"][1, -32:], stacked["wv"][1].reshape(64, -1).T)  # K * Dh = 32
+    np.testing.assert_array_equal(layers["wo"][1], stacked["wo"][1].reshape(-1, 64).T)
+    np.testing.assert_array_equal(layers["router"], stacked["router"])
     np.testing.assert_array_equal(per_expert.params()["lm_head"], model.params()["lm_head"].T)
     logits = mj.forward(model, np.array([[1, 2, 3]]))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()

@@ -324,11 +324,12 @@ def test_decoding_a_few_slots_writes_their_keys_into_the_whole_cache_in_place():
         hlo = slot_steps.decode_rows.lower(eng._params, eng._last, None, z(p), z(p), z(p), eng._cache,
                                            z(p, 2, d=np.uint32), z(p), z(p, d=np.float32), z(p),
                                            np.ones((p,), np.float32), **eng._run).compile().as_text()
-        shape = "f32[4,%d,%d,%d]" % (cfg.num_key_value_heads, eng._cache["k"][0].shape[2], cfg.head_dim)
+        per_layer = "4,%d,%d,%d]" % (cfg.num_key_value_heads, eng._cache["k"].shape[3], cfg.head_dim)
+        shape = "f32[%d,%s" % (cfg.num_hidden_layers, per_layer)  # k or v: every layer's, one buffer
         made = [line.split("=", 1)[1].split("(")[0].split()[-1] for line in hlo.splitlines()
                 if "=" in line and line.split("=", 1)[1].strip().startswith(shape + "{")]
         writes = [m for m in made if m == "custom-call"]
         assert len(writes) == 2 * cfg.num_hidden_layers and set(made) <= {"custom-call", "parameter"}, made
-        row = "f32[%d,%s" % (p, shape.split(",", 1)[1])
+        row = "f32[%d,%s" % (p, per_layer.split(",", 1)[1])
         assert not [line for line in hlo.splitlines() if "=" in line and
                     line.split("=", 1)[1].strip().startswith(row + "{")], "a copy of the slots' cache rows"

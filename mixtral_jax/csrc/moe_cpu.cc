@@ -34,6 +34,9 @@
 // cache), as one call XLA neither fuses nor duplicates; each update row goes to a cache row of its own
 // (the serving engine's decoding slots).
 //
+// Every call takes a `layer` attribute: from 0, its weight (and cache) operands stack every layer's,
+// [L, ...], and it reads layer `layer`'s part where it lies (Layer); -1, the operands are one layer's.
+//
 // Built at first use by mixtral_jax/cpu_kernel.py with the host's g++.
 #include <algorithm>
 #include <atomic>
@@ -443,6 +446,30 @@ inline void RowDots(const V& w, int64_t lo, int64_t hi, const float* const* xs, 
 }
 
 
+// One layer's part of an operand. With layer >= 0 the buffer stacks every layer's, [L, ...], and a call
+// reads layer `layer`'s part where it lies: one operand per weight for all the layers, where XLA would
+// copy a slice first, and a decode step's dispatch costs per operand
+// (docs/performance.md#every-layer-in-one-buffer-per-weight). With layer < 0 the buffer is the part.
+struct Part {
+  char* data = nullptr;
+  ffi::Span<const int64_t> dims;
+  size_t bytes = 0;
+};
+
+template <typename B>
+bool Layer(const B& b, int64_t layer, Part* out) {
+  const auto dims = b.dimensions();
+  char* data = static_cast<char*>(b.untyped_data());
+  if (layer < 0) {
+    *out = Part{data, dims, b.size_bytes()};
+    return true;
+  }
+  if (dims.size() == 0 || layer >= dims[0]) return false;
+  const size_t bytes = b.size_bytes() / dims[0];
+  *out = Part{data + layer * bytes, dims.last(dims.size() - 1), bytes};
+  return true;
+}
+
 // One phase of work: chunks 0..count-1, taken from one counter by every thread
 // that runs Take; Wait returns once all of them are done, whoever took them.
 struct Chunks {
@@ -834,27 +861,29 @@ void RunLinear(ffi::ThreadPool& pool, const float* x, const W& w, float* y, int6
 }
 
 ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weight,
-                         ffi::ResultBuffer<ffi::F32> y, int64_t chunk_bytes) {
-  auto w = weight.get<ffi::AnyBuffer>(0);
+                         ffi::ResultBuffer<ffi::F32> y, int64_t chunk_bytes, int64_t layer) {
+  auto wb = weight.get<ffi::AnyBuffer>(0);
   auto xd = x.dimensions();
-  if (xd.size() != 2 || !w.has_value() || w->dimensions().size() != 2)
-    return ffi::Error::InvalidArgument("linear_cpu: x must be [N, I] and w [O, I]");
-  const int64_t n = xd[0], in = xd[1], out = w->dimensions()[0];
-  const ffi::DataType dtype = w->element_type();
+  Part w;
+  if (xd.size() != 2 || !wb.has_value() || !Layer(*wb, layer, &w) || w.dims.size() != 2)
+    return ffi::Error::InvalidArgument("linear_cpu: x must be [N, I] and w [O, I] (with `layer`: [L, O, I])");
+  const int64_t n = xd[0], in = xd[1], out = w.dims[0];
+  const ffi::DataType dtype = wb->element_type();
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  if (dtype == ffi::DataType::F32 && weight.size() == 1 && w->dimensions()[1] == in) {
-    RunLinear(pool, xp, F32View{static_cast<const float*>(w->untyped_data()), in}, yp, n, in, out, chunk_bytes);
+  if (dtype == ffi::DataType::F32 && weight.size() == 1 && w.dims[1] == in) {
+    RunLinear(pool, xp, F32View{reinterpret_cast<const float*>(w.data), in}, yp, n, in, out, chunk_bytes);
     return ffi::Error::Success();
   }
   // int8 with a float32 scale per output row (quant.py's dense weights), [O, I] and [O, 1].
-  auto s = weight.get<ffi::AnyBuffer>(1);
-  if (dtype != ffi::DataType::S8 || weight.size() != 2 || w->dimensions()[1] != in || !s.has_value() ||
-      s->element_type() != ffi::DataType::F32 || s->dimensions().size() != 2 || s->dimensions()[0] != out ||
-      s->dimensions()[1] != 1)
+  auto sb = weight.get<ffi::AnyBuffer>(1);
+  Part s;
+  if (dtype != ffi::DataType::S8 || weight.size() != 2 || w.dims[1] != in || !sb.has_value() ||
+      sb->element_type() != ffi::DataType::F32 || !Layer(*sb, layer, &s) || s.dims.size() != 2 || s.dims[0] != out ||
+      s.dims[1] != 1)
     return ffi::Error::InvalidArgument("linear_cpu: w must be float32 [O, I], or int8 [O, I] with float32 scales [O, 1]");
-  RunLinear(pool, xp, I8View{static_cast<const int8_t*>(w->untyped_data()), static_cast<const float*>(s->untyped_data()),
-                             in}, yp, n, in, out, chunk_bytes);
+  RunLinear(pool, xp, I8View{reinterpret_cast<const int8_t*>(w.data), reinterpret_cast<const float*>(s.data), in}, yp,
+            n, in, out, chunk_bytes);
   return ffi::Error::Success();
 }
 
@@ -969,7 +998,7 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, in
 
 ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> group_sizes,
                       ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, int64_t chunk_bytes,
-                      int64_t panel_min_rows) {
+                      int64_t panel_min_rows, int64_t layer) {
   auto xd = x.dimensions(), gd = group_sizes.dimensions();
   if (xd.size() != 2 || gd.size() != 1)
     return ffi::Error::InvalidArgument("moe_cpu: x must be [M, D] and group_sizes [E]");
@@ -988,34 +1017,36 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("moe_cpu: expert weights must be float32, bfloat16, int8 or packed int4");
   const ffi::DataType scale_dtype = dtype == ffi::DataType::S8 ? ffi::DataType::F32 : ffi::DataType::F16;
   const int64_t packing = dtype == ffi::DataType::U8 ? 2 : 1;  // int4: two values per byte
-  const int64_t f = first->dimensions().size() == 3 ? first->dimensions()[1] : -1;
+  Part first_part;
+  const int64_t f = Layer(*first, layer, &first_part) && first_part.dims.size() == 3 ? first_part.dims[1] : -1;
   // Expert e's matrix of each stacked weight: its data, its [rows, groups] scales (quantized), its rows
   // and columns (values), read in place at e's offset (one operand per weight, not per expert: a decode
   // step's dispatch costs per operand, docs/performance.md#one-buffer-per-layer-and-weight-a-decode-steps-dispatch).
   struct Matrix { const void *w, *s; int64_t rows, cols, groups; };
   std::vector<Matrix> mats(3 * num_experts);
   for (int64_t i = 0; i < 3; ++i) {
-    auto w = weights.get<ffi::AnyBuffer>(per_matrix * i);
-    if (!w.has_value() || w->element_type() != dtype)
+    auto wb = weights.get<ffi::AnyBuffer>(per_matrix * i);
+    if (!wb.has_value() || wb->element_type() != dtype)
       return ffi::Error::InvalidArgument("moe_cpu: expert weights must all have one dtype");
-    auto wd = w->dimensions();
+    Part w;
     const bool down = i == 2;  // w2 [E, D, F]; w1, w3 [E, F, D]
     const int64_t rows = down ? d : f, cols = down ? f : d;
-    if (wd.size() != 3 || wd[0] != num_experts || wd[1] != rows || wd[2] * packing != cols)
+    if (!Layer(*wb, layer, &w) || w.dims.size() != 3 || w.dims[0] != num_experts || w.dims[1] != rows ||
+        w.dims[2] * packing != cols)
       return ffi::Error::InvalidArgument("moe_cpu: w1, w3 must be [E, F, D] and w2 [E, D, F] (int4: half the "
-                                         "columns), E the length of group_sizes");
-    const char* data = static_cast<const char*>(w->untyped_data());
+                                         "columns; with `layer`, [L, ...] of those), E the length of group_sizes");
+    const char* data = w.data;
     const char* scales = nullptr;
     int64_t groups = 1, scale_stride = 0;
     if (quantized) {
-      auto s = weights.get<ffi::AnyBuffer>(per_matrix * i + 1);
-      if (!s.has_value() || s->element_type() != scale_dtype || s->dimensions().size() != 3 ||
-          s->dimensions()[0] != num_experts || s->dimensions()[1] != rows || s->dimensions()[2] < 1 ||
-          cols % s->dimensions()[2] != 0)
+      auto sb = weights.get<ffi::AnyBuffer>(per_matrix * i + 1);
+      Part s;
+      if (!sb.has_value() || sb->element_type() != scale_dtype || !Layer(*sb, layer, &s) || s.dims.size() != 3 ||
+          s.dims[0] != num_experts || s.dims[1] != rows || s.dims[2] < 1 || cols % s.dims[2] != 0)
         return ffi::Error::InvalidArgument("moe_cpu: scales must be [E, rows, groups] (int8: float32, int4: float16)");
-      scales = static_cast<const char*>(s->untyped_data());
-      scale_stride = static_cast<int64_t>(s->size_bytes()) / num_experts;
-      groups = s->dimensions()[2];
+      scales = s.data;
+      scale_stride = static_cast<int64_t>(s.bytes) / num_experts;
+      groups = s.dims[2];
       // int8: one scale per row; int4: 32 values loaded at once (Widen4) share one scale, and a
       // group's column is found by a shift.
       const int64_t group = cols / groups;
@@ -1023,7 +1054,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
         return ffi::Error::InvalidArgument("moe_cpu: int8 weights need one scale per row, int4 groups of a power "
                                            "of two >= 32 columns");
     }
-    const int64_t stride = static_cast<int64_t>(w->size_bytes()) / num_experts;  // one expert's bytes
+    const int64_t stride = static_cast<int64_t>(w.bytes) / num_experts;  // one expert's bytes
     for (int64_t e = 0; e < num_experts; ++e)
       mats[3 * e + i] = Matrix{data + e * stride, scales == nullptr ? nullptr : scales + e * scale_stride, rows, cols,
                                groups};
@@ -1059,8 +1090,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeCpu, MoeCpuImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // group_sizes [E]
                                   .RemainingArgs()               // w1, w3, w2 stacked [E, ...] (each + scales)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, D]
-                                  .Attr<int64_t>("chunk_bytes")    // weight bytes per chunk of work
-                                  .Attr<int64_t>("panel_min_rows"));  // from this many rows: panels
+                                  .Attr<int64_t>("chunk_bytes")     // weight bytes per chunk of work
+                                  .Attr<int64_t>("panel_min_rows")  // from this many rows: panels
+                                  .Attr<int64_t>("layer"));         // the weights' layer (Layer), or -1
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LinearCpu, LinearCpuImpl,
                               ffi::Ffi::Bind()
@@ -1068,7 +1100,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LinearCpu, LinearCpuImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [N, I]
                                   .RemainingArgs()               // w [O, I] (int8: then its scales [O, 1])
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, O]
-                                  .Attr<int64_t>("chunk_bytes"));  // weight bytes per chunk of work
+                                  .Attr<int64_t>("chunk_bytes")  // weight bytes per chunk of work
+                                  .Attr<int64_t>("layer"));      // the weight's layer (Layer), or -1
 
 namespace {
 
@@ -1082,8 +1115,11 @@ inline bool RowsInside(const int32_t* rows, int64_t n, int64_t b) {
 }
 
 ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> update, ffi::Buffer<ffi::S32> index,
-                             ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out) {
-  auto cd = cache.dimensions(), ud = update.dimensions();
+                             ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
+  Part part;
+  if (!Layer(cache, layer, &part))
+    return ffi::Error::InvalidArgument("write_cache_cpu: `layer` is not a layer of the cache [L, B, K, S, Dh]");
+  auto cd = part.dims, ud = update.dimensions();
   if (cd.size() != 4 || ud.size() != 4 || ud[1] != cd[1] || ud[3] != cd[3] || ud[2] > cd[2] ||
       index.dimensions().size() != 1 || index.dimensions()[0] != ud[0] || rows.dimensions().size() != 1 ||
       rows.dimensions()[0] != ud[0])
@@ -1092,8 +1128,9 @@ ffi::Error WriteCacheCpuImpl(ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> 
   const int64_t b = cd[0], k = cd[1], s = cd[2], dh = cd[3], p = ud[0], t = ud[2];
   if (!RowsInside(rows.typed_data(), p, b))
     return ffi::Error::InvalidArgument("write_cache_cpu: a row index is outside the cache's rows");
-  float* dst = out->typed_data();
-  if (dst != cache.typed_data()) std::copy(cache.typed_data(), cache.typed_data() + b * k * s * dh, dst);
+  if (out->untyped_data() != cache.untyped_data())
+    std::copy(cache.typed_data(), cache.typed_data() + cache.element_count(), out->typed_data());
+  float* dst = out->typed_data() + (reinterpret_cast<float*>(part.data) - cache.typed_data());
   for (int64_t r = 0; r < p; ++r) {
     // As dynamic_update_slice: the start is clamped so the update fits.
     const int64_t at = std::min<int64_t>(std::max<int64_t>(index.typed_data()[r], 0), s - t);
@@ -1212,9 +1249,12 @@ struct AttendCall : Parts {
 
 ffi::Error AttendCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                          ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> k_pos,
-                         ffi::ResultBuffer<ffi::F32> out, int64_t window) {
-  auto qd = q.dimensions(), kd = k.dimensions();
-  auto vd = v.dimensions();
+                         ffi::ResultBuffer<ffi::F32> out, int64_t window, int64_t layer) {
+  Part k_layer, v_layer;
+  if (!Layer(k, layer, &k_layer) || !Layer(v, layer, &v_layer))
+    return ffi::Error::InvalidArgument("attend_cpu: `layer` is not a layer of the caches [L, B, K, S, Dh]");
+  auto qd = q.dimensions(), kd = k_layer.dims;
+  auto vd = v_layer.dims;
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || !std::equal(vd.begin(), vd.end(), kd.begin()) || qd[2] != kd[3] || kd[1] == 0 || qd[1] % kd[1] ||
       rows.dimensions().size() != 1 || rows.dimensions()[0] != qd[0] || q_pos.dimensions().size() != 1 ||
       q_pos.dimensions()[0] != qd[0] || k_pos.dimensions().size() != 2 || k_pos.dimensions()[0] != qd[0] ||
@@ -1226,8 +1266,8 @@ ffi::Error AttendCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   auto call = std::make_shared<AttendCall>();
   AttendCall& c = *call;
   c.q = q.typed_data();
-  c.k = k.typed_data();
-  c.v = v.typed_data();
+  c.k = reinterpret_cast<const float*>(k_layer.data);
+  c.v = reinterpret_cast<const float*>(v_layer.data);
   c.rows = rows.typed_data();
   c.out = out->typed_data();
   c.h = qd[1];
@@ -1256,7 +1296,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WriteCacheCpu, WriteCacheCpuImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // update [P, K, T, Dh]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // index [P]: the first slot of each update row
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows [P]: the cache row of each update row
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // the cache, written (aliases the first argument)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // the cache, written (aliases the first argument)
+                                  .Attr<int64_t>("layer"));      // the cache's layer (Layer), or -1
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttendCpu, AttendCpuImpl,
                               ffi::Ffi::Bind()
@@ -1268,4 +1309,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttendCpu, AttendCpuImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()  // q_pos [P]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // k_pos [P, S]: negative marks an empty slot
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [P, H, Dh]
-                                  .Attr<int64_t>("window"));     // sliding window, 0: none
+                                  .Attr<int64_t>("window")       // sliding window, 0: none
+                                  .Attr<int64_t>("layer"));      // the caches' layer (Layer), or -1
