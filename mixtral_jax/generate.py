@@ -258,7 +258,10 @@ def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling
                                          cache, seed_key, jnp.int32(start), **run)
     yield nxt, logits
     for step in range(1, max_new_tokens):
-        nxt, logits, cache = decode_step(params, nxt, jnp.asarray(lengths + step - 1), jnp.int32(t + step - 1),
+        # NumPy values, not jnp ones: the jitted call transfers them itself, where jnp.asarray and jnp.int32
+        # each dispatch an operation of their own (together 0.3-0.4 ms of host time a step, on a core the
+        # step's own work wants: docs/performance.md#a-decode-steps-host-time).
+        nxt, logits, cache = decode_step(params, nxt, lengths + np.int32(step - 1), np.int32(t + step - 1),
                                          cache, seed_key, step, **run)
         yield nxt, logits
 
