@@ -47,7 +47,9 @@ def linear_t(x: jax.Array, w, preferred_element_type=None) -> jax.Array:
     One float32 row on the CPU (a batch-1 decode step: the attention
     projections and the lm_head) runs the C++ kernel's row-dot product
     (`cpu_kernel.linear_cpu`) where it is built; from 4 rows XLA is as fast
-    (docs/performance.md#one-row-products-attention-and-lm_head). An int8
+    (docs/performance.md#one-row-products-attention-and-lm_head); so does one
+    layer of a weight that stacks every layer's (`AtLayer`) up to
+    FEATURE_MAJOR_MAX_ROWS rows, which XLA would copy out first. An int8
     weight (quant.py) runs the kernel up to FEATURE_MAJOR_MAX_ROWS rows, where
     it reads a quarter of the bytes; beyond, and without the kernel, it is
     dequantized first (docs/benchmarks.md#quantized-weights).
@@ -66,7 +68,8 @@ def linear_t(x: jax.Array, w, preferred_element_type=None) -> jax.Array:
         if x.shape[0] <= FEATURE_MAJOR_MAX_ROWS and f32_out and cpu_kernel.usable(x):
             return cpu_kernel.linear_cpu(x, stack, layer=layer)
         w = quant.dequantize(at_layer(w), x.dtype, axis=-1)
-    elif x.shape[0] == 1 and f32_out and cpu_kernel.usable(x, stack):
+    elif (x.shape[0] == 1 or layer is not None and x.shape[0] <= FEATURE_MAJOR_MAX_ROWS) and f32_out \
+            and cpu_kernel.usable(x, stack):
         return cpu_kernel.linear_cpu(x, stack, layer=layer)
     w = at_layer(w)
     if x.shape[0] > FEATURE_MAJOR_MAX_ROWS:

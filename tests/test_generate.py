@@ -316,14 +316,14 @@ def test_cpu_decode_step_writes_the_kv_cache_in_place():
     assert "write_cache_cpu" in hlo and not copies, copies[:3]
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_cpu_decode_step_reads_each_layers_weights_in_place(quantize):
+@pytest.mark.parametrize("quantize,b", [(None, 1), (None, 4), ("int4", 1)])
+def test_cpu_decode_step_reads_each_layers_weights_in_place(quantize, b):
     """The per_expert layout keeps one buffer per weight for all the layers (a decode step's dispatch costs
     per array); the kernels read layer l where it lies. No operation of the compiled step may yield one
     layer's slice of a weight matrix or of the cache (XLA:CPU copies a slice: each weight read twice more)."""
     cfg = mj.load_config("tiny")
     model = mj.init_random(cfg, quantize=quantize)
-    params, b, slots = model.params(), 1, 64
+    params, slots = model.params(), 64
     cache = gen.init_cache(cfg, b, slots, model.dtype, None, model.layout)
     run = dict(cfg=cfg, strategy="sparse", sampling=gen.SamplingParams(), mesh=None, capacity_factor=None)
     hlo = gen.decode_step.lower(params, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),

@@ -1021,7 +1021,7 @@ ffi::Error MoeCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t f = Layer(*first, layer, &first_part) && first_part.dims.size() == 3 ? first_part.dims[1] : -1;
   // Expert e's matrix of each stacked weight: its data, its [rows, groups] scales (quantized), its rows
   // and columns (values), read in place at e's offset (one operand per weight, not per expert: a decode
-  // step's dispatch costs per operand, docs/performance.md#one-buffer-per-layer-and-weight-a-decode-steps-dispatch).
+  // step's dispatch costs per operand, docs/performance.md#every-layer-in-one-buffer-per-weight).
   struct Matrix { const void *w, *s; int64_t rows, cols, groups; };
   std::vector<Matrix> mats(3 * num_experts);
   for (int64_t i = 0; i < 3; ++i) {
