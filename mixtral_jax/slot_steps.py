@@ -112,7 +112,8 @@ def _on_slots(params, tokens, positions, index, clear, slot, cache, last_tokens,
 
 # A decode step may run as several calls, each over some of the layers (`first`: from the tokens, `last`: to
 # the sampled tokens, the others passing on the residual stream `h`): between them the engine can prefill a
-# prompt that arrived, into another slot (engine.py). `params` and the cache then hold those layers only.
+# prompt that arrived, into another slot (engine.py). `params` then runs those layers only (a
+# `layout.LayerSpan`), writing their part of the whole cache in place.
 _STEP_STATIC = ("cfg", "strategy", "mesh", "first", "last")
 
 
