@@ -21,7 +21,7 @@ FEATURE_MAJOR_MAX_ROWS = 64
 class AtLayer:
     """Layer `layer` (a Python int) of a weight that stacks every layer's, [L, ...], float or quant.py's
     {"qvalue", "scale"} (the per_expert layout, layout.py): the CPU kernels read that layer where it lies;
-    XLA ops take the slice (`at_layer`), which XLA:CPU copies."""
+    XLA ops take the slice (`one_layer`), which XLA:CPU copies."""
 
     stack: Any
     layer: int
@@ -30,7 +30,7 @@ class AtLayer:
 jax.tree_util.register_dataclass(AtLayer, data_fields=["stack"], meta_fields=["layer"])
 
 
-def at_layer(w):
+def one_layer(w):
     """An `AtLayer`'s layer as an array (or quantized dict) of its own; any other weight as it is."""
     return jax.tree.map(lambda a: a[w.layer], w.stack) if isinstance(w, AtLayer) else w
 
@@ -62,16 +62,17 @@ def linear_t(x: jax.Array, w, preferred_element_type=None) -> jax.Array:
     Returns:
       [N, O].
     """
-    f32_out = preferred_element_type in (None, jnp.float32)
     stack, layer = (w.stack, w.layer) if isinstance(w, AtLayer) else (w, None)
-    if quant.is_quantized(stack):
-        if x.shape[0] <= FEATURE_MAJOR_MAX_ROWS and f32_out and cpu_kernel.usable(x):
-            return cpu_kernel.linear_cpu(x, stack, layer=layer)
-        w = quant.dequantize(at_layer(w), x.dtype, axis=-1)
-    elif (x.shape[0] == 1 or layer is not None and x.shape[0] <= FEATURE_MAJOR_MAX_ROWS) and f32_out \
-            and cpu_kernel.usable(x, stack):
+    quantized = quant.is_quantized(stack)
+    # The kernel takes one row; up to FEATURE_MAJOR_MAX_ROWS where XLA would read 4x the bytes (int8) or copy
+    # the layer's slice first (AtLayer).
+    kernel_rows = FEATURE_MAJOR_MAX_ROWS if quantized or layer is not None else 1
+    if x.shape[0] <= kernel_rows and preferred_element_type in (None, jnp.float32) \
+            and cpu_kernel.usable(x, *(() if quantized else (stack,))):
         return cpu_kernel.linear_cpu(x, stack, layer=layer)
-    w = at_layer(w)
+    w = one_layer(w)
+    if quantized:
+        w = quant.dequantize(w, x.dtype, axis=-1)
     if x.shape[0] > FEATURE_MAJOR_MAX_ROWS:
         return jnp.einsum("NI,OI->NO", x, w, preferred_element_type=preferred_element_type)
     out_t = jnp.einsum("OI,IN->ON", w, x.T, preferred_element_type=preferred_element_type)
