@@ -193,7 +193,7 @@ class Engine:
         length = self.idle_index + 1
         self._params = model.params()
         self._run = dict(cfg=cfg, strategy=strategy, mesh=model.mesh)
-        self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh, model.layout)
+        self._cache = init_cache(cfg, max_batch, length, model.dtype, model.mesh)
         # Part i of a decode step runs layers [lo, hi) of _spans[i].
         n = cfg.num_hidden_layers
         self._spans = [(n * i // decode_parts, n * (i + 1) // decode_parts) for i in range(decode_parts)]
@@ -389,15 +389,14 @@ class Engine:
         if kind >= self._rows_kind or kind == _DECODE:  # a part of a decode step
             part, args = int(args[0][0]), args[1:]
             (lo, hi), last = self._spans[part], part == len(self._spans) - 1
-            params, cache = self._layout.layer_span(self._params, self._cache, lo, hi)
+            params = self._layout.layer_span(self._params, lo, hi)
             run = dict(first=part == 0, last=last, **self._run)
             if kind == _DECODE:
-                out, cache = slot_steps.decode(params, self._last, self._h, args[0], args[1], cache, *args[2:],
-                                               idle_index=np.int32(self.idle_index), **run)
+                out, self._cache = slot_steps.decode(params, self._last, self._h, args[0], args[1], self._cache,
+                                                     *args[2:], idle_index=np.int32(self.idle_index), **run)
             else:
-                out, cache = slot_steps.decode_rows(params, self._last, self._h, args[0], args[1], args[2], cache,
-                                                    *args[3:], **run)
-            self._cache = self._layout.put_layer_span(self._cache, cache, lo, hi)
+                out, self._cache = slot_steps.decode_rows(params, self._last, self._h, args[0], args[1], args[2],
+                                                          self._cache, *args[3:], **run)
             if last:
                 self._last, self._h = out, None
             else:

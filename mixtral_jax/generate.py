@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax import layout as layout_lib
 from mixtral_jax import model as model_lib
 from mixtral_jax import sharding
 from mixtral_jax.config import MixtralConfig
@@ -52,17 +51,17 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None,
-               layout: str = "stacked") -> dict[str, jax.Array]:
-    """An empty KV cache: k, v [L, B, K, S, Dh] in `dtype` (in either layout); pos [B, S] int32, -1 = empty
-    slot.
+def init_cache(cfg: MixtralConfig, batch: int, max_len: int, dtype, mesh=None) -> dict[str, jax.Array]:
+    """An empty KV cache, the same in either weight layout: k, v [L, B, K, S, Dh] in `dtype`; pos [B, S]
+    int32, -1 = empty slot.
 
     With `mesh`, created directly in `sharding.cache_shardings` (never whole on one device).
     """
     shapes = sharding.cache_shapes(cfg, batch, max_len)
-    make = ((lambda f: f()) if mesh is None else
-            (lambda f: jax.jit(f, out_shardings=sharding.cache_shardings(cfg, batch, max_len, mesh))()))
-    return layout_lib.get(layout).init_cache(shapes, dtype, make)
+    make = lambda: {"k": jnp.zeros(shapes["k"], dtype), "v": jnp.zeros(shapes["v"], dtype),
+                    "pos": jnp.full(shapes["pos"], -1, jnp.int32)}
+    return make() if mesh is None else jax.jit(make, out_shardings=sharding.cache_shardings(cfg, batch, max_len,
+                                                                                             mesh))()
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:
@@ -248,7 +247,7 @@ def decode_loop(model: model_lib.Mixtral, prompts, max_new_tokens: int, sampling
     params = model.params()
     seed_key = jax.random.key(seed)
     run = dict(cfg=cfg, strategy=strategy, sampling=sampling, mesh=model.mesh, capacity_factor=capacity_factor)
-    cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype, model.mesh, model.layout)
+    cache = init_cache(cfg, b, bucket(t + max_new_tokens), model.dtype, model.mesh)
     if prefill_chunk is None or t <= prefill_chunk:
         nxt, logits, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(positions), cache, seed_key, **run)
     else:  # bounded activations: a long prompt's chunks one after another, one compile for all

@@ -26,9 +26,9 @@ Two layouts of the same weights:
         lm_head     [V, D]
 
 A `Layout` (from `of(params)`) does what differs: the attention projections,
-the experts handed to `moe.grouped_ffn`, the layer loop, the lm_head and the
-cache's form. The model, attention, MoE and generate code call it and never
-test which layout they hold.
+the experts handed to `moe.grouped_ffn`, the layer loop and the lm_head (the
+KV cache is the same in both: `generate.init_cache`). The model, attention,
+MoE and generate code call it and never test which layout they hold.
 """
 
 from __future__ import annotations
@@ -137,22 +137,10 @@ class Stacked:
         return params
 
     @staticmethod
-    def layer_span(params, cache, lo: int, hi: int):
-        """(params, cache) holding layers [lo, hi) only: here every layer (`splits` is False)."""
+    def layer_span(params, lo: int, hi: int):
+        """params running layers [lo, hi) only: here every layer (`splits` is False)."""
         assert lo == 0 and hi == params["layers"]["attn_norm"].shape[0], (lo, hi)
-        return params, cache
-
-    @staticmethod
-    def put_layer_span(cache, part, lo: int, hi: int):
-        """`cache` with layers [lo, hi) from `part` (what `layer_span`'s cache became): here all of it."""
-        del cache, lo, hi
-        return part
-
-    @staticmethod
-    def init_cache(shapes, dtype, make_sharded):
-        """k, v [L, B, K, S, Dh]; made through `make_sharded` (jit with out_shardings on a mesh)."""
-        return make_sharded(lambda: {"k": jnp.zeros(shapes["k"], dtype), "v": jnp.zeros(shapes["v"], dtype),
-                                     "pos": jnp.full(shapes["pos"], -1, jnp.int32)})
+        return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,23 +222,14 @@ class PerExpert:
 
     @staticmethod
     def from_stacked(params):
-        """Stacked params (deleted as they are converted) in this layout: `unstack_params`."""
-        return unstack_params(params)
+        """Stacked params (deleted as they are converted) in this layout: `to_per_expert`."""
+        return to_per_expert(params)
 
     @staticmethod
-    def layer_span(params, cache, lo: int, hi: int):
-        """(params, cache) running layers [lo, hi) only, for `model.apply(from_h=, to_h=)`: a static
-        `LayerSpan` of the same buffers, and the whole cache (written in place at those layers)."""
-        return {**params, "layers": LayerSpan(params["layers"], lo, hi)}, cache
-
-    @staticmethod
-    def put_layer_span(cache, part, lo: int, hi: int):
-        """`cache` after a span's call (`part`, the whole cache it wrote in place)."""
-        del cache, lo, hi
-        return part
-
-    # k, v [L, B, K, S, Dh] as the stacked layout's: the kernels write and read layer l where it lies.
-    init_cache = Stacked.init_cache
+    def layer_span(params, lo: int, hi: int):
+        """params running layers [lo, hi) only, for `model.apply(from_h=, to_h=)`: a static `LayerSpan` of
+        the same buffers (with the whole cache, which they write in place at those layers)."""
+        return {**params, "layers": LayerSpan(params["layers"], lo, hi)}
 
 
 def of(params) -> type[Stacked] | type[PerExpert]:
@@ -302,7 +281,7 @@ def _fuse_qkv(wq, wk, wv):
     return jax.tree.map(fuse, wq, wk, wv)
 
 
-def unstack_params(params: Params) -> Params:
+def to_per_expert(params: Params) -> Params:
     """Stacked -> per_expert layout, one parameter at a time (wq, wk, wv together: they are fused).
 
     Each stacked array is deleted once converted, so the peak is the model

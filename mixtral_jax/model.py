@@ -316,8 +316,7 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       positions: [B, T] absolute positions.
       cfg: model config (static).
       strategy: "sparse" (the chosen experts) or "dense" (every expert on every token).
-      cache: optional (k, v) in the params' layout (`layout.Stacked.init_cache`,
-        `layout.PerExpert.init_cache`); updated in place at slots
+      cache: optional (k, v) from `generate.init_cache`, each [L, B, K, S, Dh]; updated in place at slots
         [cache_index, cache_index + T).
       cache_index: slot of the first token when `cache` is given: a scalar, or int [B], one per row.
       cache_rows: optional int [B]: the cache row each row of `tokens` uses, where the cache holds more

@@ -320,7 +320,7 @@ def models_and_expected(tiny_hf):
     hf = tiny_hf[1]
     cfg = testing.config_of(hf)
     stacked = convert.params_from_state_dict(testing.state_dict_numpy(hf), cfg)  # numpy: nothing else holds it
-    per_expert = layout_lib.unstack_params(jax.tree.map(jnp.array, stacked))
+    per_expert = layout_lib.to_per_expert(jax.tree.map(jnp.array, stacked))
     return {"stacked": (testing.our_model(hf, "stacked"), stacked),
             "per_expert": (testing.our_model(hf, "per_expert"), per_expert)}
 

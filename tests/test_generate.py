@@ -305,7 +305,7 @@ def test_cpu_decode_step_writes_the_kv_cache_in_place():
                                       num_attention_heads=16, num_key_value_heads=4, num_local_experts=8,
                                       num_experts_per_tok=2, max_position_embeddings=1024, rope_theta=1e6))
     model, b, slots = mj.init_random(cfg), 1, 256
-    cache = gen.init_cache(cfg, b, slots, model.dtype, None, model.layout)
+    cache = gen.init_cache(cfg, b, slots, model.dtype)
     run = dict(cfg=cfg, strategy="sparse", sampling=gen.SamplingParams(), mesh=None, capacity_factor=None)
     hlo = gen.decode_step.lower(model.params(), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
                                 jnp.int32(0), cache, jax.random.key(0), 1, **run).compile().as_text()
@@ -324,7 +324,7 @@ def test_cpu_decode_step_reads_each_layers_weights_in_place(quantize, b):
     cfg = mj.load_config("tiny")
     model = mj.init_random(cfg, quantize=quantize)
     params, slots = model.params(), 64
-    cache = gen.init_cache(cfg, b, slots, model.dtype, None, model.layout)
+    cache = gen.init_cache(cfg, b, slots, model.dtype)
     run = dict(cfg=cfg, strategy="sparse", sampling=gen.SamplingParams(), mesh=None, capacity_factor=None)
     hlo = gen.decode_step.lower(params, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
                                 jnp.int32(0), cache, jax.random.key(0), 1, **run).compile().as_text()
