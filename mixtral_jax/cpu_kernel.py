@@ -15,8 +15,10 @@ decode step's attention over the slots a row's mask admits, read in place.
 
 They are compiled at first use with the host's g++ (4-5 s) into a cache
 folder ($MIXTRAL_JAX_CACHE, else ~/.cache/mixtral_jax), keyed by the source,
-the compiler flags and jaxlib's version. Without a compiler, or with
-MIXTRAL_JAX_CPU_KERNEL=0, `available()` is False and callers run XLA ops
+the compiler flags, jaxlib's version and the CPU: `-march=native` builds for
+the CPU at hand, so a home folder shared by machines of different CPUs would
+otherwise hand one a library using instructions it lacks (SIGILL). Without a
+compiler, or with MIXTRAL_JAX_CPU_KERNEL=0, `available()` is False and callers run XLA ops
 (`moe.grouped_ffn_reference`, `layers.linear_t`), equal to float32 rounding.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -61,8 +64,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MIXTRAL_JAX_CACHE") or Path.home() / ".cache" / "mixtral_jax")
 
 
+@functools.cache
+def cpu_identity() -> str:
+    """What `-march=native` builds for: the CPU's model name and instruction-set flags (Linux's
+    /proc/cpuinfo), else what `platform` knows of it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().split("\n\n")[0].splitlines()
+    except OSError:
+        lines = []
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags", "Features")]
+    return "\n".join(keep) or f"{platform.machine()} {platform.processor()}"
+
+
 def _library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jaxlib.__version__.encode()
+                         + cpu_identity().encode())
     return cache_dir() / f"moe_cpu-{key.hexdigest()[:16]}.so"
 
 

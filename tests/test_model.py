@@ -516,6 +516,20 @@ def test_cpu_kernel_build_failure_is_one_clear_error(monkeypatch, tmp_path):
     assert not list(tmp_path.glob("*.so"))
 
 
+def test_cpu_kernel_build_is_keyed_by_the_cpu(monkeypatch, tmp_path):
+    # -march=native: a library built on another CPU (a shared home folder) may hold instructions this one
+    # lacks, so it must not be found here; the same CPU finds its own build again.
+    monkeypatch.setenv("MIXTRAL_JAX_CACHE", str(tmp_path))
+    here = cpu_kernel._library_path()
+    assert "flags" in cpu_kernel.cpu_identity() or not os.path.exists("/proc/cpuinfo")
+    monkeypatch.setattr(cpu_kernel, "cpu_identity", lambda: "AuthenticAMD\nflags: fpu sse2 avx2")
+    elsewhere = cpu_kernel._library_path()
+    assert elsewhere != here and elsewhere.parent == here.parent
+    monkeypatch.undo()
+    monkeypatch.setenv("MIXTRAL_JAX_CACHE", str(tmp_path))
+    assert cpu_kernel._library_path() == here
+
+
 def test_cpu_kernel_not_used_for_bfloat16_activations(monkeypatch):
     # A bfloat16 model stays on XLA ops (the kernel computes in float32 only), with the same results.
     p = testing.moe_params(8)
