@@ -18,9 +18,11 @@ mj.load reads (e.g. a trained tiny model; pass --ctx 256 --chunks 64 --text held
    every model against its own engine's float32 logits (llama.cpp's raw logits come from libllama through the
    sdist's ctypes bindings), plus the relative max / RMS logit error; our float32 is also compared with
    llama.cpp's f32 as a sanity check.
-3. Speed, alternating in one process: each round times our models (benchmarks/_alternate.py: decode batch 1
-   after a 16-token prompt, --gen new tokens; a 512-token prefill; one warm-up each) and runs llama-bench once per
-   GGUF (-p 512 -n GEN -t THREADS -r 1, its own warm-up); medians over --rounds, the order reversed every round.
+3. Speed, in pairs: each round times each of our models (benchmarks/_alternate.py: decode batch 1 after a 16-token
+   prompt, --gen new tokens; a 512-token prefill; each right after a warm-up run) and, right before or after it,
+   runs llama-bench once per GGUF of the same width (-p 512 -n GEN -t THREADS -r 1, its own warm-up); the order
+   reversed every round. A ratio is the median of the rounds' ratios, each of two timings seconds apart (the
+   host's speed drifts over minutes); rates are medians over --rounds.
 """
 import argparse
 import json
@@ -38,7 +40,8 @@ from mixtral_jax import config
 
 OURS = {"float32": {}, "bf16 experts": {"expert_dtype": "bfloat16"}, "int8": {"quantize": "int8"},
         "int4": {"quantize": "int4"}}
-PAIRS = {"float32": "f32", "bf16 experts": "bf16", "int8": "q8_0", "int4": "q4_K_M"}  # the issue's targets
+# Which of our models each GGUF type is timed next to (the issue's targets: int4 against q4_K_M and q4_0).
+PARTNER = {"f32": "float32", "bf16": "bf16 experts", "q8_0": "int8", "q4_0": "int4", "q4_K_M": "int4"}
 BENCH_HF = {"vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 8,
             "num_attention_heads": 16, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
             "max_position_embeddings": 4096, "rope_theta": 1e6, "rms_norm_eps": 1e-5}
@@ -181,37 +184,42 @@ if args.chunks:
         os.remove(os.path.join(args.work, f"logits-{t}.npy"))
     print(flush=True)
 
-# 3. Speed, alternating.
+# 3. Speed, each of our models next to its llama.cpp partners.
 if args.rounds:
     ours_rates, their_rates, rss = {n: {"decode": [], "prefill": []} for n in models}, {}, {}
+    ratios = {}  # (ours, theirs) -> per-round decode and prefill ratios, both timed within seconds
+    partners = {n: [t for t in ggufs if PARTNER.get(t) == n] for n in models}
     loads = []
     for r in range(args.rounds):
-        order = list(models) if r % 2 == 0 else list(models)[::-1]
-        gorder = list(ggufs) if r % 2 == 0 else list(ggufs)[::-1]
-
-        def run_ours():
-            med = _alternate.medians({n: models[n] for n in order}, 1)
-            for n in order:
+        for n in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            def run_ours():
+                med = _alternate.medians({n: models[n]}, 1)
                 ours_rates[n]["decode"].append(med["decode b1"][n])
                 ours_rates[n]["prefill"].append(med["prefill 512"][n])
 
-        def run_theirs():
-            for t in gorder:
-                res = lc.bench(tools, ggufs[t], 512, args.gen, args.threads)
-                their_rates.setdefault(t, {"decode": [], "prefill": []})
-                their_rates[t]["decode"].append(res["decode"])
-                their_rates[t]["prefill"].append(res["prefill"])
-                rss[t] = max(rss.get(t, 0), res["maxrss"])
+            def run_theirs():
+                for t in (partners[n] if r % 2 == 0 else partners[n][::-1]):
+                    res = lc.bench(tools, ggufs[t], 512, args.gen, args.threads)
+                    their_rates.setdefault(t, {"decode": [], "prefill": []})
+                    their_rates[t]["decode"].append(res["decode"])
+                    their_rates[t]["prefill"].append(res["prefill"])
+                    rss[t] = max(rss.get(t, 0), res["maxrss"])
 
-        for step in ((run_ours, run_theirs) if r % 2 == 0 else (run_theirs, run_ours)):
-            step()
+            for step in ((run_ours, run_theirs) if r % 2 == 0 else (run_theirs, run_ours)):
+                step()
+            for t in partners[n]:
+                pair = ratios.setdefault((n, t), {"decode": [], "prefill": []})
+                for k in pair:
+                    pair[k].append(ours_rates[n][k][-1] / their_rates[t][k][-1])
         loads.append(os.getloadavg()[0])
         print(f"round {r + 1}/{args.rounds} done, load average {loads[-1]:.2f}", flush=True)
     med = lambda v: float(np.median(v))
     results["speed"] = {"rounds": args.rounds, "gen": args.gen, "threads": args.threads, "load_average": loads,
                         "ours": {n: {k: med(v) for k, v in d.items()} for n, d in ours_rates.items()},
                         "llama.cpp": {t: {k: med(v) for k, v in d.items()} for t, d in their_rates.items()},
-                        "llama.cpp_maxrss": rss}
+                        "llama.cpp_maxrss": rss,
+                        "ratios": {f"{n} / {t}": {k: med(v) for k, v in d.items()} for (n, t), d in ratios.items()},
+                        "ratio_rounds": {f"{n} / {t}": d for (n, t), d in ratios.items()}}
     print("\n| engine | weights | prefill 512 tok/s | decode b1 tok/s | weight bytes (MiB) |")
     print("|---|---|---:|---:|---:|")
     for n, d in results["speed"]["ours"].items():
@@ -220,20 +228,12 @@ if args.rounds:
         print(f"| llama.cpp | {t} | {d['prefill']:.0f} | {d['decode']:.1f} | "
               f"{results['gguf_bytes'][t] / 2**20:.0f} (GGUF; peak RSS {rss[t] / 2**20:.0f}) |")
 
-    print("\ntargets (ours / theirs):")
-    sp = results["speed"]
-    for ours_name, t in PAIRS.items():
-        if t not in sp["llama.cpp"]:
-            continue
-        o, l = sp["ours"][ours_name], sp["llama.cpp"][t]
-        print(f"  {ours_name} vs {t}: decode {o['decode'] / l['decode']:.2f}x, "
-              f"prefill {o['prefill'] / l['prefill']:.2f}x, "
-              f"weights {weight_bytes[ours_name] / results['gguf_bytes'][t]:.2f}x")
-    fastest4 = max((t for t in ("q4_0", "q4_K_M") if t in sp["llama.cpp"]), default=None,
-                   key=lambda t: sp["llama.cpp"][t]["decode"])
-    if fastest4:
-        print(f"  int4 decode vs the faster 4-bit ({fastest4}): "
-              f"{sp['ours']['int4']['decode'] / sp['llama.cpp'][fastest4]['decode']:.2f}x")
+    print("\nratios (ours / theirs): the median of each round's, the two timed back to back; each round's in brackets")
+    for (n, t), d in ratios.items():
+        rounds = lambda k: ", ".join(f"{v:.2f}" for v in d[k])
+        print(f"  {n} / {t}: decode {med(d['decode']):.2f}x ({rounds('decode')}), "
+              f"prefill {med(d['prefill']):.2f}x ({rounds('prefill')}), "
+              f"weights {weight_bytes[n] / results['gguf_bytes'][t]:.2f}x")
 
 results["load_average_start"], results["load_average_end"] = load_start, os.getloadavg()
 results["seconds"] = time.time() - t_start
