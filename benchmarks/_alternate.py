@@ -8,8 +8,8 @@ import mixtral_jax as mj
 
 
 def medians(models: dict, rounds: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """{"decode b1": {name: tok/s}, "prefill 512": {...}}: medians over `rounds`, each model compiled first,
-    the order reversed every other round. Each timing directly follows an untimed run of the same model,
+    """{"decode b1": {name: tok/s}, "prefill 512": {...}}: medians over `rounds`, the order reversed every
+    other round. Each timing directly follows an untimed run of the same model,
     as each of llama-bench's follows its own warm-up run (docs/benchmarks.md#against-llamacpp)."""
     rng = np.random.default_rng(seed)
     prompt16, prompt512 = rng.integers(3, 32000, 16).tolist(), rng.integers(3, 32000, 512).tolist()
@@ -25,12 +25,10 @@ def medians(models: dict, rounds: int, seed: int = 0) -> dict[str, dict[str, flo
 
     out = {}
     for what, fn in (("decode b1", decode), ("prefill 512", prefill)):
-        for m in models.values():
-            fn(m)  # compile
         rates = {name: [] for name in models}
         for r in range(rounds):
             for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-                fn(models[name])  # warm-up
+                fn(models[name])  # warm-up (the first compiles)
                 rates[name].append(fn(models[name]))
         out[what] = {name: float(np.median(v)) for name, v in rates.items()}
     return out
