@@ -328,11 +328,11 @@ def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | 
         return jax.tree.map(lambda a: a[l, e].T, tree["experts"][name])
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     # An int8 scale has size 1 along the input (D for wq, wk, wv; H and Dh for wo).
-    inputs = lambda a, *dims: dims if a.shape[1] > 1 else (1,) * len(dims)
+    inputs = lambda a, *dims: dims if a.shape[-1] > 1 else (1,) * len(dims)
     if name == "wo":
-        return jax.tree.map(lambda a: a[l].T.reshape(*inputs(a[l], h, dh), d), tree["wo"])
+        return jax.tree.map(lambda a: a[l].T.reshape(*inputs(a, h, dh), d), tree["wo"])
     if name in ("wq", "wk", "wv"):
         start, heads = {"wq": (0, h), "wk": (h * dh, kv), "wv": ((h + kv) * dh, kv)}[name]
-        return jax.tree.map(lambda a: a[l, start:start + heads * dh].T.reshape(*inputs(a[l], d), heads, dh),
+        return jax.tree.map(lambda a: a[l, start:start + heads * dh].T.reshape(*inputs(a, d), heads, dh),
                             tree["wqkv"])
     return jax.tree.map(lambda a: a[l], tree[name])
