@@ -337,7 +337,8 @@ def apply(params: Params, tokens: jax.Array, positions: jax.Array, *, cfg: Mixtr
       adapt_layer: optional static callable mapping one layer's weights to
         those used (LoRA adds its A·B there, one layer at a time).
       from_h, to_h: run some of the layers only (the serving engine splits a decode step so: engine.py),
-        `params` and `cache` from `layout.PerExpert.layer_span` (which runs those layers only): `tokens` is the residual
+        `params` from `layout.PerExpert.layer_span` (which runs those layers only; `cache` stays the whole
+        cache, written in place at those layers): `tokens` is the residual
         stream [B, T, D] entering the first of them when `from_h`; `to_h` returns (the residual stream after
         the last of them, updated cache) instead of logits.
 
