@@ -13,7 +13,7 @@ row-dot products), 1024 a 512-token prompt's (the panel path). Prints the
 largest difference of the two outputs, the medians, A/B and the weight bytes
 read per second. A.cc is typically `git show OLD:mixtral_jax/csrc/moe_cpu.cc`
 saved to a file, B.cc the working tree's; both must take each weight stacked over
-the experts (the kernel's operands from f0985c6 on).
+the experts and a `layer` attribute (the kernel's operands from 61eae53 on; -1: one layer's).
 """
 
 import argparse
@@ -73,7 +73,7 @@ def chain(name: str):
         for sizes, weights in params:
             call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape, jnp.float32))
             x = x + 0.1 * call(x, sizes, *weights, chunk_bytes=cpu_kernel.CHUNK_BYTES,
-                               panel_min_rows=cpu_kernel.PANEL_MIN_ROWS_BF16)
+                               panel_min_rows=cpu_kernel.PANEL_MIN_ROWS_BF16, layer=-1)
         return x
     return jax.jit(run)
 
