@@ -13,7 +13,7 @@ row-dot products), 1024 a 512-token prompt's (the panel path). Prints the
 largest difference of the two outputs, the medians, A/B and the weight bytes
 read per second. A.cc is typically `git show OLD:mixtral_jax/csrc/moe_cpu.cc`
 saved to a file, B.cc the working tree's; both must take each weight stacked over
-the experts and a `layer` attribute (the kernel's operands from 61eae53 on; -1: one layer's).
+the experts and a `layer` attribute (the kernel's operands from d41c5ad on; -1: one layer's).
 """
 
 import argparse
