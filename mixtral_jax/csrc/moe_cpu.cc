@@ -562,7 +562,10 @@ inline void Help(Job job) {
 // call returned finds no chunk left and touches nothing else. `items`: the most
 // chunks any phase has; with one, no helper is asked (it would find nothing).
 inline int64_t Cores(ffi::ThreadPool& pool) {
-  return std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(std::thread::hardware_concurrency()));
+  // Read once: glibc's hardware_concurrency opens and reads /sys/devices/system/cpu/online at every call,
+  // 5 us here, and a decode step made some 50 calls (docs/performance.md#the-cpu-count-read-once).
+  static const int64_t cpus = static_cast<int64_t>(std::thread::hardware_concurrency());
+  return std::min<int64_t>(pool.num_threads(), cpus);
 }
 
 inline void RunOnCores(ffi::ThreadPool& pool, const Job& call, int64_t items) {
