@@ -432,7 +432,8 @@ def _read_syscalls() -> int:
 def test_cpu_kernel_calls_read_no_files():
     # glibc's std::thread::hardware_concurrency opens and reads /sys/devices/system/cpu/online at every call
     # (5 us); the kernel asked it at every call, some 50 a decode step. 4 runs of 32 calls with helpers
-    # (a 1 MiB weight, two chunks per core) read nothing now; they read 128 times or more with the old code.
+    # (a 1 MiB weight, two chunks per core) read 2 times now, 160 or more with the old code; the bound
+    # leaves room for other threads' reads (pytest-xdist's channel).
     assert cpu_kernel.available(), "the CPU kernel did not build (is g++ installed?)"
     w = jnp.asarray(np.random.RandomState(0).randn(512, 512).astype(np.float32))
 
@@ -448,7 +449,7 @@ def test_cpu_kernel_calls_read_no_files():
     for _ in range(4):
         x = chain(x, w)
     jax.block_until_ready(x)
-    assert _read_syscalls() - before < 16
+    assert _read_syscalls() - before < 64
 
 
 def test_cpu_kernel_skewed_rows():
