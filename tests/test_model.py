@@ -431,8 +431,8 @@ def _read_syscalls() -> int:
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts system calls through Linux's /proc/self/io")
 def test_cpu_kernel_calls_read_no_files():
     # glibc's std::thread::hardware_concurrency opens and reads /sys/devices/system/cpu/online at every call
-    # (5 us); the kernel asked it at every call, some 50 a decode step. 4 runs of 32 calls with helpers
-    # (a 1 MiB weight in 16 chunks of 64 KiB, so helpers run) read 2 times now, 160 or more with the old code; the bound
+    # (5 us), and the kernel asked it at every call, 50 times a decode step. 4 runs of 32 calls (a 1 MiB
+    # weight in 16 chunks of 64 KiB, so helpers run) read twice now, 160 times or more before; the bound
     # leaves room for other threads' reads (pytest-xdist's channel).
     assert cpu_kernel.available(), "the CPU kernel did not build (is g++ installed?)"
     w = jnp.asarray(np.random.RandomState(0).randn(512, 512).astype(np.float32))

@@ -563,7 +563,7 @@ inline void Help(Job job) {
 // chunks any phase has; with one, no helper is asked (it would find nothing).
 inline int64_t Cores(ffi::ThreadPool& pool) {
   // Read once: glibc's hardware_concurrency opens and reads /sys/devices/system/cpu/online at every call,
-  // 5 us here, and a decode step made some 50 calls (docs/performance.md#the-cpu-count-read-once).
+  // 5 us here, and a decode step's 49 kernel calls asked 50 times (docs/performance.md#the-cpu-count-read-once).
   static const int64_t cpus = static_cast<int64_t>(std::thread::hardware_concurrency());
   return std::min<int64_t>(pool.num_threads(), cpus);
 }
