@@ -22,17 +22,16 @@ Tested with qwix 0.1.8, tokamax 0.0.12, jax 0.10.2, libtpu 0.0.42.1.
 import os
 import sys
 
-for k, v in dict(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-                 TPU_ACCELERATOR_TYPE="v5litepod-1", TPU_WORKER_HOSTNAMES="localhost").items():
-    os.environ.setdefault(k, v)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
+from mixtral_jax import topology  # noqa: E402
+
+topology.quiet_libtpu_without_tpu()  # before JAX starts its backends
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import qwix  # noqa: E402
 import tokamax  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 
 from mixtral_jax import moe, quant  # noqa: E402
@@ -40,9 +39,7 @@ from mixtral_jax import moe, quant  # noqa: E402
 absl_logging.set_verbosity(absl_logging.ERROR)  # tokamax's "autotuning cache miss" warnings
 D, F, E = 4096, 14336, 8
 BF16 = jnp.bfloat16
-desc = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1", chip_config_name="default",
-                                    chips_per_host_bounds=(1, 1, 1), num_slices=1, wrap=(False, False, False))
-DEV = desc.devices[0]
+DEV = topology.tpu_devices("v5e:1x1")[0]
 SH = SingleDeviceSharding(DEV)
 
 
