@@ -7,6 +7,12 @@ import numpy as np
 import mixtral_jax as mj
 
 
+def decode_rate(model, prompt: list[int], n: int = 32) -> float:
+    """Batch-1 decode tok/s: n tokens after `prompt` with `generate_stream`, timed from the first to the last."""
+    stamps = [time.perf_counter() for _ in mj.generate_stream(model, [prompt], max_new_tokens=n, stop_tokens=[])]
+    return (n - 1) / (stamps[-1] - stamps[0])
+
+
 def medians(models: dict, rounds: int, seed: int = 0) -> dict[str, dict[str, float]]:
     """{"decode b1": {name: tok/s}, "prefill 512": {...}}: medians over `rounds`, the order reversed every
     other round. Each timing directly follows an untimed run of the same model,
@@ -14,9 +20,8 @@ def medians(models: dict, rounds: int, seed: int = 0) -> dict[str, dict[str, flo
     rng = np.random.default_rng(seed)
     prompt16, prompt512 = rng.integers(3, 32000, 16).tolist(), rng.integers(3, 32000, 512).tolist()
 
-    def decode(m, n=32):
-        stamps = [time.perf_counter() for _ in mj.generate_stream(m, [prompt16], max_new_tokens=n, stop_tokens=[])]
-        return (n - 1) / (stamps[-1] - stamps[0])
+    def decode(m):
+        return decode_rate(m, prompt16)
 
     def prefill(m):
         t0 = time.perf_counter()

@@ -15,7 +15,6 @@ same with D 128, F 256 and vocab 512, where a step is mostly fixed cost.
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package
 import jax  # noqa: E402
 
+import _alternate  # noqa: E402
 import mixtral_jax as mj  # noqa: E402
 from mixtral_jax import cpu_kernel  # noqa: E402
 from mixtral_jax.bench.settings import MODEL, hf_config_fields  # noqa: E402
@@ -48,9 +48,7 @@ def use(names: tuple) -> None:
 
 
 def ms_per_token(model, prompt, steps: int = 64) -> float:
-    times = [time.perf_counter() for _ in mj.generate_stream(model, [prompt], max_new_tokens=steps + 1,
-                                                             stop_tokens=[])]
-    return (times[-1] - times[0]) / steps * 1e3
+    return 1e3 / _alternate.decode_rate(model, prompt, steps + 1)
 
 
 def main():
