@@ -993,8 +993,8 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, in
   const int64_t bits = W::kBits;
   c.rows1 = std::max<int64_t>(4, 8 * chunk_bytes / (bits * d));
   c.rows2 = std::max<int64_t>(4, 8 * chunk_bytes / (bits * f * static_cast<int64_t>(c.experts.size())));
-  {  // Phase 2 in equal chunks, at least two per core, as linear_cpu's: a decode step's w2 rows were two
-     // unequal 1-2 MB chunks, one per core (docs/performance.md#thresholds-and-chunk-sizes).
+  {  // Phase 2 in equal chunks, at least two per core: the bench model's decode step had w2 rows in chunks
+     // of 292, 292, 292 and 148, so one core read 584 rows, the other 440 (docs/performance.md#thresholds-and-chunk-sizes).
     const int64_t chunks = std::max<int64_t>((d + c.rows2 - 1) / c.rows2, 2 * Cores(pool));
     c.rows2 = std::max<int64_t>(4, ((d + chunks - 1) / chunks + 3) / 4 * 4);
   }
