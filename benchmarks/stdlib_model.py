@@ -1,12 +1,14 @@
 """The tiny Mixtral trained on Python's standard library: data, training and evaluation in one reproducible run.
 
     python benchmarks/stdlib_model.py [--out /work/stdlib_tiny] [--steps 600] [--plot_dir docs]
+    python benchmarks/stdlib_model.py --config benchmarks/stdlib_256.json --out /work/stdlib_256 --plot_dir /tmp
 
 1. Data: /usr/lib/python3.11/*.py (sorted), split by a shuffle seeded with 0
    into 90% train / 10% held-out files; the first 20 kB of each file as
    {"text"} lines of 4 kB -> OUT/train.jsonl, OUT/heldout.jsonl (kept if there).
 2. Training: `python -m mixtral_jax.train --config tiny` (random init, all
-   weights) with the hub configs' load-balancing weight 0.02 -> OUT/model
+   weights; `--config benchmarks/stdlib_256.json`: every matrix's rows a multiple of
+   256, so llama.cpp's K-quants apply to each, as they do to Mixtral's) with the hub configs' load-balancing weight 0.02 -> OUT/model
    (kept if there; an interrupted run resumes from OUT/model.train).
 3. Evaluation: benchmarks/stdlib_eval.py (held-out perplexity, expert load,
    routing by token type) -> OUT/eval.json and the plots; OUT/READY holds the
@@ -54,6 +56,7 @@ def build_data(out: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="/work/stdlib_tiny")
+    parser.add_argument("--config", default="tiny", help="preset or config.json of the model to train")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=256)
@@ -67,7 +70,7 @@ def main():
     build_data(args.out)
     model, env = os.path.join(args.out, "model"), dict(os.environ, PYTHONPATH=ROOT)
     if not os.path.isdir(model):
-        cmd = [sys.executable, "-m", "mixtral_jax.train", "--config", "tiny",
+        cmd = [sys.executable, "-m", "mixtral_jax.train", "--config", args.config,
                "--data", os.path.join(args.out, "train.jsonl"), "--out", model,
                "--steps", str(args.steps), "--batch", str(args.batch), "--seq_len", str(args.seq_len),
                "--learning_rate", str(args.learning_rate), "--warmup_steps", "20",
