@@ -99,10 +99,21 @@ def run(cmd: list[str], log: str) -> str:
     return p.stdout + p.stderr
 
 
+# "TYPE+8": llama.cpp's TYPE for the experts and q8_0 for every other matrix, the layout of our int4 (experts in 4
+# bits, the rest in 8), where llama-quantize's own TYPE mixes 4, 5, 6 and 8 bits in those.
+REST_Q8 = ["--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0",
+           *(a for name in ("attn_q", "attn_k", "attn_v", "attn_output") for a in ("--tensor-type", f"{name}=q8_0"))]
+
+
+def base_type(t: str) -> str:
+    """The llama.cpp type of a type name ("q4_K_M+8" -> "q4_K_M")."""
+    return t.split("+")[0]
+
+
 def make_ggufs(tools: Tools, write_hf, out_dir: str, types: list[str], threads: int, log: str,
                reuse: bool = False) -> dict[str, str]:
     """{type: path}: the f32 GGUF by llama.cpp's converter from the HF checkpoint `write_hf(dir)` writes, each other
-    type by llama-quantize from it; with `reuse`, files already there are kept."""
+    type by llama-quantize from it ("TYPE+8": REST_Q8's layout); with `reuse`, files already there are kept."""
     import shutil
 
     paths = {t: os.path.join(out_dir, f"model-{t}.gguf") for t in ["f32"] + [t for t in types if t != "f32"]}
@@ -115,7 +126,8 @@ def make_ggufs(tools: Tools, write_hf, out_dir: str, types: list[str], threads: 
         reuse = False  # new weights: every quantized file is stale
     for t, path in paths.items():
         if t != "f32" and not (reuse and os.path.exists(path)):
-            run([tools.tool("llama-quantize"), paths["f32"], path, t.upper(), str(threads)], log)
+            extra = REST_Q8 if t.endswith("+8") else []
+            run([tools.tool("llama-quantize"), *extra, paths["f32"], path, base_type(t).upper(), str(threads)], log)
     return paths
 
 

@@ -10,7 +10,8 @@ mj.load reads (e.g. a trained tiny model; pass --ctx 256 --chunks 64 --text held
 
 1. Weights -> GGUF: our float32 weights are written as a Hugging Face checkpoint (safetensors + config.json +
    mistral-common's tokenizer.model.v1), converted by llama.cpp's convert_hf_to_gguf.py --outtype f32 and
-   quantized by llama-quantize. Files go to --work (default /tmp/ab_llamacpp); --reuse keeps existing GGUFs.
+   quantized by llama-quantize (a type TYPE+8, e.g. q4_K_M+8: TYPE for the experts, q8_0 for every other matrix,
+   our int4's layout). Files go to --work (default /tmp/ab_llamacpp); --reuse keeps existing GGUFs.
 2. Accuracy on identical token streams: llama-perplexity --kl-divergence-base on the f32 GGUF tokenizes --text
    (default: the source of Python's argparse module) into --chunks chunks of --ctx tokens, BOS first, and scores
    the second half of each chunk; --kl-divergence then reports each quantized GGUF's KLD, RMS Δp and same-top-p
@@ -52,7 +53,8 @@ parser.add_argument("--llamacpp", default=os.environ.get("LLAMACPP_DIR", "/work/
                     help="llama.cpp built by build_llamacpp.sh (default $LLAMACPP_DIR or /work/llamacpp)")
 parser.add_argument("--work", default="/tmp/ab_llamacpp", help="where the HF checkpoint, GGUFs and logits go")
 parser.add_argument("--reuse", action="store_true", help="keep GGUFs already in --work (same weights!)")
-parser.add_argument("--types", default="f32,bf16,q8_0,q4_0,q4_K_M", help="GGUF types (f32 is always made)")
+parser.add_argument("--types", default="f32,bf16,q8_0,q4_0,q4_K_M",
+                    help="GGUF types (f32 is always made; TYPE+8: TYPE for the experts, q8_0 for the rest, as our int4)")
 parser.add_argument("--rounds", type=int, default=3, help="alternating speed rounds (0: no speed)")
 parser.add_argument("--gen", type=int, default=32, help="decode tokens per timing")
 parser.add_argument("--threads", type=int, default=2)
@@ -188,7 +190,7 @@ if args.chunks:
 if args.rounds:
     ours_rates, their_rates, rss = {n: {"decode": [], "prefill": []} for n in models}, {}, {}
     ratios = {}  # (ours, theirs) -> per-round decode and prefill ratios, both timed within seconds
-    partners = {n: [t for t in ggufs if PARTNER.get(t) == n] for n in models}
+    partners = {n: [t for t in ggufs if PARTNER.get(lc.base_type(t)) == n] for n in models}
     loads = []
     for r in range(args.rounds):
         for n in (list(models) if r % 2 == 0 else list(models)[::-1]):
