@@ -20,7 +20,9 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 
@@ -371,9 +373,13 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
     with _quiet_orbax():
         checkpointer = ocp.StandardCheckpointer()
         try:
-            stored = checkpointer.metadata(path).item_metadata.tree
+            item = checkpointer.metadata(path).item_metadata
         except Exception as e:  # noqa: BLE001 -- any storage-layer failure is a damaged checkpoint
             raise _unreadable(path, e) from None
+        if item is None:  # Orbax found no index of the arrays (e.g. manifest.ocdbt gone)
+            raise CheckpointError(f"checkpoint {path} could not be read (Orbax finds no index of its arrays); it is "
+                                  "damaged or incomplete, convert or save it again.")
+        stored = item.tree
     stored_mode = _stored_quantization(stored)
     if stored_mode and quantize not in (None, stored_mode):
         raise CheckpointError(f"checkpoint {path} holds {stored_mode} weights; load it with quantize={stored_mode!r} "
@@ -499,9 +505,13 @@ def _verify(path: str) -> None:
 
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: {first}); it is damaged or "
-                           "incomplete, convert or save it again.")
+    _drop_abandoned_reads()
+    text = str(e)
+    # TensorStore's error carries its spec: the array's own path is the one relative 'path' in it.
+    arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)
+    what = f"array {arrays[0]}" if arrays else f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
+    return CheckpointError(f"checkpoint {path} could not be read ({what}); it is damaged or incomplete, convert or "
+                           "save it again.")
 
 
 def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
@@ -520,6 +530,29 @@ def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
         if have != want:
             raise CheckpointError(f"checkpoint parameter {'/'.join(name)} has shape {have} but {path}/config.json "
                              f"implies {want}; the checkpoint does not match its config.json.")
+
+
+def _drop_abandoned_reads() -> None:
+    """Keeps a failed restore's other reads from printing tracebacks after its one-sentence error.
+
+    When one array cannot be read, Orbax abandons the checkpoint's other reads: each raises again as its
+    coroutine is collected, and TensorStore's callbacks find Orbax's event loop closed. Python reports both
+    through sys.unraisablehook, as tracebacks on stderr, whenever the garbage collector or the exit gets to
+    them. This puts a filter in front of the current hook that drops exactly those two kinds; everything else
+    reaches the hook as before. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        abandoned = getattr(unraisable.object, "__qualname__", None) == "_read_array_index_and_device_put"
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == \
+            "Event loop is closed"
+        if not (abandoned or closed_loop):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
