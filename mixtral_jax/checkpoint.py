@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -370,7 +371,8 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         cfg = load_config(path)
     except ValueError as e:
         raise CheckpointError(f"{path}/{CONFIG_FILE} is not a valid config ({e})") from None
-    with _quiet_orbax():
+    _drop_abandoned_reads()  # before any read: a failing one can leave others that report when they end
+    with _quiet_orbax(absl_logging.ERROR):  # a metadata warning would only say what the error below says
         checkpointer = ocp.StandardCheckpointer()
         try:
             item = checkpointer.metadata(path).item_metadata
@@ -505,7 +507,6 @@ def _verify(path: str) -> None:
 
 
 def _unreadable(path: str, e: Exception) -> CheckpointError:
-    _drop_abandoned_reads()
     text = str(e)
     # TensorStore's error carries its spec: the array's own path is the one relative 'path' in it.
     arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)
@@ -535,11 +536,12 @@ def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
 def _drop_abandoned_reads() -> None:
     """Keeps a failed restore's other reads from printing tracebacks after its one-sentence error.
 
-    When one array cannot be read, Orbax abandons the checkpoint's other reads: each raises again as its
-    coroutine is collected, and TensorStore's callbacks find Orbax's event loop closed. Python reports both
-    through sys.unraisablehook, as tracebacks on stderr, whenever the garbage collector or the exit gets to
-    them. This puts a filter in front of the current hook that drops exactly those two kinds; everything else
-    reaches the hook as before. Idempotent."""
+    When one array cannot be read, Orbax abandons the checkpoint's other reads, which report their own ends
+    on stderr whenever the garbage collector, TensorStore or the exit gets to them (even before Orbax's call
+    has returned): each raises again as its coroutine is collected and TensorStore's callbacks find Orbax's
+    event loop closed (both through sys.unraisablehook), and asyncio logs the tasks whose TensorStore errors
+    nobody retrieved. This puts a filter in front of the unraisable hook and on asyncio's logger that drops
+    exactly those; everything else passes as before. `load` installs it before its first read; idempotent."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
@@ -551,15 +553,22 @@ def _drop_abandoned_reads() -> None:
         if not (abandoned or closed_loop):
             previous(unraisable)
 
+    def unretrieved_read(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        unretrieved = message.split("\n", 1)[0].endswith("exception was never retrieved")  # a Task's, Future's...
+        ours = any(m in message.lower() for m in ("tensorstore", "ocdbt", "zarr", "_read_array_index_and_device_put"))
+        return not (unretrieved and ours)
+
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(unretrieved_read)
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
-    """Hides Orbax's INFO lines (a dozen per restore) while keeping its warnings and errors."""
+def _quiet_orbax(level=absl_logging.WARNING):
+    """Hides Orbax's INFO lines (a dozen per restore) while keeping its warnings and errors (or below `level`)."""
     verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(min(verbosity, absl_logging.WARNING))  # absl: lower is quieter
+    absl_logging.set_verbosity(min(verbosity, level))  # absl: lower is quieter
     try:
         yield
     finally:
