@@ -215,13 +215,14 @@ def _check_flags() -> None:
         raise UsageError(str(e)) from None
 
 
-def load_model(checkpoint, cfg, seed: int, dtype: str, mesh, quantize: str | None = None):
-    """The model the server runs and a phrase naming its source: `checkpoint`, or random weights of `cfg`
-    (quantized as `quantize` says, or as the checkpoint is stored)."""
+def load_model(checkpoint, cfg, seed: int, dtype: str, mesh, quantize: str | None = None, verify: bool = True):
+    """The model the server runs and a phrase naming its source: `checkpoint` (its files checked against their
+    digests first unless not `verify`), or random weights of `cfg` (quantized as `quantize` says, or as the
+    checkpoint is stored)."""
     import mixtral_jax as mj
 
     if checkpoint:
-        model = mj.load(checkpoint, dtype=dtype, mesh=mesh, quantize=quantize)
+        model = mj.load(checkpoint, dtype=dtype, mesh=mesh, quantize=quantize, verify=verify)
         source = f"weights from {checkpoint}"
     else:
         model = mj.init_random(cfg, seed=seed, dtype=dtype, mesh=mesh, quantize=quantize)
@@ -262,7 +263,7 @@ def run() -> int:
     dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     mesh = mj.make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     say = lambda msg: print(f"[mixtral_jax] {msg}", file=sys.stderr, flush=True)
-    model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh, FLAGS.quantize)
+    model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh, FLAGS.quantize, FLAGS.verify_checkpoint)
     tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
     engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer,
                     prefill_batch=FLAGS.prefill_batch, decode_parts=FLAGS.decode_parts)
@@ -300,6 +301,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("config", "tiny", "Preset (tiny, 8x7b, 8x22b) or a config.json path; ignored with "
                         "--checkpoint.")
     flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory (from mixtral_jax.convert).")
+    flags.DEFINE_boolean("verify_checkpoint", True, "Check every checkpoint file against its digest before loading "
+                         "(one extra read of the files); --noverify_checkpoint skips it, as sample's.")
     flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
     flags.DEFINE_integer("port", 8000, "Port to listen on.")

@@ -267,6 +267,21 @@ def test_save_writes_digests_that_load_verifies(good_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("cli", ["sample", "serve"])
+def test_cli_without_verification_still_says_one_sentence(good_ckpt, tmp_path, cli):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(good_ckpt, ckpt)
+    os.remove(ckpt / "manifest.ocdbt")
+    rest = ["--max_new_tokens", "2"] if cli == "sample" else ["--max_seq_len", "64"]
+    checked = _cli(cli, "--checkpoint", ckpt, *rest)  # the digests name the missing file
+    assert checked.returncode == 2 and "manifest.ocdbt" in checked.stderr, checked.stderr
+    r = _cli(cli, "--checkpoint", ckpt, "--noverify_checkpoint", *rest)  # Orbax's read fails instead
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("I")]  # absl's INFO lines
+    assert lines == [f"error: checkpoint {ckpt} could not be read (Orbax finds no index of its arrays); it is "
+                     "damaged or incomplete, convert or save it again."], r.stderr
+
+
+@pytest.mark.parametrize("cli", ["sample", "serve"])
 def test_cli_names_the_damaged_file(good_ckpt, tmp_path, cli):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(good_ckpt, ckpt)
