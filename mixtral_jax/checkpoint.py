@@ -542,6 +542,9 @@ def _drop_abandoned_reads() -> None:
     event loop closed (both through sys.unraisablehook), and asyncio logs the tasks whose TensorStore errors
     nobody retrieved. This puts a filter in front of the unraisable hook and on asyncio's logger that drops
     exactly those; everything else passes as before. `load` installs it before its first read; idempotent."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _unretrieved_read not in asyncio_log.filters:
+        asyncio_log.addFilter(_unretrieved_read)
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
@@ -553,20 +556,21 @@ def _drop_abandoned_reads() -> None:
         if not (abandoned or closed_loop):
             previous(unraisable)
 
-    def unretrieved_read(record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        unretrieved = message.split("\n", 1)[0].endswith("exception was never retrieved")  # a Task's, Future's...
-        ours = any(m in message.lower() for m in ("tensorstore", "ocdbt", "zarr", "_read_array_index_and_device_put"))
-        return not (unretrieved and ours)
-
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(unretrieved_read)
+
+
+def _unretrieved_read(record: logging.LogRecord) -> bool:
+    """False for asyncio's "... exception was never retrieved" record of a TensorStore read (a Task's, a Future's)."""
+    message = record.getMessage()
+    unretrieved = message.split("\n", 1)[0].endswith("exception was never retrieved")
+    ours = any(m in message.lower() for m in ("tensorstore", "ocdbt", "zarr", "_read_array_index_and_device_put"))
+    return not (unretrieved and ours)
 
 
 @contextlib.contextmanager
 def _quiet_orbax(level=absl_logging.WARNING):
-    """Hides Orbax's INFO lines (a dozen per restore) while keeping its warnings and errors (or below `level`)."""
+    """Hides Orbax's log lines below `level`: by default its INFO lines (a dozen per restore), not its warnings."""
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(min(verbosity, level))  # absl: lower is quieter
     try:
