@@ -377,10 +377,9 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
         try:
             item = checkpointer.metadata(path).item_metadata
         except Exception as e:  # noqa: BLE001 -- any storage-layer failure is a damaged checkpoint
-            raise _unreadable(path, e) from None
+            raise _unreadable(path, _failed_read(e)) from None
         if item is None:  # Orbax found no index of the arrays (e.g. manifest.ocdbt gone)
-            raise CheckpointError(f"checkpoint {path} could not be read (Orbax finds no index of its arrays); it is "
-                                  "damaged or incomplete, convert or save it again.")
+            raise _unreadable(path, "Orbax finds no index of its arrays")
         stored = item.tree
     stored_mode = _stored_quantization(stored)
     if stored_mode and quantize not in (None, stored_mode):
@@ -411,7 +410,7 @@ def load(ckpt_dir: str | os.PathLike, dtype="bfloat16", mesh=None, layout: str |
             else:
                 params = checkpointer.restore(path, target)
         except Exception as e:  # noqa: BLE001
-            raise _unreadable(path, e) from None
+            raise _unreadable(path, _failed_read(e)) from None
     seconds = time.perf_counter() - start
     absl_logging.info("restored %s in %.1f s (%.2f GB/s)", path, seconds, nbytes / 1e9 / max(seconds, 1e-9))
     params = layout_lib.get(layout).from_stacked(params)
@@ -506,13 +505,17 @@ def _verify(path: str) -> None:
         raise error
 
 
-def _unreadable(path: str, e: Exception) -> CheckpointError:
+def _unreadable(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} could not be read ({what}); it is damaged or incomplete, convert or "
+                           "save it again.")
+
+
+def _failed_read(e: Exception) -> str:
+    """What a storage-layer error says failed: the array, where TensorStore names it, else its first line."""
     text = str(e)
     # TensorStore's error carries its spec: the array's own path is the one relative 'path' in it.
     arrays = re.findall(r"'path': '([^/'][^']*?)/?'", text)
-    what = f"array {arrays[0]}" if arrays else f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
-    return CheckpointError(f"checkpoint {path} could not be read ({what}); it is damaged or incomplete, convert or "
-                           "save it again.")
+    return f"array {arrays[0]}" if arrays else f"{type(e).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
 
 
 def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
