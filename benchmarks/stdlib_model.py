@@ -1,7 +1,7 @@
 """The tiny Mixtral trained on Python's standard library: data, training and evaluation in one reproducible run.
 
     python benchmarks/stdlib_model.py [--out /work/stdlib_tiny] [--steps 600] [--plot_dir docs]
-    python benchmarks/stdlib_model.py --config benchmarks/stdlib_256.json --out /work/stdlib_256 --plot_dir /tmp
+    python benchmarks/stdlib_model.py --config benchmarks/stdlib_256.json --out /work/stdlib_256
 
 1. Data: /usr/lib/python3.11/*.py (sorted), split by a shuffle seeded with 0
    into 90% train / 10% held-out files; the first 20 kB of each file as
@@ -62,8 +62,10 @@ def main():
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--router_aux_loss_coef", type=float, default=0.02)
-    parser.add_argument("--plot_dir", default=os.path.join(ROOT, "docs"))
+    parser.add_argument("--plot_dir", help="where the loss and routing plots go (default: docs/ for the tiny "
+                        "preset, whose plots the docs show; OUT for any other config)")
     args = parser.parse_args()
+    args.plot_dir = args.plot_dir or (os.path.join(ROOT, "docs") if args.config == "tiny" else args.out)
 
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.plot_dir, exist_ok=True)
