@@ -531,6 +531,12 @@ def _check_stored_shapes(stored: Mapping, target: Mapping, path: str) -> None:
                          "describe; it does not match its config.json.")
     for name in target:
         have, want = tuple(stored[name].shape), tuple(target[name].shape)
+        qvalue = (*name[:-1], "qvalue")
+        if have != want and name[-1] == "scale" and stored[qvalue].shape == target[qvalue].shape:
+            raise CheckpointError(f"checkpoint {path} stores {'/'.join(name[:-1])}'s quantization scales as {have}, where "
+                                  f"this version of mixtral_jax stores {want} (the attention projections' int8 scales "
+                                  "went from one per output channel to one per 32 inputs); convert the HF weights "
+                                  "again with --quantize.")
         if have != want:
             raise CheckpointError(f"checkpoint parameter {'/'.join(name)} has shape {have} but {path}/config.json "
                              f"implies {want}; the checkpoint does not match its config.json.")

@@ -214,8 +214,9 @@ def linear_cpu(x: jax.Array, w, chunk_bytes: int = CHUNK_BYTES, layer: int | Non
     """x [N, I] @ w [O, I]ᵀ → [N, O], float32, for a few rows (the row-dot product of `moe_cpu`); with
     `layer`, w stacks every layer's [L, O, I] (and scales [L, O, 1]).
 
-    w: float32, or int8 per output row (quant.py: {"qvalue" [O, I], "scale" [O, 1]}), widened times its
-    scale as it is read: the products are float32 products with the dequantized weight.
+    w: float32, or int8 per output row or in groups along the row (quant.py: {"qvalue" [O, I], "scale"
+    [O, 1] or [O, I / G], G a power of two}), widened times its scale as it is read: the products are float32
+    products with the dequantized weight.
     """
     if not available():
         raise RuntimeError("the CPU kernel is not available (see the message above, or MIXTRAL_JAX_CPU_KERNEL=0).")

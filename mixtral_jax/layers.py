@@ -56,7 +56,7 @@ def linear_t(x: jax.Array, w, preferred_element_type=None) -> jax.Array:
 
     Args:
       x: [N, I] activations.
-      w: [O, I] weight, or an int8 one {"qvalue" [O, I], "scale" [O, 1]}; or an `AtLayer` of such weights.
+      w: [O, I] weight, or an int8 one {"qvalue" [O, I], "scale" [O, 1] or [O, I / 32]}; or an `AtLayer` of such weights.
       preferred_element_type: the products' accumulation / output dtype (None: x's).
 
     Returns:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -264,7 +265,7 @@ def check(layout: str | None, mesh=None) -> str:
 @functools.cache  # one jit per name: a fresh one per load would compile every time
 def _to_hf_fn(name: str):
     """Jitted stacked -> per_expert orientation of one layer parameter: experts [L, E, in, out] ->
-    [L, E, out, in]; wo [L, H, Dh, D] -> [L, D, H * Dh] (an int8 scale [L, 1, 1, D] -> [L, D, 1]); None
+    [L, E, out, in]; wo [L, H, Dh, D] -> [L, D, H * Dh] (an int8 scale [L, H, Dh / 32, D] -> [L, D, H * Dh / 32]); None
     for a parameter kept as it is."""
     if name in EXPERT_PARAMS:  # a float weight, or a quantized one's {"qvalue", "scale"} (quant.py)
         return jax.jit(quant.transpose)
@@ -276,7 +277,7 @@ def _to_hf_fn(name: str):
 @jax.jit
 def _fuse_qkv(wq, wk, wv):
     """wq [L, D, H, Dh], wk / wv [L, D, K, Dh] -> [L, (H + 2K) * Dh, D] (quantized: qvalues alike, int8
-    scales [L, 1, H, Dh] ... -> [L, (H + 2K) * Dh, 1])."""
+    scales [L, D / 32, H, Dh] ... -> [L, (H + 2K) * Dh, D / 32])."""
     fuse = lambda *ws: quant.transpose(jnp.concatenate([w.reshape(*w.shape[:2], -1) for w in ws], axis=-1))
     return jax.tree.map(fuse, wq, wk, wv)
 
@@ -327,8 +328,10 @@ def layer_slice(params: Params, cfg: MixtralConfig, name: str, l: int, e: int | 
     if name in EXPERT_PARAMS:
         return jax.tree.map(lambda a: a[l, e].T, tree["experts"][name])
     d, dh, h, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-    # An int8 scale has size 1 along the input (D for wq, wk, wv; H and Dh for wo).
-    inputs = lambda a, *dims: dims if a.shape[-1] > 1 else (1,) * len(dims)
+    # An int8 scale's input dimensions (D for wq, wk, wv; H and Dh for wo): size 1 per output channel, the
+    # last one divided by the group size in groups.
+    inputs = lambda a, *dims: (1,) * len(dims) if a.shape[-1] == 1 else (
+        *dims[:-1], dims[-1] * a.shape[-1] // math.prod(dims))
     if name == "wo":
         return jax.tree.map(lambda a: a[l].T.reshape(*inputs(a, h, dh), d), tree["wo"])
     if name in ("wq", "wk", "wv"):

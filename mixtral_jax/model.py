@@ -56,17 +56,20 @@ class Quantized(NamedTuple):
 
 def quantized(mode: str | None) -> dict[tuple[str, ...], Quantized]:
     """The weights a quantization mode (quant.MODES) stores quantized, by their paths in the stacked tree: the
-    experts at the mode's width; the attention projections and lm_head at int8 per output channel; the
-    embedding at int8 in groups of quant.GROUP along each token's row (llama.cpp's q8_0 blocks; a lookup
-    dequantizes only its rows; one scale per row, set by the row's largest value, cost measurably more
-    accuracy: docs/benchmarks.md#quantized-weights)."""
+    experts at the mode's width; the attention projections at int8 in groups of quant.GROUP along the input
+    (wo's: along each head's Dh), as llama.cpp's q8_0 blocks (per output channel, they doubled the random
+    bench model's KLD: docs/benchmarks.md#int8-attention-in-groups-of-32); the lm_head at int8 per output
+    channel (groups would add 4 MB a token to the bench model for a KLD of 1e-5); the embedding at int8 in
+    groups of quant.GROUP along each token's row (a lookup dequantizes only its rows; one scale per row
+    cost measurably more accuracy: docs/benchmarks.md#quantized-weights)."""
     if not mode:
         return {}
     out = {("layers", n): Quantized(quant.width(mode), (-2,)) for n in EXPERT_PARAMS}
     if quant.dense(mode):
-        out |= {("layers", "wq"): Quantized("int8", (-3,)), ("layers", "wk"): Quantized("int8", (-3,)),
-                ("layers", "wv"): Quantized("int8", (-3,)), ("layers", "wo"): Quantized("int8", (-3, -2)),
-                ("lm_head",): Quantized("int8", (-2,)), ("embed",): Quantized("int8", (-1,), quant.GROUP)}
+        g = quant.GROUP
+        out |= {("layers", "wq"): Quantized("int8", (-3,), g), ("layers", "wk"): Quantized("int8", (-3,), g),
+                ("layers", "wv"): Quantized("int8", (-3,), g), ("layers", "wo"): Quantized("int8", (-2,), g),
+                ("lm_head",): Quantized("int8", (-2,)), ("embed",): Quantized("int8", (-1,), g)}
     return out
 
 
@@ -432,7 +435,7 @@ def init_random(cfg: MixtralConfig, seed: int = 0, dtype="float32", mesh=None, l
                 q = quant.quantize(np.asarray(jax.device_get(w)), *spec)
                 out = {k: jax.device_put(v, None if target is None else target[k]) for k, v in q.items()}
             else:
-                out = quant.quantize_layers(w, spec.width, target, spec.in_axes)
+                out = quant.quantize_layers(w, spec.width, target, spec.in_axes, spec.group)
             w.delete()
             return out
 

@@ -1,28 +1,32 @@
-"""Weight-only quantization: int8 per output channel, int4 in groups along the input.
+"""Weight-only quantization: int8 per output channel or in groups along the input, int4 in groups.
 
-Modes (`MODES`): "int8" and "int4" quantize the experts (int8 or int4) and the
-attention projections, lm_head and embedding (int8 in both, as llama.cpp's
-Q4_K_M keeps its output matrix at 6 bits; the embedding with a scale per 32
-values of a token's row, so a lookup dequantizes only the rows it reads); "int8-experts"
-and "int4-experts" only the experts. Norms and router stay float.
+Modes (`MODES`): "int8" and "int4" quantize the experts (int8 per output
+channel or int4) and the attention projections, lm_head and embedding (int8 in
+both, as llama.cpp's Q4_K_M keeps its output matrix at 6 bits: the attention
+projections with a scale per 32 inputs, the lm_head per output channel, the
+embedding per 32 values of a token's row, so a lookup dequantizes only the rows
+it reads; model.quantized says why); "int8-experts" and "int4-experts" only
+the experts. Norms and router stay float.
 
 A quantized weight is a dict {"qvalue", "scale"} in place of the float array
 (the layout of Qwix's `QArray`: qvalue has the weight's shape, scale one value
 per tile, broadcast back), so Orbax, NNX and jax.tree see plain arrays:
 
     stacked [..., in, out]       qvalue int8 [..., in, out]    (int4: uint8 [..., in/2, out], two per byte)
-                                 scale [..., in/g, out]        g = in for int8 (per output channel), GROUP for int4
+                                 scale [..., in/g, out]        g = in for int8 per output channel, else GROUP
     per_expert [out, in] (HF's)  the same arrays transposed (the packed pairs stay pairs along the input)
 
-An int8 weight's input may span several axes (`in_axes`: wo [L, H, Dh, D]
-takes H and Dh), its scale size 1 on each. int4 packs each group of 32 as 16
+A per-channel int8 weight's input may span several axes (`in_axes`), its scale
+size 1 on each; in groups, its input is one axis (wo [L, H, Dh, D]: Dh, so a
+group never spans two heads) and a group is GROUP values or the largest
+divisor of that axis below it (`int8_group`). int4 packs each group of 32 as 16
 bytes, value i in the low nibble of byte i and value 16 + i in the high one
 (llama.cpp's Q4_0 order: the CPU kernel widens 16 consecutive values from one load).
 
 Symmetric (no zero point): w ≈ qvalue · scale with qvalue in QRANGE, [-127, 127]
 for int8 and all 16 nibble values [-8, 7] for int4 (as llama.cpp's Q4_0). An
 int8 scale is the smallest, rounded UP to float32, with which every w / scale
-of the channel lies within that range. An int4 group's scale is one of 4 from
+of the channel or group lies within that range. An int4 group's scale is one of 4 from
 the smallest with which every w / scale lies within half a step of [-8, 7] to
 the smallest that clips nothing (each rounded UP to float16): the one with the
 least squared error weighted by |w| + the group's RMS, llama.cpp's weighting
@@ -30,7 +34,8 @@ for its K-quants without an importance matrix (a trained model's larger
 weights matter more). Either way |w - dequantize(w)| ≤ scale / 2 for every
 element (`error_bound`). What the search costs and gains against max|w| / 7
 over [-7, 7]: docs/benchmarks.md#the-int4-scale.
-int8 scales are float32 (4 bytes per D weights); int4 scales float16 (as
+int8 scales are float32 (4 bytes per D weights, or per 32: 1.125 bytes per
+weight, where llama.cpp's Q8_0 takes 1.0625); int4 scales float16 (as
 llama.cpp's Q4_0 blocks: 0.5 + 2/32 = 0.5625 bytes per weight).
 
 Quantizing runs on the host in NumPy, so a checkpoint quantized by `convert`
@@ -43,6 +48,7 @@ as Qwix's weight-only `ragged_dot` does (it dequantizes, then calls
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -87,17 +93,23 @@ def group_size(mode: str, in_dim: int) -> int:
     return in_dim if mode == "int8" else GROUP
 
 
+def int8_group(shape: tuple[int, ...], in_axes: tuple[int, ...], group: int | None) -> int | None:
+    """An int8 weight's group along its one input axis: `group`, or the largest divisor of that axis's size
+    below it (a power of two: 16 for a head of 16 values; Mixtral's sizes are multiples of 32); None stays
+    None (a scale per output channel)."""
+    if group is None:
+        return None
+    (a,) = in_axes
+    return math.gcd(group, shape[a])
+
+
 def shapes(shape: tuple[int, ...], mode: str, in_axes: tuple[int, ...] = (-2,),
            group: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{"qvalue": (shape, dtype), "scale": (shape, dtype)} for a stacked float weight [..., in, out]
     (`mode` a width; int8 may take its input from several axes `in_axes`, negative, or with `group` a
     scale per `group` values of its one input axis)."""
     if mode == "int8":
-        if group is not None:
-            (a,) = in_axes
-            if shape[a] % group:
-                raise ValueError(f"int8 groups of {group} need an input size that is a multiple of {group}, "
-                                 f"got {shape[a]}.")
+        group = int8_group(shape, in_axes, group)
         scale = tuple((1 if group is None else n // group) if i - len(shape) in in_axes else n
                       for i, n in enumerate(shape))
         return {"qvalue": (tuple(shape), np.dtype(np.int8)), "scale": (scale, SCALE_DTYPE[mode])}
@@ -151,7 +163,7 @@ def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,),
         return {k: np.stack([p[k] for p in parts]) for k in ("qvalue", "scale")}
     w = w.astype(np.float32)
     (lo, hi), sdt = QRANGE[mode], SCALE_DTYPE[mode]
-    group = GROUP if mode == "int4" else group  # int8 without one: a scale per output channel
+    group = GROUP if mode == "int4" else int8_group(w.shape, in_axes, group)  # int8 without one: per channel
     if group is None:  # tiles: the whole input, reduced with the scale's dimensions kept
         tiles, reduce = w, dict(axis=in_axes, keepdims=True)
     else:  # [..., in/g, g, ...] along the one input axis, reduced over g; the scale is broadcast back below
@@ -262,11 +274,12 @@ def error_bound(w: dict) -> np.ndarray:
 
 
 def quantize_layers(w: jax.Array, mode: str, shardings: Mapping | None = None,
-                    in_axes: tuple[int, ...] = (-2,)) -> dict[str, jax.Array]:
-    """A stacked device weight [L, ..., in, out] quantized (`mode` a width) one layer at a time through the host.
+                    in_axes: tuple[int, ...] = (-2,), group: int | None = None) -> dict[str, jax.Array]:
+    """A stacked device weight [L, ..., in, out] quantized (`mode`, `in_axes`, `group`: as `quantize`) one layer
+    at a time through the host.
 
     `shardings`: {"qvalue", "scale"} target shardings (None: the default device).
     """
-    parts = [quantize(np.asarray(jax.device_get(w[l])), mode, in_axes) for l in range(w.shape[0])]
+    parts = [quantize(np.asarray(jax.device_get(w[l])), mode, in_axes, group) for l in range(w.shape[0])]
     out = {k: np.stack([p[k] for p in parts]) for k in ("qvalue", "scale")}
     return {k: jax.device_put(v, None if shardings is None else shardings[k]) for k, v in out.items()}

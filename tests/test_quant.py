@@ -190,19 +190,27 @@ def test_cpu_kernel_int4_row_dots_in_blocks_of_128_equal_float64_products(group)
 
 
 @pytest.mark.parametrize("rows,path", [(1, "kernel"), (5, "kernel"), (70, "kernel"), (5, "xla")])
-def test_int8_dense_product_equals_the_float64_one_with_the_dequantized_weight(rows, path, monkeypatch):
-    """layers.linear_t with an int8 [out, in] weight (attention projections, lm_head): the kernel's row-dot
-    products up to FEATURE_MAJOR_MAX_ROWS rows, else (or without the kernel) the dequantized weight's product."""
+@pytest.mark.parametrize("inputs,group", [(100, None), (160, 32), (96, 16)])
+def test_int8_dense_product_equals_the_float64_one_with_the_dequantized_weight(rows, path, inputs, group,
+                                                                              monkeypatch):
+    """layers.linear_t with an int8 [out, in] weight (the lm_head per output channel; the attention
+    projections in groups of 32 inputs, or of a smaller head): the kernel's row-dot products up to
+    FEATURE_MAJOR_MAX_ROWS rows, else (or without the kernel) the dequantized weight's product. 100 inputs
+    run the kernel's scalar tail, 160 its pairs of groups and a last single one, groups of 16 its
+    value-by-value scales."""
     rs = np.random.RandomState(2)
-    w = (rs.randn(100, 200) * 0.02).astype(np.float32)  # stacked [in, out]; 100 inputs: the kernel's tail too
-    w[:, 3] *= 40  # an outlier channel: its own scale
-    q = quant.transpose(quant.quantize(w, "int8"))  # per_expert [out, in], scale [out, 1]
-    assert q["qvalue"].shape == (200, 100) and q["scale"].shape == (200, 1)
+    w = (rs.randn(inputs, 200) * 0.02).astype(np.float32)  # stacked [in, out]
+    w[:, 3] *= 40  # an outlier channel: its own scales
+    w[:16, 5] *= 40  # an outlier group
+    q = quant.transpose(quant.quantize(w, "int8", (-2,), group))  # per_expert [out, in], scale [out, in / group]
+    assert q["qvalue"].shape == (200, inputs) and q["scale"].shape == (200, 1 if group is None else inputs // group)
     deq = np.asarray(quant.dequantize(q, jnp.float32, axis=-1))
-    np.testing.assert_array_equal(deq, np.asarray(quant.dequantize(quant.quantize(w, "int8"), jnp.float32)).T)
+    np.testing.assert_array_equal(deq, np.asarray(quant.dequantize(quant.quantize(w, "int8", (-2,), group),
+                                                                   jnp.float32)).T)
+    assert (np.abs(deq.T - w) <= quant.error_bound(quant.quantize(w, "int8", (-2,), group))).all()
     if path == "xla":
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
-    x = rs.randn(rows, 100).astype(np.float32)
+    x = rs.randn(rows, inputs).astype(np.float32)
     # A fresh trace: jax.jit(layers.linear_t) would reuse the kernel case's trace of the same shapes.
     ours = np.asarray(jax.jit(lambda x, q: layers.linear_t(x, q))(x, q))
     np.testing.assert_allclose(ours, x.astype(np.float64) @ deq.T.astype(np.float64), rtol=1e-5, atol=1e-6)
@@ -254,25 +262,27 @@ def test_param_bytes_count_qvalues_and_scales(mode):
         experts = weights + 4 * l * e * (2 * f + d)
     else:  # half a byte each; a float16 scale per 32 inputs
         experts = weights // 2 + 2 * l * e * (2 * (d // 32) * f + (f // 32) * d)
-    # Attention projections, lm_head and embedding: int8, a float32 scale per output channel (wq: H * Dh, wk
-    # and wv: K * Dh, wo: D; lm_head: V) or per 32 values of a token's row (embed: V * D / 32), in the full modes.
+    # Attention projections, lm_head and embedding: int8, a float32 scale per 32 inputs (wq: H * Dh, wk and wv:
+    # K * Dh outputs of D inputs) or per group of wo's head (Dh = 16 here: one group), per output channel
+    # (lm_head: V) or per 32 values of a token's row (embed: V * D / 32), in the full modes.
+    assert dh == 16
     dense_weights = l * (2 * d * h * dh + 2 * d * kv * dh) + 2 * d * v
-    dense_scales = l * (h * dh + 2 * kv * dh + d) + v + v * d // 32
+    dense_scales = l * (d // 32 * (h * dh + 2 * kv * dh) + h * d) + v + v * d // 32
     dense = dense_weights + 4 * dense_scales if quant.dense(mode) else 4 * dense_weights
     floats = mj.param_bytes(CFG, "float32")
     got = mj.param_bytes(CFG, "float32", quantize=mode)
     assert got["total"] == floats["total"] - 4 * (weights + dense_weights) + experts + dense
     assert got["active"] == got["total"] - experts // e * (e - K)
     # The dry run's bytes per device on expert=4, tensor=2: scales split like their weights, except int8
-    # w2's per-channel scales over D (not split over tensor: each F shard needs all of them); wq's and
-    # wo's split over heads (tensor) and their scales over wq's heads, not over wo's D.
+    # w2's per-channel scales over D (not split over tensor: each F shard needs all of them); wq, wo and
+    # their scales split over heads (tensor).
     mesh = mj.make_mesh("expert=4,tensor=2")
     layers = model_lib.abstract_params(CFG, "float32", mesh, quantize=mode)["layers"]
     want = experts // 8 + (4 * l * e * d // 8 if quant.width(mode) == "int8" else 0)
     assert plan._bytes_per_device({n: layers[n] for n in ("w1", "w3", "w2")}) == want
     if quant.dense(mode):
         assert plan._bytes_per_device({n: layers[n] for n in ("wq", "wo")}) == (
-            2 * l * d * h * dh // 2 + 4 * l * h * dh // 2 + 4 * l * d)
+            2 * l * d * h * dh // 2 + 4 * l * (d // 32) * h * dh // 2 + 4 * l * h * d // 2)
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +382,21 @@ def test_a_checkpoint_with_a_float_embedding_has_it_quantized_while_loading(floa
     loaded = mj.load(out, dtype="float32", layout="stacked")
     assert quant.is_quantized(loaded.params()["embed"]) and loaded.quantization == "int8"
     assert _same(loaded.params(), mj.load(path, dtype="float32", layout="stacked", quantize="int8").params())
+
+
+def test_a_checkpoint_with_per_channel_attention_scales_is_one_clear_error(float_ckpt, hf_dir, tmp_path,
+                                                                          monkeypatch):
+    # int8 and int4 checkpoints converted before the attention projections' scales went to groups of 32.
+    full = model_lib.quantized
+    old = {("layers", "wq"): (-3,), ("layers", "wk"): (-3,), ("layers", "wv"): (-3,), ("layers", "wo"): (-3, -2)}
+    monkeypatch.setattr(model_lib, "quantized", lambda mode: {
+        k: model_lib.Quantized("int8", old[k]) if k in old else v for k, v in full(mode).items()})
+    out = mj.convert_hf_checkpoint(hf_dir, tmp_path / "q", dtype="float32", quantize="int8")
+    monkeypatch.undo()
+    with pytest.raises(mj.CheckpointError, match=r"stores layers/wk's quantization scales as \(1, 1, 2, 16\), "
+                                                 r"where this version of mixtral_jax stores \(1, 2, 2, 16\) .*; "
+                                                 "convert the HF weights again with --quantize"):
+        mj.load(out)
 
 
 def test_bad_quantize_values_are_one_clear_error(float_ckpt, hf_dir, tmp_path):

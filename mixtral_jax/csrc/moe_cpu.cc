@@ -28,7 +28,7 @@
 //
 // The same row-dot product serves LinearCpu: x [n, in] @ w [out, in]^T for a
 // few rows (a decode step's attention projections and lm_head, layers.linear_t),
-// w float32 or int8 with a scale per row.
+// w float32, or int8 with a scale per row or per group of columns.
 //
 // WriteCacheCpu writes a step's keys or values into a layer's KV cache in place (its result aliases the
 // cache), as one call XLA neither fuses nor duplicates; each update row goes to a cache row of its own
@@ -213,6 +213,62 @@ struct I8View {
 #endif
     for (; k < K; ++k) sum += AtRaw(j, k) * x[k];
     return sum * s[j];
+  }
+  template <int NR>
+  void OwnDots(int64_t j, const float* const* xs, int64_t K, float* out) const { out[0] = RowDot(j, xs[0], K); }
+  const void* Addr(int64_t j, int64_t k) const { return q + j * ld + k; }
+};
+// int8 times a float32 scale per group of columns along the row (quant.py's attention projections: 32
+// values, or a power of two below it for a head of fewer). One activation row (a decode step's): RowDot
+// sums each group's 32 products, then adds them times the group's scale, one more FMA per 32 values.
+struct I8GView {
+  static constexpr int kBits = 8, kStep = 16;
+  static constexpr bool kRowScale = false, kPermuted = false;
+  template <int NR> static constexpr bool kOwnDots = NR == 1;
+  const int8_t* q;
+  const float* s;
+  int64_t ld, groups;
+  int shift;
+  float Scale(int64_t j, int64_t k) const { return s[j * groups + (k >> shift)]; }
+  float At(int64_t j, int64_t k) const { return static_cast<float>(q[j * ld + k]) * Scale(j, k); }
+  v16 Load(int64_t j, int64_t k) const {
+    if (shift >= 4) return Widen8(q + j * ld + k) * Scale(j, k);  // 16 values of one group
+    v16 out;
+    for (int i = 0; i < 16; ++i) out[i] = At(j, k + i);
+    return out;
+  }
+  void LoadStep(int64_t j, int64_t k, v16* out) const { out[0] = Load(j, k); }
+  float RowDot(int64_t j, const float* x, int64_t K) const {
+    const int8_t* p = q + j * ld;
+    const float* sc = s + j * groups;
+    float sum = 0.f;
+    int64_t k = 0;
+#ifdef __AVX2__
+    if (shift == 5) {
+      auto widen = [&](int64_t at) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + at))));
+      };
+      auto group = [&](int64_t at) {  // one group's 32 products, summed lane-wise
+        __m256 t0 = _mm256_mul_ps(widen(at), _mm256_loadu_ps(x + at));
+        __m256 t1 = _mm256_mul_ps(widen(at + 8), _mm256_loadu_ps(x + at + 8));
+        t0 = _mm256_fmadd_ps(widen(at + 16), _mm256_loadu_ps(x + at + 16), t0);
+        t1 = _mm256_fmadd_ps(widen(at + 24), _mm256_loadu_ps(x + at + 24), t1);
+        return _mm256_add_ps(t0, t1);
+      };
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;  // two chains: groups alternate
+      for (; k + 64 <= K; k += 64) {
+        a0 = _mm256_fmadd_ps(group(k), _mm256_set1_ps(sc[k >> 5]), a0);
+        a1 = _mm256_fmadd_ps(group(k + 32), _mm256_set1_ps(sc[(k >> 5) + 1]), a1);
+      }
+      for (; k + 32 <= K; k += 32) a0 = _mm256_fmadd_ps(group(k), _mm256_set1_ps(sc[k >> 5]), a0);
+      const __m256 t = _mm256_add_ps(a0, a1);
+      __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      u = _mm_hadd_ps(u, u);
+      sum = _mm_cvtss_f32(_mm_hadd_ps(u, u));
+    }
+#endif
+    for (; k < K; ++k) sum += At(j, k) * x[k];
+    return sum;
   }
   template <int NR>
   void OwnDots(int64_t j, const float* const* xs, int64_t K, float* out) const { out[0] = RowDot(j, xs[0], K); }
@@ -878,15 +934,24 @@ ffi::Error LinearCpuImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Rem
     RunLinear(pool, xp, F32View{reinterpret_cast<const float*>(w.data), in}, yp, n, in, out, chunk_bytes);
     return ffi::Error::Success();
   }
-  // int8 with a float32 scale per output row (quant.py's dense weights), [O, I] and [O, 1].
+  // int8 with float32 scales per output row [O, 1] (the lm_head) or per group of G columns [O, I / G] with
+  // G a power of two (the attention projections: quant.py's dense weights).
   auto sb = weight.get<ffi::AnyBuffer>(1);
   Part s;
-  if (dtype != ffi::DataType::S8 || weight.size() != 2 || w.dims[1] != in || !sb.has_value() ||
-      sb->element_type() != ffi::DataType::F32 || !Layer(*sb, layer, &s) || s.dims.size() != 2 || s.dims[0] != out ||
-      s.dims[1] != 1)
-    return ffi::Error::InvalidArgument("linear_cpu: w must be float32 [O, I], or int8 [O, I] with float32 scales [O, 1]");
-  RunLinear(pool, xp, I8View{reinterpret_cast<const int8_t*>(w.data), reinterpret_cast<const float*>(s.data), in}, yp,
-            n, in, out, chunk_bytes);
+  const bool has_scales = dtype == ffi::DataType::S8 && weight.size() == 2 && w.dims[1] == in && sb.has_value() &&
+                          sb->element_type() == ffi::DataType::F32 && Layer(*sb, layer, &s) && s.dims.size() == 2 &&
+                          s.dims[0] == out;
+  const int64_t groups = has_scales ? s.dims[1] : 0;
+  const int64_t group = groups > 0 && in % groups == 0 ? in / groups : 0;
+  if (group == 0 || (groups > 1 && (group & (group - 1))))
+    return ffi::Error::InvalidArgument(
+        "linear_cpu: w must be float32 [O, I], or int8 [O, I] with float32 scales [O, 1] or [O, I / G], G a power of two");
+  const auto* qp = reinterpret_cast<const int8_t*>(w.data);
+  const auto* sp = reinterpret_cast<const float*>(s.data);
+  if (groups == 1)
+    RunLinear(pool, xp, I8View{qp, sp, in}, yp, n, in, out, chunk_bytes);
+  else
+    RunLinear(pool, xp, I8GView{qp, sp, in, groups, GroupShift(groups, group)}, yp, n, in, out, chunk_bytes);
   return ffi::Error::Success();
 }
 
