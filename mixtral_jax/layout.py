@@ -120,7 +120,7 @@ class Stacked:
                 kv = tuple(sharding.constrain(c, mesh, sharding.CACHE_AXES["k"]) for c in kv)
             return (h, kv), routing
 
-        # int4 experts go to a custom call on TPU (int4_tpu.py), which would get a copy of the layer's slice
+        # int4 experts go to a custom call on TPU (quant_tpu.py), which would get a copy of the layer's slice
         # were the scan to slice them: they are passed whole with the layer's index, and sliced where used.
         whole = {n: w for n, w in params["layers"].items() if quant.mode_of(w) == "int4"}
         sliced = {n: w for n, w in params["layers"].items() if n not in whole}

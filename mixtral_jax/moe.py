@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mixtral_jax import cpu_kernel, int4_tpu, quant
+from mixtral_jax import cpu_kernel, quant_tpu, quant
 from mixtral_jax.layout import EXPERT_PARAMS, HFExperts
 
 STRATEGIES = ("sparse", "dense")
@@ -140,7 +140,7 @@ def _f32_product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def every_expert(xs: jax.Array, experts) -> jax.Array:
     """Every stacked expert on every row, as one batched product: xs [M, D] → [E, M, D] float32.
 
-    int4 experts on TPU go through int4_tpu.py's kernel, which reads them as stored; XLA would write
+    int4 experts on TPU go through quant_tpu.py's kernel, which reads them as stored; XLA would write
     each layer's weights out dequantized first (its scales run along the contracted axis)."""
     def xla(xs, experts):
         w1, w3, w2 = (quant.dequantize(experts[n], xs.dtype) for n in EXPERT_PARAMS)
@@ -152,8 +152,8 @@ def every_expert(xs: jax.Array, experts) -> jax.Array:
 
     def tpu(xs, experts):
         w1, w3, w2 = (experts[n] for n in EXPERT_PARAMS)
-        h = jax.nn.silu(int4_tpu.matmul(xs[None], w1, xs.dtype)) * int4_tpu.matmul(xs[None], w3, xs.dtype)
-        return int4_tpu.matmul(h, w2, jnp.float32)
+        h = jax.nn.silu(quant_tpu.matmul(xs[None], w1, xs.dtype)) * quant_tpu.matmul(xs[None], w3, xs.dtype)
+        return quant_tpu.matmul(h, w2, jnp.float32)
 
     # Chosen when lowering, so a TPU compile from a CPU host gets the kernel.
     return jax.lax.platform_dependent(xs, experts, tpu=tpu, default=xla)

@@ -368,7 +368,7 @@ def test_tpu_decode_reads_the_weights_about_once(topo, mesh, quantize, most):
 def test_tpu_int4_experts_are_read_as_stored_not_dequantized_first():
     # int4's scales run along the contracted axis, so XLA cannot fuse its dequantize into the product: it
     # wrote each layer's experts out in float32 first, a decode step reading 34x the bytes it holds. The
-    # Pallas kernel (int4_tpu.py) reads the nibbles where they lie in the stacked weights (the layer scan
+    # Pallas kernel (quant_tpu.py) reads the nibbles where they lie in the stacked weights (the layer scan
     # passes them whole, with the layer's index): no float expert, and no copy of a layer's nibbles.
     from mixtral_jax import layout, moe
 

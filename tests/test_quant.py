@@ -413,11 +413,11 @@ def test_bad_quantize_values_are_one_clear_error(float_ckpt, hf_dir, tmp_path):
 
 @pytest.mark.parametrize("experts,rows,inputs,outputs", [(2, 8, 1024, 1024), (3, 3, 96, 256), (2, 1, 2048, 384)])
 @pytest.mark.parametrize("shared", [True, False])
-def test_int4_tpu_kernel_equals_the_product_on_the_dequantized_weights(experts, rows, inputs, outputs, shared):
+def test_quant_tpu_kernel_equals_the_product_on_the_dequantized_weights(experts, rows, inputs, outputs, shared):
     """The TPU kernel, in Pallas's interpreter: x (shared by every expert, or one per expert) times int4
     experts equals the float32 product on quant.dequantize's weights, up to the order of the sums. Some
     scales are float16 subnormals (the kernel decodes float16 bits itself); 2048 inputs take 2 tiles."""
-    from mixtral_jax import int4_tpu
+    from mixtral_jax import quant_tpu
 
     rs = np.random.RandomState(0)
     w = rs.randn(experts, inputs, outputs).astype(np.float32) * 0.02
@@ -427,7 +427,36 @@ def test_int4_tpu_kernel_equals_the_product_on_the_dequantized_weights(experts, 
     x = jnp.asarray(rs.randn(1 if shared else experts, rows, inputs), jnp.bfloat16)
     ref = jnp.einsum("XMD,EDF->EMF" if shared else "EMD,EDF->EMF", x.astype(jnp.float32),
                      quant.dequantize(w, jnp.bfloat16).astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    got = int4_tpu.matmul(x, w, jnp.float32, interpret=True)
+    got = quant_tpu.matmul(x, w, jnp.float32, interpret=True)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
-    bf16 = int4_tpu.matmul(x, w, jnp.bfloat16, interpret=True)
+    bf16 = quant_tpu.matmul(x, w, jnp.bfloat16, interpret=True)
     assert bf16.dtype == jnp.bfloat16 and np.max(np.abs(np.asarray(bf16, np.float32) - ref)) <= 2 ** -8 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("rows,inputs,heads,head_dim", [(8, 1024, 4, 128), (3, 96, 2, 16), (130, 256, 8, 32)])
+@pytest.mark.parametrize("layered", [True, False])
+def test_int8_tpu_kernels_equal_the_products_on_the_dequantized_weights(rows, inputs, heads, head_dim, layered):
+    """The TPU kernels for the attention projections' int8 in groups, in Pallas's interpreter: x times wq
+    [D, N, Dh] and o times wo [H, Dh, D] (passed whole with a layer's index, or as one layer) equal the
+    float32 products on quant.dequantize's weights, up to the order of the sums. 1024 inputs take 2 tiles,
+    130 rows 2 blocks of rows (the last one partial); a head of 16 values keeps groups of 16."""
+    from mixtral_jax import quant_tpu
+
+    rs = np.random.RandomState(0)
+    layers = 3
+    wq = rs.randn(layers, inputs, heads, head_dim).astype(np.float32) * 0.02
+    wo = rs.randn(layers, heads, head_dim, inputs).astype(np.float32) * 0.02
+    wq = jax.tree.map(jnp.asarray, quant.quantize(wq, "int8", (-3,), quant.GROUP))
+    wo = jax.tree.map(jnp.asarray, quant.quantize(wo, "int8", (-2,), quant.GROUP))
+    pick = (lambda w: {**w, "layer": jnp.int32(1)}) if layered else (lambda w: jax.tree.map(lambda a: a[1], w))
+    f32 = lambda w: quant.dequantize(pick(w), jnp.bfloat16).astype(jnp.float32)
+    x = jnp.asarray(rs.randn(rows, inputs), jnp.bfloat16)
+    o = jnp.asarray(rs.randn(rows, heads, head_dim), jnp.bfloat16)
+    hi = jax.lax.Precision.HIGHEST
+    for got, ref in ((quant_tpu.int8_to_heads(x, pick(wq), jnp.float32, interpret=True),
+                      jnp.einsum("MD,DNH->MNH", x.astype(jnp.float32), f32(wq), precision=hi)),
+                     (quant_tpu.int8_from_heads(o, pick(wo), jnp.float32, interpret=True),
+                      jnp.einsum("MNH,NHD->MD", o.astype(jnp.float32), f32(wo), precision=hi))):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    with pytest.raises(ValueError, match="int8 product of x .* shapes disagree"):
+        quant_tpu.int8_to_heads(x[:, :-32], pick(wq), jnp.float32, interpret=True)
