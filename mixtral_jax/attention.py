@@ -120,7 +120,7 @@ def write_cache(c: jax.Array, new: jax.Array, index, layer=None, rows=None) -> j
 
 
 def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=None, cache_index=None, layer=None,
-                   cache_rows=None, last_query=False, layout=Stacked, segments=None):
+                   cache_rows=None, last_query=False, layout=Stacked, segments=None, mesh=None):
     """One attention block (no residual) on normalised input.
 
     Args:
@@ -144,6 +144,7 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
       layout: the weights' layout (layout.Stacked or layout.PerExpert).
       segments: optional [B, T] segment ids of packed sequences (training: no cache, all queries);
         a token attends only within its segment.
+      mesh: the mesh the weights are sharded over, or None (the layout's projections may need it).
 
     Returns:
       (out [B, T, D], updated (k, v) or None).
@@ -151,7 +152,7 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
     if segments is not None and (cache is not None or last_query):
         raise ValueError("segments (packed sequences) apply to a full forward pass without a cache.")
     b, t, d = x.shape
-    q, k, v = layout.qkv(x, p, cos.shape[-1])  # [B, T, H, Dh], [B, T, K, Dh], [B, T, K, Dh]
+    q, k, v = layout.qkv(x, p, cos.shape[-1], mesh)  # [B, T, H, Dh], [B, T, K, Dh], [B, T, K, Dh]
     q = layers.apply_rope(q, cos, sin)
     k = layers.apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]: the cache's order
@@ -163,7 +164,7 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         if t == 1 and _static(layer) and cpu_kernel.usable(q, ck):  # a decode step: the admitted slots only
             rows = jnp.arange(b, dtype=jnp.int32) if cache_rows is None else cache_rows
             out = cpu_kernel.attend_cpu(q[:, 0], ck, cv, rows, positions[:, 0], k_pos, sliding_window, layer)
-            return layout.out(out.reshape(b, 1, -1), p), new_cache
+            return layout.out(out.reshape(b, 1, -1), p, mesh), new_cache
         if cache_rows is None:
             k, v = (ck, cv) if layer is None else (ck[layer], cv[layer])
         else:  # the rows' keys and values gathered for the attention: a copy of P rows, read only
@@ -178,4 +179,4 @@ def self_attention(x, p, positions, k_pos, cos, sin, *, sliding_window, cache=No
         out = gqa(q, k.astype(q.dtype), v.astype(q.dtype), attention_mask(positions, k_pos, sliding_window))
     else:
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos, sliding_window, prefix, segments)
-    return layout.out(out.reshape(b, t, -1), p), new_cache
+    return layout.out(out.reshape(b, t, -1), p, mesh), new_cache

@@ -40,8 +40,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from mixtral_jax import layers, quant, sharding
+from mixtral_jax import layers, quant, quant_tpu, sharding
 from mixtral_jax.config import MixtralConfig
 from mixtral_jax.layers import AtLayer
 
@@ -83,21 +84,20 @@ class Stacked:
     splits = False  # a run of layers as a call of its own (`layer_span`) would slice the stacked arrays: a copy
 
     # Quantized weights (quant.py) are dequantized to the activations' dtype before their product, as
-    # Qwix's weight-only dot does: the same products as the float model's on the dequantized weights.
+    # Qwix's weight-only dot does: the same products as the float model's on the dequantized weights;
+    # on TPU, int8 in groups goes through quant_tpu.py's kernels instead (_to_heads, _from_heads).
 
     @staticmethod
-    def qkv(x, lp, head_dim: int):
+    def qkv(x, lp, head_dim: int, mesh=None):
         """x [B, T, D] → q [B, T, H, Dh], k, v [B, T, K, Dh]."""
         del head_dim  # in the weights' shapes
-        q = jnp.einsum("BTD,DNH->BTNH", x, quant.dequantize(lp["wq"], x.dtype))
-        k = jnp.einsum("BTD,DKH->BTKH", x, quant.dequantize(lp["wk"], x.dtype))
-        v = jnp.einsum("BTD,DKH->BTKH", x, quant.dequantize(lp["wv"], x.dtype))
-        return q, k, v
+        return tuple(_to_heads(x, lp[n], heads, mesh) for n, heads in (("wq", "heads"), ("wk", "kv_heads"),
+                                                                         ("wv", "kv_heads")))
 
     @staticmethod
-    def out(o, lp):
-        """o [B, T, H * Dh] → [B, T, D]; wo as one [H*Dh, D] matrix (XLA:CPU copies a 3-D one before the dot)."""
-        return jnp.einsum("BTF,FD->BTD", o, quant.dequantize(lp["wo"], o.dtype).reshape(o.shape[-1], -1))
+    def out(o, lp, mesh=None):
+        """o [B, T, H * Dh] → [B, T, D]."""
+        return _from_heads(o, lp["wo"], mesh)
 
     @staticmethod
     def lm_head(h, params):
@@ -120,9 +120,10 @@ class Stacked:
                 kv = tuple(sharding.constrain(c, mesh, sharding.CACHE_AXES["k"]) for c in kv)
             return (h, kv), routing
 
-        # int4 experts go to a custom call on TPU (quant_tpu.py), which would get a copy of the layer's slice
-        # were the scan to slice them: they are passed whole with the layer's index, and sliced where used.
-        whole = {n: w for n, w in params["layers"].items() if quant.mode_of(w) == "int4"}
+        # Weights quantized in groups go to a custom call on TPU (quant_tpu.py), which would get a copy of the
+        # layer's slice were the scan to slice them: they are passed whole with the layer's index, and sliced
+        # where used.
+        whole = {n: w for n, w in params["layers"].items() if quant.in_groups(w)}
         sliced = {n: w for n, w in params["layers"].items() if n not in whole}
 
         def layer_step(carry, xs):
@@ -142,6 +143,55 @@ class Stacked:
         """params running layers [lo, hi) only: here every layer (`splits` is False)."""
         assert lo == 0 and hi == params["layers"]["attn_norm"].shape[0], (lo, hi)
         return params
+
+
+def _per_device(fn, mesh, x, w, x_axes, w_axes, out_axes, out_shape):
+    """fn(x, w) on each device's shards under shard_map, by the logical axes of x, of the float weight and of
+    the result (XLA cannot partition a Pallas call); fn itself on one device."""
+    if mesh is None or mesh.size == 1:
+        return fn(x, w)
+    spec = lambda axes, shape: sharding.logical_to_spec(axes, mesh, shape)
+    w_axes = ("layers", *w_axes) if "layer" in w else w_axes
+    w_spec = {k: (P() if k == "layer" else spec(w_axes, w[k].shape)) for k in w}
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec(x_axes, x.shape), w_spec),
+                         out_specs=spec(out_axes, out_shape))(x, w)
+
+
+def _to_heads(x, w, heads: str, mesh):
+    """x [B, T, D] times wq, wk or wv [D, N, Dh] (`heads`: N's logical axis) → [B, T, N, Dh]."""
+    xla = lambda x, w: jnp.einsum("BTD,DNH->BTNH", x, quant.dequantize(w, x.dtype))
+    if not (quant.in_groups(w) and quant.mode_of(w) == "int8"):
+        return xla(x, w)
+
+    def local(x, w):
+        b, t, d = x.shape
+        return quant_tpu.int8_to_heads(x.reshape(b * t, d), w, x.dtype).reshape(b, t, *w["qvalue"].shape[-2:])
+
+    n, dh = w["qvalue"].shape[-2:]
+    tpu = lambda x, w: _per_device(local, mesh, x, w, ("batch", "seq", "embed"), ("embed", heads, "head_dim"),
+                                   ("batch", "seq", heads, "head_dim"), (*x.shape[:2], n, dh))
+    # Chosen when lowering, so a TPU compile from a CPU host gets the kernel.
+    return jax.lax.platform_dependent(x, w, tpu=tpu, default=xla)
+
+
+def _from_heads(o, w, mesh):
+    """o [B, T, H * Dh] times wo [H, Dh, D] → [B, T, D]."""
+    # wo as one [H * Dh, D] matrix: XLA:CPU copies a 3-D one before the dot.
+    xla = lambda o, w: jnp.einsum("BTF,FD->BTD", o, quant.dequantize(w, o.dtype).reshape(o.shape[-1], -1))
+    if not (quant.in_groups(w) and quant.mode_of(w) == "int8"):
+        return xla(o, w)
+
+    def local(o, w):
+        b, t, _ = o.shape
+        h, dh = w["qvalue"].shape[-3:-1]
+        y = quant_tpu.int8_from_heads(o.reshape(b * t, h, dh), w, o.dtype).reshape(b, t, -1)
+        # Each device holds some heads of wo: its product is a partial sum over them.
+        return y if mesh is None or mesh.shape["tensor"] == 1 else jax.lax.psum(y, "tensor")
+
+    d = w["qvalue"].shape[-1]
+    tpu = lambda o, w: _per_device(local, mesh, o, w, ("batch", "seq", "heads"), ("heads", "head_dim", "embed"),
+                                   ("batch", "seq", "embed"), (*o.shape[:2], d))
+    return jax.lax.platform_dependent(o, w, tpu=tpu, default=xla)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +215,9 @@ class PerExpert:
     splits = True  # a run of layers is a static span of the same buffers (`layer_span`)
 
     @staticmethod
-    def qkv(x, lp, head_dim: int):
+    def qkv(x, lp, head_dim: int, mesh=None):
         """One product with the fused wqkv [(H + 2K) * Dh, D]."""
+        del mesh  # one device
         b, t, d = x.shape
         q_dim = jax.tree.leaves(lp["wo"])[0].shape[-1]  # the float weight, or a quantized one's qvalue
         kv_dim = (jax.tree.leaves(lp["wqkv"])[0].shape[-2] - q_dim) // 2
@@ -176,7 +227,8 @@ class PerExpert:
                 qkv[..., q_dim + kv_dim:].reshape(b, t, -1, dh))
 
     @staticmethod
-    def out(o, lp):
+    def out(o, lp, mesh=None):
+        del mesh  # one device
         b, t, _ = o.shape
         return layers.linear_t(o.reshape(b * t, -1), lp["wo"]).reshape(b, t, -1)
 

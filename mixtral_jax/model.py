@@ -280,7 +280,7 @@ def decoder_layer(h, lp, *, cfg: MixtralConfig, layout, positions, k_pos, cos, s
     a, new_cache = attention.self_attention(
         layers.rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, k_pos, cos, sin,
         sliding_window=cfg.sliding_window, cache=cache, cache_index=cache_index, cache_rows=cache_rows, layer=layer,
-        last_query=last_only, layout=layout, segments=segments)
+        last_query=last_only, layout=layout, segments=segments, mesh=mesh)
     if last_only:
         h = h[:, -1:]
     h = sharding.constrain(h + a, mesh, ACT_BTD)

@@ -147,6 +147,14 @@ def mode_of(w) -> str | None:
     return "int8" if w["qvalue"].dtype == np.int8 else "int4"
 
 
+def in_groups(w) -> bool:
+    """Whether `w` is quantized with scales per group of its inputs (int4; int8 in groups): scales along
+    the contracted axis, which XLA cannot fuse into a product's dequantize."""
+    if mode_of(w) != "int8":
+        return mode_of(w) == "int4"
+    return any(m not in (1, n) for n, m in zip(w["qvalue"].shape, w["scale"].shape))
+
+
 def quantize(w: np.ndarray, mode: str, in_axes: tuple[int, ...] = (-2,),
              group: int | None = None) -> dict[str, np.ndarray]:
     """Quantizes a stacked float weight [..., in, out] on the host (`mode` a width; int8: the input

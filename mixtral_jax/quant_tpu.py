@@ -132,7 +132,13 @@ def _out_type(shape, dtype, *inputs):
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
-def _to_heads_kernel(layer_ref, x_ref, q_ref, scale_ref, o_ref, acc_ref):
+# XLA's TPU layout keeps an int8 [.., D, N, Dh] with fewer heads than this heads-major (N moved out of the
+# tiled minor pair): the kernel then takes it as [.., N, D, Dh], a transpose that is a bitcast there, where
+# the row-major form would be a copy of the whole weight.
+_HEADS_MAJOR_BELOW = 4
+
+
+def _to_heads_kernel(layer_ref, x_ref, q_ref, scale_ref, o_ref, acc_ref, heads_major: bool):
     """o[:, n] = x · dequantized q[:, n] for each head n, summed over the input tiles (grid axis 1)."""
     del layer_ref  # used by the index maps only
     k = pl.program_id(1)
@@ -142,8 +148,8 @@ def _to_heads_kernel(layer_ref, x_ref, q_ref, scale_ref, o_ref, acc_ref):
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     x = x_ref[...]
-    for n in range(q_ref.shape[1]):  # one head at a time: Mosaic multiplies 2-D tiles
-        w = _dequantize8(q_ref[:, n, :], scale_ref[:, n, :], x.dtype)
+    for n in range(scale_ref.shape[1]):  # one head at a time: Mosaic multiplies 2-D tiles
+        w = _dequantize8(q_ref[n] if heads_major else q_ref[:, n, :], scale_ref[:, n, :], x.dtype)
         acc_ref[:, n, :] += jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     @pl.when(k == pl.num_programs(1) - 1)
@@ -166,15 +172,19 @@ def int8_to_heads(x: jax.Array, w: dict, out_dtype, interpret: bool = False) -> 
         raise ValueError(f"int8 product of x {x.shape} with qvalue {q.shape} and scale {scale.shape}: shapes disagree.")
     group = d // scale.shape[1]
     tm, tk = _rows_tile(m), _tile(d)
+    heads_major = n < _HEADS_MAJOR_BELOW
+    if heads_major:
+        q = q.transpose(0, 2, 1, 3)  # [L, N, D, Dh]
+    q_block, q_map = (((pl.Squeezed(), n, tk, dh), lambda i, k, layer: (layer[0], 0, k, 0)) if heads_major else
+                      ((pl.Squeezed(), tk, n, dh), lambda i, k, layer: (layer[0], k, 0, 0)))
     cost = pl.CostEstimate(flops=2 * m * d * n * dh, transcendentals=0,
                            bytes_accessed=(pl.cdiv(m, tm) * (d * n * dh + 4 * d // group * n * dh)
                                            + x.size * x.dtype.itemsize + m * n * dh * jnp.dtype(out_dtype).itemsize))
     return pl.pallas_call(
-        _to_heads_kernel,
+        functools.partial(_to_heads_kernel, heads_major=heads_major),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(pl.cdiv(m, tm), d // tk),
-            in_specs=[pl.BlockSpec((tm, tk), lambda i, k, layer: (i, k)),
-                      pl.BlockSpec((pl.Squeezed(), tk, n, dh), lambda i, k, layer: (layer[0], k, 0, 0)),
+            in_specs=[pl.BlockSpec((tm, tk), lambda i, k, layer: (i, k)), pl.BlockSpec(q_block, q_map),
                       pl.BlockSpec((pl.Squeezed(), tk // group, n, dh), lambda i, k, layer: (layer[0], k, 0, 0))],
             out_specs=pl.BlockSpec((tm, n, dh), lambda i, k, layer: (i, 0, 0)),
             scratch_shapes=[pltpu.VMEM((tm, n, dh), jnp.float32)]),

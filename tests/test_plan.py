@@ -352,13 +352,16 @@ MID = from_hf_dict(dict(vocab_size=1024, hidden_size=1024, intermediate_size=409
 
 
 @pytest.mark.parametrize("topo,mesh,quantize,most", [("v5e:2x4", "expert=8", None, 1.6),
-                                                     ("v5e:1x1", "expert=1", "int8", 1.3)])
+                                                     ("v5e:1x1", "expert=1", "int8", 1.3),
+                                                     ("v5e:2x2", "expert=2,tensor=2", "int8", 1.3)])
 def test_tpu_decode_reads_the_weights_about_once(topo, mesh, quantize, most):
     # A decode step is memory-bound: it should read every weight it holds about once. A grouped
     # matmul that copies each layer's experts out of the layer scan's stacked buffer first (what
     # lax.ragged_dot's custom call makes XLA do) reads them three times: 2.9-3.1x here. int8
     # (experts, attention projections, lm_head): each dequantize must fuse into its product, not write
-    # the float weights out: 1.20x here; attention scales per 32 inputs, which stop that fusion, 1.46x.
+    # the float weights out; the attention projections' scales per 32 inputs stop that fusion in XLA
+    # (1.46x on one chip), so on TPU they go through quant_tpu.py's kernels, on a mesh of several chips
+    # under shard_map (XLA cannot partition a Pallas call).
     r = plan.dry_run(MID, mesh, batch=8, max_seq_len=256, prompt_len=16, topology=topo, quantize=quantize)
     held = r["params_bytes_per_device"] + r["kv_cache_bytes_per_device"]
     assert r["decode"]["costs_exact"]
@@ -395,6 +398,29 @@ def test_tpu_int4_experts_are_read_as_stored_not_dequantized_first():
     held = 3 * e * (d // 2 * f + d // quant.GROUP * f * 2)
     cost = compiled.cost_analysis()
     assert (cost[0] if isinstance(cost, list) else cost)["bytes accessed"] < 1.6 * held
+
+
+@pytest.mark.parametrize("heads", [1, 2, 8])
+def test_tpu_int8_attention_kernels_read_a_layers_weights_once(heads):
+    # The attention projections' int8 in groups (quant_tpu.py), passed whole with the layer's index as the
+    # layer scan passes them: a decode step's product reads that layer's qvalues and scales as they lie,
+    # with no copy of the stacked weight (XLA keeps int8 wk / wv of fewer than 4 heads heads-major, which
+    # the kernel reads as such).
+    from mixtral_jax import quant_tpu
+
+    dev = jax.sharding.SingleDeviceSharding(topology.tpu_devices("v5e:1x1")[0])
+    arg = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=dev)
+    layers, m, d, dh = 8, 8, 1024, 128
+    w = lambda q, scale: {"qvalue": arg(jnp.int8, layers, *q), "scale": arg(jnp.float32, layers, *scale),
+                          "layer": arg(jnp.int32)}
+    stored = d * heads * dh * (1 + 4 / quant.GROUP)  # one layer's
+    g = quant.GROUP
+    for fn, x, wt in ((quant_tpu.int8_to_heads, arg(jnp.bfloat16, m, d), w((d, heads, dh), (d // g, heads, dh))),
+                      (quant_tpu.int8_from_heads, arg(jnp.bfloat16, m, heads, dh),
+                       w((heads, dh, d), (heads, dh // g, d)))):
+        compiled = jax.jit(lambda x, w: fn(x, w, jnp.bfloat16)).lower(x, wt).compile()
+        cost = compiled.cost_analysis()
+        assert (cost[0] if isinstance(cost, list) else cost)["bytes accessed"] < 1.2 * stored
 
 
 def test_tpu_engine_prefill_moves_its_slots_rows_not_the_whole_cache():

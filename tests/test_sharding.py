@@ -361,6 +361,16 @@ def test_sharded_logits_and_greedy_equal_one_device_and_transformers(spec):
     assert mj.generate(model, prompts[:1], max_new_tokens=3, stop_tokens=[]) == [greedy[0][:3]]
 
 
+@pytest.mark.parametrize("spec", ["expert=2,tensor=4", "data=2,expert=2,tensor=2"])
+def test_sharded_int8_logits_equal_one_device(spec):
+    # int8 attention projections in groups of 32 inputs, sharded by heads like their float weights.
+    single = mj.init_random(TINY, seed=3, dtype="float32", layout="stacked", quantize="int8")
+    sharded = mj.init_random(TINY, seed=3, dtype="float32", mesh=mj.make_mesh(spec), quantize="int8")
+    assert sharded.params()["layers"]["wq"]["scale"].shape[1] == TINY.hidden_size // 32
+    tokens = np.random.RandomState(4).randint(0, TINY.vocab_size, (4, 9))
+    assert testing.rel_err(mj.forward(sharded, tokens), mj.forward(single, tokens)) <= 1e-5
+
+
 def test_load_with_mesh_restores_shards_and_runs_expert_parallel(tmp_path):
     model = mj.init_random(TINY, seed=2, dtype="float32")
     mj.save(model, tmp_path / "ckpt")
