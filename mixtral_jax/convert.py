@@ -329,9 +329,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "Output checkpoint directory (created; must be empty, absent, or with "
                         "--overwrite an earlier checkpoint); never the --hf_dir or a directory around it.")
     flags.DEFINE_enum("dtype", "bfloat16", list(DTYPES), "Stored parameter dtype.")
-    flags.DEFINE_string("quantize", None, "Store the weights quantized: int8 (per output channel) or int4 (experts "
-                        "in groups of 32, attention and lm_head int8); int8-experts / int4-experts: the experts "
-                        "only; default: --dtype.")
+    flags.DEFINE_string("quantize", None, "Store the weights quantized: int8 (experts and lm_head per output "
+                        "channel, attention in groups of 32 inputs) or int4 (experts in groups of 32, attention and "
+                        "lm_head int8); int8-experts / int4-experts: the experts only; default: --dtype.")
     flags.DEFINE_boolean("overwrite", False, "Replace the checkpoint at --out (only once the new one is complete).")
     flags.mark_flags_as_required(["hf_dir", "out"])
 

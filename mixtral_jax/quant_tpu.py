@@ -31,6 +31,13 @@ def _tile(n: int, sizes=(512, 256, 128)) -> int:
     return next((t for t in sizes if n % t == 0), n)
 
 
+def _out_type(shape, dtype, *inputs):
+    # Inside shard_map the output varies over every mesh axis an input does.
+    mat = jax.typeof(inputs[0]).mat
+    mat = mat.update(varying=frozenset().union(*(jax.typeof(a).mat.varying for a in inputs)))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
 def _kernel(layer_ref, x_low_ref, x_high_ref, q_ref, scale_ref, o_ref, acc_ref):
     """o[e] = x_low · low(q[e]) · scale + x_high · high(q[e]) · scale, summed over the input tiles (grid axis 2)."""
     del layer_ref  # used by the index maps only
@@ -86,9 +93,6 @@ def matmul(x: jax.Array, w: dict, out_dtype, interpret: bool = False) -> jax.Arr
     cost = pl.CostEstimate(flops=2 * e * m * k * n, transcendentals=0,
                            bytes_accessed=(e * kp * n + e * k // quant.GROUP * n * 2 + x_bytes
                                            + e * m * n * jnp.dtype(out_dtype).itemsize))
-    # Inside shard_map the output varies over every mesh axis an input does.
-    mat = jax.typeof(q).mat
-    mat = mat.update(varying=frozenset().union(*(jax.typeof(a).mat.varying for a in (x, q, scale))))
     return pl.pallas_call(
         _kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -98,7 +102,7 @@ def matmul(x: jax.Array, w: dict, out_dtype, interpret: bool = False) -> jax.Arr
                       pl.BlockSpec((1, tk // _HALF, tn), lambda i, j, l, layer: (i, l, j))],
             out_specs=pl.BlockSpec((1, m, tn), lambda i, j, l, layer: (i, 0, j)),
             scratch_shapes=[pltpu.VMEM((m, tn), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct((e, m, n), out_dtype, manual_axis_type=mat),
+        out_shape=_out_type((e, m, n), out_dtype, x, q, scale),
         cost_estimate=cost, interpret=interpret,
     # Mosaic loads no float16 on v5e and takes the bits instead: a bitcast, which XLA makes a copy (of one
     # layer's scales, 1/9 of its bytes; on every layer's at once it would be hoisted out of the layer loop).
@@ -123,13 +127,6 @@ def _layered(w: dict):
     if "layer" in w:
         return w["qvalue"], w["scale"], jnp.asarray(w["layer"], jnp.int32).reshape(1)
     return w["qvalue"][None], w["scale"][None], jnp.zeros((1,), jnp.int32)
-
-
-def _out_type(shape, dtype, *inputs):
-    # Inside shard_map the output varies over every mesh axis an input does.
-    mat = jax.typeof(inputs[0]).mat
-    mat = mat.update(varying=frozenset().union(*(jax.typeof(a).mat.varying for a in inputs)))
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
 
 
 # XLA's TPU layout keeps an int8 [.., D, N, Dh] with fewer heads than this heads-major (N moved out of the
@@ -224,6 +221,7 @@ def int8_from_heads(x: jax.Array, w: dict, out_dtype, interpret: bool = False) -
     if (hq, dq) != (h, dh) or scale.shape[1::2] != (h, d) or dh % scale.shape[2]:
         raise ValueError(f"int8 product of x {x.shape} with qvalue {q.shape} and scale {scale.shape}: shapes disagree.")
     groups = scale.shape[2]
+    # th heads per block: few enough for their dequantized tiles to fit VMEM.
     tm, tn, th = _rows_tile(m), _tile(d), _tile(h, (8, 4, 2, 1))
     xt = x.transpose(1, 0, 2)  # [H, M, Dh]: a head's rows as one 2-D tile
     cost = pl.CostEstimate(flops=2 * m * h * dh * d, transcendentals=0,

@@ -37,8 +37,9 @@ flags.DEFINE_string("expert_dtype", None, "Keep the expert weights in this dtype
                     "bfloat16 for a bfloat16 checkpoint run in float32 on one CPU device with the C++ kernel (exact, half the memory and "
                     "decode bytes), else --dtype.")
 flags.DEFINE_string("quantize", None, "Quantize the weights while loading (or as a checkpoint written with convert "
-                    "--quantize stores them): int8 (per output channel) or int4 (experts in groups of 32, attention "
-                    "and lm_head int8); int8-experts / int4-experts: the experts only.")
+                    "--quantize stores them): int8 (experts and lm_head per output channel, attention in groups of "
+                    "32 inputs) or int4 (experts in groups of 32, attention and lm_head int8); int8-experts / "
+                    "int4-experts: the experts only.")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. expert=4,tensor=2 (axes data, expert, tensor).")
 flags.DEFINE_boolean("dry_run", False, "Plan memory (and, with --topology, speed) per device for --config on --mesh; "
                      "allocate nothing. Exit status 2 when the plan does not fit.")

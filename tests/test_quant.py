@@ -413,7 +413,7 @@ def test_bad_quantize_values_are_one_clear_error(float_ckpt, hf_dir, tmp_path):
 
 @pytest.mark.parametrize("experts,rows,inputs,outputs", [(2, 8, 1024, 1024), (3, 3, 96, 256), (2, 1, 2048, 384)])
 @pytest.mark.parametrize("shared", [True, False])
-def test_quant_tpu_kernel_equals_the_product_on_the_dequantized_weights(experts, rows, inputs, outputs, shared):
+def test_int4_tpu_kernel_equals_the_product_on_the_dequantized_weights(experts, rows, inputs, outputs, shared):
     """The TPU kernel, in Pallas's interpreter: x (shared by every expert, or one per expert) times int4
     experts equals the float32 product on quant.dequantize's weights, up to the order of the sums. Some
     scales are float16 subnormals (the kernel decodes float16 bits itself); 2048 inputs take 2 tiles."""
