@@ -549,6 +549,17 @@ struct Chunks {
   }
 };
 
+// Weight rows per chunk for a phase's `rows` rows of `row_bits` bits each, the one rule of the row-dot
+// calls (LinearCall, Call's two phases): chunks of at most chunk_bytes of weights, whatever their dtype, and
+// at least min_chunks of them, equal to a multiple of 4 rows. Unequal chunks left one core reading most of a
+// call: the bench model's w2 rows went 292, 292, 292, 148 (one core 584 rows, the other 440), its wo was one
+// 1 MiB chunk (docs/performance.md#thresholds-and-chunk-sizes).
+inline int64_t ChunkRows(int64_t rows, int64_t row_bits, int64_t chunk_bytes, int64_t min_chunks) {
+  const int64_t by_bytes = (rows * row_bits + 8 * chunk_bytes - 1) / (8 * chunk_bytes);
+  const int64_t chunks = std::max<int64_t>({by_bytes, min_chunks, 1});
+  return std::max<int64_t>(4, ((rows + chunks - 1) / chunks + 3) / 4 * 4);
+}
+
 // A helper that has done its part of a call stays this long taking the next calls' parts (Lingering)
 // before it goes back to XLA's pool. A decode step makes 49 kernel calls a few microseconds apart; a
 // pool thread woken for each arrived tens of microseconds into calls of 25-400 (docs/performance.md#a-helper-that-lingers).
@@ -909,12 +920,7 @@ void RunLinear(ffi::ThreadPool& pool, const float* x, const W& w, float* y, int6
   c.n = n;
   c.in = in;
   c.out = out;
-  // Chunks hold chunk_bytes of weights, whatever their dtype, and a call has at least two per core: a
-  // decode step's attention weights are 1-1.5 MiB each, one or two chunks, so one core read most of them
-  // (docs/performance.md#thresholds-and-chunk-sizes).
-  c.rows = std::max<int64_t>(4, 8 * chunk_bytes / (W::kBits * std::max<int64_t>(1, in)));
-  const int64_t per_core = 2 * Cores(pool);
-  c.rows = std::min(c.rows, std::max<int64_t>(4, ((out + per_core - 1) / per_core + 3) / 4 * 4));
+  c.rows = ChunkRows(out, W::kBits * in, chunk_bytes, 2 * Cores(pool));
   c.chunks.count = (out + c.rows - 1) / c.rows;
   RunOnCores(pool, call, c.chunks.count);
 }
@@ -1054,15 +1060,11 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, in
       for (int64_t k = 0; k < d; ++k) reordered[r * d + W::Slot(k, d)] = x[r * d + k];
     c.x = reordered.data();
   }
-  // Chunks hold chunk_bytes of weights, whatever their dtype.
-  const int64_t bits = W::kBits;
-  c.rows1 = std::max<int64_t>(4, 8 * chunk_bytes / (bits * d));
-  c.rows2 = std::max<int64_t>(4, 8 * chunk_bytes / (bits * f * static_cast<int64_t>(c.experts.size())));
-  {  // Phase 2 in equal chunks, at least two per core: the bench model's decode step had w2 rows in chunks
-     // of 292, 292, 292 and 148, so one core read 584 rows, the other 440 (docs/performance.md#thresholds-and-chunk-sizes).
-    const int64_t chunks = std::max<int64_t>((d + c.rows2 - 1) / c.rows2, 2 * Cores(pool));
-    c.rows2 = std::max<int64_t>(4, ((d + chunks - 1) / chunks + 3) / 4 * 4);
-  }
+  // Phase 1's chunks are of one expert's F rows, each row of w1 and of w3 (chunk_bytes of each); phase 2's
+  // of D rows of every expert's w2; at least two chunks per core in all.
+  const int64_t experts = static_cast<int64_t>(c.experts.size()), per_core = 2 * Cores(pool);
+  c.rows1 = ChunkRows(f, W::kBits * d, chunk_bytes, (per_core + experts - 1) / experts);
+  c.rows2 = ChunkRows(d, W::kBits * f * experts, chunk_bytes, per_core);
   c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((f + c.rows1 - 1) / c.rows1);
   c.phase2.count = (d + c.rows2 - 1) / c.rows2;
   RunOnCores(pool, call, std::max(c.phase1.count, c.phase2.count));
