@@ -102,3 +102,11 @@ def test_quickstart_runs_end_to_end(monkeypatch):
     assert "greedy tokens equal transformers': True" in stdout
     assert "same tokens on 1 and on 8 devices: True" in stdout
     assert any("image/png" in out.get("data", {}) for out in outputs), "the routing plot was not shown"
+    # Section 8: quantized weights take fewer bytes than float32, and int4 errs more than int8 against it.
+    float_mib = float(re.search(r"float32: (\S+) MiB of weights", stdout).group(1))
+    held, err = {}, {}
+    for q in ("int8", "int4"):
+        m = re.search(q + r": (\S+) MiB of weights; against float32: relative RMS logit error (\S+),", stdout)
+        held[q], err[q] = float(m.group(1)), float(m.group(2))
+    assert held["int4"] < held["int8"] < float_mib / 3
+    assert 0 < err["int8"] < err["int4"] < 1
