@@ -217,10 +217,13 @@ def _prompts(tok, cfg) -> list[list[int]]:
     for text in texts:
         if not text.strip():
             raise UsageError("--prompt is empty; give some text (or --prompt_ids).")
-        if FLAGS.chat:
-            prompts.append(tok.encode_chat([{"role": "user", "content": text}]))
-        else:
-            prompts.append(tok.encode(text, bos=True))
+        ids = tok.encode_chat([{"role": "user", "content": text}]) if FLAGS.chat else tok.encode(text, bos=True)
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:  # a checkpoint whose vocabulary is not a Mixtral tokenizer's: say so before loading it
+            raise UsageError(f"the text prompt encodes to token ids {bad[:5]} outside {cfg.name}'s vocabulary [0, "
+                             f"{cfg.vocab_size}), which is not a Mixtral tokenizer's (32000 or 32768 pieces); "
+                             f"give the prompt as --prompt_ids.")
+        prompts.append(ids)
     longest = max(len(p) for p in prompts)
     if longest + FLAGS.max_new_tokens > cfg.max_position_embeddings:
         raise UsageError(f"the prompt ({longest} tokens) + --max_new_tokens {FLAGS.max_new_tokens} exceeds {cfg.name}'s "

@@ -174,6 +174,18 @@ def test_flags_are_checked_before_any_device_or_model(checked_before_building, a
     assert message in checked_before_building(*args)
 
 
+def test_a_text_prompt_outside_a_small_vocabulary_is_one_sentence_before_loading(checked_before_building, tmp_path):
+    # The tests' checkpoints have 512 token ids, no Mixtral tokenizer's: the default text prompt's ids fall
+    # outside them. That is said before any model is built (it was said mid-stream, after the prompt's echo).
+    from mixtral_jax import testing
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(testing.TINY_HF))
+    message = checked_before_building("--config", str(config))
+    assert message.startswith("the text prompt encodes to token ids") and "vocabulary [0, 512)" in message
+    assert "give the prompt as --prompt_ids" in message
+
+
 @pytest.mark.parametrize("flag", ["-h", "--helpfull"])  # -h is rewritten to --help: it runs --help's path
 def test_help_exits_0(flag):
     r = _run(flag, timeout=60)
