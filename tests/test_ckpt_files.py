@@ -271,7 +271,8 @@ def test_cli_without_verification_still_says_one_sentence(good_ckpt, tmp_path, c
     ckpt = tmp_path / "ckpt"
     shutil.copytree(good_ckpt, ckpt)
     os.remove(ckpt / "manifest.ocdbt")
-    rest = ["--max_new_tokens", "2"] if cli == "sample" else ["--max_seq_len", "64"]
+    # The test checkpoint's 512 token ids hold no text prompt's (that would be said first): ids instead.
+    rest = ["--max_new_tokens", "2", "--prompt_ids", "1,2,3"] if cli == "sample" else ["--max_seq_len", "64"]
     checked = _cli(cli, "--checkpoint", ckpt, *rest)  # the digests name the missing file
     assert checked.returncode == 2 and "manifest.ocdbt" in checked.stderr, checked.stderr
     r = _cli(cli, "--checkpoint", ckpt, "--noverify_checkpoint", *rest)  # Orbax's read fails instead
@@ -287,7 +288,8 @@ def test_cli_names_the_damaged_file(good_ckpt, tmp_path, cli):
     shutil.copytree(good_ckpt, ckpt)
     rel = _biggest_data_file(ckpt)
     _flip_byte(ckpt / rel)
-    r = _cli(cli, "--checkpoint", ckpt, *(["--max_new_tokens", "2"] if cli == "sample" else ["--max_seq_len", "64"]))
+    rest = ["--max_new_tokens", "2", "--prompt_ids", "1,2,3"] if cli == "sample" else ["--max_seq_len", "64"]
+    r = _cli(cli, "--checkpoint", ckpt, *rest)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: checkpoint file")
     assert os.path.basename(rel) in r.stderr
