@@ -89,10 +89,6 @@ def is_quantized(w) -> bool:
     return isinstance(w, Mapping) and "qvalue" in w
 
 
-def group_size(mode: str, in_dim: int) -> int:
-    return in_dim if mode == "int8" else GROUP
-
-
 def int8_group(shape: tuple[int, ...], in_axes: tuple[int, ...], group: int | None) -> int | None:
     """An int8 weight's group along its one input axis: `group`, or the largest divisor of that axis's size
     below it (a power of two: 16 for a head of 16 values; Mixtral's sizes are multiples of 32); None stays
@@ -113,14 +109,12 @@ def shapes(shape: tuple[int, ...], mode: str, in_axes: tuple[int, ...] = (-2,),
         scale = tuple((1 if group is None else n // group) if i - len(shape) in in_axes else n
                       for i, n in enumerate(shape))
         return {"qvalue": (tuple(shape), np.dtype(np.int8)), "scale": (scale, SCALE_DTYPE[mode])}
-    *lead, in_dim, out = shape
-    g = group_size(mode, in_dim)
-    if in_dim % g or (mode == "int4" and in_dim % 2):
+    *lead, in_dim, out = shape  # int4: two values per byte, a scale per GROUP
+    if in_dim % GROUP:
         raise ValueError(f"int4 quantization needs the experts' input sizes to be multiples of {GROUP}; "
                          f"got {in_dim}: use int8 for this model.")
-    packed = in_dim if mode == "int8" else in_dim // 2
-    qdtype = np.dtype(np.int8) if mode == "int8" else np.dtype(np.uint8)
-    return {"qvalue": ((*lead, packed, out), qdtype), "scale": ((*lead, in_dim // g, out), SCALE_DTYPE[mode])}
+    return {"qvalue": ((*lead, in_dim // 2, out), np.dtype(np.uint8)),
+            "scale": ((*lead, in_dim // GROUP, out), SCALE_DTYPE[mode])}
 
 
 def axes(float_axes: tuple, mode: str, in_axes: tuple[int, ...] = (-2,), group: int | None = None) -> dict[str, tuple]:
@@ -150,8 +144,9 @@ def mode_of(w) -> str | None:
 def in_groups(w) -> bool:
     """Whether `w` is quantized with scales per group of its inputs (int4; int8 in groups): scales along
     the contracted axis, which XLA cannot fuse into a product's dequantize."""
-    if mode_of(w) != "int8":
-        return mode_of(w) == "int4"
+    mode = mode_of(w)
+    if mode != "int8":
+        return mode == "int4"
     return any(m not in (1, n) for n, m in zip(w["qvalue"].shape, w["scale"].shape))
 
 
