@@ -173,6 +173,19 @@ inline int GroupShift(int64_t groups, int64_t group) {
   return groups == 1 ? 62 : __builtin_ctzll(static_cast<uint64_t>(group));
 }
 
+#ifdef __AVX2__
+// 8 int8 values from an 8-byte load, as float32 (the int8 row dots' widening).
+inline __m256 Widen8x8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+// The sum of t's 8 lanes.
+inline float Hsum8(__m256 t) {
+  __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  u = _mm_hadd_ps(u, u);
+  return _mm_cvtss_f32(_mm_hadd_ps(u, u));
+}
+#endif
+
 // int8 times a float32 scale per row (quant.py's int8: per output channel). Dots sums q * x over a row
 // and multiplies by the scale once (kRowScale: LoadRaw, AtRaw, RowScale), a product fewer per 16 values.
 struct I8View {
@@ -196,9 +209,7 @@ struct I8View {
     float sum = 0.f;
     int64_t k = 0;
 #ifdef __AVX2__
-    auto widen = [&](int64_t at) {
-      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + at))));
-    };
+    auto widen = [&](int64_t at) { return Widen8x8(p + at); };
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (; k + 32 <= K; k += 32) {
       a0 = _mm256_fmadd_ps(widen(k), _mm256_loadu_ps(x + k), a0);
@@ -206,10 +217,7 @@ struct I8View {
       a2 = _mm256_fmadd_ps(widen(k + 16), _mm256_loadu_ps(x + k + 16), a2);
       a3 = _mm256_fmadd_ps(widen(k + 24), _mm256_loadu_ps(x + k + 24), a3);
     }
-    const __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    u = _mm_hadd_ps(u, u);
-    sum = _mm_cvtss_f32(_mm_hadd_ps(u, u));
+    sum = Hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
     for (; k < K; ++k) sum += AtRaw(j, k) * x[k];
     return sum * s[j];
@@ -245,9 +253,7 @@ struct I8GView {
     int64_t k = 0;
 #ifdef __AVX2__
     if (shift == 5) {
-      auto widen = [&](int64_t at) {
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + at))));
-      };
+      auto widen = [&](int64_t at) { return Widen8x8(p + at); };
       auto group = [&](int64_t at) {  // one group's 32 products, summed lane-wise
         __m256 t0 = _mm256_mul_ps(widen(at), _mm256_loadu_ps(x + at));
         __m256 t1 = _mm256_mul_ps(widen(at + 8), _mm256_loadu_ps(x + at + 8));
@@ -261,10 +267,7 @@ struct I8GView {
         a1 = _mm256_fmadd_ps(group(k + 32), _mm256_set1_ps(sc[(k >> 5) + 1]), a1);
       }
       for (; k + 32 <= K; k += 32) a0 = _mm256_fmadd_ps(group(k), _mm256_set1_ps(sc[k >> 5]), a0);
-      const __m256 t = _mm256_add_ps(a0, a1);
-      __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-      u = _mm_hadd_ps(u, u);
-      sum = _mm_cvtss_f32(_mm_hadd_ps(u, u));
+      sum = Hsum8(_mm256_add_ps(a0, a1));
     }
 #endif
     for (; k < K; ++k) sum += At(j, k) * x[k];
@@ -1065,7 +1068,7 @@ ffi::Error RunMoe(ffi::ThreadPool& pool, const float* x, float* y, int64_t n, in
   const int64_t experts = static_cast<int64_t>(c.experts.size()), per_core = 2 * Cores(pool);
   c.rows1 = ChunkRows(f, W::kBits * d, chunk_bytes, (per_core + experts - 1) / experts);
   c.rows2 = ChunkRows(d, W::kBits * f * experts, chunk_bytes, per_core);
-  c.phase1.count = static_cast<int64_t>(c.experts.size()) * ((f + c.rows1 - 1) / c.rows1);
+  c.phase1.count = experts * ((f + c.rows1 - 1) / c.rows1);
   c.phase2.count = (d + c.rows2 - 1) / c.rows2;
   RunOnCores(pool, call, std::max(c.phase1.count, c.phase2.count));
   return ffi::Error::Success();
