@@ -145,6 +145,11 @@ class Stacked:
         return params
 
 
+def _int8_in_groups(w) -> bool:
+    """Whether w is int8 with scales per group of inputs: on TPU, quant_tpu.py's kernels' case."""
+    return quant.in_groups(w) and quant.mode_of(w) == "int8"
+
+
 def _per_device(fn, mesh, x, w, x_axes, w_axes, out_axes, out_shape):
     """fn(x, w) on each device's shards under shard_map, by the logical axes of x, of the float weight and of
     the result (XLA cannot partition a Pallas call); fn itself on one device."""
@@ -160,7 +165,7 @@ def _per_device(fn, mesh, x, w, x_axes, w_axes, out_axes, out_shape):
 def _to_heads(x, w, heads: str, mesh):
     """x [B, T, D] times wq, wk or wv [D, N, Dh] (`heads`: N's logical axis) → [B, T, N, Dh]."""
     xla = lambda x, w: jnp.einsum("BTD,DNH->BTNH", x, quant.dequantize(w, x.dtype))
-    if not (quant.in_groups(w) and quant.mode_of(w) == "int8"):
+    if not _int8_in_groups(w):
         return xla(x, w)
 
     def local(x, w):
@@ -178,7 +183,7 @@ def _from_heads(o, w, mesh):
     """o [B, T, H * Dh] times wo [H, Dh, D] → [B, T, D]."""
     # wo as one [H * Dh, D] matrix: XLA:CPU copies a 3-D one before the dot.
     xla = lambda o, w: jnp.einsum("BTF,FD->BTD", o, quant.dequantize(w, o.dtype).reshape(o.shape[-1], -1))
-    if not (quant.in_groups(w) and quant.mode_of(w) == "int8"):
+    if not _int8_in_groups(w):
         return xla(o, w)
 
     def local(o, w):

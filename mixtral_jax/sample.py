@@ -18,6 +18,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from mixtral_jax import cli
+from mixtral_jax.tokenizer import load_tokenizer, preset_for
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "tiny", "Preset (tiny, 8x7b, 8x22b) or a config.json path; ignored with --checkpoint.")
@@ -193,14 +194,10 @@ def _check_fits(cfg, dtype, n_devices: int, mesh_given: bool, expert_dtype=None,
             f"{have / 1e9:.1f} GB; {hint}, or check a plan first with --dry_run --mesh SPEC.")
 
 
-def _tokenizer_for(vocab_size: int):
-    import mixtral_jax as mj
-
-    return mj.load_tokenizer("8x22b" if vocab_size == 32768 else "8x7b")
-
-
 def _prompts(tok, cfg) -> list[list[int]]:
     prompts = []
+    outside = lambda ids: [t for t in ids if not 0 <= t < cfg.vocab_size][:5]
+    vocab = f"{cfg.name}'s vocabulary [0, {cfg.vocab_size})"
     for spec in FLAGS.prompt_ids or []:
         try:
             ids = [int(x) for x in spec.replace(" ", "").split(",") if x]
@@ -208,21 +205,17 @@ def _prompts(tok, cfg) -> list[list[int]]:
             raise UsageError(f"--prompt_ids {spec!r} is not a comma-separated list of integers.") from None
         if not ids:
             raise UsageError("--prompt_ids is empty; give at least one token id.")
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise UsageError(f"--prompt_ids {spec!r} has token ids {bad[:5]} outside {cfg.name}'s vocabulary "
-                             f"[0, {cfg.vocab_size}).")
+        if outside(ids):
+            raise UsageError(f"--prompt_ids {spec!r} has token ids {outside(ids)} outside {vocab}.")
         prompts.append(ids)
     texts = FLAGS.prompt if FLAGS.prompt is not None else ([] if prompts else [DEFAULT_PROMPT])
     for text in texts:
         if not text.strip():
             raise UsageError("--prompt is empty; give some text (or --prompt_ids).")
         ids = tok.encode_chat([{"role": "user", "content": text}]) if FLAGS.chat else tok.encode(text, bos=True)
-        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-        if bad:  # a checkpoint whose vocabulary is not a Mixtral tokenizer's: say so before loading it
-            raise UsageError(f"the text prompt encodes to token ids {bad[:5]} outside {cfg.name}'s vocabulary [0, "
-                             f"{cfg.vocab_size}), which is not a Mixtral tokenizer's (32000 or 32768 pieces); "
-                             f"give the prompt as --prompt_ids.")
+        if outside(ids):  # a checkpoint whose vocabulary is not a Mixtral tokenizer's: say so before loading it
+            raise UsageError(f"the text prompt encodes to token ids {outside(ids)} outside {vocab}, which is not a "
+                             "Mixtral tokenizer's (32000 or 32768 pieces); give the prompt as --prompt_ids.")
         prompts.append(ids)
     longest = max(len(p) for p in prompts)
     if longest + FLAGS.max_new_tokens > cfg.max_position_embeddings:
@@ -293,7 +286,7 @@ def run() -> int:
         _check_mesh(cfg)
     if FLAGS.dry_run:
         return dry_run()
-    tok = _tokenizer_for(cfg.vocab_size)
+    tok = load_tokenizer(preset_for(cfg.vocab_size))
     prompts = _prompts(tok, cfg)
     n = plan.mesh_size(FLAGS.mesh)
     multi_process = distributed.requested(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

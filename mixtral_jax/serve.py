@@ -15,6 +15,7 @@ import time
 from absl import app, flags
 
 from mixtral_jax import cli
+from mixtral_jax.tokenizer import preset_for
 
 FLAGS = flags.FLAGS
 # Seconds between checks, while a request waits, that its client is still there.
@@ -264,7 +265,7 @@ def run() -> int:
     mesh = mj.make_mesh(FLAGS.mesh) if FLAGS.mesh else None
     say = lambda msg: print(f"[mixtral_jax] {msg}", file=sys.stderr, flush=True)
     model, source = load_model(FLAGS.checkpoint, cfg, FLAGS.seed, dtype, mesh, FLAGS.quantize, FLAGS.verify_checkpoint)
-    tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
+    tokenizer = mj.load_tokenizer(preset_for(cfg.vocab_size))
     engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tokenizer,
                     prefill_batch=FLAGS.prefill_batch, decode_parts=FLAGS.decode_parts)
     if jax.process_index() != 0:

@@ -226,6 +226,11 @@ class StreamDecoder:
         return out, False
 
 
+def preset_for(vocab_size: int) -> str:
+    """The tokenizer preset of a Mixtral vocabulary: "8x22b" (v3) for 32768 pieces, else "8x7b" (v1)."""
+    return "8x22b" if vocab_size == 32768 else "8x7b"
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, version: str | None = None) -> Tokenizer:
     """Loads the tokenizer of a preset or a sentencepiece model file.
 

@@ -22,6 +22,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from mixtral_jax import cli
+from mixtral_jax.tokenizer import preset_for
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Base model checkpoint directory (from mixtral_jax.convert or mj.save).")
@@ -124,7 +125,7 @@ def run() -> None:
         raise UsageError(f"--mesh {FLAGS.mesh}: {e}") from None
     # The data first: a bad line is reported before minutes of loading a large model.
     cfg = mj.load_config(FLAGS.checkpoint or FLAGS.config)
-    tokenizer = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
+    tokenizer = mj.load_tokenizer(preset_for(cfg.vocab_size))
     rows = data.pack(data.load_jsonl(FLAGS.data, tokenizer), FLAGS.seq_len)
     model = _model(mesh)
     tc = finetune.TrainConfig(learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,

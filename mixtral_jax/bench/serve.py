@@ -219,10 +219,11 @@ def main(argv):
     import mixtral_jax as mj
     from mixtral_jax.engine import Engine
     from mixtral_jax.serve import build_app
+    from mixtral_jax.tokenizer import preset_for
 
     cfg = _model_config()
     model = mj.init_random(cfg, seed=FLAGS.seed)
-    tok = mj.load_tokenizer("8x22b" if cfg.vocab_size == 32768 else "8x7b")
+    tok = mj.load_tokenizer(preset_for(cfg.vocab_size))
     engine = Engine(model, FLAGS.max_batch, FLAGS.max_seq_len, FLAGS.prefill_chunk, tok,
                     prefill_batch=FLAGS.prefill_batch)
     engine.start()
